@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command (README, `make test`, .ci/run). pytest's exit code 5 ("no tests
+# collected") is an error here: a test run that ran nothing must not look green.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ $rc -eq 5 ]; then
+  echo "run_tests: pytest collected no tests" >&2
+  exit 1
+fi
+exit $rc

@@ -1,0 +1,1 @@
+"""Plaintext side: tasks and data, subspace, search, parties and back ends, trainer, CLI."""

