@@ -313,6 +313,11 @@ class BertForMaskedLM(nn.Module):
         w = jnp.take(self.encoder.embeddings.word_embeddings.embedding, row_ids, axis=0)  # [R, H]
         return self.head(hidden) @ w.T + jnp.take(self.head.bias, row_ids)
 
+    def head_select(self, hidden, rows):
+        """MLM logits for the rows picked by ``rows`` [R, V] (one-hot, may be secret)."""
+        w = rows @ self.encoder.embeddings.word_embeddings.embedding  # [R, H]
+        return self.head(hidden) @ w.T + rows @ self.head.bias
+
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None,
                  position_ids=None):
         h = self.head(self.hidden(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids))

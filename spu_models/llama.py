@@ -212,6 +212,18 @@ class LlamaForCausalLM(nn.Module):
             w = jnp.take(self.lm_head.variables["params"]["kernel"], jnp.asarray(row_ids), axis=1).T
         return hidden @ w.T
 
+    def head_select(self, hidden, rows):
+        """Logits for the rows picked by ``rows`` [R, V] (one-hot, may be secret): [..., H] -> [..., R].
+
+        Under MPC this keeps *which* words are scored hidden: ``rows @ E`` is one matmul whose
+        communication scales with R x H, not with the vocabulary.
+        """
+        if self.config.tie_word_embeddings:
+            w = rows @ self.model.embed_tokens.embedding  # [R, H]
+        else:
+            w = rows @ self.lm_head.variables["params"]["kernel"].T
+        return hidden @ w.T
+
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None):
         h = self.hidden(input_ids, inputs_embeds, attention_mask, position_ids)
         if self.config.tie_word_embeddings:

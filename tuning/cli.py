@@ -81,6 +81,93 @@ def _cmd_tasks(args):
             print(f"  [{label}] {task.prompt(text)!r}")
 
 
+def _forward_setup(args):
+    """Model, policy and batch for compile/forward: ``--text`` prompts (or a task's test prompts)."""
+    from .encode import make_batch
+    from .models import load_model
+    from .policy import load_policy
+
+    policy = load_policy(args.policy)
+    if args.embedding:
+        import dataclasses
+
+        policy = dataclasses.replace(policy, embedding=args.embedding)
+    bundle = load_model(args.model)
+    if args.text:
+        prompts, words = list(args.text), [w for w in args.words.split(",")]
+        if args.task or args.train:
+            task = task_from_args(args)
+            prompts, words = [task.prompt(t) for t in prompts], [task.verbalizer[l] for l in task.labels]
+    else:
+        task = task_from_args(args)
+        prompts = [task.prompt(t) for t, _ in task.test[: args.n]]
+        words = [task.verbalizer[l] for l in task.labels]
+    batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
+    return bundle, policy, prompts, words, batch
+
+
+def _cmd_compile(args):
+    from pathlib import Path
+
+    from .backends.spu_common import compile_forward, op_census
+
+    bundle, policy, _, _, batch = _forward_setup(args)
+    exe = compile_forward(bundle.config, policy.embedding, bundle.params, batch)
+    text = exe.code.decode("utf-8")
+    if args.out:
+        Path(args.out).write_text(text)
+    census = op_census(text)
+    shapes = {k: list(v.shape) for k, v in batch.items()}
+    if args.json:
+        print(json.dumps({"model": args.model, "policy": policy.name, "inputs": shapes, "census": census,
+                          "out": args.out}))
+    else:
+        print(f"model {args.model}, policy {policy.name} ({policy.protocol}), inputs {shapes}")
+        for k, v in census.items():
+            print(f"  {k:18s} {v}")
+        if args.out:
+            print(f"pphlo IR written to {args.out} ({len(text)} chars)")
+
+
+def _cmd_forward(args):
+    import numpy as np
+
+    from .backends import make_backend
+    from .cost import format_cost, top_ops
+
+    bundle, policy, prompts, words, batch = _forward_setup(args)
+    backend = make_backend(args.backend, bundle, policy)
+    try:
+        logits = backend.forward(batch)
+        cost = backend.costs[-1]
+    finally:
+        backend.close()
+    if args.json:
+        print(json.dumps({"model": args.model, "policy": policy.name, "backend": args.backend, "words": words,
+                          "prompts": prompts, "logits": np.round(logits, 5).tolist(),
+                          "argmax": [words[i] for i in logits.argmax(-1)], "cost": cost.to_json()}))
+        return
+    for p, row in zip(prompts, logits):
+        scores = "  ".join(f"{w!r}: {v:+.4f}" for w, v in zip(words, row))
+        print(f"{p[-60:]!r}\n    {scores}  -> {words[int(row.argmax())]!r}")
+    if args.backend != "plaintext":
+        print(f"cost: {format_cost(cost)}")
+        for name, o in top_ops(cost.ops, 5):
+            print(f"  {name:28s} x{o['count']:<5d} {o['seconds']:.3f}s  {o['send_bytes'] / 1e6:.2f} MB")
+
+
+def add_forward_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-bert, an HF dir or .gguf")
+    s.add_argument("--policy", default="aby3", help="policy name in policies/ or a YAML path")
+    s.add_argument("--embedding", choices=["data_owner", "secret"], help="override the policy's embedding mode")
+    s.add_argument("--text", action="append", help="input text (repeatable); with --task it fills the template")
+    s.add_argument("--words", default=" positive, negative", help="verbalizer words, comma-separated (with --text)")
+    s.add_argument("--n", type=int, default=2, help="how many test examples when no --text is given")
+    s.add_argument("--seq-len", type=int, help="padded length (default: next multiple of 8)")
+    add_task_args(s)
+    s.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secptune", description="Privacy-preserving forward-only prompt tuning on SPU")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -95,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("compile", help="write the SPU IR (pphlo) of the verbalizer-logits forward; print an op census")
+    add_forward_args(s)
+    s.add_argument("--out", help="file for the pphlo text")
+    s.set_defaults(fn=_cmd_compile)
+
+    s = sub.add_parser("forward", help="verbalizer logits of a secure forward, and its cost")
+    add_forward_args(s)
+    s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
+    s.set_defaults(fn=_cmd_forward)
 
     s = sub.add_parser("tasks", help="list tasks, or show one task (or your files): template, verbalizer, sizes")
     s.add_argument("name", nargs="?")
@@ -111,6 +208,7 @@ def main(argv=None) -> int:
     from spu_models.loading import CheckpointError
 
     from .assets import AssetError
+    from .policy import PolicyError  # noqa: F401  (a ValueError; listed for readers)
 
     try:
         args.fn(args)

@@ -1,0 +1,57 @@
+"""Policy files: the shipped ones load, and bad ones are rejected with one line naming the key."""
+import pytest
+import yaml
+
+from tuning.policy import POLICY_DIR, PolicyError, available_policies, load_policy, parse_policy
+
+
+def test_shipped_policies_load():
+    names = available_policies()
+    assert {"aby3", "semi2k", "cheetah", "aby3-puma"} <= set(names)
+    for n in names:
+        p = load_policy(n)
+        assert p.world_size == {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}[p.protocol]
+        assert p.reveal == {"verbalizer_logits": "data_owner"}
+        assert p.runtime_config().fxp_fraction_bits == p.fxp_fraction_bits
+    assert load_policy("aby3-puma").approx.gelu == "poly"
+
+
+def _base():
+    return yaml.safe_load((POLICY_DIR / "aby3.yaml").read_text())
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d.update(protocol="SPDZ"), "protocol 'SPDZ' is unknown"),
+    (lambda d: d.update(field="FM32"), "field 'FM32' is unknown"),
+    (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
+    (lambda d: d["parties"]["compute"].pop(), "lists 2 parties but ABY3 needs 3"),
+    (lambda d: d.update(protocol="SEMI2K"), "lists 3 parties but SEMI2K needs 2"),
+    (lambda d: d["runtime"].update(fxp_exp_mode="EXP_MAGIC"), "runtime.fxp_exp_mode"),
+    (lambda d: d["runtime"].update(no_such_knob=1), "runtime.no_such_knob"),
+    (lambda d: d["approx"].update(silu="cubic"), "silu"),
+    (lambda d: d["approx"].update(swish="poly"), "approx.swish"),
+    (lambda d: d.update(embedding="public"), "embedding 'public'"),
+    (lambda d: d.update(attention="magic"), "attention 'magic'"),
+    (lambda d: d.update(reveal={"hidden_states": "data_owner"}), "reveal.hidden_states"),
+    (lambda d: d.update(reveal={"verbalizer_logits": "model_owner"}), "opened only to the data_owner"),
+    (lambda d: d["parties"]["compute"][0].pop("link"), "parties.compute[0].link"),
+    (lambda d: d["parties"]["compute"][1].update(address="nohost"), "parties.compute[1].address"),
+    (lambda d: d["parties"].pop("model_owner"), "parties.model_owner"),
+    (lambda d: d.update(timeout_s=0), "timeout_s"),
+])
+def test_bad_policies_rejected_naming_the_key(edit, needle):
+    d = _base()
+    edit(d)
+    with pytest.raises(PolicyError) as e:
+        parse_policy(d, "x.yaml")
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("x.yaml")
+
+
+def test_unknown_policy_name_and_bad_yaml(tmp_path):
+    with pytest.raises(PolicyError, match="unknown policy 'nope'"):
+        load_policy("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("protocol: [unclosed\n")
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        load_policy(str(bad))

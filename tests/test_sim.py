@@ -1,0 +1,62 @@
+"""The secure forward in SPU's simulator agrees with the plaintext back end, for every protocol."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tuning.backends import make_backend
+from tuning.backends.spu_common import compile_forward, op_census
+from tuning.cost import NETWORKS, CallCost, PartyCost, parse_profile
+from tuning.encode import make_batch
+from tuning.models import load_model
+from tuning.policy import load_policy
+
+PROMPTS = ["good film", "awful"]
+WORDS = [" positive", " negative"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {m: load_model(m) for m in ("tiny-llama", "tiny-bert")}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert"])
+@pytest.mark.parametrize("policy,embedding", [("aby3", "data_owner"), ("semi2k", "data_owner"),
+                                              ("cheetah", "data_owner"), ("aby3", "secret"),
+                                              ("aby3-puma", "data_owner")])
+def test_sim_matches_plaintext(models, model, policy, embedding):
+    bundle = models[model]
+    pol = dataclasses.replace(load_policy(policy), embedding=embedding)
+    batch = make_batch(bundle, PROMPTS, WORDS, embedding)
+    want = make_backend("plaintext", bundle, pol).forward(batch)
+    sim = make_backend("sim", bundle, pol)
+    got = sim.forward(batch)
+    again = sim.forward(batch)  # weights stay resident across calls
+    assert np.abs(got - want).max() < 1e-2
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert np.abs(again - got).max() < 1e-2
+    cost = sim.costs[-1]
+    assert cost.send_bytes > 0 and cost.rounds > 0 and cost.wall_s > 0
+    assert "pphlo.dot" in cost.ops or "pphlo.dot_general" in cost.ops
+
+
+def test_census_counts_what_the_model_does(models):
+    bundle = models["tiny-llama"]
+    batch = make_batch(bundle, PROMPTS, WORDS)
+    census = op_census(compile_forward(bundle.config, "data_owner", bundle.params, batch).code.decode())
+    layers = bundle.config.num_hidden_layers
+    assert census["exp"] >= 2 * layers  # softmax + SiLU's sigmoid per layer
+    assert census["rsqrt"] == 2 * layers + 1  # two RMSNorms per layer + the final one
+    assert census["dot"] > 0
+
+
+def test_profile_parser_and_network_model():
+    log = ("[api.cc:223] - pphlo.dot, executed 15 times, duration 0.5s, send bytes 1000 recv bytes 900, "
+           "send actions 4, recv actions 5\n"
+           "[api.cc:233] Link details: total send bytes 2000000, recv bytes 1900000, send actions 100, recv actions 99\n")
+    links, ops = parse_profile(log)
+    assert links == [PartyCost(2000000, 1900000, 100, 99)]
+    assert ops["pphlo.dot"] == {"count": 15, "seconds": 0.5, "send_bytes": 1000}
+    c = CallCost(1.0, {"p0": links[0]})
+    bw, lat = NETWORKS["wan-100mbps"]
+    assert c.estimate("wan-100mbps") == pytest.approx(1.0 + 2e6 * 8 / bw + 100 * lat)

@@ -1,0 +1,64 @@
+"""Compilation of the forward function to SPU IR, shared by the simulator and the cluster."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import jax
+import numpy as np
+
+from spu_models.forward import make_forward
+
+# op-census groups: pphlo op names (without the dialect prefix) per reported category
+CENSUS = {
+    "dot": ("dot", "dot_general", "convolution"),
+    "exp": ("exponential", "exponential_minus_one"),
+    "divide/reciprocal": ("divide", "reciprocal"),
+    "rsqrt": ("rsqrt", "sqrt"),
+    "comparisons": ("less", "greater", "less_equal", "greater_equal", "equal", "not_equal", "max", "min",
+                    "maximum", "minimum", "sign", "abs", "select"),
+    "sin/cos": ("sine", "cosine"),
+    "tanh/logistic": ("tanh", "logistic"),
+    "log": ("log", "log_plus_one"),
+}
+
+
+def param_names(params) -> list[str]:
+    return [f"w{i}" for i in range(len(jax.tree_util.tree_leaves(params)))]
+
+
+def batch_names(batch: dict) -> list[str]:
+    return [f"x_{k}" for k in sorted(batch)]
+
+
+def compile_forward(config, embedding: str, params, batch: dict, copts=None):
+    """SPU executable of ``forward(params, batch)``; inputs named w0.. (weights) and x_<key> (batch).
+
+    ``params`` and ``batch`` may hold arrays or ``jax.ShapeDtypeStruct``-like shapes (only shapes
+    and dtypes are used). Returns ``(executable, output_names)``.
+    """
+    import spu.utils.frontend as fe
+    from spu import spu_pb2
+
+    fwd = make_forward(config, embedding)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = sorted(batch)
+
+    def flat_fn(*args):
+        p = jax.tree_util.tree_unflatten(tree, args[: len(leaves)])
+        b = dict(zip(keys, args[len(leaves):]))
+        return fwd(p, b)
+
+    mock = [np.zeros(x.shape, np.float32) for x in leaves] + [np.zeros(batch[k].shape, np.float32) for k in keys]
+    names = param_names(params) + batch_names(batch)
+    exe, _ = fe.compile(fe.Kind.JAX, flat_fn, tuple(mock), {}, names,
+                        [spu_pb2.Visibility.VIS_SECRET] * len(names), lambda out: ["logits"],
+                        copts=copts or spu_pb2.CompilerOptions())
+    return exe
+
+
+def op_census(pphlo_text: str) -> dict:
+    counts = Counter(re.findall(r"pphlo\.(\w+)", pphlo_text))
+    out = {group: sum(counts.get(op, 0) for op in ops) for group, ops in CENSUS.items()}
+    out["total_ops"] = sum(v for k, v in counts.items() if k not in ("free", "constant"))
+    return out

@@ -1,0 +1,201 @@
+"""MPC policies: declarative YAML in ``policies/`` naming the protocol, the fixed-point settings,
+the approximations, the attention kind, the parties and their roles, and what is revealed to whom.
+
+``load_policy("aby3")`` reads ``policies/aby3.yaml``; a path works too. Every problem is rejected
+with a one-line :class:`PolicyError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spu_models.approx import Approx
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+PROTOCOL_PARTIES = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
+FIELDS = ("FM64", "FM128")
+EMBEDDING = ("data_owner", "secret")
+ATTENTION = ("softmax",)
+TOP_KEYS = {"name", "description", "protocol", "field", "fxp_fraction_bits", "runtime", "approx",
+            "attention", "embedding", "parties", "reveal", "timeout_s"}
+PARTY_KEYS = {"compute", "data_owner", "model_owner"}
+REVEAL_TARGETS = {"data_owner"}
+REVEALABLE = {"verbalizer_logits"}
+
+
+class PolicyError(ValueError):
+    """An invalid policy; the message names the file and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Party:
+    name: str
+    address: str  # node control address (gRPC), host:port
+    link: str = ""  # SPU link address (brpc), compute parties only
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    name: str
+    protocol: str
+    field: str
+    fxp_fraction_bits: int
+    runtime: dict
+    approx: Approx
+    attention: str
+    embedding: str
+    compute: tuple
+    data_owner: Party
+    model_owner: Party
+    reveal: dict
+    timeout_s: float
+    source: str = ""
+
+    @property
+    def world_size(self) -> int:
+        return len(self.compute)
+
+    def runtime_config(self, profile: bool = True):
+        """The ``spu_pb2.RuntimeConfig`` this policy asks for."""
+        from spu import spu_pb2
+
+        rc = spu_pb2.RuntimeConfig(protocol=getattr(spu_pb2.ProtocolKind, self.protocol),
+                                   field=getattr(spu_pb2.FieldType, self.field),
+                                   fxp_fraction_bits=self.fxp_fraction_bits)
+        for key, value in self.runtime.items():
+            _set_runtime_field(rc, key, value, self.source)
+        rc.enable_pphlo_profile = profile
+        return rc
+
+    def with_parties(self, compute, data_owner: Party, model_owner: Party) -> "Policy":
+        return dataclasses.replace(self, compute=tuple(compute), data_owner=data_owner, model_owner=model_owner)
+
+
+def _set_runtime_field(rc, key: str, value: Any, source: str) -> None:
+    fd = rc.DESCRIPTOR.fields_by_name.get(key)
+    if fd is None or key in ("protocol", "field", "fxp_fraction_bits"):
+        raise PolicyError(f"{source}: runtime.{key} is not an SPU RuntimeConfig knob"
+                          + (" (set it at the top level)" if fd is not None else ""))
+    try:
+        if fd.enum_type is not None and isinstance(value, str):
+            value = fd.enum_type.values_by_name[value].number
+        setattr(rc, key, value)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        allowed = [v.name for v in fd.enum_type.values] if fd.enum_type is not None else fd.type
+        raise PolicyError(f"{source}: runtime.{key}={value!r} is invalid (allowed: {allowed}): {e}") from None
+
+
+def _require(d: dict, key: str, source: str, where: str = ""):
+    if key not in d:
+        raise PolicyError(f"{source}: missing key {where}{key}")
+    return d[key]
+
+
+def _party(d: Any, source: str, where: str, compute: bool) -> Party:
+    if not isinstance(d, dict):
+        raise PolicyError(f"{source}: {where} must be a mapping with name and address")
+    allowed = {"name", "address", "link"} if compute else {"name", "address"}
+    extra = set(d) - allowed
+    if extra:
+        raise PolicyError(f"{source}: unknown key {where}.{sorted(extra)[0]}")
+    addr = str(_require(d, "address", source, where + "."))
+    for a, k in ((addr, "address"), (str(d.get("link", "127.0.0.1:1")), "link")):
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit():
+            raise PolicyError(f"{source}: {where}.{k} {a!r} is not host:port")
+    if compute and "link" not in d:
+        raise PolicyError(f"{source}: missing key {where}.link")
+    return Party(str(_require(d, "name", source, where + ".")), addr, str(d.get("link", "")))
+
+
+def parse_policy(d: Any, source: str = "<policy>") -> Policy:
+    if not isinstance(d, dict):
+        raise PolicyError(f"{source}: a policy must be a YAML mapping")
+    extra = set(d) - TOP_KEYS
+    if extra:
+        raise PolicyError(f"{source}: unknown key {sorted(extra)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    protocol = str(_require(d, "protocol", source)).upper()
+    if protocol not in PROTOCOL_PARTIES:
+        raise PolicyError(f"{source}: protocol {protocol!r} is unknown (known: {', '.join(PROTOCOL_PARTIES)})")
+    field = str(d.get("field", "FM64")).upper()
+    if field not in FIELDS:
+        raise PolicyError(f"{source}: field {field!r} is unknown (known: {', '.join(FIELDS)})")
+    fxp = d.get("fxp_fraction_bits", 18)
+    limit = 30 if field == "FM64" else 60
+    if not isinstance(fxp, int) or not 8 <= fxp <= limit:
+        raise PolicyError(f"{source}: fxp_fraction_bits must be an integer in [8, {limit}] for {field}")
+    runtime = d.get("runtime") or {}
+    if not isinstance(runtime, dict):
+        raise PolicyError(f"{source}: runtime must be a mapping of SPU RuntimeConfig knobs")
+    approx_d = d.get("approx") or {}
+    if not isinstance(approx_d, dict):
+        raise PolicyError(f"{source}: approx must be a mapping")
+    try:
+        approx = Approx(**approx_d)
+    except TypeError:
+        bad = sorted(set(approx_d) - {f.name for f in dataclasses.fields(Approx)})[0]
+        raise PolicyError(f"{source}: unknown key approx.{bad}") from None
+    except ValueError as e:
+        raise PolicyError(f"{source}: {e}") from None
+    attention = d.get("attention", "softmax")
+    if attention not in ATTENTION:
+        raise PolicyError(f"{source}: attention {attention!r} is unknown (known: {', '.join(ATTENTION)})")
+    embedding = d.get("embedding", "data_owner")
+    if embedding not in EMBEDDING:
+        raise PolicyError(f"{source}: embedding {embedding!r} is unknown (known: {', '.join(EMBEDDING)})")
+    parties = _require(d, "parties", source)
+    if not isinstance(parties, dict):
+        raise PolicyError(f"{source}: parties must be a mapping with compute, data_owner, model_owner")
+    extra = set(parties) - PARTY_KEYS
+    if extra:
+        raise PolicyError(f"{source}: unknown key parties.{sorted(extra)[0]}")
+    compute = _require(parties, "compute", source, "parties.")
+    if not isinstance(compute, list):
+        raise PolicyError(f"{source}: parties.compute must be a list")
+    want = PROTOCOL_PARTIES[protocol]
+    if len(compute) != want:
+        raise PolicyError(f"{source}: parties.compute lists {len(compute)} parties but {protocol} needs {want}")
+    compute = tuple(_party(p, source, f"parties.compute[{i}]", True) for i, p in enumerate(compute))
+    downer = _party(_require(parties, "data_owner", source, "parties."), source, "parties.data_owner", False)
+    mowner = _party(_require(parties, "model_owner", source, "parties."), source, "parties.model_owner", False)
+    names = [p.name for p in compute] + [downer.name, mowner.name]
+    if len(set(names)) != len(names):
+        raise PolicyError(f"{source}: parties: names must be distinct, got {names}")
+    reveal = d.get("reveal") or {"verbalizer_logits": "data_owner"}
+    if not isinstance(reveal, dict):
+        raise PolicyError(f"{source}: reveal must be a mapping output -> party role")
+    for k, v in reveal.items():
+        if k not in REVEALABLE:
+            raise PolicyError(f"{source}: unknown key reveal.{k} (only {sorted(REVEALABLE)} may be opened)")
+        if v not in REVEAL_TARGETS:
+            raise PolicyError(f"{source}: reveal.{k}={v!r}: outputs are opened only to the data_owner")
+    timeout = d.get("timeout_s", 60)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise PolicyError(f"{source}: timeout_s must be a positive number of seconds")
+    pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), approx, attention,
+                 embedding, compute, downer, mowner, dict(reveal), float(timeout), source)
+    pol.runtime_config()  # validates the runtime knobs now, not at first use
+    return pol
+
+
+def available_policies() -> list[str]:
+    return sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
+
+
+def load_policy(name_or_path: str) -> Policy:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = POLICY_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise PolicyError(f"unknown policy {name_or_path!r} (known: {', '.join(available_policies())}; "
+                              "or give a path to a YAML file)")
+    elif not p.exists():
+        raise PolicyError(f"policy file {p} not found")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_policy(d, str(p))
