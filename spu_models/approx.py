@@ -61,9 +61,20 @@ def sigmoid_poly(x):
     return jnp.where(x < -8.0, 0.0, jnp.where(x > 8.0, 1.0, mid))
 
 
+def sigmoid_stable(x):
+    """1 / (1 + exp(-x)) that only ever exponentiates values <= 0.
+
+    ``jax.nn.sigmoid`` lowers to 1 / (1 + exp(-x)); under fixed point exp(-x) overflows for
+    x < -31 or so (FM64, 18 fraction bits) and the result is garbage instead of 0.
+    """
+    e = jnp.exp(-jnp.abs(x))
+    s = 1.0 / (1.0 + e)
+    return jnp.where(x >= 0, s, 1.0 - s)
+
+
 def silu(x, mode: str = "exact"):
     if mode == "exact":
-        return x * jax.nn.sigmoid(x)
+        return x * sigmoid_stable(x)
     if mode == "poly":
         return x * sigmoid_poly(x)
     raise ValueError(f"unknown silu approximation {mode!r}; choose from {SILU_MODES}")

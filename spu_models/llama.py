@@ -79,14 +79,35 @@ class LlamaConfig:
 
 
 # ------------------------------------------------------------------------------------------ parts
+def rms_normalize(x, eps: float, rsqrt, scale: float = 64.0, switch: float = 1e3):
+    """x / sqrt(mean(x^2) + eps) over the last axis, accurate in SPU's FM64 fixed point.
+
+    With 18 fraction bits a product carries 36 before truncation, so ``x * x`` wraps around once
+    |x| > 2^13.5 ~ 11585, and rsqrt of a large mean square is a tiny number with few significant
+    fixed-point bits. LLaMA-family models have rare "massive activations" (SmolLM2-135M: |x| ~ 2.2e4
+    in one channel from layer 11 on, mean squares ~ 8.6e5). So rows whose mean square is large
+    (> ``switch``; any row that overflowed the plain form is far above it) are normalized as
+    (x / 64) * rsqrt(mean((x / 64)^2) + eps / 64^2); other rows use the plain form. In plaintext
+    both forms agree; the switch compares one value per row.
+
+    Precision: XLA folds the constant 1/64 into the rsqrt factor, so massive rows are scaled by
+    1/sqrt(mean(x^2)) ~ 1e-3, which FM64 resolves to ~0.3% (measured under ABY3: 0.34% on a
+    |x| = 2.2e4 row, against 100% error for the naive form). FM128 policies avoid both limits.
+    """
+    plain = x * rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    xs = x * (1.0 / scale)
+    ms = jnp.mean(xs * xs, axis=-1, keepdims=True)
+    big = xs * rsqrt(ms + eps / (scale * scale))
+    return jnp.where(ms * (scale * scale) > switch, big, plain)
+
+
 class RMSNorm(nn.Module):
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        var = jnp.mean(x * x, axis=-1, keepdims=True)
-        return x * self.config.approx.rsqrt_fn(var + self.config.rms_norm_eps) * w
+        return rms_normalize(x, self.config.rms_norm_eps, self.config.approx.rsqrt_fn) * w
 
 
 def rope_tables(position_ids, head_dim: int, theta: float):
@@ -98,31 +119,47 @@ def rope_tables(position_ids, head_dim: int, theta: float):
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, L, H, D]; HF's rotate-half convention."""
+    """x: [..., T, heads, D]; cos/sin: [..., T, D] (broadcastable); HF's rotate-half convention."""
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    return x * cos[..., None, :] + rot * sin[..., None, :]
 
 
 class Attention(nn.Module):
+    """Causal GQA attention. Returns ``(out, (k, v))``; ``k``/``v`` (KV heads, RoPE applied) are
+    what a prefix cache keeps.
+
+    With ``past=(k, v)`` ([E, Lp, KV, D], one cached prefix per example) the input ``x`` is
+    ``[P, E, T, H]``: P prompt candidates for each of E examples, attending to their example's
+    cached prefix and causally to themselves. The cache is never tiled P times.
+    """
+
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, past=None):
         cfg = self.config
-        B, L, _ = x.shape
+        *lead, T, _ = x.shape
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
-        q = dense(H * D, "q_proj")(x).reshape(B, L, H, D)
-        k = dense(KV * D, "k_proj")(x).reshape(B, L, KV, D)
-        v = dense(KV * D, "v_proj")(x).reshape(B, L, KV, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = H // KV
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(D))
-        probs = cfg.approx.softmax_fn(scores, mask)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, H * D)
-        return dense(cfg.hidden_size, "o_proj")(out)
+        q = apply_rope(dense(H * D, "q_proj")(x).reshape(*lead, T, H, D), cos, sin)
+        k = apply_rope(dense(KV * D, "k_proj")(x).reshape(*lead, T, KV, D), cos, sin)
+        v = dense(KV * D, "v_proj")(x).reshape(*lead, T, KV, D)
+        rep = lambda t: jnp.repeat(t, H // KV, axis=-2)  # noqa: E731  GQA: share each KV head
+        scale = 1.0 / jnp.sqrt(jnp.float32(D))
+        if past is None:
+            scores = jnp.einsum("...qhd,...khd->...hqk", q, rep(k)) * scale
+            probs = cfg.approx.softmax_fn(scores, mask)
+            out = jnp.einsum("...hqk,...khd->...qhd", probs, rep(v))
+        else:
+            pk, pv = rep(past[0]), rep(past[1])
+            Lp = pk.shape[1]
+            scores = jnp.concatenate([jnp.einsum("pethd,ekhd->pehtk", q, pk),
+                                      jnp.einsum("pethd,pekhd->pehtk", q, rep(k))], axis=-1) * scale
+            probs = cfg.approx.softmax_fn(scores, mask)
+            out = (jnp.einsum("pehtk,ekhd->pethd", probs[..., :Lp], pv)
+                   + jnp.einsum("pehtk,pekhd->pethd", probs[..., Lp:], rep(v)))
+        return dense(cfg.hidden_size, "o_proj")(out.reshape(*lead, T, H * D)), (k, v)
 
 
 class MLP(nn.Module):
@@ -141,20 +178,23 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        x = x + Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask)
-        return x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
+    def __call__(self, x, cos, sin, mask, past=None):
+        a, kv = Attention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, past)
+        x = x + a
+        return x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x)), kv
 
 
 class LayerStack(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, past=None):
+        cache = []
         for i in range(self.config.num_hidden_layers):
-            x = DecoderLayer(self.config, name=str(i))(x, cos, sin, mask)
-        return x
+            x, kv = DecoderLayer(self.config, name=str(i))(x, cos, sin, mask, None if past is None else past[i])
+            cache.append(kv)
+        return x, cache
 
 
 class LlamaModel(nn.Module):
@@ -170,8 +210,9 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, inputs_embeds, attention_mask=None, position_ids=None):
-        """inputs_embeds [B, L, H]; attention_mask [B, L] (1 = real token); returns hidden [B, L, H]."""
+    def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, return_cache=False):
+        """inputs_embeds [B, L, H]; attention_mask [B, L] (1 = real token); returns hidden [B, L, H]
+        (and, with ``return_cache``, the per-layer ``(k, v)`` to use as a prefix cache)."""
         B, L, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = jnp.ones((B, L), jnp.int32)
@@ -180,7 +221,18 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         causal = jnp.tril(jnp.ones((L, L), jnp.float32))
         mask = causal[None, None] * attention_mask[:, None, None, :].astype(jnp.float32)
-        x = self.layers(inputs_embeds, cos, sin, mask)
+        x, cache = self.layers(inputs_embeds, cos, sin, mask)
+        return (self.norm(x), cache) if return_cache else self.norm(x)
+
+    def extend(self, inputs_embeds, cache, cache_mask):
+        """Continue cached prefixes: inputs_embeds [P, E, T, H] (P candidates per example), cache a
+        per-layer list of ``(k, v)`` [E, Lp, KV, D], cache_mask [E, Lp]. Positions Lp .. Lp+T-1."""
+        P, E, T, _ = inputs_embeds.shape
+        Lp = cache_mask.shape[1]
+        cos, sin = rope_tables(jnp.arange(Lp, Lp + T)[None], self.config.head_dim, self.config.rope_theta)
+        cmask = jnp.broadcast_to(cache_mask.astype(jnp.float32)[None, :, None, None, :], (1, E, 1, T, Lp))
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.float32)), (1, E, 1, T, T))
+        x, _ = self.layers(inputs_embeds, cos[0], sin[0], jnp.concatenate([cmask, causal], -1), cache)
         return self.norm(x)
 
 
@@ -203,6 +255,19 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed(input_ids)
         return self.model(inputs_embeds, attention_mask, position_ids)
+
+    def prefill(self, inputs_embeds, attention_mask):
+        """Prefix pass: returns the per-layer ``(k, v)`` cache of ``inputs_embeds`` [E, Lp, H].
+
+        Left-pad the prefixes and pass positions ``arange(Lp)``: RoPE scores depend only on
+        relative offsets, so the shift is harmless, and the positions stay public.
+        """
+        Lp = inputs_embeds.shape[1]
+        pos = jnp.broadcast_to(jnp.arange(Lp), inputs_embeds.shape[:2])
+        return self.model(inputs_embeds, attention_mask, pos, return_cache=True)[1]
+
+    def extend(self, inputs_embeds, cache, cache_mask):
+        return self.model.extend(inputs_embeds, cache, cache_mask)
 
     def head_rows(self, hidden, row_ids):
         """Logits for the vocabulary rows ``row_ids`` only: hidden [..., H] -> [..., len(row_ids)]."""

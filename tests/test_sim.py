@@ -60,3 +60,32 @@ def test_profile_parser_and_network_model():
     c = CallCost(1.0, {"p0": links[0]})
     bw, lat = NETWORKS["wan-100mbps"]
     assert c.estimate("wan-100mbps") == pytest.approx(1.0 + 2e6 * 8 / bw + 100 * lat)
+
+
+def test_fixed_point_safe_norm_and_silu_under_spu():
+    """Massive activations (|x| ~ 2e4, as in SmolLM2) overflow a naive x*x and exp(-x) in FM64."""
+    import jax
+    import spu.utils.simulation as spsim
+
+    from spu_models.approx import silu
+    from spu_models.llama import rms_normalize
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    x[1, 3] = 22000.0  # one massive channel, as in SmolLM2's residual stream
+    x[2] *= 0.1  # a small-variance row keeps full precision
+    sim = spsim.Simulator(3, load_policy("aby3").runtime_config(profile=False))
+
+    def f(v):
+        return rms_normalize(v, 1e-5, jax.lax.rsqrt), silu(v * 0.01 - 60.0)
+
+    got_norm, got_silu = spsim.sim_jax(sim, f)(x)
+    want_norm, want_silu = f(x)
+    err = np.abs(got_norm - np.asarray(want_norm)).max(-1)
+    assert err[[0, 2, 3]].max() < 1e-2
+    # massive row: limited by the resolution of 1/sqrt(mean(x^2)) ~ 3.6e-4 here, i.e. 95 steps of
+    # 2^-18 (~1%); a naive x*x is 100% off
+    step = 2.0 ** -18 * np.sqrt(np.mean(x[1].astype(np.float64) ** 2))
+    assert err[1] < 1.5 * step * np.abs(want_norm[1]).max()
+    want_silu = np.asarray(want_silu)
+    assert (np.abs(got_silu - want_silu) < 1e-3 * np.maximum(1.0, np.abs(want_silu))).all()

@@ -168,6 +168,17 @@ def add_forward_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true")
 
 
+BENCHES = {"forward": "bench.forward_real"}
+
+
+def _cmd_bench(args):
+    import importlib
+
+    if args.name not in BENCHES:
+        raise ValueError(f"unknown benchmark {args.name!r} (known: {', '.join(BENCHES)})")
+    importlib.import_module(BENCHES[args.name]).main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secptune", description="Privacy-preserving forward-only prompt tuning on SPU")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -192,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_forward_args(s)
     s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
     s.set_defaults(fn=_cmd_forward)
+
+    s = sub.add_parser("bench", help="run a benchmark (tables to stdout, JSON/MD/PNG to bench/results/)")
+    s.add_argument("name", help=", ".join(BENCHES))
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("tasks", help="list tasks, or show one task (or your files): template, verbalizer, sizes")
     s.add_argument("name", nargs="?")

@@ -1,0 +1,1 @@
+"""Benchmarks, run through ``secptune bench NAME``; each prints a table and writes JSON + PNG to bench/results/."""
