@@ -1,4 +1,4 @@
-"""The reference: exactly the function SPU runs, under jax.jit, in the clear."""
+"""The reference: exactly the programs SPU runs, under jax.jit, in the clear."""
 from __future__ import annotations
 
 import time
@@ -6,24 +6,43 @@ import time
 import jax
 import numpy as np
 
-from spu_models.forward import make_forward
-
 from ..cost import CallCost
+from .session import Session
 
 
-class PlaintextBackend:
+class PlaintextBackend(Session):
     name = "plaintext"
 
     def __init__(self, bundle, policy):
+        super().__init__(bundle, policy)
         self.params = bundle.params
-        self._fn = jax.jit(make_forward(bundle.config, policy.embedding))
-        self.costs: list = []
+        self.vars: dict = {}
 
-    def forward(self, batch: dict) -> np.ndarray:
+    def put(self, name, value):
+        self.vars[name] = np.asarray(value, np.float32)
+        self.shapes[name] = self.vars[name].shape
+
+    def _compile(self, program, names, outputs):
+        def fn(params, vars_):
+            res = program(params, **{arg: vars_[var] for arg, var in names.items()})
+            return [res[o] for o in outputs]
+
+        return jax.jit(fn), list(names.values())
+
+    def _execute(self, compiled, outputs):
+        fn, var_names = compiled
         t = time.perf_counter()
-        out = np.asarray(self._fn(self.params, batch))
-        self.costs.append(CallCost(time.perf_counter() - t, {}))
-        return out
+        res = fn(self.params, {v: self.vars[v] for v in var_names})
+        self.vars.update({o: np.asarray(r) for o, r in zip(outputs, res)})
+        return CallCost(time.perf_counter() - t, {})
+
+    def open(self, name):
+        return np.asarray(self.vars[name], np.float32)
+
+    def drop(self, *names):
+        for n in names:
+            self.vars.pop(n, None)
+            self.shapes.pop(n, None)
 
     def close(self):
-        pass
+        self.vars = {}

@@ -2,7 +2,8 @@
 
 Unlike ``spu.utils.simulation.Simulator`` (new runtimes and fresh shares on every call), the
 runtimes live as long as the back end: the model owner's weights are secret-shared **once** and
-stay resident as shares in each party's runtime; each call shares only the data owner's batch.
+stay resident as shares in each party's runtime, and so does anything a program leaves behind
+(for example a prefix cache). Each call shares only the data owner's new inputs.
 Traffic is read from SPU's profile log of party 0 (the simulator's parties share one stdout, so
 their lines cannot be told apart: only party 0 profiles here; the cluster measures every party).
 """
@@ -15,7 +16,8 @@ import jax
 import numpy as np
 
 from ..cost import CallCost, capture_fd_stdout, parse_profile
-from .spu_common import batch_names, compile_forward, param_names
+from .session import Session
+from .spu_common import param_names
 
 
 def _run_parallel(fns):
@@ -38,14 +40,14 @@ def _run_parallel(fns):
     return results
 
 
-class SimBackend:
+class SimBackend(Session):
     name = "sim"
 
     def __init__(self, bundle, policy):
         import spu.api as spu_api
         from spu import libspu, spu_pb2
 
-        self.config, self.policy = bundle.config, policy
+        super().__init__(bundle, policy)
         self.n = policy.world_size
         self.rc = policy.runtime_config(profile=True)
         self.io = spu_api.Io(self.n, self.rc)
@@ -64,47 +66,35 @@ class SimBackend:
 
         self.runtimes = _run_parallel([make_rt(r) for r in range(self.n)])
         # model owner: share the weights once; they stay resident in every runtime
-        self._params_shape = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), bundle.params)
-        self._shapes_only = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32),
-                                                   bundle.params)
         for name, leaf in zip(param_names(bundle.params), jax.tree_util.tree_leaves(bundle.params)):
-            shares = self.io.make_shares(np.asarray(leaf, np.float32), self._vis)
-            for rt, share in zip(self.runtimes, shares):
-                rt.set_var(name, share)
-        self._exes: dict = {}
-        self.costs: list = []
+            self._set(name, np.asarray(leaf, np.float32))
 
-    def _executable(self, batch):
-        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
-        if key not in self._exes:
-            self._exes[key] = compile_forward(self.config, self.policy.embedding, self._shapes_only, batch)
-        return self._exes[key]
+    def _set(self, name, value):
+        for rt, share in zip(self.runtimes, self.io.make_shares(value, self._vis)):
+            rt.set_var(name, share)
 
-    def forward(self, batch: dict) -> np.ndarray:
-        exe = self._executable(batch)
+    def put(self, name: str, value) -> None:
+        value = np.asarray(value, np.float32)
+        self._set(name, value)
+        self.shapes[name] = value.shape
+
+    def _execute(self, exe, outputs):
         t0 = time.perf_counter()
-        names = batch_names(batch)
-        for name, key in zip(names, sorted(batch)):  # data owner: share this call's batch
-            for rt, share in zip(self.runtimes, self.io.make_shares(np.asarray(batch[key], np.float32), self._vis)):
-                rt.set_var(name, share)
-
-        def run(rt):
-            def go():
-                rt.run(exe)
-                out = rt.get_var("logits")
-                rt.del_var("logits")
-                for name in names:
-                    rt.del_var(name)
-                return out
-            return go
-
         with capture_fd_stdout() as log:
-            outs = _run_parallel([run(rt) for rt in self.runtimes])
-        logits = self.io.reconstruct(outs)  # opened to the data owner only
+            _run_parallel([(lambda rt=rt: rt.run(exe)) for rt in self.runtimes])
         links, ops = parse_profile(log[0])
         parties = {self.policy.compute[0].name: links[-1]} if links else {}
-        self.costs.append(CallCost(time.perf_counter() - t0, parties, ops))
-        return np.asarray(logits, np.float32)
+        return CallCost(time.perf_counter() - t0, parties, ops)
+
+    def open(self, name: str) -> np.ndarray:
+        """Reconstruct ``name`` for the data owner (the only party outputs are opened to)."""
+        return np.asarray(self.io.reconstruct([rt.get_var(name) for rt in self.runtimes]), np.float32)
+
+    def drop(self, *names: str) -> None:
+        for name in names:
+            for rt in self.runtimes:
+                rt.del_var(name)
+            self.shapes.pop(name, None)
 
     def close(self):
         self.runtimes = []

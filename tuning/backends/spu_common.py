@@ -57,6 +57,29 @@ def compile_forward(config, embedding: str, params, batch: dict, copts=None):
     return exe
 
 
+def compile_program(fn, params_shapes, inputs: dict, outputs: list, copts=None):
+    """SPU executable of ``fn(params, **inputs) -> dict`` reading runtime vars w0.. (weights) and
+    the names in ``inputs`` (name -> array or shape), writing the vars named in ``outputs``
+    (the keys of fn's result, in that order). Everything is secret."""
+    import spu.utils.frontend as fe
+    from spu import spu_pb2
+
+    leaves, tree = jax.tree_util.tree_flatten(params_shapes)
+    names = list(inputs)
+
+    def flat_fn(*args):
+        p = jax.tree_util.tree_unflatten(tree, args[: len(leaves)])
+        res = fn(p, **dict(zip(names, args[len(leaves):])))
+        return [res[o] for o in outputs]
+
+    mock = [np.zeros(np.shape(x), np.float32) for x in leaves] + [np.zeros(np.shape(inputs[n]), np.float32) for n in names]
+    in_names = param_names(params_shapes) + names
+    exe, _ = fe.compile(fe.Kind.JAX, flat_fn, tuple(mock), {}, in_names,
+                        [spu_pb2.Visibility.VIS_SECRET] * len(in_names), lambda out: list(outputs),
+                        copts=copts or spu_pb2.CompilerOptions())
+    return exe
+
+
 def op_census(pphlo_text: str) -> dict:
     counts = Counter(re.findall(r"pphlo\.(\w+)", pphlo_text))
     out = {group: sum(counts.get(op, 0) for op in ops) for group, ops in CENSUS.items()}
