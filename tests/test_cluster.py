@@ -1,0 +1,238 @@
+"""Cluster back end with real node processes: parity with plaintext, privacy of what the compute
+parties receive, and failure handling (a killed party, an unreachable one, a node that cannot start)."""
+import dataclasses
+import os
+import signal
+import socket
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tuning import node
+from tuning.backends import make_backend
+from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy
+from tuning.encode import make_batch, tokenize_prompts
+from tuning.models import load_model
+from tuning.policy import load_policy
+
+PROMPTS = ["Qzv!x", "Kp?yw"]  # byte tokenizer: L = 8 for both families
+WORDS = ["yes", "no"]
+
+
+def small_policy(name: str, timeout_s: float = 15):
+    return dataclasses.replace(free_policy(load_policy(name)), timeout_s=timeout_s)
+
+
+# ------------------------------------------------------------------------------------ detector
+class WindowDetector:
+    """Finds the raw bytes of k consecutive items of any of ``arrays`` in a blob, at any offset."""
+
+    def __init__(self, arrays, k: int = 4):
+        self.k, self.index = k, {}  # item size -> (sorted first words, set of window bytes)
+        for arr in arrays:
+            words = np.ascontiguousarray(arr).ravel()
+            words = words.view(f"u{words.dtype.itemsize}")
+            firsts, wins = self.index.setdefault(words.dtype.itemsize, ([], set()))
+            firsts.append(words)
+            wins.update(words[i:i + k].tobytes() for i in range(len(words) - k + 1))
+        self.index = {n: (np.unique(np.concatenate(f)), w) for n, (f, w) in self.index.items()}
+
+    def __call__(self, blob: bytes) -> bool:
+        for size, (firsts, wins) in self.index.items():
+            for a in range(size):
+                u = np.frombuffer(blob, f"u{size}", count=(len(blob) - a) // size, offset=a)
+                for j in np.nonzero(np.isin(u[: max(0, len(u) - self.k + 1)], firsts))[0]:
+                    if u[j:j + self.k].tobytes() in wins:
+                        return True
+        return False
+
+
+def secrets_of(bundle, batch, fxp_bits: int):
+    """Detectors of what no compute party may see, by kind; and the weights and token ids used."""
+    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
+    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
+    assert len(weights) >= 3
+    scaled = [w.astype(np.float64) * 2.0 ** fxp_bits for w in weights]
+    ids = [np.asarray(s + [bundle.tokenizer.pad_token_id] * (8 - len(s))) for s in tokenize_prompts(bundle, PROMPTS)]
+    substrings = lambda items: lambda blob: any(s in blob for s in items)  # noqa: E731
+    return {
+        "weights f32": WindowDetector(weights),
+        # SPU encodes by truncation (the control below finds those); round() too, as a superset
+        "weights fxp": WindowDetector([np.trunc(x).astype(np.int64) for x in scaled]
+                                      + [np.round(x).astype(np.int64) for x in scaled]),
+        "embeds f32": WindowDetector([np.asarray(batch["embeds"], np.float32)]),
+        "text": substrings([p.encode() for p in PROMPTS]),
+        "ids": substrings([i.astype(np.int32).tobytes() for i in ids] + [i.astype(np.int64).tobytes() for i in ids]),
+    }, weights, ids
+
+
+def leaks(blob: bytes, detectors: dict) -> list:
+    """The kinds of secret found in ``blob``."""
+    return [kind for kind, found in detectors.items() if found(blob)]
+
+
+# ----------------------------------------------------------------------------------- processes
+def node_pids(marker: str) -> list:
+    """Live processes running tuning.node whose command line contains ``marker``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "tuning.node" in cmd and marker in cmd:
+                pids.append(int(d))
+    return pids
+
+
+def port_free(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, int(port)))
+        s.listen()
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def assert_cleaned_up(cluster: LocalCluster, policy):
+    assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
+    assert node_pids(str(cluster.log_dir)) == []
+    addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
+    assert all(port_free(a) for a in addrs), addrs
+
+
+# --------------------------------------------------------------------------------------- tests
+CASES = [("tiny-llama", "aby3"), ("tiny-llama", "semi2k"), ("tiny-bert", "aby3"), ("tiny-bert", "semi2k"),
+         ("tiny-llama", "cheetah")]
+
+
+@pytest.mark.parametrize("model,policy_name", CASES, ids=[f"{m}-{p}" for m, p in CASES])
+def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_path, monkeypatch):
+    record = tmp_path / "record"
+    monkeypatch.setenv(node.ENV_RECORD, str(record))
+    policy = small_policy(policy_name)
+    bundle = load_model(model)
+    ref_batch = make_batch(bundle, PROMPTS, WORDS, policy.embedding)
+    expected = make_backend("plaintext", bundle, policy).forward(ref_batch)
+
+    with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
+        cluster = be.cluster
+        batch = be.make_batch(PROMPTS, WORDS)
+        assert all(np.array_equal(batch[k], ref_batch[k]) for k in ref_batch)
+        outs = [be.forward(batch) for _ in range(2)]
+        for out in outs:
+            assert out.shape == expected.shape and out.dtype == np.float32
+            assert np.abs(out - expected).max() < 1e-2
+            assert (out.argmax(-1) == expected.argmax(-1)).all()
+        # weights went over once and stayed resident
+        assert be.node_info(policy.model_owner.name)["share_weights"] == 1
+        n_leaves = len(jax.tree_util.tree_leaves(bundle.params))
+        for p in policy.compute:
+            info = be.node_info(p.name)
+            assert info["set_share"] == n_leaves and info["run"] == 2
+        assert len(be.costs) == 2
+        for cost in be.costs:
+            assert set(cost.parties) == {p.name for p in policy.compute}
+            assert all(c.send_bytes > 0 and c.recv_bytes > 0 for c in cost.parties.values())
+            assert cost.ops and cost.wall_s > 0
+
+        # privacy: nothing any compute party received contains a secret, in any encoding
+        secrets, weights, ids = secrets_of(bundle, batch, policy.fxp_fraction_bits)
+        files = {p.name: record / f"{p.name}.bin" for p in policy.compute}
+        for name, path in files.items():
+            blob = path.read_bytes()
+            assert len(blob) > 10_000
+            assert leaks(blob, secrets) == [], f"{name} received secrets"
+
+        # control: the same detector finds each secret once it is sent in the clear
+        import spu.api as spu_api
+        from spu import spu_pb2
+
+        io = spu_api.Io(policy.world_size, policy.runtime_config())
+        public = [io.make_shares(w, spu_pb2.Visibility.VIS_PUBLIC)[0] for w in weights]
+        p0 = policy.compute[0]
+        peer = Peer(p0.name, p0.address, policy.timeout_s)
+        try:
+            kinds = {"weights f32": weights[0], "weights fxp": public, "embeds f32": batch["embeds"],
+                     "text": PROMPTS[0], "ids": ids[0].astype(np.int32)}
+            for kind, clear in kinds.items():
+                before = files[p0.name].stat().st_size
+                peer.call(node.ping, clear)
+                blob = files[p0.name].read_bytes()[before:]
+                assert kind in leaks(blob, secrets), f"detector missed {kind}"
+        finally:
+            peer.close()
+    assert_cleaned_up(cluster, policy)
+
+
+def test_killed_party_raises_party_error_and_cleanup(tmp_path):
+    policy = small_policy("aby3", timeout_s=10)
+    bundle = load_model("tiny-llama")
+    be = make_backend("cluster", bundle, policy, log_dir=tmp_path)
+    cluster = be.cluster
+    try:
+        batch = be.make_batch(PROMPTS, WORDS)
+        be.forward(batch)
+        victim = policy.compute[1]
+        os.kill(cluster.procs[victim.name].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(PartyError, match=rf"party {victim.name} \({victim.address}\)") as err:
+            be.forward(batch)
+        assert time.monotonic() - t0 < policy.timeout_s + 10
+        assert "\n" not in str(err.value)
+        with pytest.raises(PartyError, match="earlier failure"):  # the cluster is marked unusable
+            be.forward(batch)
+        # the survivors do not hang on the dead peer: their link gives up (brpc send retries or
+        # receive timeout) and yacl aborts the process, or the run returns
+        survivors = [p.name for p in policy.compute if p.name != victim.name]
+        deadline = time.monotonic() + policy.timeout_s + 10
+        while True:
+            live = [n for n in survivors if cluster.procs[n].poll() is None]
+            if not any(_busy(be, n) for n in live):
+                break
+            assert time.monotonic() < deadline, f"surviving parties {live} still hang in their run"
+            time.sleep(0.5)
+        print({n: cluster.procs[n].poll() for n in survivors})
+    finally:
+        be.close()
+    assert_cleaned_up(cluster, policy)
+
+
+def _busy(be, name):
+    try:
+        return be.node_info(name)["busy"]
+    except PartyError:  # died meanwhile
+        return False
+
+
+def test_unreachable_party_fails_fast():
+    policy = small_policy("semi2k", timeout_s=5)  # free ports: nothing listens there
+    bundle = load_model("tiny-llama")
+    t0 = time.monotonic()
+    with pytest.raises(PartyError, match=rf"party p0 \({policy.compute[0].address}\)"):
+        make_backend("cluster", bundle, policy, launch=False)
+    assert time.monotonic() - t0 < policy.timeout_s + 2
+
+
+def test_node_that_cannot_start_is_named(tmp_path):
+    policy = small_policy("semi2k", timeout_s=5)
+    host, _, port = policy.compute[1].address.rpartition(":")
+    blocker = socket.socket()
+    blocker.bind((host, int(port)))
+    blocker.listen()
+    try:
+        with pytest.raises(PartyError, match=r"party p1 .* (exited|did not come up)") as err:
+            LocalCluster(policy, tmp_path)
+        assert "cannot listen" in str(err.value)
+    finally:
+        blocker.close()
+    assert node_pids(str(tmp_path)) == []

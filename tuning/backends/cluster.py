@@ -1,0 +1,479 @@
+"""Cluster back end: one OS process per party, SPU runtimes linked over brpc.
+
+    with ClusterBackend(bundle, policy) as be:      # launches the nodes locally (launch=True)
+        batch = be.make_batch(prompts, words)       # the data owner's arrays
+        logits = be.forward(batch)                  # opened verbalizer logits, float32 [B, R]
+        be.costs[-1].parties                        # every compute party's traffic
+
+Process model (see ``tuning.node``): one node process per compute party and one for the model
+owner; this process is the data owner (the driver). At start the driver has every compute party
+build its runtime, then asks the model owner to load its model and send share i of every weight
+to compute party i (once; the shares stay resident). Per call the driver tokenizes, makes the
+batch's shares locally, sends share i (with the executable, compiled here from shapes only) to
+party i, and reconstructs the logits from the parties' output shares. No party other than the
+driver ever receives the logits, and nothing else is opened anywhere.
+
+Failure: a party that dies or stops answering makes the call raise :class:`PartyError` naming it,
+within about ``policy.timeout_s`` plus a few seconds (the driver pings every node while a call
+is in flight). The surviving compute parties give up on their own: their run fails after the
+brpc receive timeout (``timeout_s``), or, when their link's send retries run out first (~9 s),
+yacl aborts the process. Either way the cluster must be restarted; the back end refuses further
+calls. Trust model: ppd's, semi-honest; nodes and driver exchange pickles, so run nodes only
+for parties you trust to follow the protocol.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import hashlib
+import os
+import pickle
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import grpc
+import numpy as np
+from spu.utils import distributed_pb2, distributed_pb2_grpc
+from spu.utils.distributed_impl import RPC, NodeClient, split_message
+
+from ..cost import CallCost
+from ..policy import Party
+from .spu_common import batch_names, compile_forward
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_S = 60.0  # bound on a launched node's start-up (imports jax and spu)
+HEARTBEAT_S = 2.0  # ping interval while a call is in flight
+# ppd's channel options, plus a short reconnect back-off (gRPC's default grows to minutes, which
+# would make a node that is still starting look dead for a long time)
+CHANNEL_OPTIONS = [*RPC.OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+class PartyError(RuntimeError):
+    """A party died, is unreachable, stopped answering, or failed; the message names it."""
+
+
+# ------------------------------------------------------------------------------------ the client
+class Peer(NodeClient):
+    """ppd's ``NodeClient`` with a deadline on every call, cancellation, and errors naming the party."""
+
+    def __init__(self, name: str, address: str, timeout_s: float):
+        self.node_id, self.name, self.addr, self.timeout_s = name, name, address, timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = distributed_pb2_grpc.NodeServiceStub(self._channel)
+        self._inflight: set = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"party {self.name} ({self.addr})"
+
+    def call(self, fn, *args, timeout: float | None = -1.0):
+        """Run node function ``fn(server, *args)`` there; ``timeout`` None = no deadline, -1 = timeout_s."""
+        timeout = self.timeout_s if timeout == -1.0 else timeout
+        payload = cloudpickle.dumps((fn, args, {}))
+        reqs = (distributed_pb2.RunRequest(data=chunk) for chunk in split_message(payload))
+        rpc = self._stub.RunReturn(reqs, timeout=timeout)
+        with self._lock:
+            self._inflight.add(rpc)
+        try:
+            data = b"".join(r.data for r in rpc)
+        except grpc.RpcError as e:
+            raise self._error(e, timeout) from None
+        finally:
+            with self._lock:
+                self._inflight.discard(rpc)
+        result = pickle.loads(data)
+        if isinstance(result, Exception):  # ppd sends the remote traceback as Exception(text)
+            text = str(result.args[0] if result.args else result)
+            raise PartyError(f"{self} failed in {getattr(fn, '__name__', fn)}: {_summary(text)}")
+        return result
+
+    def _call(self, stub_method, fn, *args, **kwargs):  # keeps NodeClient.run_return working
+        if kwargs:
+            raise TypeError("Peer calls take positional arguments only")
+        return self.call(fn, *args)
+
+    def _error(self, e: grpc.RpcError, timeout) -> PartyError:
+        code, details = e.code(), " ".join(str(e.details() or "").split())
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return PartyError(f"{self} did not answer within {timeout:g}s")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return PartyError(f"{self} is unreachable or died: {details}")
+        if code == grpc.StatusCode.CANCELLED:
+            return PartyError(f"call to {self} was cancelled: {details}")
+        return PartyError(f"{self} failed: {code.name} {details}")
+
+    def cancel(self):
+        with self._lock:
+            for rpc in list(self._inflight):
+                rpc.cancel()
+
+    def close(self):
+        self.cancel()
+        self._channel.close()
+
+
+def _summary(traceback_text: str) -> str:
+    """The exception line of a remote traceback (SPU's C++ messages included), as one line."""
+    lines = [s.strip() for s in traceback_text.split("stacktrace:")[0].splitlines() if s.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"[\w.]+(Error|Exception|Exit)\b", lines[i]):
+            return " ".join(lines[i:])
+    return lines[-1] if lines else traceback_text
+
+
+def gather(jobs: list, watch: list, heartbeat_s: float = HEARTBEAT_S) -> list:
+    """Run ``jobs`` = [(peer, fn, args)] concurrently (no deadline) and return their results.
+
+    While they run, every peer in ``watch`` is pinged every ``heartbeat_s`` (deadline: its
+    ``timeout_s``), so a dead or hung party fails the whole call with a PartyError naming it.
+    On any failure the other calls are cancelled.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
+    futs = [pool.submit(peer.call, fn, *args, timeout=None) for peer, fn, args in jobs]
+    try:
+        pending, next_beat = set(futs), time.monotonic() + heartbeat_s
+        while pending:
+            done, pending = concurrent.futures.wait(pending, 0.1, concurrent.futures.FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                err = failed[0].exception()
+                check_alive(watch)  # a peer that died is the better culprit than its victims
+                raise err
+            if pending and time.monotonic() >= next_beat:
+                check_alive(watch)
+                next_beat = time.monotonic() + heartbeat_s
+        return [f.result() for f in futs]
+    except BaseException:
+        for peer, _, _ in jobs:
+            peer.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_alive(peers: list) -> None:
+    """Ping ``peers`` concurrently; raise the first PartyError (in ``peers`` order)."""
+    from .. import node
+
+    if not peers:
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
+        futs = [pool.submit(p.call, node.ping) for p in peers]
+        for f in futs:
+            if f.exception() is not None:
+                raise f.exception()
+
+
+# ---------------------------------------------------------------------------------- local cluster
+_LIVE: set = set()
+_PREV_HANDLERS: dict = {}
+_INSTALLED = False
+
+
+def _close_all():
+    for c in list(_LIVE):
+        c.close()
+
+
+def _on_signal(signum, frame):
+    _close_all()
+    prev = _PREV_HANDLERS.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)
+    elif prev == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_handlers():
+    global _INSTALLED
+    if _INSTALLED or threading.current_thread() is not threading.main_thread():
+        return
+    _INSTALLED = True
+    atexit.register(_close_all)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        prev = signal.getsignal(sig)
+        if prev not in (signal.SIG_IGN, None):  # an ignored signal stays ignored
+            _PREV_HANDLERS[sig] = prev
+            signal.signal(sig, _on_signal)
+
+
+def free_policy(policy, host: str = "127.0.0.1"):
+    """``policy`` with every party's address (and link) on a free local port."""
+    socks = []
+
+    def addr():
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+        return f"{host}:{s.getsockname()[1]}"
+
+    try:
+        compute = [Party(p.name, addr(), addr()) for p in policy.compute]
+        return policy.with_parties(compute, Party(policy.data_owner.name, addr()),
+                                   Party(policy.model_owner.name, addr()))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    lines = [s for s in lines if "entropy source" not in s]
+    return "\n".join("    " + s for s in lines[-n:]) or "(empty log)"
+
+
+class LocalCluster:
+    """Every node of ``policy`` (compute parties + model owner) as a child process of this one.
+
+    Each child runs ``python -m tuning.node`` in its own process group, logs to
+    ``log_dir/<party>.log`` and dies with this process (PR_SET_PDEATHSIG). ``close()`` (also at
+    exit, on SIGTERM/SIGINT and leaving a ``with`` block) terminates, then kills, and reaps them.
+    """
+
+    def __init__(self, policy, log_dir=None, startup_s: float = STARTUP_S):
+        from ..node import dump_policy
+
+        self.policy = policy
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.policy_path = dump_policy(policy, self.log_dir / "cluster.yaml")
+        self.parties = [*policy.compute, policy.model_owner]
+        self.procs: dict = {}
+        self.closed = False
+        env = dict(os.environ, SECPTUNE_LAUNCHER_PID=str(os.getpid()))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        _install_handlers()
+        _LIVE.add(self)
+        try:
+            for p in self.parties:
+                with open(self.log_dir / f"{p.name}.log", "ab") as log:
+                    self.procs[p.name] = subprocess.Popen(
+                        [sys.executable, "-m", "tuning.node", "--policy", str(self.policy_path),
+                         "--party", p.name, "--log-dir", str(self.log_dir)],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                        start_new_session=True)
+            self.wait_ready(startup_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def log_path(self, party: str) -> Path:
+        return self.log_dir / f"{party}.log"
+
+    def wait_ready(self, bound_s: float) -> None:
+        """Return when every node answers a ping; PartyError (with the log tail) otherwise."""
+        from .. import node
+
+        waiting = {p.name: Peer(p.name, p.address, 2.0) for p in self.parties}
+        deadline = time.monotonic() + bound_s
+        try:
+            while waiting:
+                for name, peer in list(waiting.items()):
+                    code = self.procs[name].poll()
+                    if code is not None:
+                        raise PartyError(f"party {name} ({peer.addr}) exited with code {code} during start-up; "
+                                         f"log {self.log_path(name)}:\n{_tail(self.log_path(name))}")
+                    try:
+                        peer.call(node.ping, timeout=1.0)
+                        waiting.pop(name).close()
+                    except PartyError:
+                        pass
+                if waiting and time.monotonic() > deadline:
+                    name = next(iter(waiting))
+                    raise PartyError(f"party {name} ({waiting[name].addr}) did not come up within {bound_s:g}s; "
+                                     f"log {self.log_path(name)}:\n{_tail(self.log_path(name))}")
+                if waiting:
+                    time.sleep(0.2)
+        finally:
+            for peer in waiting.values():
+                peer.close()
+
+    def wait(self) -> None:
+        """Block until a node exits (PartyError naming it), ``close()`` or an interrupt."""
+        while not self.closed:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise PartyError(f"party {name} exited with code {proc.returncode}; "
+                                     f"log {self.log_path(name)}:\n{_tail(self.log_path(name))}")
+            time.sleep(0.5)
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every node's process group, SIGKILL what is left after ``grace_s``, reap all."""
+        _LIVE.discard(self)
+        self.closed = True
+        procs = list(self.procs.values())
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            for proc in procs:
+                for s in (sig, signal.SIGCONT):  # SIGCONT: a stopped node handles SIGTERM too
+                    try:
+                        os.killpg(proc.pid, s)  # start_new_session: pgid == pid
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.monotonic() + wait_s
+            for proc in procs:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(p.poll() is not None for p in procs):
+                break
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start_local_cluster(policy, log_dir=None) -> LocalCluster:
+    """Launch ``policy``'s nodes on this machine and wait until they answer (``secptune cluster up``)."""
+    return LocalCluster(policy, log_dir)
+
+
+# ------------------------------------------------------------------------------------ the backend
+def _params_with_table(config, table):
+    """A parameter tree holding only the embedding table (all ``encode.make_batch`` reads)."""
+    if config.family == "llama":
+        return {"model": {"embed_tokens": {"embedding": table}}}
+    return {config.model_type: {"embeddings": {"word_embeddings": {"embedding": table}}}}
+
+
+class ClusterBackend:
+    """The data owner's view of a cluster: ``forward(batch)`` -> opened logits; see the module doc.
+
+    ``bundle`` gives the config and tokenizer (its params are never read); ``model`` is the name
+    the model owner loads (default ``bundle.name``). ``launch=False`` connects to nodes already
+    running at the policy's addresses (``secptune cluster up`` / ``secptune node``).
+    """
+
+    name = "cluster"
+
+    def __init__(self, bundle, policy, model: str | None = None, launch: bool = True, log_dir=None):
+        import spu.api as spu_api
+        from spu import spu_pb2
+
+        self.policy, self.bundle, self.model = policy, bundle, model or bundle.name
+        self.costs: list = []
+        self._vis = spu_pb2.Visibility.VIS_SECRET
+        self._rc = policy.runtime_config(profile=True)
+        self.io = spu_api.Io(policy.world_size, self._rc)
+        self._exes: dict = {}
+        self._sent: set = set()  # (party, executable digest) the party already holds
+        self._table = None
+        self._broken = ""
+        self.peers, self.owner, self.cluster = [], None, None
+        try:
+            if launch:
+                self.cluster = start_local_cluster(policy, log_dir)
+            t = policy.timeout_s
+            self.peers = [Peer(p.name, p.address, t) for p in policy.compute]
+            self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t)
+            self._all = [*self.peers, self.owner]
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self):
+        from .. import node
+
+        check_alive(self._all)
+        # every party drops the previous session's link before any builds a new one: a new link
+        # could otherwise handshake with a peer's old link, still listening on the same port
+        gather([(peer, node.reset, ()) for peer in self.peers], self._all)
+        rc = self._rc.SerializeToString()
+        links = [p.link for p in self.policy.compute]
+        gather([(peer, node.init_runtime, (r, links, rc, self.policy.timeout_s)) for r, peer in enumerate(self.peers)],
+               self._all)
+        compute = [(p.name, p.address) for p in self.policy.compute]
+        (meta,) = gather([(self.owner, node.share_weights, (self.model, rc, compute, self.policy.timeout_s))],
+                         self._all)
+        self.config, self._shapes = meta["config"], meta["shapes"]
+
+    # ---------------------------------------------------------------------------- data owner
+    def make_batch(self, prompts: list, words: list, seq_len: int | None = None) -> dict:
+        """The data owner's arrays (``encode.make_batch``); the embedding table, when the policy
+        gives it to the data owner, comes from the model owner (asked once)."""
+        from ..encode import make_batch
+        from ..models import ModelBundle
+        from .. import node
+
+        params = {}
+        if self.policy.embedding == "data_owner":
+            if self._table is None:
+                self._table = self.owner.call(node.embedding_table, self.model)
+            params = _params_with_table(self.config, self._table)
+        return make_batch(ModelBundle(self.model, self.config, params, self.bundle.tokenizer), prompts, words,
+                          self.policy.embedding, seq_len)
+
+    def _executable(self, batch) -> tuple:
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in self._exes:
+            exe = compile_forward(self.config, self.policy.embedding, self._shapes, batch).SerializeToString()
+            self._exes[key] = (exe, hashlib.sha256(exe).hexdigest())
+        return self._exes[key]
+
+    def forward(self, batch: dict) -> np.ndarray:
+        from .. import node
+
+        if self._broken:
+            raise PartyError(f"cluster unusable after an earlier failure: {self._broken}")
+        exe, digest = self._executable(batch)
+        t0 = time.perf_counter()
+        shares = [{} for _ in self.peers]
+        for name, key in zip(batch_names(batch), sorted(batch)):
+            for i, s in enumerate(self.io.make_shares(np.asarray(batch[key], np.float32), self._vis)):
+                shares[i][name] = s
+        jobs = [(peer, node.run, (digest if (peer.name, digest) in self._sent else exe, shares[i]))
+                for i, peer in enumerate(self.peers)]
+        try:
+            outs = gather(jobs, self.peers)
+        except PartyError as e:
+            self._broken = str(e)
+            raise
+        self._sent.update((peer.name, digest) for peer in self.peers)
+        logits = self.io.reconstruct([o[0] for o in outs])  # opened here, at the data owner only
+        parties = {peer.name: o[1] for peer, o in zip(self.peers, outs)}
+        self.costs.append(CallCost(time.perf_counter() - t0, parties, outs[0][2]))
+        return np.asarray(logits, np.float32)
+
+    def node_info(self, party: str) -> dict:
+        """Counters of a node (calls of share_weights / set_share / run) and its pid."""
+        from .. import node
+
+        peer = next(p for p in self._all if p.name == party)
+        return peer.call(node.info)
+
+    def close(self):
+        for peer in [*self.peers, *([self.owner] if self.owner else [])]:
+            peer.close()
+        self.peers, self.owner = [], None
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
