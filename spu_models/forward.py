@@ -67,3 +67,69 @@ def make_forward(config, embedding: str = "data_owner"):
         return model.apply(variables, picked, batch["rows"], method=model.head_select)
 
     return forward
+
+
+# ------------------------------------------------------------------------------------------------
+# Programs of the tuning loop (decoders). Each is ``program(params, **secret_inputs) -> dict`` and
+# runs inside MPC; its outputs stay on the parties until the data owner opens one.
+#
+# Shapes: P candidates, E examples, n prompt tokens, t template-tail tokens, R verbalizer words.
+# ``delta`` [P, n, H] is the data owner's A.z; the prompt is P0 + delta with P0 resident.
+
+def make_tuning_programs(config):
+    if config.family != "llama":
+        raise ValueError("prompt tuning is implemented for decoder (llama-family) models")
+    model = build_model(config)
+    L = config.num_hidden_layers
+
+    def embed(params, onehot):
+        """Token embeddings from one-hot tokens, inside MPC (policy ``embedding: secret``)."""
+        return {"embeds": onehot @ embedding_table(config, params)}
+
+    def head(params, rows):
+        """The verbalizer rows of the (tied or untied) LM head, [R, H]; computed once per run."""
+        if config.tie_word_embeddings:
+            return {"head": rows @ embedding_table(config, params)}
+        return {"head": rows @ params["lm_head"]["kernel"].T}
+
+    def prefill(params, text, text_mask):
+        """Per-layer K/V of the left-padded example texts [E, Lp, H]: the prefix-state cache."""
+        cache = model.apply({"params": params}, text, text_mask, method=model.prefill)
+        out = {}
+        for i, (k, v) in enumerate(cache):
+            out[f"cache_k{i}"], out[f"cache_v{i}"] = k, v
+        return out
+
+    def _prompt(p0, delta, E):
+        x = p0[None] + delta  # [P, n, H]
+        return jnp.broadcast_to(x[:, None], (x.shape[0], E) + x.shape[1:])
+
+    def score_cached(params, tail, head, text_mask, p0=None, delta=None, **cache):
+        """Logits [P, E, R] of text -> prompt -> tail, continuing the resident cache.
+        Without ``p0``/``delta``: no soft prompt (zero-shot), P = 1."""
+        E = text_mask.shape[0]
+        P = 1 if delta is None else delta.shape[0]
+        tail_x = jnp.broadcast_to(tail[None, None], (P, E) + tail.shape)
+        x = tail_x if delta is None else jnp.concatenate([_prompt(p0, delta, E), tail_x], axis=2)
+        kv = [(cache[f"cache_k{i}"], cache[f"cache_v{i}"]) for i in range(L)]
+        h = model.apply({"params": params}, x, kv, text_mask, method=model.extend)
+        return {"logits": h[:, :, -1] @ head.T}
+
+    def score_full(params, text, select, head, p0=None, delta=None):
+        """Logits [P, E, R] of prompt -> template with text (BBT placement), recomputed per candidate.
+
+        ``text`` [E, Lt, H] right-padded; ``select`` [E, n + Lt] one-hot of each last real token.
+        Without ``p0``/``delta``: no soft prompt (zero-shot), P = 1."""
+        E, Lt, H = text.shape
+        P, n = (1, 0) if delta is None else delta.shape[:2]
+        t = jnp.broadcast_to(text[None], (P, E, Lt, H))
+        x = t if delta is None else jnp.concatenate([_prompt(p0, delta, E), t], axis=2)
+        x = x.reshape(P * E, n + Lt, H)
+        pos = jnp.broadcast_to(jnp.arange(n + Lt), (P * E, n + Lt))
+        h = model.apply({"params": params}, inputs_embeds=x, position_ids=pos, method=model.hidden)
+        h = h.reshape(P, E, n + Lt, H)
+        picked = jnp.einsum("el,pelh->peh", select, h)
+        return {"logits": picked @ head.T}
+
+    return {"embed": embed, "head": head, "prefill": prefill, "score_cached": score_cached,
+            "score_full": score_full}

@@ -168,6 +168,27 @@ def add_forward_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true")
 
 
+def _cmd_tune(args):
+    import dataclasses
+
+    from .trainer import TuneConfig, tune
+
+    if args.resume:
+        summary = tune(TuneConfig(out=args.resume), resume=True, show_progress=not args.json,
+                       log=(lambda *a: None) if args.json else print)
+    else:
+        fields = {f.name for f in dataclasses.fields(TuneConfig)}
+        kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+        if args.train:  # your own files replace the default task
+            kw["task"] = None
+        summary = tune(TuneConfig(**kw), show_progress=not args.json, log=(lambda *a: None) if args.json else print)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"zero-shot test accuracy {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f} "
+              f"({summary['generations']} generations); results in {args.out or args.resume}")
+
+
 BENCHES = {"forward": "bench.forward_real"}
 
 
@@ -203,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_forward_args(s)
     s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
     s.set_defaults(fn=_cmd_forward)
+
+    s = sub.add_parser("tune", help="forward-only prompt tuning (CMA-ES/SPSA) against the secure forward")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--policy", default="aby3")
+    s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
+    add_task_args(s)
+    s.add_argument("--shots", type=int, help="training examples per class (default 16); dev uses as many")
+    s.add_argument("--n-test", dest="n_test", type=int, help="test examples to evaluate (default 200)")
+    s.add_argument("--max-words", dest="max_words", type=int, help="truncate texts to this many words")
+    s.add_argument("--popsize", type=int, help="candidates per generation (default 20)")
+    s.add_argument("--budget", type=int, help="generations (default 100)")
+    s.add_argument("--strategy", choices=["cma", "spsa"])
+    s.add_argument("--d", type=int, help="subspace dimension (default 500)")
+    s.add_argument("--n-tokens", dest="n_tokens", type=int, help="soft prompt tokens (default 5)")
+    s.add_argument("--mode", choices=["cached", "prefix"], help="prompt placement (default cached)")
+    s.add_argument("--loss", choices=["ce", "hinge"])
+    s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--out", help="output directory (default runs/tune)")
+    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_tune)
 
     s = sub.add_parser("bench", help="run a benchmark (tables to stdout, JSON/MD/PNG to bench/results/)")
     s.add_argument("name", help=", ".join(BENCHES))

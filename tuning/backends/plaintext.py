@@ -22,12 +22,12 @@ class PlaintextBackend(Session):
         self.vars[name] = np.asarray(value, np.float32)
         self.shapes[name] = self.vars[name].shape
 
-    def _compile(self, program, names, outputs):
+    def _compile(self, program, inputs, outmap):
         def fn(params, vars_):
-            res = program(params, **{arg: vars_[var] for arg, var in names.items()})
-            return [res[o] for o in outputs]
+            res = program(params, **{arg: vars_[var] for arg, var in inputs.items()})
+            return [res[key] for key in outmap]
 
-        return jax.jit(fn), list(names.values())
+        return jax.jit(fn), list(inputs.values())
 
     def _execute(self, compiled, outputs):
         fn, var_names = compiled

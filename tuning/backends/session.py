@@ -30,25 +30,36 @@ class Session:
         self.costs: list = []
 
     # ---- back ends implement: put, open, drop, _execute(compiled, outputs) -> CallCost, close
-    def run(self, program, inputs: dict, outputs: list, key: str | None = None):
-        """Run ``program`` on resident vars: ``inputs`` maps argument name -> var name."""
-        names = {arg: var for arg, var in inputs.items()}
-        sig = (key or getattr(program, "__name__", "program"), tuple(sorted(names.items())),
-               tuple((v, self.shapes[v]) for v in names.values()), tuple(outputs))
+    def run(self, program, inputs: dict, outputs, key: str | None = None):
+        """Run ``program`` on resident vars. ``inputs`` maps argument name -> var name; ``outputs``
+        lists the result keys to keep, or maps result key -> var name. Returns the CallCost."""
+        outmap = dict(outputs) if isinstance(outputs, dict) else {o: o for o in outputs}
+        sig = (key or getattr(program, "__name__", "program"), tuple(sorted(inputs.items())),
+               tuple((v, self.shapes[v]) for v in inputs.values()), tuple(outmap.items()))
         if sig not in self._programs:
-            self._programs[sig] = self._compile(program, names, outputs)
-        cost = self._execute(self._programs[sig], outputs)
+            self._programs[sig] = (self._compile(program, dict(inputs), outmap),
+                                   self._output_shapes(program, inputs, outmap))
+        compiled, out_shapes = self._programs[sig]
+        cost = self._execute(compiled, list(outmap.values()))
         self.costs.append(cost)
-        for o in outputs:
-            self.shapes[o] = None  # shape known to the parties; not needed by the data owner
+        self.shapes.update(out_shapes)  # public: shapes follow from the program and input shapes
         return cost
 
-    def _compile(self, program, names, outputs):
+    def _output_shapes(self, program, inputs, outmap) -> dict:
+        import jax
+
+        args = {arg: jax.ShapeDtypeStruct(self.shapes[var], np.float32) for arg, var in inputs.items()}
+        res = jax.eval_shape(lambda p, a: program(p, **a), self._params_shapes, args)
+        return {var: tuple(res[key].shape) for key, var in outmap.items()}
+
+    def _compile(self, program, inputs, outmap):
         def by_var(params, **vars_):
-            return program(params, **{arg: vars_[var] for arg, var in names.items()})
+            res = program(params, **{arg: vars_[var] for arg, var in inputs.items()})
+            return {var: res[key] for key, var in outmap.items()}
 
         return compile_program(by_var, self._params_shapes,
-                               {var: np.zeros(self.shapes[var], np.float32) for var in names.values()}, outputs)
+                               {var: np.zeros(self.shapes[var], np.float32) for var in inputs.values()},
+                               list(outmap.values()))
 
     def forward(self, batch: dict) -> np.ndarray:
         """Share ``batch``, run the verbalizer-logits forward, open the logits, drop everything."""

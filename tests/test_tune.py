@@ -1,0 +1,131 @@
+"""The forward-only tuning loop on tiny models: it learns, resumes exactly, and keeps secrets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tuning.trainer import TuneConfig, accuracy, losses_from_logits, tune
+
+
+@pytest.fixture(scope="module")
+def toy_csv(tmp_path_factory):
+    """A separable sentiment task (distinct word sets per class)."""
+    rng = np.random.default_rng(0)
+    pos = ["great fun", "wonderful", "loved it", "brilliant", "superb", "a joy", "excellent", "delight"]
+    neg = ["terrible", "awful", "hated it", "boring", "dull mess", "a bore", "poor", "disaster"]
+    rows = [(f"{pos[rng.integers(8)]} {i}", "positive") for i in range(30)] + \
+           [(f"{neg[rng.integers(8)]} {i}", "negative") for i in range(30)]
+    path = tmp_path_factory.mktemp("data") / "toy.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    return path
+
+
+def _cfg(csv, out, **kw):
+    base = dict(model="tiny-llama", backend="plaintext", task=None, train=str(csv), verbalizer="positive=g,negative=b",
+                shots=4, n_test=8, popsize=8, budget=12, d=16, n_tokens=2, sigma0=1.0, seed=0, out=str(out))
+    base.update(kw)
+    return TuneConfig(**base)
+
+
+def test_losses_and_accuracy():
+    logits = np.array([[[2.0, 0.0], [0.0, 3.0]], [[0.0, 1.0], [1.0, 0.0]]])
+    labels = np.array([0, 1])
+    ce = losses_from_logits(logits, labels, "ce")
+    assert ce[0] < ce[1] and np.isclose(ce[0], np.mean([np.log1p(np.exp(-2)), np.log1p(np.exp(-3))]))
+    assert losses_from_logits(logits, labels, "hinge").tolist() == [0.0, 2.0]
+    assert accuracy(logits, labels).tolist() == [1.0, 0.0]
+
+
+def test_loop_reduces_training_loss(toy_csv, tmp_path):
+    s = tune(_cfg(toy_csv, tmp_path / "run", budget=15), show_progress=False, log=lambda *a: None)
+    m = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 15
+    assert min(x["loss_best"] for x in m[-5:]) < m[0]["loss_mean"]
+    assert s["best_train_loss"] < m[0]["loss_mean"]
+    for f in ("summary.json", "ckpt.npz", "best_z.npy", "curves.png", "config.json"):
+        assert (tmp_path / "run" / f).exists()
+
+
+def test_resume_after_kill_continues_exactly(toy_csv, tmp_path):
+    ref = tmp_path / "ref"
+    tune(_cfg(toy_csv, ref, budget=8), show_progress=False, log=lambda *a: None)
+    run = tmp_path / "killed"
+    argv = [sys.executable, "-m", "tuning.cli", "tune", "--model", "tiny-llama", "--backend", "plaintext",
+            "--train", str(toy_csv), "--verbalizer", "positive=g,negative=b", "--shots", "4", "--n-test", "8",
+            "--popsize", "8", "--budget", "8", "--d", "16", "--n-tokens", "2", "--seed", "0", "--out", str(run)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline:  # kill it somewhere in the middle of the run
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 8, done
+    proc = subprocess.run([sys.executable, "-m", "tuning.cli", "tune", "--resume", str(run), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    a = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert len(b) == 8
+    for x, y in zip(a, b):  # same trajectory as the uninterrupted run
+        assert x["loss_best"] == y["loss_best"] and x["loss_mean"] == y["loss_mean"]
+    assert json.loads((ref / "summary.json").read_text())["tuned_test_acc"] == \
+        json.loads((run / "summary.json").read_text())["tuned_test_acc"]
+
+
+def test_existing_run_is_not_overwritten(toy_csv, tmp_path):
+    tune(_cfg(toy_csv, tmp_path / "r", budget=1), show_progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="already holds a run"):
+        tune(_cfg(toy_csv, tmp_path / "r", budget=1), show_progress=False, log=lambda *a: None)
+
+
+def test_compute_parties_never_receive_labels_losses_or_z(toy_csv, tmp_path, monkeypatch):
+    """Record every value the data owner secret-shares in the SPU simulator, and every value a
+    compute party holds in the clear: none is a label vector, a loss or a search vector z."""
+    from tuning.backends import sim as simmod
+    from tuning.search import CMAES
+
+    shared, asked, told = [], [], []
+    orig_put, orig_ask, orig_tell = simmod.SimBackend.put, CMAES.ask, CMAES.tell
+
+    def put(self, name, value):
+        shared.append((name, np.asarray(value, np.float32).copy()))
+        return orig_put(self, name, value)
+
+    def ask(self, st):
+        Z, st = orig_ask(self, st)
+        asked.append(np.asarray(Z).copy())
+        return Z, st
+
+    def tell(self, st, Z, losses):
+        told.append(np.asarray(losses).copy())
+        return orig_tell(self, st, Z, losses)
+
+    monkeypatch.setattr(simmod.SimBackend, "put", put)
+    monkeypatch.setattr(CMAES, "ask", ask)
+    monkeypatch.setattr(CMAES, "tell", tell)
+    summary = tune(_cfg(toy_csv, tmp_path / "p", backend="sim", budget=2, popsize=4), show_progress=False,
+                   log=lambda *a: None)
+    assert summary["generations"] == 2 and asked and told
+    names = {n for n, _ in shared}
+    assert not any("label" in n or "loss" in n for n in names), names
+    secrets = [z.ravel() for Z in asked for z in Z] + [t.ravel() for t in told]
+    for _, v in shared:  # no shared value contains a z vector or a loss vector as a contiguous run
+        flat = v.ravel()
+        for s in secrets:
+            if s.size <= flat.size:
+                windows = np.lib.stride_tricks.sliding_window_view(flat, s.size)
+                assert not np.any(np.all(np.isclose(windows, s[None], atol=0), axis=1))
+    # everything the parties hold arrived as secret shares (SimBackend shares with VIS_SECRET only)
+    from spu import spu_pb2
+
+    assert simmod.SimBackend.__init__.__code__.co_names.count("VIS_SECRET") >= 1
+    assert spu_pb2.Visibility.VIS_SECRET != spu_pb2.Visibility.VIS_PUBLIC

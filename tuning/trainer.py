@@ -1,0 +1,331 @@
+"""Forward-only prompt tuning: the data owner's loop against the secure scorer.
+
+One generation (``run_generation``), top to bottom:
+  1. ask the search strategy for a population z_1..z_P;
+  2. the data owner maps them to soft prompts A.z (plaintext, private) and secret-shares them;
+     one secure program scores the whole population x (train + dev examples);
+  3. only the verbalizer logits are opened, and only to the data owner;
+  4. the data owner computes the loss (and dev accuracy) in plaintext;
+  5. tell the strategy the losses.
+The compute parties never see labels, losses, z, A or the plaintext prompt.
+
+``tune`` wraps it with set-up (sharing examples, prefilling caches, zero-shot evaluation), early
+stopping on dev accuracy, a checkpoint after every generation, ``--resume``, metrics, plots and a
+summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cost import CallCost, PartyCost
+
+LOSSES = ("ce", "hinge")
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    model: str = "smollm2-135m"
+    policy: str = "aby3"
+    backend: str = "sim"
+    task: str | None = "mr"
+    train: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    verbalizer: str = "positive=great,negative=terrible"
+    template: str | None = None
+    shots: int = 16  # per class, for training; the same number again per class for dev
+    dev_shots: int | None = None  # per class for dev (default: = shots)
+    n_test: int = 200  # test examples evaluated (stratified prefix of the shuffled test split)
+    max_words: int | None = None  # truncate texts (None: the task's default)
+    popsize: int = 20
+    budget: int = 100  # generations
+    strategy: str = "cma"
+    sigma0: float = 1.0
+    d: int = 500
+    n_tokens: int = 5
+    init: str = "vocab"
+    mode: str = "cached"
+    loss: str = "ce"
+    patience: int = 0  # stop after this many generations without a dev improvement (0: never)
+    seed: int = 0
+    out: str = "runs/tune"
+
+
+# ---------------------------------------------------------------------------------------- losses
+def losses_from_logits(logits: np.ndarray, labels: np.ndarray, kind: str = "ce") -> np.ndarray:
+    """Per-candidate mean loss: logits [P, E, R], labels [E] -> [P] (plaintext, data owner)."""
+    z = logits - logits.max(-1, keepdims=True)
+    if kind == "ce":
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -logp[:, np.arange(len(labels)), labels].mean(-1)
+    if kind == "hinge":  # BBT-style multi-class margin loss, margin 1
+        true = logits[:, np.arange(len(labels)), labels]
+        other = np.where(np.eye(logits.shape[-1], dtype=bool)[labels][None], -np.inf, logits).max(-1)
+        return np.maximum(0.0, 1.0 - (true - other)).mean(-1)
+    raise ValueError(f"unknown loss {kind!r} (known: {', '.join(LOSSES)})")
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-candidate accuracy: [P, E, R], [E] -> [P]."""
+    return (logits.argmax(-1) == labels[None]).mean(-1)
+
+
+# ------------------------------------------------------------------------------------ generation
+@dataclasses.dataclass
+class LoopState:
+    search: object  # the strategy's state
+    generation: int = 0
+    best_z: np.ndarray | None = None
+    best_dev: float = -1.0
+    best_train_loss: float = float("inf")
+    since_best: int = 0
+    mpc_seconds: float = 0.0
+    mpc_bytes: int = 0
+
+
+def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: str) -> tuple[LoopState, dict]:
+    """One generation of forward-only tuning. Returns the new state and its metrics."""
+    Z, search = strategy.ask(st.search)                                  # 1. ask
+    delta = subspace.prompts(Z) - subspace.P0                            # 2. A.z at the data owner,
+    n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
+    logits = scorer.score("train+dev", delta)                            # 3. opened to us only
+    tr, dv = logits[:, : train.n], logits[:, train.n:]
+    losses = losses_from_logits(tr, train.labels, loss)                  # 4. loss in plaintext
+    dev_acc = accuracy(dv, dev.labels)
+    search = strategy.tell(search, Z, losses)                            # 5. tell
+    costs = scorer.s.costs[n_costs:]
+    st = dataclasses.replace(st, search=search, generation=st.generation + 1,
+                             mpc_seconds=st.mpc_seconds + sum(c.wall_s for c in costs),
+                             mpc_bytes=st.mpc_bytes + sum(c.send_bytes for c in costs))
+    # early-stopping bookkeeping: the candidate with the best dev accuracy (ties: lower train loss)
+    i = int(np.lexsort((losses, -dev_acc))[0])
+    if (dev_acc[i], -losses[i]) > (st.best_dev, -st.best_train_loss):
+        st = dataclasses.replace(st, best_z=Z[i].copy(), best_dev=float(dev_acc[i]),
+                                 best_train_loss=float(losses[i]), since_best=0)
+    else:
+        st = dataclasses.replace(st, since_best=st.since_best + 1)
+    metrics = {"generation": st.generation, "loss_best": float(losses.min()), "loss_mean": float(losses.mean()),
+               "train_acc_best": float(accuracy(tr, train.labels)[np.argmin(losses)]),
+               "dev_acc_best": float(dev_acc.max()), "dev_acc_of_best_loss": float(dev_acc[np.argmin(losses)]),
+               "best_dev_so_far": st.best_dev, "mpc_s": sum(c.wall_s for c in costs),
+               "mpc_bytes": sum(c.send_bytes for c in costs), "mpc_rounds": sum(c.rounds for c in costs),
+               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes}
+    return st, metrics
+
+
+# -------------------------------------------------------------------------------- checkpointing
+def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
+    """Atomic: write to a temp file, then rename. A killed run loses at most one generation."""
+    flat = {f"search/{k}": np.asarray(v) for k, v in strategy.state_to_dict(st.search).items()}
+    flat.update({"generation": st.generation, "best_dev": st.best_dev, "best_train_loss": st.best_train_loss,
+                 "since_best": st.since_best, "mpc_seconds": st.mpc_seconds, "mpc_bytes": st.mpc_bytes,
+                 "has_best": st.best_z is not None, "extra": json.dumps(extra)})
+    if st.best_z is not None:
+        flat["best_z"] = st.best_z
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
+    with np.load(path, allow_pickle=False) as f:
+        d = {k: f[k] for k in f.files}
+    search = strategy.state_from_dict({k[len("search/"):]: v for k, v in d.items() if k.startswith("search/")})
+    st = LoopState(search, int(d["generation"]), d["best_z"] if bool(d["has_best"]) else None,
+                   float(d["best_dev"]), float(d["best_train_loss"]), int(d["since_best"]),
+                   float(d["mpc_seconds"]), int(d["mpc_bytes"]))
+    return st, json.loads(str(d["extra"]))
+
+
+# ------------------------------------------------------------------------------------------ tune
+def _examples(cfg: TuneConfig, task):
+    """k-shot train and dev (disjoint, stratified, seeded) and a stratified test subset."""
+    from .tasks import kshot, split_dev
+
+    dev_k = cfg.dev_shots or cfg.shots
+    if dev_k == cfg.shots:
+        train, dev = split_dev(task.train, cfg.shots, cfg.seed, task.labels)
+    else:
+        train = kshot(task.train, cfg.shots, cfg.seed, task.labels)
+        rest = [ex for ex in task.train if ex not in set(train)]
+        dev = kshot(rest, dev_k, cfg.seed + 1, task.labels)
+    per = max(1, cfg.n_test // len(task.labels))
+    by = {l: [ex for ex in task.test if ex[1] == l] for l in task.labels}
+    rng = np.random.default_rng(cfg.seed + 7)
+    test = []
+    for l in task.labels:
+        idx = rng.permutation(len(by[l]))[:per]
+        test += [by[l][i] for i in idx]
+    order = rng.permutation(len(test))
+    return train, dev, [test[i] for i in order]
+
+
+def _load_task(cfg: TuneConfig):
+    from .tasks import load_task, load_user_task
+
+    if bool(cfg.task) == bool(cfg.train):
+        raise ValueError("give exactly one of --task NAME or --train FILE")
+    if cfg.task:
+        return load_task(cfg.task) if cfg.max_words is None else load_task(cfg.task, max_words=cfg.max_words)
+    return load_user_task(cfg.train, cfg.test, cfg.text_column, cfg.label_column, cfg.verbalizer, cfg.template,
+                          cfg.max_words)
+
+
+def _cost_sum(costs) -> dict:
+    return {"seconds": round(sum(c.wall_s for c in costs), 2), "bytes": int(sum(c.send_bytes for c in costs)),
+            "rounds": int(sum(c.rounds for c in costs))}
+
+
+def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=print) -> dict:
+    """Run (or resume) a tuning job; returns the summary that is also written to OUT/summary.json."""
+    from spu_models.forward import embedding_table
+
+    from .backends import make_backend
+    from .models import load_model
+    from .policy import load_policy
+    from .scorer import SecureScorer
+    from .search import make_strategy
+    from .subspace import make_subspace
+
+    out = Path(cfg.out)
+    ckpt = out / "ckpt.npz"
+    if resume:
+        if not ckpt.exists():
+            raise ValueError(f"--resume {out}: no checkpoint there")
+        cfg = TuneConfig(**{**json.loads((out / "config.json").read_text()), "out": str(out)})
+    elif ckpt.exists():
+        raise ValueError(f"{out} already holds a run; pass --resume {out} or choose another --out")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r} (known: {', '.join(LOSSES)})")
+    if cfg.budget < 1 or cfg.popsize < 2 or cfg.shots < 1:
+        raise ValueError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    task = _load_task(cfg)
+    train, dev, test = _examples(cfg, task)
+    policy = load_policy(cfg.policy)
+    bundle = load_model(cfg.model)
+    log(task.describe())
+    log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
+        f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
+    table = np.asarray(embedding_table(bundle.config, bundle.params))
+    subspace = make_subspace(table, cfg.n_tokens, cfg.d, cfg.seed, cfg.init)
+    strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
+                             **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
+
+    session = make_backend(cfg.backend, bundle, policy)
+    try:
+        t0 = time.perf_counter()
+        scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids)
+        train_set = scorer.add_examples("train+dev", train + dev)
+        train_set = dataclasses.replace(train_set, labels=train_set.labels[: len(train)], n=len(train))
+        dev_set = dataclasses.replace(scorer.sets["train+dev"], labels=scorer.sets["train+dev"].labels[len(train):],
+                                      n=len(dev))
+        test_set = scorer.add_examples("test", test)
+        setup_cost = _cost_sum(session.costs)
+        log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
+            f"{time.perf_counter() - t0:.1f}s, MPC {setup_cost['bytes'] / 1e6:.1f} MB")
+
+        metrics_path = out / "metrics.jsonl"
+        if resume:
+            st, extra = load_checkpoint(ckpt, strategy)
+            lines = metrics_path.read_text().splitlines()[: st.generation] if metrics_path.exists() else []
+            metrics_path.write_text("".join(ln + "\n" for ln in lines))
+            log(f"resumed at generation {st.generation}")
+        else:
+            n0 = len(session.costs)
+            zs_logits = scorer.score("test", None)
+            extra = {"zero_shot_test_acc": float(accuracy(zs_logits, test_set.labels)[0]),
+                     "zero_shot_cost": _cost_sum(session.costs[n0:])}
+            log(f"zero-shot test accuracy (through {cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
+            st = LoopState(strategy.init(cfg.seed))
+            metrics_path.write_text("")
+            save_checkpoint(ckpt, st, strategy, extra)
+
+        bar = _progress(cfg.budget, st.generation, show_progress)
+        while st.generation < cfg.budget:
+            st, m = run_generation(st, strategy, subspace, scorer, train_set, dev_set, cfg.loss)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            save_checkpoint(ckpt, st, strategy, extra)
+            bar(m)
+            if cfg.patience and st.since_best >= cfg.patience:
+                log(f"early stop: no dev improvement for {cfg.patience} generations")
+                break
+
+        z = st.best_z if st.best_z is not None else strategy.mean(st.search)
+        n0 = len(session.costs)
+        tuned_logits = scorer.score("test", (subspace.prompts(z[None]) - subspace.P0))
+        test_acc = float(accuracy(tuned_logits, test_set.labels)[0])
+        gen_costs = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
+        per_gen = {k: float(np.median([g[k] for g in gen_costs])) if gen_costs else 0.0
+                   for k in ("mpc_s", "mpc_bytes", "mpc_rounds")}
+        summary = {
+            "task": cfg.task or cfg.train, "model": cfg.model, "policy": policy.name, "protocol": policy.protocol,
+            "backend": cfg.backend, "placement": cfg.mode, "strategy": cfg.strategy,
+            "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
+            "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
+            "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
+            "best_dev_acc": st.best_dev, "best_train_loss": st.best_train_loss,
+            "mpc": {"setup": setup_cost, "zero_shot_eval": extra["zero_shot_cost"],
+                    "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
+                    "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
+            "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        np.save(out / "best_z.npy", z)
+        plot_run(gen_costs, out)
+        return summary
+    finally:
+        session.close()
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not enabled, unit="gen", dynamic_ncols=True)
+
+    def update(m):
+        bar.set_postfix_str(f"loss {m['loss_best']:.3f}/{m['loss_mean']:.3f} dev {m['dev_acc_of_best_loss']:.2f} "
+                            f"(best {m['best_dev_so_far']:.2f}) MPC {m['mpc_s_total']:.0f}s "
+                            f"{m['mpc_bytes_total'] / 1e6:.0f}MB")
+        bar.update(1)
+        if m["generation"] >= total:
+            bar.close()
+    return update
+
+
+def plot_run(metrics: list, out: Path) -> None:
+    if not metrics:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = [m["generation"] for m in metrics]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    ax[0].plot(g, [m["loss_best"] for m in metrics], label="best")
+    ax[0].plot(g, [m["loss_mean"] for m in metrics], label="mean")
+    ax[0].set(title="train loss", xlabel="generation")
+    ax[0].legend()
+    ax[1].plot(g, [m["dev_acc_of_best_loss"] for m in metrics], label="dev acc (best-loss candidate)")
+    ax[1].plot(g, [m["best_dev_so_far"] for m in metrics], label="best dev so far")
+    ax[1].set(title="dev accuracy", xlabel="generation", ylim=(0, 1))
+    ax[1].legend(fontsize=8)
+    ax[2].bar(g, [m["mpc_s"] for m in metrics])
+    ax2 = ax[2].twinx()
+    ax2.plot(g, [m["mpc_bytes"] / 1e6 for m in metrics], color="C1")
+    ax[2].set(title="MPC cost per generation", xlabel="generation", ylabel="seconds")
+    ax2.set_ylabel("MB sent", color="C1")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
