@@ -189,7 +189,24 @@ def _cmd_tune(args):
               f"({summary['generations']} generations); results in {args.out or args.resume}")
 
 
-BENCHES = {"forward": "bench.forward_real"}
+def _cmd_node(args):
+    from .node import run_node
+
+    run_node(args.cluster, args.party, args.log_dir)
+
+
+def _cmd_cluster(args):
+    from .backends.cluster import start_local_cluster
+    from .policy import load_policy
+
+    policy = load_policy(args.policy)
+    with start_local_cluster(policy, args.log_dir) as cluster:
+        names = ", ".join(f"{p.name}@{p.address}" for p in (*policy.compute, policy.model_owner))
+        print(f"cluster up ({policy.protocol}): {names}; logs in {cluster.log_dir}. Ctrl-C stops it.", flush=True)
+        cluster.wait()
+
+
+BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy"}
 
 
 def _cmd_bench(args):
@@ -246,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_tune)
+
+    s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
+    s.add_argument("--cluster", required=True, help="policy name or YAML file with the parties section")
+    s.add_argument("--party", required=True, help="party name from that file")
+    s.add_argument("--log-dir", dest="log_dir", help="where the party's log goes (default: a temp dir)")
+    s.set_defaults(fn=_cmd_node)
+
+    s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C")
+    s.add_argument("action", choices=["up"])
+    s.add_argument("--policy", default="aby3")
+    s.add_argument("--log-dir", dest="log_dir")
+    s.set_defaults(fn=_cmd_cluster)
 
     s = sub.add_parser("bench", help="run a benchmark (tables to stdout, JSON/MD/PNG to bench/results/)")
     s.add_argument("name", help=", ".join(BENCHES))

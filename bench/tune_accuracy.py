@@ -1,0 +1,96 @@
+"""Few-shot accuracy of forward-only prompt tuning on the real model: zero-shot, ICL, tuned.
+
+    secptune bench accuracy [--task mr] [--seeds 0,1,2] [--shots 16] [--popsize 20] [--budget 40]
+                            [--backend plaintext] [--mode cached] [--icl-demos 2]
+
+Tuning runs the exact JAX programs that SPU runs (plaintext back end by default; `--backend sim`
+runs them under MPC). ICL puts ``--icl-demos`` labelled demonstrations per class (from the same
+k-shot train split) before each test example, evaluated in plaintext. Every run writes its own
+directory under bench/results/runs/; the table aggregates them (mean and per seed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, markdown_table, save
+
+
+def icl_accuracy(bundle, task, train, test, demos_per_class: int, seed: int) -> float:
+    from tuning.backends import make_backend
+    from tuning.encode import make_batch
+    from tuning.policy import load_policy
+
+    rng = np.random.default_rng(seed)
+    demos = []
+    for label in task.labels:
+        pool = [ex for ex in train if ex[1] == label]
+        demos += [pool[i] for i in rng.choice(len(pool), demos_per_class, replace=False)]
+    rng.shuffle(demos)
+    head = "".join(task.prompt(t) + task.verbalizer[l] + "\n\n" for t, l in demos)
+    words = [task.verbalizer[l] for l in task.labels]
+    plain = make_backend("plaintext", bundle, load_policy("aby3"))
+    correct = 0
+    for i in range(0, len(test), 8):
+        chunk = test[i: i + 8]
+        batch = make_batch(bundle, [head + task.prompt(t) for t, _ in chunk], words)
+        pred = plain.forward(batch).argmax(-1)
+        correct += sum(int(task.labels[p] == l) for p, (_, l) in zip(pred, chunk))
+    return correct / len(test)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="secptune bench accuracy")
+    ap.add_argument("--task", default="mr")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--popsize", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=40)
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--backend", default="plaintext")
+    ap.add_argument("--policy", default="aby3")
+    ap.add_argument("--mode", default="cached")
+    ap.add_argument("--strategy", default="cma")
+    ap.add_argument("--icl-demos", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    from tuning.models import load_model
+    from tuning.trainer import TuneConfig, _examples, _load_task, tune
+
+    rows = []
+    bundle = None
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        run_dir = Path(args.out) / "runs" / f"{args.task}_{args.mode}_{args.backend}_{args.strategy}_s{seed}"
+        cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
+                         shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
+                         mode=args.mode, strategy=args.strategy, seed=seed, out=str(run_dir))
+        if (run_dir / "summary.json").exists():
+            s = json.loads((run_dir / "summary.json").read_text())
+        elif (run_dir / "ckpt.npz").exists():
+            s = tune(cfg, resume=True)
+        else:
+            s = tune(cfg)
+        if bundle is None:
+            bundle = load_model(args.model)
+        task = _load_task(cfg)
+        train, _, test = _examples(cfg, task)
+        icl = icl_accuracy(bundle, task, train, test, args.icl_demos, seed) if args.icl_demos else float("nan")
+        rows.append({"task": args.task, "seed": seed, "zero-shot": round(s["zero_shot_test_acc"], 3),
+                     f"ICL ({args.icl_demos}/class)": round(icl, 3), "tuned": round(s["tuned_test_acc"], 3),
+                     "best dev": round(s["best_dev_acc"], 3), "generations": s["generations"],
+                     "backend": args.backend, "placement": args.mode})
+        print(rows[-1], flush=True)
+    keys = ["zero-shot", f"ICL ({args.icl_demos}/class)", "tuned", "best dev"]
+    mean = {"task": args.task, "seed": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys},
+            "generations": "", "backend": args.backend, "placement": args.mode}
+    table = markdown_table(rows + [mean], list(rows[0]))
+    table += (f"\n{args.model}; {args.shots}-shot per class (dev: as many again); popsize {args.popsize}, "
+              f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples.\n")
+    name = f"accuracy_{args.task}_{args.mode}_{args.backend}_{args.strategy}"
+    save(name, {"rows": rows, "mean": mean, "args": vars(args)}, table, args.out)
