@@ -2,7 +2,7 @@
 
     secptune bench forward [--policy aby3] [--words 16] [--layers 30] [--n 1]
 
-Records wall time, bytes and rounds (party 0), the LAN/WAN estimates, the top ops, and the
+Records wall time, bytes and rounds (busiest party), the LAN/WAN estimates, the top ops (party 0), and the
 agreement of the opened verbalizer logits with the plaintext back end on the same inputs.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None):
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
     row = {"model": args.model, "layers": bundle.config.num_hidden_layers, "policy": policy.name,
            "protocol": policy.protocol, "batch": args.n, "seq_len": L, "setup_s (share weights)": round(setup_s, 1),
-           "wall_s": round(cost.wall_s, 1), "MB sent (party 0)": round(cost.send_bytes / 1e6, 1),
+           "wall_s": round(cost.wall_s, 1), "MB sent (busiest party)": round(cost.send_bytes / 1e6, 1),
            "rounds": cost.rounds, "max abs logit err": f"{err:.2e}", "argmax agree": agree}
     row.update({f"est {n} s": round(cost.estimate(n), 1) for n in NETWORKS})
     table = markdown_table([row], list(row))

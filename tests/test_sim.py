@@ -89,3 +89,17 @@ def test_fixed_point_safe_norm_and_silu_under_spu():
     assert err[1] < 1.5 * step * np.abs(want_norm[1]).max()
     want_silu = np.asarray(want_silu)
     assert (np.abs(got_silu - want_silu) < 1e-3 * np.maximum(1.0, np.abs(want_silu))).all()
+
+
+def test_cli_forward_json_is_clean_despite_spu_logging():
+    """SPU's C++ runtime logs on stdout; the CLI keeps its results stream clean."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tuning.cli", "forward", "--model", "tiny-llama", "--backend",
+                           "sim", "--policy", "semi2k", "--text", "good", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["cost"]["send_bytes"] > 0 and len(out["logits"][0]) == 2

@@ -185,8 +185,18 @@ def _cmd_tune(args):
     if args.json:
         print(json.dumps(summary))
     else:
+        m, pr = summary["mpc"], summary["projection"]
+        gen = m["per_generation_median"]
         print(f"zero-shot test accuracy {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f} "
-              f"({summary['generations']} generations); results in {args.out or args.resume}")
+              f"on {summary['n_test']} test examples ({summary['generations']} generations, "
+              f"{summary['backend']}, {summary['policy']})")
+        if summary["backend"] != "plaintext":
+            print(f"MPC cost: set-up {m['setup']['seconds']:.0f}s / {m['setup']['bytes'] / 1e9:.2f} GB; per generation "
+                  f"{gen['mpc_s']:.0f}s / {gen['mpc_bytes'] / 1e9:.2f} GB / {gen['mpc_rounds']:.0f} rounds (busiest party)")
+            print(f"at full budget (popsize {pr['assumes']['popsize']}, {pr['assumes']['shots_per_class']}-shot, "
+                  f"{pr['assumes']['generations']} generations) the tuning would take ~{pr['seconds'] / 3600:.1f} h and "
+                  f"{pr['bytes'] / 1e12:.2f} TB on this machine (linear projection)")
+        print(f"results in {args.out or args.resume}")
 
 
 def _cmd_node(args):
@@ -206,7 +216,8 @@ def _cmd_cluster(args):
         cluster.wait()
 
 
-BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy"}
+BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
+           "agreement": "bench.agreement"}
 
 
 def _cmd_bench(args):
@@ -261,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--out", help="output directory (default runs/tune)")
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    s.add_argument("--save-logits", dest="save_logits", action="store_true", default=None,
+                   help="keep each generation's candidates and opened logits in OUT/logits/")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_tune)
 
@@ -290,9 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _keep_stdout_for_results() -> None:
+    """SPU's C++ runtime logs to file descriptor 1. Point fd 1 at stderr and keep Python's
+    ``sys.stdout`` on the original stdout, so command output (and ``--json``) stays clean."""
+    if os.environ.get("SECPTUNE_NO_STDOUT_SPLIT"):
+        return
+    try:
+        sys.stdout.flush()
+        original = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(original, "w", buffering=1)
+    except OSError:
+        pass
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cmd not in ("node",):  # a node routes its own fds to its log file
+        _keep_stdout_for_results()
     from spu_models.loading import CheckpointError
 
     from .assets import AssetError

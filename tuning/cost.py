@@ -53,6 +53,12 @@ class CallCost:
 
     @property
     def send_bytes(self) -> int:
+        """Bytes sent by the busiest party measured: comparable between the simulator (which
+        measures party 0) and the cluster (every party), and what the network model needs."""
+        return max((p.send_bytes for p in self.parties.values()), default=0)
+
+    @property
+    def total_send_bytes(self) -> int:
         """Bytes sent, summed over the parties measured."""
         return sum(p.send_bytes for p in self.parties.values())
 
@@ -64,11 +70,11 @@ class CallCost:
     def estimate(self, network: str) -> float:
         """time = compute + bytes / bandwidth + rounds x latency (bytes: the busiest party's)."""
         bw, lat = NETWORKS[network]
-        busiest = max((p.send_bytes for p in self.parties.values()), default=0)
-        return self.wall_s + busiest * 8 / bw + self.rounds * lat
+        return self.wall_s + self.send_bytes * 8 / bw + self.rounds * lat
 
     def to_json(self) -> dict:
-        return {"wall_s": round(self.wall_s, 4), "send_bytes": self.send_bytes, "rounds": self.rounds,
+        return {"wall_s": round(self.wall_s, 4), "send_bytes": self.send_bytes,
+                "total_send_bytes": self.total_send_bytes, "rounds": self.rounds,
                 "parties": {k: dataclasses.asdict(v) for k, v in self.parties.items()},
                 "estimate_s": {n: round(self.estimate(n), 3) for n in NETWORKS},
                 "ops": self.ops}
@@ -112,4 +118,5 @@ def capture_fd_stdout():
 def format_cost(c: CallCost) -> str:
     mb = c.send_bytes / 1e6
     est = ", ".join(f"{n} {c.estimate(n):.1f}s" for n in NETWORKS)
-    return f"{c.wall_s:.2f}s wall, {mb:.2f} MB sent ({len(c.parties)} parties measured), {c.rounds} rounds; {est}"
+    return (f"{c.wall_s:.2f}s wall, {mb:.2f} MB sent by the busiest of {len(c.parties)} measured parties, "
+            f"{c.rounds} rounds; {est}")

@@ -6,9 +6,11 @@ serves a gRPC node (SPU's ppd ``NodeServicer``: it runs cloudpickled ``fn(server
 the party's ``address``. Two kinds of node, by the party's role in the policy:
 
 - a **compute party** holds one SPU runtime, linked to the other compute parties over brpc
-  (``init_runtime``). The model owner puts its weight shares there once (``set_share``); the
-  data owner then sends, per call, only its batch shares (``run``) and gets back this party's
-  share of the logits and its traffic.
+  (``init_runtime``). The model owner puts its weight shares there once (``set_share``). The
+  data owner then drives a session of resident variables: it stores its shares of new values
+  (``put``), runs programs over the resident variables, whose outputs stay resident too (``run``,
+  which returns only this party's traffic), asks for this party's share of a result it opens
+  (``get_share``; only the data owner reconstructs) and deletes variables (``drop``).
 - the **model owner** loads its model itself and secret-shares it straight to the compute parties
   (``share_weights``); the data owner only ever learns shapes and the config. Under policy
   ``embedding: data_owner`` it also hands the data owner the token-embedding table
@@ -84,7 +86,8 @@ def _make_servicer(party: str, address: str, role: str, rank: int, log_path: Pat
             super().__init__(party, {party: address})
             self.role, self.rank, self.log_path, self.record_path = role, rank, log_path, record_path
             self.run_lock, self._record_lock = threading.Lock(), threading.Lock()
-            self._locals["counters"] = {"share_weights": 0, "set_share": 0, "run": 0}
+            self._locals["counters"] = {"share_weights": 0, "set_share": 0, "put": 0, "run": 0, "open": 0,
+                                        "drop": 0}
 
         def _recorded(self, req_itr):
             payload = b"".join(r.data for r in req_itr)
@@ -232,16 +235,30 @@ def _runtime(server):
 
 
 def set_share(server, name: str, share) -> None:
-    """Store one share as runtime variable ``name`` (the model owner's weights: kept resident)."""
-    _runtime(server).set_var(name, share)
+    """Model owner -> compute party: store one weight share as runtime variable ``name`` (resident)."""
+    rt = _runtime(server)
+    with server.run_lock:
+        rt.set_var(name, share)
     server._locals["counters"]["set_share"] += 1
 
 
-def run(server, executable, batch_shares: dict):
-    """Set the batch shares, run, return (this party's share of "logits", its PartyCost, per-op table).
+def put(server, name: str, share) -> None:
+    """Data owner -> compute party: store its share of a value as runtime variable ``name``.
+
+    The variable stays resident until the data owner drops it (or the runtime is reset)."""
+    rt = _runtime(server)
+    with server.run_lock:
+        rt.set_var(name, share)
+    server._locals["counters"]["put"] += 1
+
+
+def run(server, executable):
+    """Run one program on this party's resident variables; return (its PartyCost, per-op table).
 
     ``executable`` is the serialized ExecutableProto, or the sha256 hex digest of one sent before.
-    The batch variables are deleted afterwards; the weights stay.
+    It reads the weights (w0..) and the data owner's variables, and writes its outputs as new
+    resident variables: nothing is deleted and no share is returned (``get_share`` does that, for
+    the data owner's ``open``).
     """
     from spu import spu_pb2
 
@@ -254,26 +271,39 @@ def run(server, executable, batch_shares: dict):
             key = hashlib.sha256(executable).hexdigest()
             exes[key] = spu_pb2.ExecutableProto.FromString(executable)
             executable = key
+        if executable not in exes:
+            raise KeyError(f"{server.node_id}: unknown executable {executable[:12]}; send its bytes first")
         exe = exes[executable]
-        for name, share in batch_shares.items():
-            rt.set_var(name, share)
         _flush_c_stdout()
         start = server.log_path.stat().st_size
-        try:
-            rt.run(exe)
-            out = rt.get_var("logits")
-        finally:
-            for name in [*batch_shares, "logits"]:
-                try:
-                    rt.del_var(name)
-                except Exception:  # noqa: BLE001  (absent after a failed run)
-                    pass
+        rt.run(exe)
         _flush_c_stdout()
         with open(server.log_path, "rb") as f:
             f.seek(start)
             links, ops = parse_profile(f.read().decode("utf-8", errors="replace"))
         server._locals["counters"]["run"] += 1
-        return out, (links[-1] if links else PartyCost()), ops
+        return (links[-1] if links else PartyCost()), ops
+
+
+def get_share(server, name: str):
+    """This party's share of variable ``name``, for the data owner to reconstruct (``open``)."""
+    rt = _runtime(server)
+    with server.run_lock:
+        share = rt.get_var(name)
+    server._locals["counters"]["open"] += 1
+    return share
+
+
+def drop(server, names: list) -> None:
+    """Delete variables (absent ones are ignored)."""
+    rt = _runtime(server)
+    with server.run_lock:
+        for name in names:
+            try:
+                rt.del_var(name)
+            except Exception:  # noqa: BLE001  (absent, e.g. the output of a failed run)
+                pass
+    server._locals["counters"]["drop"] += len(names)
 
 
 def _bundle(server, model_name: str):

@@ -54,6 +54,7 @@ class TuneConfig:
     mode: str = "cached"
     loss: str = "ce"
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
+    save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
     seed: int = 0
     out: str = "runs/tune"
 
@@ -91,7 +92,8 @@ class LoopState:
 
 
 def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: str) -> tuple[LoopState, dict]:
-    """One generation of forward-only tuning. Returns the new state and its metrics."""
+    """One generation of forward-only tuning. Returns the new state and its metrics (with the
+    candidates and opened logits under ``_Z`` / ``_logits``, for callers that keep them)."""
     Z, search = strategy.ask(st.search)                                  # 1. ask
     delta = subspace.prompts(Z) - subspace.P0                            # 2. A.z at the data owner,
     n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
@@ -116,7 +118,7 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
                "dev_acc_best": float(dev_acc.max()), "dev_acc_of_best_loss": float(dev_acc[np.argmin(losses)]),
                "best_dev_so_far": st.best_dev, "mpc_s": sum(c.wall_s for c in costs),
                "mpc_bytes": sum(c.send_bytes for c in costs), "mpc_rounds": sum(c.rounds for c in costs),
-               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes}
+               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Z, "_logits": logits}
     return st, metrics
 
 
@@ -253,6 +255,11 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         bar = _progress(cfg.budget, st.generation, show_progress)
         while st.generation < cfg.budget:
             st, m = run_generation(st, strategy, subspace, scorer, train_set, dev_set, cfg.loss)
+            Z, logits = m.pop("_Z"), m.pop("_logits")
+            if cfg.save_logits:
+                (out / "logits").mkdir(exist_ok=True)
+                np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, logits=logits,
+                         labels=np.concatenate([train_set.labels, dev_set.labels]))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             save_checkpoint(ckpt, st, strategy, extra)
@@ -280,12 +287,30 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                     "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
             "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
         }
+        summary["projection"] = project_full_budget(summary, len(task.labels))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         np.save(out / "best_z.npy", z)
         plot_run(gen_costs, out)
         return summary
     finally:
         session.close()
+
+
+FULL_BUDGET = {"popsize": 20, "shots_per_class": 16, "generations": 100}
+
+
+def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) -> dict:
+    """What the same job would cost at a BBT-sized budget, from this run's measured median
+    generation. A generation's secure work is proportional to candidates x examples (the prompt
+    and tail lengths are unchanged), so it is scaled linearly in popsize x (train + dev) size."""
+    per = summary["mpc"]["per_generation_median"]
+    rows_now = summary["popsize"] * (summary["n_train"] + summary["n_dev"])
+    rows_full = full["popsize"] * 2 * full["shots_per_class"] * n_labels
+    scale = rows_full / max(rows_now, 1)
+    return {"assumes": dict(full), "scale_per_generation": round(scale, 2),
+            "seconds": round(per["mpc_s"] * scale * full["generations"], 1),
+            "bytes": int(per["mpc_bytes"] * scale * full["generations"]),
+            "note": "linear in candidates x examples; set-up (weights, prefill) not included"}
 
 
 def _progress(total: int, start: int, enabled: bool):

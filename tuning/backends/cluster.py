@@ -1,17 +1,23 @@
 """Cluster back end: one OS process per party, SPU runtimes linked over brpc.
 
     with ClusterBackend(bundle, policy) as be:      # launches the nodes locally (launch=True)
-        batch = be.make_batch(prompts, words)       # the data owner's arrays
-        logits = be.forward(batch)                  # opened verbalizer logits, float32 [B, R]
-        be.costs[-1].parties                        # every compute party's traffic
+        be.put("x", array)                          # a session (``session.Session``): values
+        be.run(program, {"x": "x"}, ["y"])          # stay resident as shares on the parties
+        y = be.open("y")                            # opened here, at the data owner only
+        be.drop("x", "y")
+        logits = be.forward(be.make_batch(prompts, words))  # the one-shot special case
+        be.costs[-1].parties                        # every compute party's traffic, per run
 
 Process model (see ``tuning.node``): one node process per compute party and one for the model
 owner; this process is the data owner (the driver). At start the driver has every compute party
 build its runtime, then asks the model owner to load its model and send share i of every weight
-to compute party i (once; the shares stay resident). Per call the driver tokenizes, makes the
-batch's shares locally, sends share i (with the executable, compiled here from shapes only) to
-party i, and reconstructs the logits from the parties' output shares. No party other than the
-driver ever receives the logits, and nothing else is opened anywhere.
+to compute party i (once; the shares stay resident). The model owner returns only the config and
+the weights' shapes, from which the driver compiles every program. ``put`` makes the shares of
+a value here and sends share i to party i; ``run`` sends the executable (its bytes the first
+time a party needs it, then its hash) and every party runs it on its resident variables, keeping
+the outputs resident and returning only its own traffic (read from its own log); ``open`` has
+every party return its share of one variable and reconstructs it here; ``drop`` deletes. Only
+the driver ever reconstructs, and only what it opens; no compute node receives another party's share.
 
 Failure: a party that dies or stops answering makes the call raise :class:`PartyError` naming it,
 within about ``policy.timeout_s`` plus a few seconds (the driver pings every node while a call
@@ -36,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import cloudpickle
@@ -46,7 +53,7 @@ from spu.utils.distributed_impl import RPC, NodeClient, split_message
 
 from ..cost import CallCost
 from ..policy import Party
-from .spu_common import batch_names, compile_forward
+from .session import Session
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 60.0  # bound on a launched node's start-up (imports jax and spu)
@@ -352,12 +359,21 @@ def _params_with_table(config, table):
     return {config.model_type: {"embeddings": {"word_embeddings": {"embedding": table}}}}
 
 
-class ClusterBackend:
-    """The data owner's view of a cluster: ``forward(batch)`` -> opened logits; see the module doc.
+class ClusterBackend(Session):
+    """The data owner's session on a cluster (see the module doc and ``session.Session``).
 
-    ``bundle`` gives the config and tokenizer (its params are never read); ``model`` is the name
-    the model owner loads (default ``bundle.name``). ``launch=False`` connects to nodes already
-    running at the policy's addresses (``secptune cluster up`` / ``secptune node``).
+    ``bundle`` gives the config and tokenizer; the weights this session computes with are the
+    model owner's, shared by its node, and the driver compiles from their shapes alone
+    (``share_weights`` returns them). ``model`` is the name the model owner loads (default
+    ``bundle.name``). ``launch=False`` connects to nodes already running at the policy's
+    addresses (``secptune cluster up`` / ``secptune node``).
+
+    The back end never reads ``bundle.params``; its callers may. Under policy ``embedding:
+    data_owner`` the data owner embeds tokens itself, so ``tuning.scorer`` reads the embedding
+    table from ``bundle.params``. That table is all the data owner needs, and only under that
+    policy (``make_batch`` here asks the model owner for just the table instead); under
+    ``embedding: secret`` the scorer needs no weights at the data owner. (``tuning.trainer``
+    currently reads the table under every policy, for the subspace's scale and P0.)
     """
 
     name = "cluster"
@@ -368,10 +384,10 @@ class ClusterBackend:
 
         self.policy, self.bundle, self.model = policy, bundle, model or bundle.name
         self.costs: list = []
+        self.shapes: dict = {}
         self._vis = spu_pb2.Visibility.VIS_SECRET
         self._rc = policy.runtime_config(profile=True)
         self.io = spu_api.Io(policy.world_size, self._rc)
-        self._exes: dict = {}
         self._sent: set = set()  # (party, executable digest) the party already holds
         self._table = None
         self._broken = ""
@@ -383,7 +399,9 @@ class ClusterBackend:
             self.peers = [Peer(p.name, p.address, t) for p in policy.compute]
             self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t)
             self._all = [*self.peers, self.owner]
-            self._setup()
+            config, shapes = self._setup()
+            # the session compiles from the model owner's public metadata: config and weight shapes
+            Session.__init__(self, types.SimpleNamespace(config=config, params=shapes), policy)
         except BaseException:
             self.close()
             raise
@@ -402,7 +420,7 @@ class ClusterBackend:
         compute = [(p.name, p.address) for p in self.policy.compute]
         (meta,) = gather([(self.owner, node.share_weights, (self.model, rc, compute, self.policy.timeout_s))],
                          self._all)
-        self.config, self._shapes = meta["config"], meta["shapes"]
+        return meta["config"], meta["shapes"]
 
     # ---------------------------------------------------------------------------- data owner
     def make_batch(self, prompts: list, words: list, seq_len: int | None = None) -> dict:
@@ -420,39 +438,66 @@ class ClusterBackend:
         return make_batch(ModelBundle(self.model, self.config, params, self.bundle.tokenizer), prompts, words,
                           self.policy.embedding, seq_len)
 
-    def _executable(self, batch) -> tuple:
-        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
-        if key not in self._exes:
-            exe = compile_forward(self.config, self.policy.embedding, self._shapes, batch).SerializeToString()
-            self._exes[key] = (exe, hashlib.sha256(exe).hexdigest())
-        return self._exes[key]
-
-    def forward(self, batch: dict) -> np.ndarray:
-        from .. import node
-
+    def _gather(self, jobs: list) -> list:
+        """``gather`` over the compute parties; a failure makes the back end refuse further calls."""
         if self._broken:
             raise PartyError(f"cluster unusable after an earlier failure: {self._broken}")
-        exe, digest = self._executable(batch)
-        t0 = time.perf_counter()
-        shares = [{} for _ in self.peers]
-        for name, key in zip(batch_names(batch), sorted(batch)):
-            for i, s in enumerate(self.io.make_shares(np.asarray(batch[key], np.float32), self._vis)):
-                shares[i][name] = s
-        jobs = [(peer, node.run, (digest if (peer.name, digest) in self._sent else exe, shares[i]))
-                for i, peer in enumerate(self.peers)]
+        if not self.peers:
+            raise RuntimeError("the cluster back end is closed")
         try:
-            outs = gather(jobs, self.peers)
+            return gather(jobs, self.peers)
         except PartyError as e:
             self._broken = str(e)
             raise
+
+    def put(self, name: str, value) -> None:
+        """Secret-share ``value`` here (the data owner) and send share i to compute party i."""
+        from .. import node
+
+        value = np.asarray(value, np.float32)
+        shares = self.io.make_shares(value, self._vis)
+        self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
+        self.shapes[name] = value.shape
+
+    def _compile(self, program, inputs, outmap):
+        exe = super()._compile(program, inputs, outmap).SerializeToString()  # from shapes only
+        return exe, hashlib.sha256(exe).hexdigest()
+
+    def _execute(self, compiled, outputs):
+        """Every party runs the executable on its resident variables and keeps the outputs."""
+        from .. import node
+
+        exe, digest = compiled
+        t0 = time.perf_counter()
+        outs = self._gather([(peer, node.run, (digest if (peer.name, digest) in self._sent else exe,))
+                             for peer in self.peers])
         self._sent.update((peer.name, digest) for peer in self.peers)
-        logits = self.io.reconstruct([o[0] for o in outs])  # opened here, at the data owner only
-        parties = {peer.name: o[1] for peer, o in zip(self.peers, outs)}
-        self.costs.append(CallCost(time.perf_counter() - t0, parties, outs[0][2]))
-        return np.asarray(logits, np.float32)
+        parties = {peer.name: cost for peer, (cost, _) in zip(self.peers, outs)}
+        return CallCost(time.perf_counter() - t0, parties, outs[0][1])
+
+    def open(self, name: str) -> np.ndarray:
+        """Reconstruct ``name`` here, at the data owner: the only place anything is opened."""
+        from .. import node
+
+        if name not in self.shapes:
+            raise KeyError(f"no resident variable {name!r}")
+        shares = self._gather([(peer, node.get_share, (name,)) for peer in self.peers])
+        return np.asarray(self.io.reconstruct(shares), np.float32)
+
+    def drop(self, *names: str) -> None:
+        """The parties delete ``names``. After a failure this is a no-op (the cluster is unusable
+        and must be restarted, which discards every variable), so a ``finally: drop(...)`` does
+        not hide the failure."""
+        from .. import node
+
+        for n in names:
+            self.shapes.pop(n, None)
+        if names and not self._broken and self.peers:
+            self._gather([(peer, node.drop, (list(names),)) for peer in self.peers])
 
     def node_info(self, party: str) -> dict:
-        """Counters of a node (calls of share_weights / set_share / run) and its pid."""
+        """Counters of a node (calls of share_weights / set_share / put / run / open, variables
+        dropped), its pid and whether a run is in progress (``busy``)."""
         from .. import node
 
         peer = next(p for p in self._all if p.name == party)
