@@ -26,7 +26,7 @@ def main(argv=None):
 
     from spu_models.forward import embedding_table
     from tuning.backends import make_backend
-    from tuning.models import load_model
+    from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
     from tuning.scorer import SecureScorer
     from tuning.subspace import make_subspace
@@ -39,7 +39,7 @@ def main(argv=None):
         raise ValueError(f"{run}: no saved logits; run `secptune tune ... --save-logits` first")
     task = _load_task(cfg)
     train, dev, _ = _examples(cfg, task)
-    bundle = load_model(cfg.model)
+    bundle = with_policy(load_model(cfg.model), load_policy(cfg.policy))
     sub = make_subspace(np.asarray(embedding_table(bundle.config, bundle.params)), cfg.n_tokens, cfg.d, cfg.seed,
                         cfg.init)
     plain = make_backend("plaintext", bundle, load_policy(cfg.policy))

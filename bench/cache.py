@@ -47,13 +47,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from tuning.backends import make_backend
-    from tuning.models import load_model
+    from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
     from tuning.scorer import SecureScorer
     from tuning.tasks import load_task
 
     policy = load_policy(args.policy)
-    bundle = truncated(load_model(args.model), args.layers)
+    bundle = truncated(with_policy(load_model(args.model), policy), args.layers)
     task = load_task("mr", max_words=None)
     base = " ".join(t for t, _ in task.train[:20])
     rng = np.random.default_rng(0)

@@ -30,12 +30,12 @@ def main(argv=None):
     from tuning.backends import make_backend
     from tuning.cost import NETWORKS, top_ops
     from tuning.encode import make_batch
-    from tuning.models import load_model
+    from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
     from tuning.tasks import load_task, truncate_words
 
     policy = load_policy(args.policy)
-    bundle = load_model(args.model)
+    bundle = with_policy(load_model(args.model), policy)
     if args.layers:
         cfg = dataclasses.replace(bundle.config, num_hidden_layers=args.layers)
         layers = {str(i): bundle.params["model"]["layers"][str(i)] for i in range(args.layers)}

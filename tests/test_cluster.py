@@ -116,7 +116,7 @@ def assert_cleaned_up(cluster: LocalCluster, policy):
 
 # --------------------------------------------------------------------------------------- tests
 CASES = [("tiny-llama", "aby3"), ("tiny-llama", "semi2k"), ("tiny-bert", "aby3"), ("tiny-bert", "semi2k"),
-         ("tiny-llama", "cheetah")]
+         ("tiny-llama", "cheetah"), ("tiny-bert", "cheetah")]
 
 
 @pytest.mark.parametrize("model,policy_name", CASES, ids=[f"{m}-{p}" for m, p in CASES])

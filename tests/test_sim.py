@@ -8,7 +8,7 @@ from tuning.backends import make_backend
 from tuning.backends.spu_common import compile_forward, op_census
 from tuning.cost import NETWORKS, CallCost, PartyCost, parse_profile
 from tuning.encode import make_batch
-from tuning.models import load_model
+from tuning.models import load_model, with_policy
 from tuning.policy import load_policy
 
 PROMPTS = ["good film", "awful"]
@@ -25,8 +25,8 @@ def models():
                                               ("cheetah", "data_owner"), ("aby3", "secret"),
                                               ("aby3-puma", "data_owner")])
 def test_sim_matches_plaintext(models, model, policy, embedding):
-    bundle = models[model]
     pol = dataclasses.replace(load_policy(policy), embedding=embedding)
+    bundle = with_policy(models[model], pol)
     batch = make_batch(bundle, PROMPTS, WORDS, embedding)
     want = make_backend("plaintext", bundle, pol).forward(batch)
     sim = make_backend("sim", bundle, pol)
@@ -48,6 +48,17 @@ def test_census_counts_what_the_model_does(models):
     assert census["exp"] >= 2 * layers  # softmax + SiLU's sigmoid per layer
     assert census["rsqrt"] == 2 * (2 * layers + 1)  # 2 RMSNorms per layer + the final one; 2 rsqrt each
     assert census["dot"] > 0
+
+
+def test_policy_approximations_reach_the_compiled_program(models):
+    """aby3-puma swaps SPU's exp for polynomial SiLU and a limit exp: no exponential op is left."""
+    counts = {}
+    for name in ("aby3", "aby3-puma"):
+        pol = load_policy(name)
+        bundle = with_policy(models["tiny-llama"], pol)
+        batch = make_batch(bundle, PROMPTS, WORDS)
+        counts[name] = op_census(compile_forward(bundle.config, "data_owner", bundle.params, batch).code.decode())
+    assert counts["aby3"]["exp"] > 0 and counts["aby3-puma"]["exp"] == 0
 
 
 def test_profile_parser_and_network_model():

@@ -84,7 +84,7 @@ def _cmd_tasks(args):
 def _forward_setup(args):
     """Model, policy and batch for compile/forward: ``--text`` prompts (or a task's test prompts)."""
     from .encode import make_batch
-    from .models import load_model
+    from .models import load_model, with_policy
     from .policy import load_policy
 
     policy = load_policy(args.policy)
@@ -92,7 +92,7 @@ def _forward_setup(args):
         import dataclasses
 
         policy = dataclasses.replace(policy, embedding=args.embedding)
-    bundle = load_model(args.model)
+    bundle = with_policy(load_model(args.model), policy)
     if args.text:
         prompts, words = list(args.text), [w for w in args.words.split(",")]
         if args.task or args.train:

@@ -39,6 +39,18 @@ class ModelBundle:
         return self.config.family
 
 
+def with_policy(bundle: ModelBundle, policy) -> ModelBundle:
+    """The model as the policy runs it: its approximations and attention kind in the config.
+
+    Every back end (plaintext included) must compute with this config, so that the plaintext
+    reference runs exactly the function SPU runs."""
+    return dataclasses.replace(bundle, config=config_with_policy(bundle.config, policy))
+
+
+def config_with_policy(config, policy):
+    return dataclasses.replace(config, approx=policy.approx, attention=policy.attention)
+
+
 # ------------------------------------------------------------------------------------ tokenizers
 class ByteTokenizer:
     """UTF-8 bytes shifted by 3; ids 0/1/2 = <unk>/<bos>/<eos>. For the tiny random models only."""

@@ -190,7 +190,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     from spu_models.forward import embedding_table
 
     from .backends import make_backend
-    from .models import load_model
+    from .models import load_model, with_policy
     from .policy import load_policy
     from .scorer import SecureScorer
     from .search import make_strategy
@@ -214,7 +214,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     task = _load_task(cfg)
     train, dev, test = _examples(cfg, task)
     policy = load_policy(cfg.policy)
-    bundle = load_model(cfg.model)
+    bundle = with_policy(load_model(cfg.model), policy)
     log(task.describe())
     log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
         f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")

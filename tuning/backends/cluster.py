@@ -400,6 +400,9 @@ class ClusterBackend(Session):
             self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t)
             self._all = [*self.peers, self.owner]
             config, shapes = self._setup()
+            from ..models import config_with_policy
+
+            config = config_with_policy(config, policy)  # the policy's approximations, as in every back end
             # the session compiles from the model owner's public metadata: config and weight shapes
             Session.__init__(self, types.SimpleNamespace(config=config, params=shapes), policy)
         except BaseException:
