@@ -15,9 +15,9 @@ prepare: setup
 # The main job: a real privacy-preserving tuning run on SmolLM2-135M under SPU (3-party ABY3 with
 # PUMA-style approximations, in the simulator). Every accuracy it reports is computed through SPU.
 # Kept to ~10 minutes on 2 cores: 1 example per class for training and 1 for dev, 4 test examples,
-# texts cut to 8 words, population 2, 2 generations. It prints what the full budget would cost.
+# texts cut to 6 words, 3 prompt tokens, population 2, 2 generations. It prints what the full budget would cost.
 DEMO_ARGS ?= --task mr --model smollm2-135m --policy aby3-puma --backend sim --shots 1 --n-test 4 \
-	--max-words 8 --popsize 2 --budget 2 --n-tokens 5
+	--max-words 6 --popsize 2 --budget 2 --n-tokens 3
 demo: prepare
 	$(CLI) generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 4
 	rm -rf runs/demo

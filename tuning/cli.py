@@ -196,6 +196,10 @@ def _cmd_tune(args):
             print(f"at full budget (popsize {pr['assumes']['popsize']}, {pr['assumes']['shots_per_class']}-shot, "
                   f"{pr['assumes']['generations']} generations) the tuning would take ~{pr['seconds'] / 3600:.1f} h and "
                   f"{pr['bytes'] / 1e12:.2f} TB on this machine (linear projection)")
+        if summary["generations"] < 20 or summary["n_train"] < 8 or summary["n_test"] < 50:
+            print(f"note: {summary['generations']} generations on {summary['n_train']} training examples and "
+                  f"{summary['n_test']} test examples is far too small a budget to tune or to measure accuracy; "
+                  "it shows the pipeline and its cost. bench/ holds the real accuracy runs.")
         print(f"results in {args.out or args.resume}")
 
 
