@@ -103,9 +103,9 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
     dev_acc = accuracy(dv, dev.labels)
     search = strategy.tell(search, Z, losses)                            # 5. tell
     costs = scorer.s.costs[n_costs:]
+    gen_s, gen_bytes = sum(c.wall_s for c in costs), sum(c.send_bytes for c in costs)
     st = dataclasses.replace(st, search=search, generation=st.generation + 1,
-                             mpc_seconds=st.mpc_seconds + sum(c.wall_s for c in costs),
-                             mpc_bytes=st.mpc_bytes + sum(c.send_bytes for c in costs))
+                             mpc_seconds=st.mpc_seconds + gen_s, mpc_bytes=st.mpc_bytes + gen_bytes)
     # early-stopping bookkeeping: the candidate with the best dev accuracy (ties: lower train loss)
     i = int(np.lexsort((losses, -dev_acc))[0])
     if (dev_acc[i], -losses[i]) > (st.best_dev, -st.best_train_loss):
@@ -116,8 +116,8 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
     metrics = {"generation": st.generation, "loss_best": float(losses.min()), "loss_mean": float(losses.mean()),
                "train_acc_best": float(accuracy(tr, train.labels)[np.argmin(losses)]),
                "dev_acc_best": float(dev_acc.max()), "dev_acc_of_best_loss": float(dev_acc[np.argmin(losses)]),
-               "best_dev_so_far": st.best_dev, "mpc_s": sum(c.wall_s for c in costs),
-               "mpc_bytes": sum(c.send_bytes for c in costs), "mpc_rounds": sum(c.rounds for c in costs),
+               "best_dev_so_far": st.best_dev, "mpc_s": gen_s, "mpc_bytes": gen_bytes,
+               "mpc_rounds": sum(c.rounds for c in costs),
                "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Z, "_logits": logits}
     return st, metrics
 
