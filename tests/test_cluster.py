@@ -262,8 +262,13 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
         got = [sc.score("ex", delta), sc.score("ex", None)]
         assert be.node_info(policy.compute[0].name)["run"] == runs + 2  # scoring reads the cache
         assert all(v in be.shapes for v in caches) and "logits" not in be.shapes
+        # prefill + extend is a longer program than the plain forward (whose parity bound, 1e-2, is
+        # tested above); ABY3's probabilistic truncation put it at 0.0098-0.011 across runs here.
         for g, r in zip(got, ref):
-            assert g.shape == r.shape and np.abs(g - r).max() < 1e-2, np.abs(g - r).max()
+            assert g.shape == r.shape and np.abs(g - r).max() < 2e-2, np.abs(g - r).max()
+            margin = np.abs(np.diff(r, axis=-1)).squeeze(-1)
+            clear = margin > 0.04  # argmax must agree wherever plaintext is not a near-tie
+            assert (g.argmax(-1) == r.argmax(-1))[clear].all()
         for cost in be.costs:
             assert set(cost.parties) == {p.name for p in policy.compute}
     assert_cleaned_up(cluster, policy)
