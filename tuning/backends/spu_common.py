@@ -27,34 +27,13 @@ def param_names(params) -> list[str]:
     return [f"w{i}" for i in range(len(jax.tree_util.tree_leaves(params)))]
 
 
-def batch_names(batch: dict) -> list[str]:
-    return [f"x_{k}" for k in sorted(batch)]
-
-
 def compile_forward(config, embedding: str, params, batch: dict, copts=None):
-    """SPU executable of ``forward(params, batch)``; inputs named w0.. (weights) and x_<key> (batch).
-
-    ``params`` and ``batch`` may hold arrays or ``jax.ShapeDtypeStruct``-like shapes (only shapes
-    and dtypes are used). Returns ``(executable, output_names)``.
-    """
-    import spu.utils.frontend as fe
-    from spu import spu_pb2
-
+    """SPU executable of the verbalizer-logits ``forward(params, batch)``: inputs w0.. (weights) and
+    x_<key> (batch), output ``logits``. Shapes only are used."""
     fwd = make_forward(config, embedding)
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = sorted(batch)
-
-    def flat_fn(*args):
-        p = jax.tree_util.tree_unflatten(tree, args[: len(leaves)])
-        b = dict(zip(keys, args[len(leaves):]))
-        return fwd(p, b)
-
-    mock = [np.zeros(x.shape, np.float32) for x in leaves] + [np.zeros(batch[k].shape, np.float32) for k in keys]
-    names = param_names(params) + batch_names(batch)
-    exe, _ = fe.compile(fe.Kind.JAX, flat_fn, tuple(mock), {}, names,
-                        [spu_pb2.Visibility.VIS_SECRET] * len(names), lambda out: ["logits"],
-                        copts=copts or spu_pb2.CompilerOptions())
-    return exe
+    inputs = {f"x_{k}": batch[k] for k in sorted(batch)}
+    return compile_program(lambda p, **x: {"logits": fwd(p, {k[2:]: v for k, v in x.items()})}, params, inputs,
+                           ["logits"], copts)
 
 
 def compile_program(fn, params_shapes, inputs: dict, outputs: list, copts=None):
