@@ -24,13 +24,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from spu_models.forward import embedding_table
     from tuning.backends import make_backend
     from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
     from tuning.scorer import SecureScorer
-    from tuning.subspace import make_subspace
-    from tuning.trainer import TuneConfig, _examples, _load_task
+    from tuning.trainer import TuneConfig, _examples, _load_task, build_subspace
 
     run = Path(args.run)
     cfg = TuneConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})
@@ -40,8 +38,7 @@ def main(argv=None):
     task = _load_task(cfg)
     train, dev, _ = _examples(cfg, task)
     bundle = with_policy(load_model(cfg.model), load_policy(cfg.policy))
-    sub = make_subspace(np.asarray(embedding_table(bundle.config, bundle.params)), cfg.n_tokens, cfg.d, cfg.seed,
-                        cfg.init)
+    sub = build_subspace(cfg, bundle)
     plain = make_backend("plaintext", bundle, load_policy(cfg.policy))
     scorer = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids)
     scorer.add_examples("train+dev", train + dev)

@@ -22,7 +22,7 @@ from bench.common import RESULTS, markdown_table, save
 
 def icl_accuracy(bundle, task, train, test, demos_per_class: int, seed: int) -> float:
     from tuning.backends import make_backend
-    from tuning.encode import make_batch
+    from tuning.encode import make_batch, pad_length, tokenize_prompts
     from tuning.policy import load_policy
 
     rng = np.random.default_rng(seed)
@@ -34,11 +34,13 @@ def icl_accuracy(bundle, task, train, test, demos_per_class: int, seed: int) -> 
     head = "".join(task.prompt(t) + task.verbalizer[l] + "\n\n" for t, l in demos)
     words = [task.verbalizer[l] for l in task.labels]
     plain = make_backend("plaintext", bundle, load_policy("aby3"))
+    prompts = [head + task.prompt(t) for t, _ in test]
+    L = pad_length(max(len(s) for s in tokenize_prompts(bundle, prompts)), 32)  # one shape: one compile
     correct = 0
     for i in range(0, len(test), 8):
         chunk = test[i: i + 8]
-        batch = make_batch(bundle, [head + task.prompt(t) for t, _ in chunk], words)
-        pred = plain.forward(batch).argmax(-1)
+        batch = make_batch(bundle, prompts[i: i + 8] + prompts[:8 - len(chunk)], words, seq_len=L)
+        pred = plain.forward(batch).argmax(-1)[: len(chunk)]
         correct += sum(int(task.labels[p] == l) for p, (_, l) in zip(pred, chunk))
     return correct / len(test)
 
@@ -57,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--mode", default="cached")
     ap.add_argument("--strategy", default="cma")
     ap.add_argument("--icl-demos", type=int, default=2)
+    ap.add_argument("--init", default="vocab", help="P0: vocab or text:<words>")
+    ap.add_argument("--tag", default="", help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
@@ -66,10 +70,10 @@ def main(argv=None):
     rows = []
     bundle = None
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run_dir = Path(args.out) / "runs" / f"{args.task}_{args.mode}_{args.backend}_{args.strategy}_s{seed}"
+        run_dir = Path(args.out) / "runs" / f"{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}_s{seed}"
         cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
                          shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
-                         mode=args.mode, strategy=args.strategy, seed=seed, out=str(run_dir))
+                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir))
         if (run_dir / "summary.json").exists():
             s = json.loads((run_dir / "summary.json").read_text())
         elif (run_dir / "ckpt.npz").exists():
@@ -92,5 +96,5 @@ def main(argv=None):
     table = markdown_table(rows + [mean], list(rows[0]))
     table += (f"\n{args.model}; {args.shots}-shot per class (dev: as many again); popsize {args.popsize}, "
               f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples.\n")
-    name = f"accuracy_{args.task}_{args.mode}_{args.backend}_{args.strategy}"
+    name = f"accuracy_{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}"
     save(name, {"rows": rows, "mean": mean, "args": vars(args)}, table, args.out)

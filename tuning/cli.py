@@ -221,7 +221,7 @@ def _cmd_cluster(args):
 
 
 BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
-           "agreement": "bench.agreement"}
+           "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step"}
 
 
 def _cmd_bench(args):
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", choices=["cma", "spsa"])
     s.add_argument("--d", type=int, help="subspace dimension (default 500)")
     s.add_argument("--n-tokens", dest="n_tokens", type=int, help="soft prompt tokens (default 5)")
+    s.add_argument("--init", help="P0: 'vocab' (sampled token embeddings, default) or 'text:<words>' "
+                                  "(a hard prompt's embeddings; sets --n-tokens to its token count)")
     s.add_argument("--mode", choices=["cached", "prefix"], help="prompt placement (default cached)")
     s.add_argument("--loss", choices=["ce", "hinge"])
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")

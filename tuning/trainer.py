@@ -50,7 +50,7 @@ class TuneConfig:
     sigma0: float = 1.0
     d: int = 500
     n_tokens: int = 5
-    init: str = "vocab"
+    init: str = "vocab"  # "vocab" (sampled token embeddings) or "text:<words>" (n_tokens := their count)
     mode: str = "cached"
     loss: str = "ce"
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
@@ -84,7 +84,8 @@ class LoopState:
     search: object  # the strategy's state
     generation: int = 0
     best_z: np.ndarray | None = None
-    best_dev: float = -1.0
+    best_dev: float = -1.0  # dev accuracy of the selected candidate
+    best_dev_loss: float = float("inf")  # its dev cross-entropy (the selection criterion)
     best_train_loss: float = float("inf")
     since_best: int = 0
     mpc_seconds: float = 0.0
@@ -93,32 +94,40 @@ class LoopState:
 
 def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: str) -> tuple[LoopState, dict]:
     """One generation of forward-only tuning. Returns the new state and its metrics (with the
-    candidates and opened logits under ``_Z`` / ``_logits``, for callers that keep them)."""
+    candidates and opened logits under ``_Z`` / ``_logits``, for callers that keep them).
+
+    The search distribution's mean rides along as one extra row of the same secure call: it is
+    not told to the search, but it is a selection candidate (often the best generaliser)."""
     Z, search = strategy.ask(st.search)                                  # 1. ask
-    delta = subspace.prompts(Z) - subspace.P0                            # 2. A.z at the data owner,
+    Zs = np.concatenate([Z, strategy.mean(st.search)[None]])             #    (+ the current mean)
+    delta = subspace.prompts(Zs) - subspace.P0                           # 2. A.z at the data owner,
     n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
     logits = scorer.score("train+dev", delta)                            # 3. opened to us only
     tr, dv = logits[:, : train.n], logits[:, train.n:]
     losses = losses_from_logits(tr, train.labels, loss)                  # 4. loss in plaintext
-    dev_acc = accuracy(dv, dev.labels)
-    search = strategy.tell(search, Z, losses)                            # 5. tell
+    dev_loss, dev_acc = losses_from_logits(dv, dev.labels, "ce"), accuracy(dv, dev.labels)
+    search = strategy.tell(search, Z, losses[: len(Z)])                  # 5. tell
     costs = scorer.s.costs[n_costs:]
     gen_s, gen_bytes = sum(c.wall_s for c in costs), sum(c.send_bytes for c in costs)
     st = dataclasses.replace(st, search=search, generation=st.generation + 1,
                              mpc_seconds=st.mpc_seconds + gen_s, mpc_bytes=st.mpc_bytes + gen_bytes)
-    # early-stopping bookkeeping: the candidate with the best dev accuracy (ties: lower train loss)
-    i = int(np.lexsort((losses, -dev_acc))[0])
-    if (dev_acc[i], -losses[i]) > (st.best_dev, -st.best_train_loss):
-        st = dataclasses.replace(st, best_z=Z[i].copy(), best_dev=float(dev_acc[i]),
-                                 best_train_loss=float(losses[i]), since_best=0)
+    # selection / early stopping on the dev split: lowest dev cross-entropy (smoother than the
+    # accuracy of a few dozen examples, which picks lucky candidates and overfits dev)
+    i = int(np.argmin(dev_loss))
+    if dev_loss[i] < st.best_dev_loss:
+        st = dataclasses.replace(st, best_z=Zs[i].copy(), best_dev=float(dev_acc[i]),
+                                 best_dev_loss=float(dev_loss[i]), best_train_loss=float(losses[i]), since_best=0)
     else:
         st = dataclasses.replace(st, since_best=st.since_best + 1)
-    metrics = {"generation": st.generation, "loss_best": float(losses.min()), "loss_mean": float(losses.mean()),
-               "train_acc_best": float(accuracy(tr, train.labels)[np.argmin(losses)]),
-               "dev_acc_best": float(dev_acc.max()), "dev_acc_of_best_loss": float(dev_acc[np.argmin(losses)]),
-               "best_dev_so_far": st.best_dev, "mpc_s": gen_s, "mpc_bytes": gen_bytes,
-               "mpc_rounds": sum(c.rounds for c in costs),
-               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Z, "_logits": logits}
+    pop = slice(0, len(Z))
+    metrics = {"generation": st.generation, "loss_best": float(losses[pop].min()),
+               "loss_mean": float(losses[pop].mean()), "loss_of_mean": float(losses[-1]),
+               "train_acc_best": float(accuracy(tr, train.labels)[np.argmin(losses[pop])]),
+               "dev_acc_best": float(dev_acc.max()), "dev_acc_of_best_loss": float(dev_acc[np.argmin(losses[pop])]),
+               "dev_acc_of_mean": float(dev_acc[-1]), "dev_loss_of_mean": float(dev_loss[-1]),
+               "best_dev_so_far": st.best_dev, "best_dev_loss_so_far": st.best_dev_loss, "mpc_s": gen_s,
+               "mpc_bytes": gen_bytes, "mpc_rounds": sum(c.rounds for c in costs),
+               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Zs, "_logits": logits}
     return st, metrics
 
 
@@ -126,7 +135,8 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
 def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
     """Atomic: write to a temp file, then rename. A killed run loses at most one generation."""
     flat = {f"search/{k}": np.asarray(v) for k, v in strategy.state_to_dict(st.search).items()}
-    flat.update({"generation": st.generation, "best_dev": st.best_dev, "best_train_loss": st.best_train_loss,
+    flat.update({"generation": st.generation, "best_dev": st.best_dev, "best_dev_loss": st.best_dev_loss,
+                 "best_train_loss": st.best_train_loss,
                  "since_best": st.since_best, "mpc_seconds": st.mpc_seconds, "mpc_bytes": st.mpc_bytes,
                  "has_best": st.best_z is not None, "extra": json.dumps(extra)})
     if st.best_z is not None:
@@ -141,7 +151,7 @@ def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
         d = {k: f[k] for k in f.files}
     search = strategy.state_from_dict({k[len("search/"):]: v for k, v in d.items() if k.startswith("search/")})
     st = LoopState(search, int(d["generation"]), d["best_z"] if bool(d["has_best"]) else None,
-                   float(d["best_dev"]), float(d["best_train_loss"]), int(d["since_best"]),
+                   float(d["best_dev"]), float(d["best_dev_loss"]), float(d["best_train_loss"]), int(d["since_best"]),
                    float(d["mpc_seconds"]), int(d["mpc_bytes"]))
     return st, json.loads(str(d["extra"]))
 
@@ -180,6 +190,28 @@ def _load_task(cfg: TuneConfig):
                           cfg.max_words)
 
 
+def init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
+    """``--init text:<words>``: the token ids whose embeddings form P0 (one soft token each)."""
+    if not cfg.init.startswith("text:"):
+        return None
+    ids = list(bundle.tokenizer(cfg.init[len("text:"):], add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"--init {cfg.init!r}: the text has no tokens")
+    return ids
+
+
+def build_subspace(cfg: TuneConfig, bundle):
+    """The run's subspace, reproducible from its config alone (A from the seed, P0 from --init)."""
+    from spu_models.forward import embedding_table
+
+    from .subspace import make_subspace
+
+    ids = init_token_ids(cfg, bundle)
+    table = np.asarray(embedding_table(bundle.config, bundle.params))
+    return make_subspace(table, len(ids) if ids else cfg.n_tokens, cfg.d, cfg.seed, "text" if ids else "vocab",
+                         init_ids=ids)
+
+
 def _cost_sum(costs) -> dict:
     return {"seconds": round(sum(c.wall_s for c in costs), 2), "bytes": int(sum(c.send_bytes for c in costs)),
             "rounds": int(sum(c.rounds for c in costs))}
@@ -187,14 +219,11 @@ def _cost_sum(costs) -> dict:
 
 def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=print) -> dict:
     """Run (or resume) a tuning job; returns the summary that is also written to OUT/summary.json."""
-    from spu_models.forward import embedding_table
-
     from .backends import make_backend
     from .models import load_model, with_policy
     from .policy import load_policy
     from .scorer import SecureScorer
     from .search import make_strategy
-    from .subspace import make_subspace
 
     out = Path(cfg.out)
     ckpt = out / "ckpt.npz"
@@ -208,18 +237,22 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         raise ValueError(f"unknown loss {cfg.loss!r} (known: {', '.join(LOSSES)})")
     if cfg.budget < 1 or cfg.popsize < 2 or cfg.shots < 1:
         raise ValueError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if cfg.init != "vocab" and not cfg.init.startswith("text:"):
+        raise ValueError(f"unknown --init {cfg.init!r}: use 'vocab' or 'text:<words>'")
 
     task = _load_task(cfg)
     train, dev, test = _examples(cfg, task)
     policy = load_policy(cfg.policy)
     bundle = with_policy(load_model(cfg.model), policy)
+    init_ids = init_token_ids(cfg, bundle)
+    if init_ids:
+        cfg = dataclasses.replace(cfg, n_tokens=len(init_ids))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log(task.describe())
     log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
         f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
-    table = np.asarray(embedding_table(bundle.config, bundle.params))
-    subspace = make_subspace(table, cfg.n_tokens, cfg.d, cfg.seed, cfg.init)
+    subspace = build_subspace(cfg, bundle)
     strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
                              **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
 
@@ -281,7 +314,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
             "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
             "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
-            "best_dev_acc": st.best_dev, "best_train_loss": st.best_train_loss,
+            "best_dev_acc": st.best_dev, "best_dev_loss": st.best_dev_loss, "best_train_loss": st.best_train_loss,
             "mpc": {"setup": setup_cost, "zero_shot_eval": extra["zero_shot_cost"],
                     "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
                     "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
