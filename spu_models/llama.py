@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from .approx import Approx
+from .rfa import RFAConfig, frequencies, rfa_attention
 
-ATTENTION_KINDS = ("softmax",)
+ATTENTION_KINDS = ("softmax", "rfa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,10 @@ class LlamaConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     pad_token_id: Optional[int] = 2
-    attention: str = "softmax"
+    attention: str = "softmax"  # "rfa": random feature attention (``rfa``), except in softmax_layers
     approx: Approx = Approx()
+    rfa: RFAConfig = RFAConfig(kind="positive")
+    softmax_layers: tuple = ()  # hybrid: with attention="rfa", these layers keep softmax
 
     family = "llama"
 
@@ -54,6 +57,13 @@ class LlamaConfig:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        bad = [i for i in self.softmax_layers if not 0 <= int(i) < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"softmax_layers {bad} out of range for {self.num_hidden_layers} layers")
+
+    def layer_attention(self, layer: int) -> str:
+        """The attention kind of one layer ("softmax" or "rfa")."""
+        return "softmax" if self.attention == "softmax" or layer in self.softmax_layers else "rfa"
 
     @property
     def head_dim(self) -> int:
@@ -73,7 +83,7 @@ class LlamaConfig:
 
     def to_hf(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("attention", "approx")}
+             if f.name not in ("attention", "approx", "rfa", "softmax_layers")}
         d.update(model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="float32")
         return d
 
@@ -135,6 +145,7 @@ class Attention(nn.Module):
     """
 
     config: LlamaConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, past=None):
@@ -147,6 +158,18 @@ class Attention(nn.Module):
         v = dense(KV * D, "v_proj")(x).reshape(*lead, T, KV, D)
         rep = lambda t: jnp.repeat(t, H // KV, axis=-2)  # noqa: E731  GQA: share each KV head
         scale = 1.0 / jnp.sqrt(jnp.float32(D))
+        if cfg.layer_attention(self.layer) == "rfa":
+            # the masks' last query row is the key mask (every causal row ends at the last key)
+            W = frequencies(D, KV, cfg.rfa.features, cfg.rfa.seed, self.layer)
+            key_mask = mask[..., 0, -1, :]
+            if past is None:
+                out = rfa_attention(q, k, v, key_mask, W, cfg.rfa, cfg.approx.exp_fn, causal=True)
+            else:
+                Lp = past[0].shape[1]
+                out = rfa_attention(q, k, v, None, W, cfg.rfa, cfg.approx.exp_fn,
+                                    past=(past[0], past[1], key_mask[0, :, :Lp]))
+            out = out.reshape(*lead, T, H * D)
+            return dense(cfg.hidden_size, "o_proj")(out), (k, v)
         if past is None:
             scores = jnp.einsum("...qhd,...khd->...hqk", q, rep(k)) * scale
             probs = cfg.approx.softmax_fn(scores, mask)
@@ -176,10 +199,11 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, past=None):
-        a, kv = Attention(self.config, name="self_attn")(
+        a, kv = Attention(self.config, self.layer, name="self_attn")(
             RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, past)
         x = x + a
         return x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x)), kv
@@ -192,7 +216,7 @@ class LayerStack(nn.Module):
     def __call__(self, x, cos, sin, mask, past=None):
         cache = []
         for i in range(self.config.num_hidden_layers):
-            x, kv = DecoderLayer(self.config, name=str(i))(x, cos, sin, mask, None if past is None else past[i])
+            x, kv = DecoderLayer(self.config, i, name=str(i))(x, cos, sin, mask, None if past is None else past[i])
             cache.append(kv)
         return x, cache
 

@@ -13,12 +13,14 @@ from typing import Any
 import yaml
 
 from spu_models.approx import Approx
+from spu_models.rfa import RFAConfig
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 PROTOCOL_PARTIES = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
 FIELDS = ("FM64", "FM128")
 EMBEDDING = ("data_owner", "secret")
-ATTENTION = ("softmax",)
+ATTENTION = ("softmax", "rfa")
+RFA_KEYS = {"kind", "features", "feature_map", "sincos", "bound", "chunk", "seed", "eps", "softmax_layers"}
 TOP_KEYS = {"name", "description", "protocol", "field", "fxp_fraction_bits", "runtime", "approx",
             "attention", "embedding", "parties", "reveal", "timeout_s"}
 PARTY_KEYS = {"compute", "data_owner", "model_owner"}
@@ -53,6 +55,8 @@ class Policy:
     reveal: dict
     timeout_s: float
     source: str = ""
+    rfa: RFAConfig = RFAConfig(kind="positive")
+    softmax_layers: tuple = ()  # with attention "rfa": layers that keep softmax (hybrid)
 
     @property
     def world_size(self) -> int:
@@ -140,9 +144,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source}: unknown key approx.{bad}") from None
     except ValueError as e:
         raise PolicyError(f"{source}: {e}") from None
-    attention = d.get("attention", "softmax")
-    if attention not in ATTENTION:
-        raise PolicyError(f"{source}: attention {attention!r} is unknown (known: {', '.join(ATTENTION)})")
+    attention, rfa, softmax_layers = _attention(d.get("attention", "softmax"), source)
     embedding = d.get("embedding", "data_owner")
     if embedding not in EMBEDDING:
         raise PolicyError(f"{source}: embedding {embedding!r} is unknown (known: {', '.join(EMBEDDING)})")
@@ -176,9 +178,33 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise PolicyError(f"{source}: timeout_s must be a positive number of seconds")
     pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), approx, attention,
-                 embedding, compute, downer, mowner, dict(reveal), float(timeout), source)
+                 embedding, compute, downer, mowner, dict(reveal), float(timeout), source, rfa, softmax_layers)
     pol.runtime_config()  # validates the runtime knobs now, not at first use
     return pol
+
+
+def _attention(a, source: str):
+    """``attention: softmax`` or ``attention: {kind: rfa, feature_map: positive|trig, features: 32,
+    sincos: exact|double, bound, chunk, seed, eps, softmax_layers: [..]}``."""
+    if isinstance(a, str):
+        a = {"kind": a}
+    if not isinstance(a, dict):
+        raise PolicyError(f"{source}: attention must be a kind name or a mapping")
+    extra = set(a) - RFA_KEYS
+    if extra:
+        raise PolicyError(f"{source}: unknown key attention.{sorted(extra)[0]} (known: {', '.join(sorted(RFA_KEYS))})")
+    kind = a.get("kind", "softmax")
+    if kind not in ATTENTION:
+        raise PolicyError(f"{source}: attention {kind!r} is unknown (known: {', '.join(ATTENTION)})")
+    layers = a.get("softmax_layers", [])
+    if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
+        raise PolicyError(f"{source}: attention.softmax_layers must be a list of layer indices")
+    kw = {k: a[k] for k in ("features", "sincos", "bound", "chunk", "seed", "eps") if k in a}
+    try:
+        rfa = RFAConfig(kind=a.get("feature_map", "positive"), **kw)
+    except (TypeError, ValueError) as e:
+        raise PolicyError(f"{source}: attention: {e}") from None
+    return kind, rfa, tuple(sorted(set(layers)))
 
 
 def available_policies() -> list[str]:

@@ -1,0 +1,235 @@
+"""Random feature attention (RFA; Peng et al. 2021, as SecP-Tuning uses it), shaped for MPC.
+
+Softmax attention needs exp(q.k / sqrt(D)) for every query-key pair: L^2 exponentials per head,
+each costing a multi-round protocol under MPC. RFA replaces the kernel by an inner product of
+feature maps, exp(q.k') ~ phi(q).phi(k') with q' = q / D^(1/4), k' = k / D^(1/4), so that
+
+    out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)
+          = phi(q_i) S / phi(q_i) z,     S = sum_j phi(k_j) v_j^T,   z = sum_j phi(k_j)
+
+and the non-linear work is per token (L x features), not per pair. Two feature maps:
+
+* ``trig`` (Rahimi-Recht): phi(x) = exp(|x|^2/2) [cos(Wx), sin(Wx)] / sqrt(m) with m frequencies
+  w ~ N(0, I); E[phi(q).phi(k)] = exp(q.k), unbiased. The query's exp(|q|^2/2) is the same for
+  every key and cancels in the ratio, so it is never computed; the key's factor is one exp per
+  key and KV head, shared by all features and all query heads of the group (GQA).
+* ``positive`` (FAVOR+, Choromanski et al.): phi(x) = exp(Wx - |x|^2/2) / sqrt(m), also unbiased,
+  always positive (a denominator that cannot vanish), at one exp per feature.
+
+Frequencies are orthogonal random features (blocks of D orthogonal directions with chi-distributed
+norms: lower variance than i.i.d.), fixed by ``seed`` and the layer index: public constants of
+the compiled program, so they cost nothing under MPC.
+
+Cost shaping for MPC (see ``bench/attention.py`` for measurements):
+
+* every feature-map constant that cancels in the ratio is dropped (query norm factor) or turned
+  into a max-subtraction (key norm factor, positive features), which keeps exponent arguments
+  <= 0, the range where fixed-point exp approximations are accurate;
+* ``sincos="double"``: cos/sin of t = w.x are computed without range reduction: a degree-8/9
+  Taylor polynomial of a = t / 2^s (|a| <= 1 when |t| <= ``bound`` = 2^s), then s angle
+  doublings (cos 2a = 1 - 2s^2, sin 2a = 2sc). Only multiplications, no comparisons;
+* causal mode is *chunked* (chunk c): within a chunk a masked c x c product, across chunks the
+  running state S, z (one small matmul per chunk, then a prefix sum over chunks, which is local
+  on shares). The naive per-position prefix sum of outer products phi(k_j) v_j^T costs L x m x D
+  secret products and loses to softmax below L ~ 512; the chunked form uses matmuls only, whose
+  communication scales with their output;
+* one reciprocal per query row and head, then a multiply; the denominator is floored at
+  ``eps`` (a trig estimate can be <= 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("trig", "positive")
+SINCOS = ("exact", "double")
+
+
+@dataclasses.dataclass(frozen=True)
+class RFAConfig:
+    features: int = 32  # m: random frequencies (trig: cos and sin each, so 2m feature columns)
+    kind: str = "trig"
+    sincos: str = "double"  # trig only: "exact" = SPU's sin/cos; "double" = Taylor + doublings
+    bound: float = 32.0  # "double": accurate for |w.x| <= bound (rounded up to a power of two)
+    chunk: int = 32  # causal chunk length
+    seed: int = 0
+    eps: float = 1e-3  # denominator floor (after the key-norm max-subtraction, the largest
+    #                    key weight is 1, so a healthy denominator is O(1))
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown RFA kind {self.kind!r}; choose from {KINDS}")
+        if self.sincos not in SINCOS:
+            raise ValueError(f"unknown RFA sincos {self.sincos!r}; choose from {SINCOS}")
+        if self.features < 1 or self.chunk < 1 or self.bound <= 0 or self.eps <= 0:
+            raise ValueError("RFA features, chunk, bound and eps must be positive")
+
+
+@functools.lru_cache(maxsize=256)
+def frequencies(head_dim: int, n_heads: int, features: int, seed: int, layer: int) -> np.ndarray:
+    """Orthogonal random features W [n_heads, head_dim, features] (float32, deterministic)."""
+    rng = np.random.default_rng([seed, layer])
+    out = np.empty((n_heads, head_dim, features), np.float32)
+    for h in range(n_heads):
+        blocks, left = [], features
+        while left > 0:
+            q, _ = np.linalg.qr(rng.standard_normal((head_dim, head_dim)))
+            norms = np.sqrt(rng.chisquare(head_dim, size=head_dim))
+            blocks.append((q * norms[None, :])[:, : min(left, head_dim)])
+            left -= head_dim
+        out[h] = np.concatenate(blocks, axis=1)
+    return out
+
+
+def sincos_double(t, bound: float):
+    """(cos t, sin t) for |t| <= bound with multiplications only (see the module docstring).
+
+    Degree-8/9 Taylor polynomials of a = t / 2^s with |a| <= 1, then s doublings at 2 products
+    each: cos 2a = 1 - 2 sin^2 a, sin 2a = 2 sin a cos a; 10 + 2s products per element. Errors
+    grow about 2x per doubling: max 2.4e-5 on |t| <= 32 in float32 (degree 6/7 would save two
+    products but reach 1.5e-3)."""
+    s = max(0, int(np.ceil(np.log2(bound))))
+    a = t * (1.0 / 2.0 ** s)
+    a2 = a * a
+    c = 1.0 + a2 * (-1 / 2 + a2 * (1 / 24 + a2 * (-1 / 720 + a2 * (1 / 40320))))
+    sn = a * (1.0 + a2 * (-1 / 6 + a2 * (1 / 120 + a2 * (-1 / 5040 + a2 * (1 / 362880)))))
+    for _ in range(s):
+        c, sn = 1.0 - 2.0 * (sn * sn), 2.0 * (sn * c)
+    return c, sn
+
+
+def _masked_max(x, mask, axes):
+    """max over ``axes`` of x where mask (0/1), as a constant for a max-subtraction."""
+    big = x + (mask - 1.0) * 1.0e4 if mask is not None else x
+    return jnp.max(big, axis=axes, keepdims=True)
+
+
+CLIP = 10.0  # exponent cap for keys scaled by another set's max (exp(10) fits FM64 easily)
+
+
+def _scaled(x, D):
+    return x * D ** -0.25
+
+
+def _project(x, W, axis: int):
+    """x [..., KV, (G,) D] times the per-head constant W [KV, D, m], head by head.
+
+    Not one batched einsum: SPU 0.9.3b0 miscomputes a dot_general whose *constant* operand has
+    a batch dimension (max error ~10 on N(0, 1) inputs; secret operands are fine). Plain
+    matmuls against a constant are exact, and cost the same."""
+    heads = [jnp.take(x, h, axis=axis) @ jnp.asarray(W[h]) for h in range(W.shape[0])]
+    return jnp.stack(heads, axis=axis)
+
+
+def query_features(q, W, cfg: RFAConfig, exp_fn):
+    """phi(q) [..., T, KV, G, F] for q [..., T, KV, G, D] (query heads grouped by KV head), up to a
+    per-query factor that cancels in the attention ratio."""
+    tq = _project(_scaled(q, q.shape[-1]), W, axis=-3)
+    if cfg.kind == "trig":
+        c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
+        return jnp.concatenate([c, s], axis=-1)
+    return exp_fn(tq - jnp.max(tq, axis=-1, keepdims=True))  # positive: per-row max cancels
+
+
+def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
+    """(phi(k) [..., S, KV, F], offset) for k [..., S, KV, D], key_mask [..., S] or None.
+
+    The key-norm factor is scaled by exp(-offset), one constant per KV head (it cancels): by
+    default offset = the max over these keys, so every exponent argument is <= 0. Pass another
+    key set's offset (a prefix cache's) to put two key sets on one scale; exponents are then
+    capped at ``CLIP``."""
+    k = _scaled(k, k.shape[-1])
+    tk = _project(k, W, axis=-2)
+    ksq = 0.5 * jnp.sum(k * k, axis=-1)  # [..., S, KV]
+    km = None if key_mask is None else key_mask[..., None].astype(k.dtype)  # [..., S, 1]
+    if cfg.kind == "trig":
+        if offset is None:
+            offset = _masked_max(ksq, km, axes=-2)  # [..., 1, KV]
+        w = exp_fn(jnp.minimum(ksq - offset, CLIP))
+        c, s = (jnp.cos(tk), jnp.sin(tk)) if cfg.sincos == "exact" else sincos_double(tk, cfg.bound)
+        fk = jnp.concatenate([c, s], axis=-1) * w[..., None]
+    else:
+        lk = tk - ksq[..., None]
+        if offset is None:
+            offset = _masked_max(lk, None if km is None else km[..., None], axes=(-3, -1))  # [..., 1, KV, 1]
+        fk = exp_fn(jnp.minimum(lk - offset, CLIP))
+    if km is not None:
+        fk = fk * km[..., None]
+    return fk, offset
+
+
+def _causal_chunked(fq, fk, va, chunk: int):
+    """sum_{j<=i} (fq_i . fk_j) va_j for fq [..., T, KV, G, F], fk [..., T, KV, F], va [..., T, KV, E]."""
+    T = fq.shape[-4]
+    c = min(chunk, T)
+    n = -(-T // c)
+    pad = n * c - T
+    if pad:
+        padw = lambda x, axis: jnp.pad(x, [(0, pad) if a == x.ndim + axis else (0, 0)  # noqa: E731
+                                           for a in range(x.ndim)])
+        fq, fk, va = padw(fq, -4), padw(fk, -3), padw(va, -3)
+    lead = fq.shape[:-4]
+    fq = fq.reshape(*lead, n, c, *fq.shape[-3:])
+    fk = fk.reshape(*lead, n, c, *fk.shape[-2:])
+    va = va.reshape(*lead, n, c, *va.shape[-2:])
+    tril = jnp.tril(jnp.ones((c, c), fq.dtype))
+    scores = jnp.einsum("...ckgf,...skf->...kgcs", fq, fk) * tril  # public mask: local
+    out = jnp.einsum("...kgcs,...ske->...ckge", scores, va)
+    if n > 1:  # running state across chunks: one matmul per chunk + a local prefix sum
+        state = jnp.einsum("...skf,...ske->...kfe", fk, va)  # [..., n, KV, F, E]
+        prev = jnp.cumsum(state, axis=-4) - state
+        out = out + jnp.einsum("...ckgf,...kfe->...ckge", fq, prev)
+    out = out.reshape(*lead, n * c, *out.shape[-3:])
+    return out[..., :T, :, :, :]
+
+
+def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: bool = True, past=None):
+    """Linear attention with random features. Shapes:
+
+    q [..., T, H, D]; k, v [..., T, KV, D] (H = KV x G); key_mask [..., T] (1 = real) or None;
+    ``past`` = (pk, pv, pmask) with pk, pv [E, Lp, KV, D], pmask [E, Lp], for q of shape
+    [P, E, T, H, D]: every query also attends to its example's whole prefix (a prefix cache).
+    Returns [..., T, H, D].
+    """
+    *lead, T, H, D = q.shape
+    KV = k.shape[-2]
+    qg = q.reshape(*lead, T, KV, H // KV, D)
+    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+    va = jnp.concatenate([v, ones], axis=-1)  # the last column accumulates the denominator
+    fq = query_features(qg, W, cfg, exp_fn)
+    if past is None:
+        fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
+        if causal:
+            out = _causal_chunked(fq, fk, va, cfg.chunk)
+        else:
+            out = jnp.einsum("...tkgf,...kfe->...tkge", fq, jnp.einsum("...skf,...ske->...kfe", fk, va))
+    else:
+        # the prefix's state S, z is per example (never tiled P times); the new keys are put on
+        # the prefix keys' scale (offset), so both sums share one cancelling constant
+        pk, pv, pmask = past
+        pfk, offset = key_features(pk, pmask, W, cfg, exp_fn)  # [E, Lp, KV, F], offset [E, 1, KV(, 1)]
+        pva = jnp.concatenate([pv, jnp.ones(pv.shape[:-1] + (1,), pv.dtype)], axis=-1)
+        state = jnp.einsum("eskf,eskd->ekfd", pfk, pva)
+        fk, _ = key_features(k, key_mask, W, cfg, exp_fn, offset=offset[None])
+        out = _causal_chunked(fq, fk, va, cfg.chunk) + jnp.einsum("petkgf,ekfd->petkgd", fq, state)
+    num, den = out[..., :D], out[..., D:]
+    out = num * (1.0 / jnp.maximum(den, cfg.eps))
+    return out.reshape(*lead, T, H, D)
+
+
+def softmax_reference(q, k, v, key_mask=None, causal: bool = True):
+    """Exact softmax attention with the same shapes as :func:`rfa_attention` (plaintext tests)."""
+    *lead, T, H, D = q.shape
+    KV = k.shape[-2]
+    rep = lambda t: jnp.repeat(t, H // KV, axis=-2)  # noqa: E731
+    s = jnp.einsum("...qhd,...khd->...hqk", q, rep(k)) / jnp.sqrt(jnp.float32(D))
+    m = jnp.ones((T, T), bool) if not causal else jnp.tril(jnp.ones((T, T), bool))
+    if key_mask is not None:
+        m = m & (key_mask[..., None, None, :] > 0)
+    s = jnp.where(m, s, -jnp.inf)
+    p = jnp.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return jnp.einsum("...hqk,...khd->...qhd", p, rep(v))

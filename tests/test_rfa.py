@@ -1,0 +1,161 @@
+"""Random feature attention: estimator accuracy, chunking/caching exactness, SPU agreement, policy."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spu_models import llama
+from spu_models.rfa import RFAConfig, frequencies, rfa_attention, sincos_double, softmax_reference
+
+
+def _qkv(L, scale=0.3, lead=(2,), H=4, KV=2, D=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(*lead, L, H, D)).astype(np.float32) * scale
+    k = rng.normal(size=(*lead, L, KV, D)).astype(np.float32) * scale
+    v = rng.normal(size=(*lead, L, KV, D)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("kind", ["positive", "trig"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_estimate_approaches_softmax_as_features_grow(kind, causal):
+    q, k, v = _qkv(48)
+    mask = np.ones((2, 48), np.float32)
+    mask[1, :6] = 0  # left padding in the second sequence
+    ref = np.asarray(softmax_reference(q, k, v, mask, causal))[:, 6:]
+    errs = []
+    for m in (8, 64, 512):
+        cfg = RFAConfig(features=m, kind=kind, chunk=16)
+        out = rfa_attention(q, k, v, mask, frequencies(16, 2, m, 0, 0), cfg, jnp.exp, causal=causal)
+        errs.append(float(np.abs(np.asarray(out)[:, 6:] - ref).mean()))
+    assert errs[-1] < errs[0] and errs[-1] < 0.02, errs
+
+
+def test_chunked_causal_form_is_exact():
+    """Chunks change only the order of the sums: chunk 5 (ragged), 16 and one chunk agree."""
+    q, k, v = _qkv(37)
+    W = frequencies(16, 2, 32, 0, 3)
+    outs = [np.asarray(rfa_attention(q, k, v, None, W, RFAConfig(features=32, chunk=c), jnp.exp)) for c in (5, 16, 37)]
+    np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+    np.testing.assert_allclose(outs[1], outs[2], atol=1e-5)
+    # and causality: changing the future does not change the past
+    k2 = k.copy()
+    k2[:, 30:] += 1.0
+    out2 = np.asarray(rfa_attention(q, k2, v, None, W, RFAConfig(features=32, chunk=5), jnp.exp))
+    np.testing.assert_allclose(out2[:, :30], outs[0][:, :30], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["positive", "trig"])
+def test_prefix_state_equals_full_sequence(kind):
+    """Candidates continuing a cached prefix == the same queries in one full causal pass."""
+    E, P, Lp, T = 2, 3, 12, 5
+    pq, pk, pv = _qkv(Lp, lead=(E,), seed=1)
+    q, k, v = _qkv(T, lead=(P, E), seed=2)
+    pmask = np.ones((E, Lp), np.float32)
+    pmask[0, :4] = 0
+    cfg = RFAConfig(features=32, kind=kind, chunk=4)
+    W = frequencies(16, 2, 32, 0, 0)
+    got = np.asarray(rfa_attention(q, k, v, None, W, cfg, jnp.exp, past=(pk, pv, pmask)))
+    for p in range(P):
+        full = [np.concatenate([a, b[p]], axis=1) for a, b in ((pq, q), (pk, k), (pv, v))]
+        mask = np.concatenate([pmask, np.ones((E, T), np.float32)], axis=1)
+        want = np.asarray(rfa_attention(*full, mask, W, cfg, jnp.exp))[:, Lp:]
+        np.testing.assert_allclose(got[p], want, atol=2e-5)
+
+
+def test_sincos_double_accuracy():
+    t = np.linspace(-32, 32, 20001).astype(np.float32)
+    c, s = sincos_double(t, 32.0)
+    assert np.abs(c - np.cos(t)).max() < 1e-4 and np.abs(s - np.sin(t)).max() < 1e-4
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="kind"):
+        RFAConfig(kind="cosine")
+    with pytest.raises(ValueError, match="softmax_layers"):
+        llama.LlamaConfig(num_hidden_layers=2, attention="rfa", softmax_layers=(2,))
+
+
+def test_rfa_attention_under_spu_matches_plaintext():
+    import spu.spu_pb2 as pb
+    import spu.utils.simulation as spsim
+
+    rc = pb.RuntimeConfig(protocol=pb.ProtocolKind.ABY3, field=pb.FieldType.FM64,
+                          fxp_exp_mode=pb.RuntimeConfig.ExpMode.EXP_PADE)
+    sim = spsim.Simulator(3, rc)
+    q, k, v = _qkv(20, lead=(1,))
+    mask = np.ones((1, 20), np.float32)
+    mask[0, :3] = 0
+    W = frequencies(16, 2, 16, 0, 0)
+    for kind, sincos in (("positive", "exact"), ("trig", "double"), ("trig", "exact")):
+        cfg = RFAConfig(features=16, kind=kind, sincos=sincos, chunk=8)
+        f = lambda q, k, v, m: rfa_attention(q, k, v, m, W, cfg, jnp.exp)  # noqa: E731
+        want = np.asarray(f(q, k, v, mask))[:, 3:]
+        got = spsim.sim_jax(sim, f)(q, k, v, mask)[:, 3:]
+        assert np.abs(got - want).max() < 2e-3, (kind, sincos, np.abs(got - want).max())
+
+
+def _tiny_rfa(softmax_layers=()):
+    return llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, attention="rfa",
+                             rfa=RFAConfig(features=16, kind="positive", chunk=4), softmax_layers=softmax_layers)
+
+
+@pytest.mark.parametrize("softmax_layers", [(), (0,)])
+def test_llama_rfa_prefill_extend_equals_full_forward(softmax_layers):
+    """The cached placement with RFA (and a hybrid) == a full forward over the same positions."""
+    cfg = _tiny_rfa(softmax_layers)
+    params = llama.init_params(cfg, seed=1)
+    m = llama.LlamaForCausalLM(cfg)
+    rng = np.random.default_rng(0)
+    E, P, Lp, T = 2, 2, 7, 3
+    prefix = rng.normal(size=(E, Lp, 32)).astype(np.float32)
+    mask = np.ones((E, Lp), np.float32)
+    mask[1, :3] = 0
+    suffix = rng.normal(size=(P, E, T, 32)).astype(np.float32)
+    cache = m.apply({"params": params}, jnp.asarray(prefix), jnp.asarray(mask), method=m.prefill)
+    got = np.asarray(m.apply({"params": params}, jnp.asarray(suffix), cache, jnp.asarray(mask), method=m.extend))
+    for p in range(P):
+        seq = np.concatenate([prefix, suffix[p]], axis=1)
+        am = np.concatenate([mask, np.ones((E, T), np.float32)], axis=1)
+        pos = np.broadcast_to(np.arange(Lp + T), (E, Lp + T))
+        want = np.asarray(m.apply({"params": params}, inputs_embeds=jnp.asarray(seq), attention_mask=jnp.asarray(am),
+                                  position_ids=jnp.asarray(pos), method=m.hidden))[:, Lp:]
+        np.testing.assert_allclose(got[p], want, atol=5e-5)
+
+
+def test_hybrid_layers_change_only_rfa_layers():
+    """softmax_layers=all layers is exactly the softmax model; the RFA model differs from it."""
+    soft = dataclasses.replace(_tiny_rfa(), attention="softmax")
+    params = llama.init_params(soft, seed=2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(2, 9)))
+    run = lambda c: np.asarray(llama.LlamaForCausalLM(c).apply({"params": params}, input_ids=ids))  # noqa: E731
+    np.testing.assert_allclose(run(_tiny_rfa(softmax_layers=(0, 1, 2))), run(soft), atol=1e-6)
+    assert np.abs(run(_tiny_rfa()) - run(soft)).max() > 1e-4
+
+
+def test_rfa_policy_reaches_the_model_and_runs_under_spu():
+    from tuning.backends import make_backend
+    from tuning.encode import make_batch
+    from tuning.models import load_model, with_policy
+    from tuning.policy import PolicyError, load_policy, parse_policy
+
+    pol = load_policy("aby3-rfa")
+    assert pol.attention == "rfa" and pol.rfa.kind == "positive"
+    bundle = with_policy(load_model("tiny-llama"), pol)
+    assert bundle.config.attention == "rfa" and bundle.config.rfa == pol.rfa
+    batch = make_batch(bundle, ["hello there my friend", "a b"], [" a", " b"])
+    plain = make_backend("plaintext", bundle, pol).forward(batch)
+    sim = make_backend("sim", bundle, pol).forward(batch)
+    assert np.abs(plain - sim).max() < 1e-2
+    import yaml
+    d = yaml.safe_load(open(pol.source))
+    d["attention"] = {"kind": "rfa", "features": 16, "colour": "red"}
+    with pytest.raises(PolicyError, match="attention.colour"):
+        parse_policy(d, "x.yaml")
+    d["attention"] = {"kind": "rfa", "feature_map": "cosine"}
+    with pytest.raises(PolicyError, match="kind"):
+        parse_policy(d, "x.yaml")
+    with pytest.raises(ValueError, match="RFA"):
+        with_policy(load_model("tiny-bert"), pol)
