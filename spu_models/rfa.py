@@ -56,12 +56,17 @@ class RFAConfig:
     bound: float = 32.0  # "double": accurate for |w.x| <= bound (rounded up to a power of two)
     chunk: int = 32  # causal chunk length
     seed: int = 0
+    stabilizer: str = "max"  # exponent offsets: "max" (exact, comparison trees) or "mean" (local
+    #                          sums, no comparisons; exponents capped at CLIP: approximate when the
+    #                          spread of w.x exceeds CLIP)
     eps: float = 1e-3  # denominator floor (after the key-norm max-subtraction, the largest
     #                    key weight is 1, so a healthy denominator is O(1))
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown RFA kind {self.kind!r}; choose from {KINDS}")
+        if self.stabilizer not in ("max", "mean"):
+            raise ValueError(f"unknown RFA stabilizer {self.stabilizer!r}; choose 'max' or 'mean'")
         if self.sincos not in SINCOS:
             raise ValueError(f"unknown RFA sincos {self.sincos!r}; choose from {SINCOS}")
         if self.features < 1 or self.chunk < 1 or self.bound <= 0 or self.eps <= 0:
@@ -101,13 +106,20 @@ def sincos_double(t, bound: float):
     return c, sn
 
 
-def _masked_max(x, mask, axes):
-    """max over ``axes`` of x where mask (0/1), as a constant for a max-subtraction."""
+def _masked_max(x, mask, axes, how: str = "max"):
+    """The offset subtracted before an exp: max over ``axes`` of x where mask (0/1), or (``how=
+    "mean"``) the masked mean, which needs no comparisons under MPC (sums are local)."""
+    if how == "mean":
+        if mask is None:
+            return jnp.mean(x, axis=axes, keepdims=True)
+        m = jnp.broadcast_to(mask, x.shape)
+        return jnp.sum(x * m, axis=axes, keepdims=True) / jnp.maximum(jnp.sum(m, axis=axes, keepdims=True), 1.0)
     big = x + (mask - 1.0) * 1.0e4 if mask is not None else x
     return jnp.max(big, axis=axes, keepdims=True)
 
 
-CLIP = 10.0  # exponent cap for keys scaled by another set's max (exp(10) fits FM64 easily)
+CLIP = 12.0  # exponent cap where an offset is not this set's max (mean offsets, a prefix's offset);
+#              exp(12) x 512 keys x |v| stays far inside FM64's range
 
 
 def _scaled(x, D):
@@ -131,7 +143,10 @@ def query_features(q, W, cfg: RFAConfig, exp_fn):
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
         return jnp.concatenate([c, s], axis=-1)
-    return exp_fn(tq - jnp.max(tq, axis=-1, keepdims=True))  # positive: per-row max cancels
+    # positive: a per-row offset cancels
+    if cfg.stabilizer == "max":
+        return exp_fn(tq - jnp.max(tq, axis=-1, keepdims=True))
+    return exp_fn(jnp.minimum(tq - jnp.mean(tq, axis=-1, keepdims=True), CLIP))
 
 
 def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
@@ -145,17 +160,20 @@ def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
     tk = _project(k, W, axis=-2)
     ksq = 0.5 * jnp.sum(k * k, axis=-1)  # [..., S, KV]
     km = None if key_mask is None else key_mask[..., None].astype(k.dtype)  # [..., S, 1]
+    cap = offset is not None or cfg.stabilizer == "mean"  # else every exponent is <= 0 already
+    clip = (lambda e: jnp.minimum(e, CLIP)) if cap else (lambda e: e)  # noqa: E731
     if cfg.kind == "trig":
         if offset is None:
-            offset = _masked_max(ksq, km, axes=-2)  # [..., 1, KV]
-        w = exp_fn(jnp.minimum(ksq - offset, CLIP))
+            offset = _masked_max(ksq, km, axes=-2, how=cfg.stabilizer)  # [..., 1, KV]
+        w = exp_fn(clip(ksq - offset))
         c, s = (jnp.cos(tk), jnp.sin(tk)) if cfg.sincos == "exact" else sincos_double(tk, cfg.bound)
         fk = jnp.concatenate([c, s], axis=-1) * w[..., None]
     else:
         lk = tk - ksq[..., None]
         if offset is None:
-            offset = _masked_max(lk, None if km is None else km[..., None], axes=(-3, -1))  # [..., 1, KV, 1]
-        fk = exp_fn(jnp.minimum(lk - offset, CLIP))
+            offset = _masked_max(lk, None if km is None else km[..., None], axes=(-3, -1),
+                                 how=cfg.stabilizer)  # [..., 1, KV, 1]
+        fk = exp_fn(clip(lk - offset))
     if km is not None:
         fk = fk * km[..., None]
     return fk, offset

@@ -17,16 +17,16 @@ def _qkv(L, scale=0.3, lead=(2,), H=4, KV=2, D=16, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("kind", ["positive", "trig"])
+@pytest.mark.parametrize("kind,stabilizer", [("positive", "max"), ("trig", "max"), ("positive", "mean")])
 @pytest.mark.parametrize("causal", [True, False])
-def test_estimate_approaches_softmax_as_features_grow(kind, causal):
+def test_estimate_approaches_softmax_as_features_grow(kind, stabilizer, causal):
     q, k, v = _qkv(48)
     mask = np.ones((2, 48), np.float32)
     mask[1, :6] = 0  # left padding in the second sequence
     ref = np.asarray(softmax_reference(q, k, v, mask, causal))[:, 6:]
     errs = []
     for m in (8, 64, 512):
-        cfg = RFAConfig(features=m, kind=kind, chunk=16)
+        cfg = RFAConfig(features=m, kind=kind, chunk=16, stabilizer=stabilizer)
         out = rfa_attention(q, k, v, mask, frequencies(16, 2, m, 0, 0), cfg, jnp.exp, causal=causal)
         errs.append(float(np.abs(np.asarray(out)[:, 6:] - ref).mean()))
     assert errs[-1] < errs[0] and errs[-1] < 0.02, errs
@@ -46,15 +46,15 @@ def test_chunked_causal_form_is_exact():
     np.testing.assert_allclose(out2[:, :30], outs[0][:, :30], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["positive", "trig"])
-def test_prefix_state_equals_full_sequence(kind):
+@pytest.mark.parametrize("kind,stabilizer", [("positive", "max"), ("trig", "max"), ("positive", "mean")])
+def test_prefix_state_equals_full_sequence(kind, stabilizer):
     """Candidates continuing a cached prefix == the same queries in one full causal pass."""
     E, P, Lp, T = 2, 3, 12, 5
     pq, pk, pv = _qkv(Lp, lead=(E,), seed=1)
     q, k, v = _qkv(T, lead=(P, E), seed=2)
     pmask = np.ones((E, Lp), np.float32)
     pmask[0, :4] = 0
-    cfg = RFAConfig(features=32, kind=kind, chunk=4)
+    cfg = RFAConfig(features=32, kind=kind, chunk=4, stabilizer=stabilizer)
     W = frequencies(16, 2, 32, 0, 0)
     got = np.asarray(rfa_attention(q, k, v, None, W, cfg, jnp.exp, past=(pk, pv, pmask)))
     for p in range(P):

@@ -221,7 +221,7 @@ def _cmd_cluster(args):
 
 
 BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
-           "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step"}
+           "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap"}
 
 
 def _cmd_bench(args):

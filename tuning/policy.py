@@ -20,7 +20,8 @@ PROTOCOL_PARTIES = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
 FIELDS = ("FM64", "FM128")
 EMBEDDING = ("data_owner", "secret")
 ATTENTION = ("softmax", "rfa")
-RFA_KEYS = {"kind", "features", "feature_map", "sincos", "bound", "chunk", "seed", "eps", "softmax_layers"}
+RFA_KEYS = {"kind", "features", "feature_map", "sincos", "bound", "chunk", "seed", "eps", "stabilizer",
+            "softmax_layers"}
 TOP_KEYS = {"name", "description", "protocol", "field", "fxp_fraction_bits", "runtime", "approx",
             "attention", "embedding", "parties", "reveal", "timeout_s"}
 PARTY_KEYS = {"compute", "data_owner", "model_owner"}
@@ -185,7 +186,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
 
 def _attention(a, source: str):
     """``attention: softmax`` or ``attention: {kind: rfa, feature_map: positive|trig, features: 32,
-    sincos: exact|double, bound, chunk, seed, eps, softmax_layers: [..]}``."""
+    sincos: exact|double, bound, chunk, seed, eps, stabilizer: max|mean, softmax_layers: [..]}``."""
     if isinstance(a, str):
         a = {"kind": a}
     if not isinstance(a, dict):
@@ -199,7 +200,7 @@ def _attention(a, source: str):
     layers = a.get("softmax_layers", [])
     if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise PolicyError(f"{source}: attention.softmax_layers must be a list of layer indices")
-    kw = {k: a[k] for k in ("features", "sincos", "bound", "chunk", "seed", "eps") if k in a}
+    kw = {k: a[k] for k in ("features", "sincos", "bound", "chunk", "seed", "eps", "stabilizer") if k in a}
     try:
         rfa = RFAConfig(kind=a.get("feature_map", "positive"), **kw)
     except (TypeError, ValueError) as e:
