@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from .approx import Approx
+from .rfa import RFAConfig, frequencies, rfa_attention
 
-ATTENTION_KINDS = ("softmax",)
+ATTENTION_KINDS = ("softmax", "rfa")
 MODEL_TYPES = ("bert", "roberta")
 
 
@@ -50,8 +51,10 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     model_type: str = "bert"
-    attention: str = "softmax"
+    attention: str = "softmax"  # "rfa": bidirectional random feature attention, except softmax_layers
     approx: Approx = Approx()
+    rfa: RFAConfig = RFAConfig(kind="positive")
+    softmax_layers: tuple = ()
 
     family = "bert"
 
@@ -62,7 +65,13 @@ class BertConfig:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose from {ATTENTION_KINDS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        bad = [i for i in self.softmax_layers if not 0 <= int(i) < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"softmax_layers {bad} out of range for {self.num_hidden_layers} layers")
         self.approx.activation(self.hidden_act)  # fail early on an unsupported activation
+
+    def layer_attention(self, layer: int) -> str:
+        return "softmax" if self.attention == "softmax" or layer in self.softmax_layers else "rfa"
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +91,7 @@ class BertConfig:
 
     def to_hf(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("attention", "approx")}
+             if f.name not in ("attention", "approx", "rfa", "softmax_layers")}
         arch = "RobertaForMaskedLM" if self.model_type == "roberta" else "BertForMaskedLM"
         d.update(architectures=[arch], position_embedding_type="absolute", tie_word_embeddings=True,
                  torch_dtype="float32")
@@ -133,6 +142,7 @@ class Embeddings(nn.Module):
 
 class SelfAttention(nn.Module):
     config: BertConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, mask):
@@ -140,6 +150,10 @@ class SelfAttention(nn.Module):
         B, L, _ = x.shape
         H, D = cfg.num_attention_heads, cfg.head_dim
         q, k, v = (_dense(H * D, n)(x).reshape(B, L, H, D) for n in ("query", "key", "value"))
+        if cfg.layer_attention(self.layer) == "rfa":  # bidirectional; mask [B, 1, 1, L] is the key mask
+            W = frequencies(D, H, cfg.rfa.features, cfg.rfa.seed, self.layer)
+            out = rfa_attention(q, k, v, mask[:, 0, 0, :], W, cfg.rfa, cfg.approx.exp_fn, causal=False)
+            return out.reshape(B, L, H * D)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(D))
         probs = cfg.approx.softmax_fn(scores, mask)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, H * D)
@@ -157,10 +171,11 @@ class AddNorm(nn.Module):
 
 class Attention(nn.Module):
     config: BertConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, mask):
-        return AddNorm(self.config, name="output")(SelfAttention(self.config, name="self")(x, mask), x)
+        return AddNorm(self.config, name="output")(SelfAttention(self.config, self.layer, name="self")(x, mask), x)
 
 
 class Intermediate(nn.Module):
@@ -174,10 +189,11 @@ class Intermediate(nn.Module):
 
 class Layer(nn.Module):
     config: BertConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, mask):
-        x = Attention(self.config, name="attention")(x, mask)
+        x = Attention(self.config, self.layer, name="attention")(x, mask)
         return AddNorm(self.config, name="output")(Intermediate(self.config, name="intermediate")(x), x)
 
 
@@ -187,7 +203,7 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, name=str(i))(x, mask)
+            x = Layer(self.config, i, name=str(i))(x, mask)
         return x
 
 

@@ -157,5 +157,10 @@ def test_rfa_policy_reaches_the_model_and_runs_under_spu():
     d["attention"] = {"kind": "rfa", "feature_map": "cosine"}
     with pytest.raises(PolicyError, match="kind"):
         parse_policy(d, "x.yaml")
-    with pytest.raises(ValueError, match="RFA"):
-        with_policy(load_model("tiny-bert"), pol)
+    # the encoder takes the bidirectional form, also under SPU
+    bert = with_policy(load_model("tiny-bert"), pol)
+    assert bert.config.attention == "rfa"
+    batch = make_batch(bert, ["hello there my friend", "a b"], [" a", " b"])
+    plain = make_backend("plaintext", bert, pol).forward(batch)
+    sim = make_backend("sim", bert, pol).forward(batch)
+    assert np.abs(plain - sim).max() < 1e-2

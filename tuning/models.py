@@ -48,10 +48,6 @@ def with_policy(bundle: ModelBundle, policy) -> ModelBundle:
 
 
 def config_with_policy(config, policy):
-    if policy.attention == "rfa" and not hasattr(config, "rfa"):
-        raise ValueError(f"policy {policy.name!r} asks for RFA attention, which the {config.family} model lacks")
-    if not hasattr(config, "rfa"):
-        return dataclasses.replace(config, approx=policy.approx, attention=policy.attention)
     return dataclasses.replace(config, approx=policy.approx, attention=policy.attention, rfa=policy.rfa,
                                softmax_layers=policy.softmax_layers)
 
