@@ -26,8 +26,6 @@ from bench.common import RESULTS, markdown_table, save
 
 def attention_errors(bundle, rfa_config, batch_embeds, mask) -> list[float]:
     """Per layer: relative error of the swapped attention on the softmax model's own inputs."""
-    import jax.numpy as jnp
-
     from spu_models import llama
 
     soft_cfg = dataclasses.replace(bundle.config, attention="softmax")
@@ -35,10 +33,7 @@ def attention_errors(bundle, rfa_config, batch_embeds, mask) -> list[float]:
     _, inter = model.apply({"params": bundle.params}, inputs_embeds=batch_embeds, attention_mask=mask,
                            method=model.hidden, capture_intermediates=True, mutable=["intermediates"])
     layers = inter["intermediates"]["model"]["layers"]
-    B, L = mask.shape
-    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    cos, sin = llama.rope_tables(pos, soft_cfg.head_dim, soft_cfg.rope_theta)
-    m4 = jnp.tril(jnp.ones((L, L), jnp.float32))[None, None] * mask[:, None, None, :]
+    cos, sin, m4 = llama.layer_inputs(soft_cfg, mask)
     real = np.asarray(mask, bool)
     errs = []
     for i in range(soft_cfg.num_hidden_layers):

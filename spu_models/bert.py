@@ -53,7 +53,7 @@ class BertConfig:
     model_type: str = "bert"
     attention: str = "softmax"  # "rfa": bidirectional random feature attention, except softmax_layers
     approx: Approx = Approx()
-    rfa: RFAConfig = RFAConfig(kind="positive")
+    rfa: RFAConfig = RFAConfig()
     softmax_layers: tuple = ()
 
     family = "bert"

@@ -45,7 +45,7 @@ class LlamaConfig:
     pad_token_id: Optional[int] = 2
     attention: str = "softmax"  # "rfa": random feature attention (``rfa``), except in softmax_layers
     approx: Approx = Approx()
-    rfa: RFAConfig = RFAConfig(kind="positive")
+    rfa: RFAConfig = RFAConfig()
     softmax_layers: tuple = ()  # hybrid: with attention="rfa", these layers keep softmax
 
     family = "llama"
@@ -133,6 +133,18 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[..., None, :] + rot * sin[..., None, :]
+
+
+def layer_inputs(config: LlamaConfig, attention_mask, position_ids=None):
+    """What every layer gets besides its input: RoPE tables and the causal x key mask [B, 1, L, L].
+
+    Positions default to the count of real tokens so far (left padding safe)."""
+    L = attention_mask.shape[-1]
+    if position_ids is None:
+        position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    cos, sin = rope_tables(position_ids, config.head_dim, config.rope_theta)
+    causal = jnp.tril(jnp.ones((L, L), jnp.float32))
+    return cos, sin, causal[None, None] * attention_mask[:, None, None, :].astype(jnp.float32)
 
 
 class Attention(nn.Module):
@@ -240,11 +252,7 @@ class LlamaModel(nn.Module):
         B, L, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = jnp.ones((B, L), jnp.int32)
-        if position_ids is None:  # left padding safe: count real tokens so far
-            position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-        cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
-        causal = jnp.tril(jnp.ones((L, L), jnp.float32))
-        mask = causal[None, None] * attention_mask[:, None, None, :].astype(jnp.float32)
+        cos, sin, mask = layer_inputs(self.config, attention_mask, position_ids)
         x, cache = self.layers(inputs_embeds, cos, sin, mask)
         return (self.norm(x), cache) if return_cache else self.norm(x)
 

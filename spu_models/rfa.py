@@ -51,7 +51,7 @@ SINCOS = ("exact", "double")
 @dataclasses.dataclass(frozen=True)
 class RFAConfig:
     features: int = 32  # m: random frequencies (trig: cos and sin each, so 2m feature columns)
-    kind: str = "trig"
+    kind: str = "positive"
     sincos: str = "double"  # trig only: "exact" = SPU's sin/cos; "double" = Taylor + doublings
     bound: float = 32.0  # "double": accurate for |w.x| <= bound (rounded up to a power of two)
     chunk: int = 32  # causal chunk length
@@ -106,7 +106,7 @@ def sincos_double(t, bound: float):
     return c, sn
 
 
-def _masked_max(x, mask, axes, how: str = "max"):
+def _offset(x, mask, axes, how: str = "max"):
     """The offset subtracted before an exp: max over ``axes`` of x where mask (0/1), or (``how=
     "mean"``) the masked mean, which needs no comparisons under MPC (sums are local)."""
     if how == "mean":
@@ -143,10 +143,8 @@ def query_features(q, W, cfg: RFAConfig, exp_fn):
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
         return jnp.concatenate([c, s], axis=-1)
-    # positive: a per-row offset cancels
-    if cfg.stabilizer == "max":
-        return exp_fn(tq - jnp.max(tq, axis=-1, keepdims=True))
-    return exp_fn(jnp.minimum(tq - jnp.mean(tq, axis=-1, keepdims=True), CLIP))
+    e = tq - _offset(tq, None, axes=-1, how=cfg.stabilizer)  # positive: a per-row offset cancels
+    return exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
 
 
 def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
@@ -164,19 +162,24 @@ def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
     clip = (lambda e: jnp.minimum(e, CLIP)) if cap else (lambda e: e)  # noqa: E731
     if cfg.kind == "trig":
         if offset is None:
-            offset = _masked_max(ksq, km, axes=-2, how=cfg.stabilizer)  # [..., 1, KV]
+            offset = _offset(ksq, km, axes=-2, how=cfg.stabilizer)  # [..., 1, KV]
         w = exp_fn(clip(ksq - offset))
         c, s = (jnp.cos(tk), jnp.sin(tk)) if cfg.sincos == "exact" else sincos_double(tk, cfg.bound)
         fk = jnp.concatenate([c, s], axis=-1) * w[..., None]
     else:
         lk = tk - ksq[..., None]
         if offset is None:
-            offset = _masked_max(lk, None if km is None else km[..., None], axes=(-3, -1),
+            offset = _offset(lk, None if km is None else km[..., None], axes=(-3, -1),
                                  how=cfg.stabilizer)  # [..., 1, KV, 1]
         fk = exp_fn(clip(lk - offset))
     if km is not None:
         fk = fk * km[..., None]
     return fk, offset
+
+
+def _with_ones(v):
+    """v [..., D] -> [..., D + 1]: the ones column accumulates the attention denominator."""
+    return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
 
 
 def _causal_chunked(fq, fk, va, chunk: int):
@@ -215,8 +218,7 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
     *lead, T, H, D = q.shape
     KV = k.shape[-2]
     qg = q.reshape(*lead, T, KV, H // KV, D)
-    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
-    va = jnp.concatenate([v, ones], axis=-1)  # the last column accumulates the denominator
+    va = _with_ones(v)
     fq = query_features(qg, W, cfg, exp_fn)
     if past is None:
         fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
@@ -229,8 +231,7 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
         # the prefix keys' scale (offset), so both sums share one cancelling constant
         pk, pv, pmask = past
         pfk, offset = key_features(pk, pmask, W, cfg, exp_fn)  # [E, Lp, KV, F], offset [E, 1, KV(, 1)]
-        pva = jnp.concatenate([pv, jnp.ones(pv.shape[:-1] + (1,), pv.dtype)], axis=-1)
-        state = jnp.einsum("eskf,eskd->ekfd", pfk, pva)
+        state = jnp.einsum("eskf,eskd->ekfd", pfk, _with_ones(pv))
         fk, _ = key_features(k, key_mask, W, cfg, exp_fn, offset=offset[None])
         out = _causal_chunked(fq, fk, va, cfg.chunk) + jnp.einsum("petkgf,ekfd->petkgd", fq, state)
     num, den = out[..., :D], out[..., D:]

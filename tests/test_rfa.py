@@ -36,13 +36,14 @@ def test_chunked_causal_form_is_exact():
     """Chunks change only the order of the sums: chunk 5 (ragged), 16 and one chunk agree."""
     q, k, v = _qkv(37)
     W = frequencies(16, 2, 32, 0, 3)
-    outs = [np.asarray(rfa_attention(q, k, v, None, W, RFAConfig(features=32, chunk=c), jnp.exp)) for c in (5, 16, 37)]
+    outs = [np.asarray(rfa_attention(q, k, v, None, W, RFAConfig(features=32, kind="trig", chunk=c), jnp.exp))
+            for c in (5, 16, 37)]
     np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
     np.testing.assert_allclose(outs[1], outs[2], atol=1e-5)
     # and causality: changing the future does not change the past
     k2 = k.copy()
     k2[:, 30:] += 1.0
-    out2 = np.asarray(rfa_attention(q, k2, v, None, W, RFAConfig(features=32, chunk=5), jnp.exp))
+    out2 = np.asarray(rfa_attention(q, k2, v, None, W, RFAConfig(features=32, kind="trig", chunk=5), jnp.exp))
     np.testing.assert_allclose(out2[:, :30], outs[0][:, :30], atol=1e-5)
 
 

@@ -56,7 +56,7 @@ class Policy:
     reveal: dict
     timeout_s: float
     source: str = ""
-    rfa: RFAConfig = RFAConfig(kind="positive")
+    rfa: RFAConfig = RFAConfig()
     softmax_layers: tuple = ()  # with attention "rfa": layers that keep softmax (hybrid)
 
     @property

@@ -190,7 +190,7 @@ def _load_task(cfg: TuneConfig):
                           cfg.max_words)
 
 
-def init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
+def _init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
     """``--init text:<words>``: the token ids whose embeddings form P0 (one soft token each)."""
     if not cfg.init.startswith("text:"):
         return None
@@ -206,7 +206,7 @@ def build_subspace(cfg: TuneConfig, bundle):
 
     from .subspace import make_subspace
 
-    ids = init_token_ids(cfg, bundle)
+    ids = _init_token_ids(cfg, bundle)
     table = np.asarray(embedding_table(bundle.config, bundle.params))
     return make_subspace(table, len(ids) if ids else cfg.n_tokens, cfg.d, cfg.seed, "text" if ids else "vocab",
                          init_ids=ids)
@@ -244,15 +244,13 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     train, dev, test = _examples(cfg, task)
     policy = load_policy(cfg.policy)
     bundle = with_policy(load_model(cfg.model), policy)
-    init_ids = init_token_ids(cfg, bundle)
-    if init_ids:
-        cfg = dataclasses.replace(cfg, n_tokens=len(init_ids))
+    subspace = build_subspace(cfg, bundle)
+    cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log(task.describe())
     log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
         f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
-    subspace = build_subspace(cfg, bundle)
     strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
                              **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
 
