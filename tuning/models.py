@@ -4,6 +4,8 @@
   file (a Q4_1 GGUF), dequantizes it, and writes an HF-format directory (config.json,
   model.safetensors, tokenizer) under ``$SECPTUNE_HOME/models/smollm2-135m``.
 - a path: an HF model directory (llama / bert / roberta, safetensors) or a ``.gguf`` file.
+- ``NAME-rfa`` (e.g. ``smollm2-135m-rfa``): written by ``secptune convert-attention`` under
+  ``$SECPTUNE_HOME/models``: the base weights plus learned attention feature maps.
 - ``tiny-llama`` / ``tiny-bert``: seeded random-init tiny configs with a byte-level tokenizer, for
   tests and quick checks. They are not trained: their outputs are meaningless but deterministic.
 """
@@ -48,7 +50,14 @@ def with_policy(bundle: ModelBundle, policy) -> ModelBundle:
 
 
 def config_with_policy(config, policy):
-    return dataclasses.replace(config, approx=policy.approx, attention=policy.attention, rfa=policy.rfa,
+    rfa = policy.rfa
+    if policy.attention == "rfa" and rfa.kind == "learned":  # the map's width is the checkpoint's
+        maps = getattr(config, "feature_maps", 0)
+        if not maps:
+            raise ValueError(f"policy {policy.name!r} runs learned feature maps, and this model has none: "
+                             "convert it first (secptune convert-attention --model ... --out DIR; then --model DIR)")
+        rfa = dataclasses.replace(rfa, features=maps)
+    return dataclasses.replace(config, approx=policy.approx, attention=policy.attention, rfa=rfa,
                                softmax_layers=policy.softmax_layers)
 
 
@@ -67,6 +76,11 @@ class ByteTokenizer:
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": self.encode(text)}
+
+    MARKER = "byte_tokenizer.json"
+
+    def save_pretrained(self, path: str):  # a converted tiny model names its tokenizer this way
+        (Path(path) / self.MARKER).write_text(json.dumps({"tokenizer": "ByteTokenizer", "shift": 3}) + "\n")
 
 
 def tokenizer_from_gguf(meta: dict):
@@ -176,15 +190,20 @@ def load_model(name: str, home: Path | None = None, seed: int = 0, **config_over
         path = model_dir(name, home)
         if not (path / ".complete").exists():
             raise AssetError(f"model {name!r} is not prepared (looked in {path}); run `secptune prepare` first")
+    elif (model_dir(name, home) / ".complete").exists():  # e.g. smollm2-135m-rfa (convert-attention)
+        path = model_dir(name, home)
     else:
         path = Path(name).expanduser()
         if not path.exists():
-            raise ValueError(f"unknown model {name!r}: not one of {REGISTERED + TINY} and no such path")
+            raise ValueError(f"unknown model {name!r}: not one of {REGISTERED + TINY}, not a converted model "
+                             "in $SECPTUNE_HOME/models, and no such path")
     if path.suffix == ".gguf":
         hf_cfg, state, tok_meta = read_gguf(path)
         cfg = llama.LlamaConfig.from_hf(hf_cfg, **config_overrides)
         return ModelBundle(name, cfg, llama.params_from_hf_state(state, cfg), tokenizer_from_gguf(tok_meta))
     cfg, params = load_hf_dir(path, **config_overrides)
+    if (path / ByteTokenizer.MARKER).exists():
+        return ModelBundle(name, cfg, params, ByteTokenizer())
     from transformers import AutoTokenizer
 
     try:

