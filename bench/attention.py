@@ -23,10 +23,12 @@ from bench.common import RESULTS, markdown_table, save
 
 H, KV, D = 9, 3, 64
 VARIANTS = {"softmax": None, "positive": ("positive", "exact", "max"), "positive-mean": ("positive", "exact", "mean"),
-            "trig-double": ("trig", "double", "max"), "trig-exact": ("trig", "exact", "max")}
+            "trig-double": ("trig", "double", "max"), "trig-exact": ("trig", "exact", "max"),
+            "learned": ("learned", "exact", "mean")}
+LEARNED = ("q_kernel", "q_bias", "k_kernel", "k_bias")  # secret inputs: the model owner's fitted map
 
 
-def program(variant: str, features: int, chunk: int, approx):
+def program(variant: str, features: int, chunk: int, approx, learned_features: int = 64):
     import jax.numpy as jnp
 
     from spu_models.rfa import RFAConfig, frequencies, rfa_attention
@@ -40,6 +42,12 @@ def program(variant: str, features: int, chunk: int, approx):
             return {"out": jnp.einsum("bhqk,bkhd->bqhd", approx.softmax_fn(s, m), rep(v))}
         return softmax_attn
     kind, sincos, stabilizer = VARIANTS[variant]
+    if kind == "learned":  # convert-attention's map (aby3-rfa-learned): W, b are secret weights
+        cfg = RFAConfig(features=learned_features, kind=kind, chunk=chunk, stabilizer=stabilizer)
+
+        def learned_attn(params, q, k, v, mask, **W):
+            return {"out": rfa_attention(q, k, v, mask, W, cfg, approx.exp_fn, causal=True)}
+        return learned_attn
     cfg = RFAConfig(features=features, kind=kind, sincos=sincos, chunk=chunk, stabilizer=stabilizer)
     W = frequencies(D, KV, features, 0, 0)
 
@@ -89,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--cheetah-lengths", default=None, help="lengths for 2PC Cheetah (default: --lengths)")
     ap.add_argument("--variants", default="softmax,positive,positive-mean,trig-double")
     ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--learned-features", type=int, default=64, help="width of the learned map (variant learned)")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--error-features", default="8,16,32,64,128")
     ap.add_argument("--out", default=str(RESULTS))
@@ -112,19 +122,24 @@ def main(argv=None):
         for L in lengths:
             x = {"q": rng.normal(size=(1, L, H, D)) * 0.3, "k": rng.normal(size=(1, L, KV, D)) * 0.3,
                  "v": rng.normal(size=(1, L, KV, D)), "mask": np.ones((1, L))}
+            if "learned" in variants:
+                from spu_models.rfa import init_learned
+
+                x.update(init_learned(D, KV, H // KV, args.learned_features))
             for name, val in x.items():
                 sess.put(name, val)
             for variant in variants:
-                prog = program(variant, args.features, args.chunk, policy.approx)
-                sess.run(prog, {n: n for n in x}, ["out"], key=f"{variant}")  # compile + warm-up
-                c = sess.run(prog, {n: n for n in x}, ["out"], key=f"{variant}")
+                prog = program(variant, args.features, args.chunk, policy.approx, args.learned_features)
+                ins = {n: n for n in x if variant == "learned" or n not in LEARNED}
+                sess.run(prog, ins, ["out"], key=f"{variant}")  # compile + warm-up
+                c = sess.run(prog, ins, ["out"], key=f"{variant}")
                 sess.drop("out")
                 rows.append({"policy": pname, "L": L, "variant": variant, "wall s": round(c.wall_s, 3),
                              "MB": round(c.send_bytes / 1e6, 2), "send actions": c.rounds,
                              **{f"{n} s": round(c.estimate(n), 2) for n in NETWORKS}})
                 print(rows[-1], flush=True)
                 if L == lengths[-1] and (variant, L) not in cen:
-                    cen[(variant, L)] = census(prog, {n: np.shape(val) for n, val in x.items()})
+                    cen[(variant, L)] = census(prog, {n: np.shape(x[n]) for n in ins})
             sess.drop(*x)
         sess.close()
 
@@ -155,9 +170,10 @@ def main(argv=None):
     table += ("\nMean |RFA - exact softmax attention| (plaintext float32, causal, random q, k ~ N(0, scale^2), "
               "v ~ N(0, 1)), m random features:\n\n" + markdown_table(errs, list(errs[0])))
     table += (f"\nSmolLM2-135M attention shapes: {H} query heads, {KV} KV heads, head dim {D}, causal, batch 1, "
-              f"q, k ~ N(0, 0.3^2). RFA: {args.features} features, chunk {args.chunk}. Figures: one call after a "
+              f"q, k ~ N(0, 0.3^2). RFA: {args.features} features, chunk {args.chunk}; learned: the "
+              f"convert-attention map, {args.learned_features} features, secret W and b, mean stabiliser. Figures: one call after a "
               "warm-up call; MB and send actions are the busiest party's (party 0 in the simulator).\n")
-    name = "attention_" + args.policies.replace(",", "_")
+    name = "attention_" + args.policies.replace(",", "_") + args.tag
     save(name, {"rows": rows, "growth": growth, "census": cen_rows, "errors": errs, "args": vars(args)}, table,
          args.out)
     _plot(rows, f"{args.out}/{name}.png")

@@ -1,9 +1,12 @@
 """What swapping attention does to a pretrained model, in plaintext (the exact JAX SPU runs).
 
-    secptune bench swap [--policies aby3,aby3-rfa] [--hybrids 15,20,25] [--n 192] [--features 32]
+    secptune bench swap [--policy aby3-rfa] [--hybrids 10,20] [--n 192] [--features 32]
+                        [--converted DIR] [--converted-hybrids 2,4]
 
 For SmolLM2-135M and each attention configuration (softmax; RFA in every layer; hybrids that keep
-softmax in the first K layers), on ``--n`` MR test snippets with the task's template:
+softmax in the first K layers; the model converted by ``secptune convert-attention`` with learned
+feature maps in every layer, and hybrids keeping softmax in the K layers whose fit was worst on
+the conversion's own validation text), on ``--n`` MR test snippets with the task's template:
 
 * zero-shot accuracy (argmax of the verbalizer logits, and thresholded at the median score:
   a calibrated reading), and the correlation of the per-example score
@@ -53,6 +56,10 @@ def main(argv=None):
     ap.add_argument("--policy", default="aby3-rfa", help="the RFA policy whose attention settings are swapped in")
     ap.add_argument("--hybrids", default="10,20", help="K: hybrids keeping softmax in layers 0..K-1")
     ap.add_argument("--features", default="", help="comma list: also try these feature counts (all layers)")
+    ap.add_argument("--converted", default="auto",
+                    help="a convert-attention output (auto: $SECPTUNE_HOME/models/MODEL-rfa if present; none)")
+    ap.add_argument("--converted-hybrids", default="2,4,8",
+                    help="K: converted model keeping softmax in the K worst-fitted layers")
     ap.add_argument("--n", type=int, default=192)
     ap.add_argument("--task", default="mr")
     ap.add_argument("--out", default=str(RESULTS))
@@ -80,18 +87,19 @@ def main(argv=None):
     sel = np.asarray(batch["select"])
     mask = jnp.asarray(np.flip(np.cumsum(np.flip(sel, -1), -1), -1))  # 1 up to each last real token
 
-    configs = [("softmax", dataclasses.replace(base.config, attention="softmax"))]
+    configs = [("softmax", dataclasses.replace(base.config, attention="softmax"), base)]
     rfa = dataclasses.replace(base.config, attention="rfa", rfa=pol.rfa, softmax_layers=())
-    configs.append((f"RFA {pol.rfa.kind} m={pol.rfa.features}, all layers", rfa))
+    configs.append((f"RFA {pol.rfa.kind} m={pol.rfa.features}, all layers", rfa, base))
     for m in [int(x) for x in args.features.split(",") if x]:
         configs.append((f"RFA {pol.rfa.kind} m={m}, all layers",
-                        dataclasses.replace(rfa, rfa=dataclasses.replace(pol.rfa, features=m))))
+                        dataclasses.replace(rfa, rfa=dataclasses.replace(pol.rfa, features=m)), base))
     for K in [int(x) for x in args.hybrids.split(",") if x]:
         configs.append((f"RFA {pol.rfa.kind} m={pol.rfa.features}, softmax in layers 0-{K - 1}",
-                        dataclasses.replace(rfa, softmax_layers=tuple(range(K)))))
+                        dataclasses.replace(rfa, softmax_layers=tuple(range(K))), base))
+    configs += converted_configs(args)
 
     rows, scores = [], {}
-    for name, cfg in configs:
+    for name, cfg, bundle in configs:
         model = llama.LlamaForCausalLM(cfg)
 
         @jax.jit
@@ -102,7 +110,7 @@ def main(argv=None):
         out = []
         for i in range(0, args.n, 32):
             sl = slice(i, i + 32)
-            out.append(np.asarray(logits(base.params, jnp.asarray(batch["embeds"][sl]), mask[sl],
+            out.append(np.asarray(logits(bundle.params, jnp.asarray(batch["embeds"][sl]), mask[sl],
                                          jnp.asarray(batch["select"][sl]), jnp.asarray(batch["rows"]))))
         lg = np.concatenate(out)
         s = lg[:, 0] - lg[:, 1]  # positive - negative (labels order: positive, negative)
@@ -110,10 +118,10 @@ def main(argv=None):
         acc = float((lg.argmax(-1) == labels).mean())
         pred_m = np.where(s > np.median(s), 0, 1)
         accm = float((pred_m == labels).mean())
-        errs = attention_errors(dataclasses.replace(base, config=cfg), cfg, jnp.asarray(batch["embeds"]), mask) \
+        errs = attention_errors(dataclasses.replace(bundle, config=cfg), cfg, jnp.asarray(batch["embeds"]), mask) \
             if cfg.attention == "rfa" else [0.0] * cfg.num_hidden_layers
         rfa_layers = [i for i in range(cfg.num_hidden_layers) if cfg.layer_attention(i) == "rfa"]
-        g = greedy(dataclasses.replace(base, config=cfg), "The capital of France is", 4)
+        g = greedy(dataclasses.replace(bundle, config=cfg), "The capital of France is", 4)
         rows.append({"attention": name, "RFA layers": len(rfa_layers), "zero-shot acc": round(acc, 3),
                      "acc (median threshold)": round(accm, 3),
                      "corr with softmax": round(float(np.corrcoef(s, scores["softmax"])[0, 1]), 3),
@@ -126,3 +134,37 @@ def main(argv=None):
               f"{L} tokens padded; template {task.template!r}. Attention error: teacher-forced (each layer's "
               "input from the softmax model), relative L2 per token, mean over the RFA layers.\n")
     save(f"swap_{args.task}_{pol.name}", {"rows": rows, "args": vars(args)}, table, args.out)
+
+
+def worst_layers(conversion: dict, k: int) -> tuple:
+    """The k layers whose learned map fitted worst (validation output error on the conversion's
+    own held-out corpus text: no evaluation data is used to choose them)."""
+    order = sorted(conversion["layers"], key=lambda m: -m["val_rel_err"])
+    return tuple(sorted(m["layer"] for m in order[:k]))
+
+
+def converted_configs(args) -> list:
+    import json
+    from pathlib import Path
+
+    from tuning.models import load_model, model_dir
+    from tuning.policy import load_policy
+    from tuning.models import config_with_policy
+
+    if args.converted == "none":
+        return []
+    path = model_dir(Path(args.model).name + "-rfa") if args.converted == "auto" else Path(args.converted)
+    if not (path / "conversion.json").exists():
+        if args.converted != "auto":
+            raise ValueError(f"{path}: not a convert-attention output (no conversion.json)")
+        return []
+    conv = load_model(str(path))
+    report = json.loads((path / "conversion.json").read_text())
+    cfg = config_with_policy(conv.config, load_policy("aby3-rfa-learned"))
+    m = cfg.rfa.features
+    out = [(f"learned (converted) m={m}, all layers", cfg, conv)]
+    for K in [int(x) for x in args.converted_hybrids.split(",") if x]:
+        layers = worst_layers(report, K)
+        out.append((f"learned m={m}, softmax in {K} worst-fitted layers {list(layers)}",
+                    dataclasses.replace(cfg, softmax_layers=layers), conv))
+    return out
