@@ -35,7 +35,8 @@ def _cmd_convert(args):
     cfg = ConvertConfig(model=args.model, out=args.out, corpus=tuple(c for c in args.corpus.split(",") if c),
                         n_seqs=args.n_seqs, seq_len=args.seq_len, features=args.features, steps=args.steps,
                         batch=args.batch, lr=args.lr, stabilizer=args.stabilizer, seed=args.seed,
-                        e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch)
+                        e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
+                        partial=args.partial)
     if cfg.e2e_steps < 0:
         raise ValueError("--e2e-steps must be >= 0")
     for name in ("n_seqs", "seq_len", "features", "steps", "batch", "e2e_batch"):
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--e2e-steps", type=int, default=0,
                    help="stage 2: steps fitting all maps jointly to the softmax model's next-token distributions")
     s.add_argument("--e2e-lr", type=float, default=2e-3)
+    s.add_argument("--partial", default="", help="directory of fitted layers (default OUT.partial); "
+                                                   "another output can reuse a finished layer-wise fit")
     s.add_argument("--e2e-batch", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_convert)

@@ -59,9 +59,15 @@ class ConvertConfig:
     e2e_lr: float = 2e-3
     e2e_batch: int = 4
 
+    partial: str = ""  # where fitted layers are kept (default OUT.partial)
+
     def key(self) -> dict:
+        """The settings of the layer-wise fit (a partial directory is only continued with these)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
-                if k != "out"}
+                if k not in ("out", "partial") and not k.startswith("e2e")}
+
+    def e2e_key(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k.startswith("e2e")}
 
 
 # ------------------------------------------------------------------------------------- corpus
@@ -218,7 +224,7 @@ def convert(cfg: ConvertConfig) -> Path:
     from .models import load_model
 
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
-    partial = out.with_name(out.name + ".partial")
+    partial = Path(cfg.partial) if cfg.partial else out.with_name(out.name + ".partial")
     bundle = load_model(cfg.model)
     if bundle.family != "llama":
         raise ValueError("convert-attention supports llama-family decoders only")
@@ -323,6 +329,12 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
     done, history = 0, []
     if ckpt.exists():
         with np.load(ckpt, allow_pickle=False) as z:
+            same = "settings" in z.files and json.loads(str(z["settings"])) == cfg.e2e_key()
+        if not same:
+            log("  end-to-end: the checkpoint in the partial directory has other settings; starting over")
+            ckpt.unlink()
+    if ckpt.exists():
+        with np.load(ckpt, allow_pickle=False) as z:
             done = int(z["step"])
             history = json.loads(str(z["history"]))
             leaves = [z[f"m{j}"] for j in range(len(jax.tree_util.tree_leaves(maps)))]
@@ -357,7 +369,7 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
             arrays = {f"m{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(maps))}
             arrays.update({f"s{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(state))})
             tmp = partial / "e2e.tmp.npz"
-            np.savez(tmp, step=done, history=json.dumps(history), **arrays)
+            np.savez(tmp, step=done, history=json.dumps(history), settings=json.dumps(cfg.e2e_key()), **arrays)
             os.replace(tmp, ckpt)
     final = jax.tree_util.tree_map(np.asarray, maps)
     return {"maps": final, "history": history}
@@ -395,7 +407,7 @@ def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float,
     hf["feature_maps"] = cfg.features
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
     bundle.tokenizer.save_pretrained(str(tmp))
-    report = {"base_model": cfg.model, "settings": cfg.key(), "fit_seconds_this_run": round(seconds, 1),
+    report = {"base_model": cfg.model, "settings": {**cfg.key(), **cfg.e2e_key()}, "fit_seconds_this_run": round(seconds, 1),
               "layers": metrics,
               "mean_val_kl": round(float(np.mean([m["val_kl"] for m in metrics])), 4),
               "mean_val_rel_err": round(float(np.mean([m["val_rel_err"] for m in metrics])), 4),
