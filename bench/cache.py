@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--popsize", type=int, default=4)
     ap.add_argument("--examples", type=int, default=2)
     ap.add_argument("--n-tokens", type=int, default=5)
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv=None):
     note = (f"\n{args.model}, first {bundle.config.num_hidden_layers} layers, policy {policy.name} "
             f"({policy.protocol}), population {args.popsize} x {args.examples} examples, {args.n_tokens} prompt tokens. "
             "Per-generation figures are one call after a warm-up call.\n")
-    name = f"cache_{policy.name}"
+    name = f"cache_{policy.name}{args.tag}"
     save(name, {"rows": rows, "args": vars(args)}, markdown_table(rows, cols) + note, args.out)
     _plot(rows, f"{args.out}/{name}.png")
     session.close()

@@ -61,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--converted-hybrids", default="2,4,8",
                     help="K: converted model keeping softmax in the K worst-fitted layers")
     ap.add_argument("--n", type=int, default=192)
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--task", default="mr")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -133,7 +134,7 @@ def main(argv=None):
     table += (f"\n{args.model}, plaintext float32 (the programs SPU runs), {args.n} {args.task} test snippets, "
               f"{L} tokens padded; template {task.template!r}. Attention error: teacher-forced (each layer's "
               "input from the softmax model), relative L2 per token, mean over the RFA layers.\n")
-    save(f"swap_{args.task}_{pol.name}", {"rows": rows, "args": vars(args)}, table, args.out)
+    save(f"swap_{args.task}_{pol.name}{args.tag}", {"rows": rows, "args": vars(args)}, table, args.out)
 
 
 def worst_layers(conversion: dict, k: int) -> tuple:
