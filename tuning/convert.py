@@ -329,7 +329,10 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
     done, history = 0, []
     if ckpt.exists():
         with np.load(ckpt, allow_pickle=False) as z:
-            same = "settings" in z.files and json.loads(str(z["settings"])) == cfg.e2e_key()
+            # same learning rate and batch: continue (a run can be extended or cut at a checkpoint)
+            same = "settings" in z.files and int(z["step"]) <= cfg.e2e_steps and {
+                k: v for k, v in json.loads(str(z["settings"])).items() if k != "e2e_steps"} == {
+                k: v for k, v in cfg.e2e_key().items() if k != "e2e_steps"}
         if not same:
             log("  end-to-end: the checkpoint in the partial directory has other settings; starting over")
             ckpt.unlink()
