@@ -74,10 +74,11 @@ def main(argv=None):
         cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
                          shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
                          mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir))
-        if (run_dir / "summary.json").exists():
-            s = json.loads((run_dir / "summary.json").read_text())
-        elif (run_dir / "ckpt.npz").exists():
-            s = tune(cfg, resume=True)
+        done = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
+        if done is not None and done["generations"] >= args.budget:
+            s = done
+        elif (run_dir / "ckpt.npz").exists():  # an interrupted run, or a finished one given a larger --budget
+            s = tune(cfg, resume=True, budget=args.budget)
         else:
             s = tune(cfg)
         if bundle is None:

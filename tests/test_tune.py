@@ -81,6 +81,18 @@ def test_resume_after_kill_continues_exactly(toy_csv, tmp_path):
         json.loads((run / "summary.json").read_text())["tuned_test_acc"]
 
 
+def test_finished_run_extends_to_a_larger_budget_exactly(toy_csv, tmp_path):
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    tune(_cfg(toy_csv, tmp_path / "ref", budget=6), **quiet)
+    short = tune(_cfg(toy_csv, tmp_path / "ext", budget=3), **quiet)
+    assert short["generations"] == 3
+    s = tune(TuneConfig(out=str(tmp_path / "ext")), resume=True, budget=6, **quiet)
+    assert s["generations"] == 6
+    assert json.loads((tmp_path / "ext" / "config.json").read_text())["budget"] == 6
+    a, b = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "ext"))
+    assert [x["loss_best"] for x in a] == [y["loss_best"] for y in b]
+
+
 def test_existing_run_is_not_overwritten(toy_csv, tmp_path):
     tune(_cfg(toy_csv, tmp_path / "r", budget=1), show_progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match="already holds a run"):

@@ -194,7 +194,7 @@ def _cmd_tune(args):
 
     if args.resume:
         summary = tune(TuneConfig(out=args.resume), resume=True, show_progress=not args.json,
-                       log=(lambda *a: None) if args.json else print)
+                       log=(lambda *a: None) if args.json else print, budget=args.budget)
     else:
         fields = {f.name for f in dataclasses.fields(TuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", help="output directory (default runs/tune)")
-    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped (with --budget: up to that many generations)")
     s.add_argument("--save-logits", dest="save_logits", action="store_true", default=None,
                    help="keep each generation's candidates and opened logits in OUT/logits/")
     s.add_argument("--json", action="store_true")

@@ -217,8 +217,12 @@ def _cost_sum(costs) -> dict:
             "rounds": int(sum(c.rounds for c in costs))}
 
 
-def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=print) -> dict:
-    """Run (or resume) a tuning job; returns the summary that is also written to OUT/summary.json."""
+def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=print,
+         budget: int | None = None) -> dict:
+    """Run (or resume) a tuning job; returns the summary that is also written to OUT/summary.json.
+
+    ``budget`` on resume extends (or shortens) the stored run's generation budget; every other
+    setting comes from the run's config.json, so the continued search is the same search."""
     from .backends import make_backend
     from .models import load_model, with_policy
     from .policy import load_policy
@@ -231,6 +235,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         if not ckpt.exists():
             raise ValueError(f"--resume {out}: no checkpoint there")
         cfg = TuneConfig(**{**json.loads((out / "config.json").read_text()), "out": str(out)})
+        if budget is not None:
+            cfg = dataclasses.replace(cfg, budget=budget)
     elif ckpt.exists():
         raise ValueError(f"{out} already holds a run; pass --resume {out} or choose another --out")
     if cfg.loss not in LOSSES:
