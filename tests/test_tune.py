@@ -99,6 +99,15 @@ def test_existing_run_is_not_overwritten(toy_csv, tmp_path):
         tune(_cfg(toy_csv, tmp_path / "r", budget=1), show_progress=False, log=lambda *a: None)
 
 
+def test_old_checkpoint_fails_with_one_line_error(tmp_path):
+    from tuning.search import make_strategy
+    from tuning.trainer import load_checkpoint
+
+    np.savez(tmp_path / "ckpt.npz", generation=3, best_dev=0.5)  # a pre-dev-loss checkpoint
+    with pytest.raises(ValueError, match="older version .*best_dev_loss"):
+        load_checkpoint(tmp_path / "ckpt.npz", make_strategy("cma", 4, 4, 0))
+
+
 def test_compute_parties_never_receive_labels_losses_or_z(toy_csv, tmp_path, monkeypatch):
     """Record every value the data owner secret-shares in the SPU simulator, and every value a
     compute party holds in the clear: none is a label vector, a loss or a search vector z."""

@@ -149,6 +149,10 @@ def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
 def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
     with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}
+    missing = {"generation", "best_dev", "best_dev_loss", "best_train_loss", "since_best", "extra"} - set(d)
+    if missing:
+        raise ValueError(f"{path}: checkpoint from an older version (no {', '.join(sorted(missing))}); "
+                         f"it cannot be resumed, start a new run")
     search = strategy.state_from_dict({k[len("search/"):]: v for k, v in d.items() if k.startswith("search/")})
     st = LoopState(search, int(d["generation"]), d["best_z"] if bool(d["has_best"]) else None,
                    float(d["best_dev"]), float(d["best_dev_loss"]), float(d["best_train_loss"]), int(d["since_best"]),
