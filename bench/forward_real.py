@@ -8,7 +8,6 @@ agreement of the opened verbalizer logits with the plaintext back end on the sam
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    from bench.cache import truncated
     from tuning.backends import make_backend
     from tuning.cost import NETWORKS, top_ops
     from tuning.encode import make_batch
@@ -35,12 +35,7 @@ def main(argv=None):
     from tuning.tasks import load_task, truncate_words
 
     policy = load_policy(args.policy)
-    bundle = with_policy(load_model(args.model), policy)
-    if args.layers:
-        cfg = dataclasses.replace(bundle.config, num_hidden_layers=args.layers)
-        layers = {str(i): bundle.params["model"]["layers"][str(i)] for i in range(args.layers)}
-        bundle = dataclasses.replace(bundle, config=cfg,
-                                     params={**bundle.params, "model": {**bundle.params["model"], "layers": layers}})
+    bundle = truncated(with_policy(load_model(args.model), policy), args.layers)
     task = load_task(args.task)
     texts = [truncate_words(t, args.words) for t, _ in task.test[: args.n]]
     prompts = [task.prompt(t) for t in texts]
