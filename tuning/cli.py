@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", help="output directory (default runs/tune)")
-    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped (with --budget: up to that many generations)")
+    s.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR exactly where it stopped (with --budget: up to that many generations)")
     s.add_argument("--save-logits", dest="save_logits", action="store_true", default=None,
                    help="keep each generation's candidates and opened logits in OUT/logits/")
     s.add_argument("--json", action="store_true")

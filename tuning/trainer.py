@@ -132,13 +132,16 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
 
 
 # -------------------------------------------------------------------------------- checkpointing
+# LoopState's scalar fields, stored under their own names; with "has_best" and "extra", every
+# checkpoint holds all of them (load_checkpoint names any that an older version did not write)
+_SCALARS = ("generation", "best_dev", "best_dev_loss", "best_train_loss", "since_best", "mpc_seconds", "mpc_bytes")
+
+
 def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
     """Atomic: write to a temp file, then rename. A killed run loses at most one generation."""
     flat = {f"search/{k}": np.asarray(v) for k, v in strategy.state_to_dict(st.search).items()}
-    flat.update({"generation": st.generation, "best_dev": st.best_dev, "best_dev_loss": st.best_dev_loss,
-                 "best_train_loss": st.best_train_loss,
-                 "since_best": st.since_best, "mpc_seconds": st.mpc_seconds, "mpc_bytes": st.mpc_bytes,
-                 "has_best": st.best_z is not None, "extra": json.dumps(extra)})
+    flat.update({k: getattr(st, k) for k in _SCALARS})
+    flat.update({"has_best": st.best_z is not None, "extra": json.dumps(extra)})
     if st.best_z is not None:
         flat["best_z"] = st.best_z
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -149,7 +152,7 @@ def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
 def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
     with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}
-    missing = {"generation", "best_dev", "best_dev_loss", "best_train_loss", "since_best", "extra"} - set(d)
+    missing = {*_SCALARS, "has_best", "extra"} - set(d)
     if missing:
         raise ValueError(f"{path}: checkpoint from an older version (no {', '.join(sorted(missing))}); "
                          f"it cannot be resumed, start a new run")
