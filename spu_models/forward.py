@@ -92,9 +92,12 @@ def make_tuning_programs(config):
             return {"head": rows @ embedding_table(config, params)}
         return {"head": rows @ params["lm_head"]["kernel"].T}
 
-    def prefill(params, text, text_mask):
-        """Per-layer K/V of the left-padded example texts [E, Lp, H]: the prefix-state cache."""
-        cache = model.apply({"params": params}, text, text_mask, method=model.prefill)
+    def prefill(params, text, text_mask, shift_c=None, shift_s=None):
+        """Per-layer K/V of the left-padded example texts [E, Lp, H]: the prefix-state cache.
+        ``shift_c/s`` [E, 1, D]: RoPE tables of minus each text's pad count (linear attention only;
+        see ``llama.LlamaForCausalLM.prefill``)."""
+        shift = None if shift_c is None else (shift_c, shift_s)
+        cache = model.apply({"params": params}, text, text_mask, shift, method=model.prefill)
         out = {}
         for i, (k, v) in enumerate(cache):
             out[f"cache_k{i}"], out[f"cache_v{i}"] = k, v
@@ -104,15 +107,17 @@ def make_tuning_programs(config):
         x = p0[None] + delta  # [P, n, H]
         return jnp.broadcast_to(x[:, None], (x.shape[0], E) + x.shape[1:])
 
-    def score_cached(params, tail, head, text_mask, p0=None, delta=None, **cache):
-        """Logits [P, E, R] of text -> prompt -> tail, continuing the resident cache.
-        Without ``p0``/``delta``: no soft prompt (zero-shot), P = 1."""
+    def score_cached(params, tail, head, text_mask, p0=None, delta=None, shift_c=None, shift_s=None, **cache):
+        """Logits [P, E, R] of text -> prompt -> tail, continuing the resident cache (with the
+        prefill's ``shift_c/s``, if it had them). Without ``p0``/``delta``: no soft prompt
+        (zero-shot), P = 1."""
         E = text_mask.shape[0]
         P = 1 if delta is None else delta.shape[0]
         tail_x = jnp.broadcast_to(tail[None, None], (P, E) + tail.shape)
         x = tail_x if delta is None else jnp.concatenate([_prompt(p0, delta, E), tail_x], axis=2)
         kv = [(cache[f"cache_k{i}"], cache[f"cache_v{i}"]) for i in range(L)]
-        h = model.apply({"params": params}, x, kv, text_mask, method=model.extend)
+        shift = None if shift_c is None else (shift_c, shift_s)
+        h = model.apply({"params": params}, x, kv, text_mask, shift, method=model.extend)
         return {"logits": h[:, :, -1] @ head.T}
 
     def score_full(params, text, select, head, p0=None, delta=None):

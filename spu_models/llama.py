@@ -49,6 +49,8 @@ class LlamaConfig:
     softmax_layers: tuple = ()  # hybrid: with attention="rfa", these layers keep softmax
     feature_maps: int = 0  # >0: the checkpoint carries learned attention feature maps of this
     #                        width in every layer (``secptune convert-attention``); rfa kind "learned"
+    feature_window: int = 0  # >0: the maps were fitted beside a sliding window of exact attention
+    #                          this many keys wide (LoLCATs-style hybrid); rfa.window must match
 
     family = "llama"
 
@@ -65,6 +67,9 @@ class LlamaConfig:
         if self.attention == "rfa" and self.rfa.kind == "learned" and self.rfa.features != self.feature_maps:
             raise ValueError(f"learned RFA with {self.rfa.features} features, but the model carries "
                              f"{self.feature_maps or 'no'} learned feature maps (run secptune convert-attention)")
+        if self.attention == "rfa" and self.rfa.kind == "learned" and self.rfa.window != self.feature_window:
+            raise ValueError(f"learned RFA with window {self.rfa.window}, but the maps were fitted with window "
+                             f"{self.feature_window}")
 
     def layer_attention(self, layer: int) -> str:
         """The attention kind of one layer ("softmax" or "rfa")."""
@@ -140,14 +145,31 @@ def apply_rope(x, cos, sin):
     return x * cos[..., None, :] + rot * sin[..., None, :]
 
 
-def layer_inputs(config: LlamaConfig, attention_mask, position_ids=None):
+def shift_tables(cos, sin, shift):
+    """RoPE tables of positions moved by a per-example offset: ``shift`` = (c, s), the tables of the
+    offsets ([B, 1, D], from :func:`rope_tables`), by angle addition (the tables' halves repeat).
+    Public tables times a secret shift is local under MPC; only the rotated q, k pay a product."""
+    if shift is None:
+        return cos, sin
+    c, s = shift
+    return cos * c - sin * s, sin * c + cos * s
+
+
+def position_sensitive(config) -> bool:
+    """Whether absolute positions change the output. Softmax attention sees RoPE'd q.k, which
+    depends on relative positions only; a linear-attention feature map of a RoPE'd vector does not."""
+    return any(config.layer_attention(i) == "rfa" for i in range(config.num_hidden_layers))
+
+
+def layer_inputs(config: LlamaConfig, attention_mask, position_ids=None, shift=None):
     """What every layer gets besides its input: RoPE tables and the causal x key mask [B, 1, L, L].
 
-    Positions default to the count of real tokens so far (left padding safe)."""
+    Positions default to the count of real tokens so far (left padding safe); ``shift``: see
+    :func:`shift_tables`."""
     L = attention_mask.shape[-1]
     if position_ids is None:
         position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    cos, sin = rope_tables(position_ids, config.head_dim, config.rope_theta)
+    cos, sin = shift_tables(*rope_tables(position_ids, config.head_dim, config.rope_theta), shift)
     causal = jnp.tril(jnp.ones((L, L), jnp.float32))
     return cos, sin, causal[None, None] * attention_mask[:, None, None, :].astype(jnp.float32)
 
@@ -257,25 +279,27 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, return_cache=False):
+    def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, return_cache=False, shift=None):
         """inputs_embeds [B, L, H]; attention_mask [B, L] (1 = real token); returns hidden [B, L, H]
         (and, with ``return_cache``, the per-layer ``(k, v)`` to use as a prefix cache)."""
         B, L, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = jnp.ones((B, L), jnp.int32)
-        cos, sin, mask = layer_inputs(self.config, attention_mask, position_ids)
+        cos, sin, mask = layer_inputs(self.config, attention_mask, position_ids, shift)
         x, cache = self.layers(inputs_embeds, cos, sin, mask)
         return (self.norm(x), cache) if return_cache else self.norm(x)
 
-    def extend(self, inputs_embeds, cache, cache_mask):
+    def extend(self, inputs_embeds, cache, cache_mask, shift=None):
         """Continue cached prefixes: inputs_embeds [P, E, T, H] (P candidates per example), cache a
-        per-layer list of ``(k, v)`` [E, Lp, KV, D], cache_mask [E, Lp]. Positions Lp .. Lp+T-1."""
+        per-layer list of ``(k, v)`` [E, Lp, KV, D], cache_mask [E, Lp]. Positions Lp .. Lp+T-1,
+        moved by the prefill's ``shift`` ([E, 1, D] tables) if it had one."""
         P, E, T, _ = inputs_embeds.shape
         Lp = cache_mask.shape[1]
-        cos, sin = rope_tables(jnp.arange(Lp, Lp + T)[None], self.config.head_dim, self.config.rope_theta)
+        cos, sin = shift_tables(*rope_tables(jnp.arange(Lp, Lp + T)[None], self.config.head_dim,
+                                             self.config.rope_theta), shift)  # [1 or E, T, D]
         cmask = jnp.broadcast_to(cache_mask.astype(jnp.float32)[None, :, None, None, :], (1, E, 1, T, Lp))
         causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.float32)), (1, E, 1, T, T))
-        x, _ = self.layers(inputs_embeds, cos[0], sin[0], jnp.concatenate([cmask, causal], -1), cache)
+        x, _ = self.layers(inputs_embeds, cos, sin, jnp.concatenate([cmask, causal], -1), cache)
         return self.norm(x)
 
 
@@ -299,18 +323,21 @@ class LlamaForCausalLM(nn.Module):
             inputs_embeds = self.model.embed(input_ids)
         return self.model(inputs_embeds, attention_mask, position_ids)
 
-    def prefill(self, inputs_embeds, attention_mask):
+    def prefill(self, inputs_embeds, attention_mask, shift=None):
         """Prefix pass: returns the per-layer ``(k, v)`` cache of ``inputs_embeds`` [E, Lp, H].
 
-        Left-pad the prefixes and pass positions ``arange(Lp)``: RoPE scores depend only on
-        relative offsets, so the shift is harmless, and the positions stay public.
+        Left-pad the prefixes; positions are ``arange(Lp)``, public. Softmax scores depend only on
+        relative offsets, so the pad shift is harmless. Linear attention (``position_sensitive``)
+        sees absolute positions: pass ``shift`` = rope_tables(-pads) [E, 1, D] (the data owner's,
+        secret) so that each text starts at position 0, as in a forward without a cache; give
+        ``extend`` the same shift.
         """
         Lp = inputs_embeds.shape[1]
         pos = jnp.broadcast_to(jnp.arange(Lp), inputs_embeds.shape[:2])
-        return self.model(inputs_embeds, attention_mask, pos, return_cache=True)[1]
+        return self.model(inputs_embeds, attention_mask, pos, return_cache=True, shift=shift)[1]
 
-    def extend(self, inputs_embeds, cache, cache_mask):
-        return self.model.extend(inputs_embeds, cache, cache_mask)
+    def extend(self, inputs_embeds, cache, cache_mask, shift=None):
+        return self.model.extend(inputs_embeds, cache, cache_mask, shift)
 
     def head_rows(self, hidden, row_ids):
         """Logits for the vocabulary rows ``row_ids`` only: hidden [..., H] -> [..., len(row_ids)]."""

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -68,6 +69,9 @@ class RFAConfig:
     #                          spread of w.x exceeds CLIP)
     eps: float = 1e-3  # denominator floor (after the key-norm max-subtraction, the largest
     #                    key weight is 1, so a healthy denominator is O(1))
+    window: int = 0  # learned only: >0 = sliding-window hybrid (LoLCATs): each query's last
+    #                  ``window`` keys (itself included) get the exact kernel exp(q.k / sqrt(D)),
+    #                  older keys the linear one; set from the converted checkpoint
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -78,6 +82,8 @@ class RFAConfig:
             raise ValueError(f"unknown RFA sincos {self.sincos!r}; choose from {SINCOS}")
         if self.features < 1 or self.chunk < 1 or self.bound <= 0 or self.eps <= 0:
             raise ValueError("RFA features, chunk, bound and eps must be positive")
+        if self.window < 0 or (self.window and self.kind != "learned"):
+            raise ValueError("an RFA window needs the learned feature map (and window >= 0)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -149,7 +155,10 @@ def query_features(q, W, cfg: RFAConfig, exp_fn):
     if cfg.kind == "learned":  # the softmax normaliser over features is per query: it cancels
         tq = jnp.einsum("...kgd,kgdf->...kgf", _scaled(q, q.shape[-1]), W["q_kernel"]) + W["q_bias"]
         e = tq - _offset(tq, None, axes=-1, how=cfg.stabilizer)
-        return exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
+        fq = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
+        if cfg.window:  # ... except beside the window's exact part: one reciprocal per query row
+            fq = fq * (1.0 / jnp.sum(fq, axis=-1, keepdims=True))
+        return fq
     tq = _project(_scaled(q, q.shape[-1]), W, axis=-3)
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
@@ -226,6 +235,41 @@ def _causal_chunked(fq, fk, va, chunk: int):
     return out[..., :T, :, :, :]
 
 
+def _shift(x, n: int, axis: int):
+    """x moved ``n`` places later along ``axis``, zeros entering at the front (public indexing:
+    local on shares)."""
+    if n == 0:
+        return x
+    axis %= x.ndim
+    pad = [(n, 0) if a == axis else (0, 0) for a in range(x.ndim)]
+    return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[axis], axis=axis)
+
+
+def _band(x, T: int, w: int, axis: int):
+    """The ``w`` most recent keys of each query: x [..., S, ...] (keys along ``axis``; the T queries
+    sit at the last T key positions) -> [..., T, w, ...], offset o = query position - key position
+    (zeros before the first key). Public indexing only: no communication on shares."""
+    axis %= x.ndim
+    S = x.shape[axis]
+    xp = jnp.pad(x, [(w - 1, 0) if a == axis else (0, 0) for a in range(x.ndim)])
+    return jnp.stack([jax.lax.slice_in_dim(xp, w - 1 + S - T - o, w - 1 + S - o, axis=axis) for o in range(w)],
+                     axis=axis + 1)
+
+
+def _window_part(qg, k, va, key_mask, cfg: RFAConfig, exp_fn):
+    """sum over each query's last ``cfg.window`` keys of exp(q.k / sqrt(D) - c) [v, 1], for
+    qg [..., T, KV, G, D], k [..., S, KV, D], va [..., S, KV, D + 1], key_mask [..., S] or None
+    (the queries are the last T of the S key positions). c is a per-query offset over the window
+    (the stabilizer); exp work is T x window per head, not T x S."""
+    T, D, w = qg.shape[-4], qg.shape[-1], cfg.window
+    km = jnp.ones(k.shape[:-2], qg.dtype) if key_mask is None else key_mask.astype(qg.dtype)
+    mb = _band(km, T, w, axis=-1)[..., :, None, None, :]  # [..., T, 1, 1, w]
+    s = jnp.einsum("...tkgd,...tokd->...tkgo", qg, _band(k, T, w, axis=-3)) * (1.0 / np.sqrt(D))
+    e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb  # masked slots: exp(0), then x 0
+    p = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP)) * mb
+    return jnp.einsum("...tkgo,...toke->...tkge", p, _band(va, T, w, axis=-3))
+
+
 def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: bool = True, past=None):
     """Linear attention with random features. Shapes:
 
@@ -234,19 +278,50 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
     [P, E, T, H, D]: every query also attends to its example's whole prefix (a prefix cache).
     ``W``: the random frequencies [KV, D, m] (trig, positive) or, for ``learned``, the fitted map
     {"q_kernel" [KV, G, D, m], "q_bias" [KV, G, m], "k_kernel" [KV, D, m], "k_bias" [KV, m]}.
-    Returns [..., T, H, D].
+    With ``cfg.window`` (learned, causal): the last ``window`` keys of each query use the exact
+    kernel (a sliding window), older keys the linear one, in one normalisation. Returns [..., T, H, D].
     """
     *lead, T, H, D = q.shape
     KV = k.shape[-2]
+    w = cfg.window
+    if w and not causal:
+        raise ValueError("a sliding-window RFA is causal only")
     qg = q.reshape(*lead, T, KV, H // KV, D)
     va = _with_ones(v)
     fq = query_features(qg, W, cfg, exp_fn)
     if past is None:
         fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
-        if causal:
+        if w:  # exact over the window; linear over keys >= w places back (keys shifted w later)
+            out = _window_part(qg, k, va, key_mask, cfg, exp_fn) + \
+                _causal_chunked(fq, _shift(fk, w, -3), _shift(va, w, -3), cfg.chunk)
+        elif causal:
             out = _causal_chunked(fq, fk, va, cfg.chunk)
         else:
             out = jnp.einsum("...tkgf,...kfe->...tkge", fq, jnp.einsum("...skf,...ske->...kfe", fk, va))
+    elif w:
+        # the prefix's last n <= w positions join the candidates' tokens in a local sequence (tiled
+        # P times: n tokens only); older prefix keys are linear for every candidate token, as
+        # one state per example
+        pk, pv, pmask = past
+        P, Lp = q.shape[0], pk.shape[1]
+        n = min(w, Lp)
+        out = 0.0
+        if Lp > n:
+            hfk, _ = key_features(pk[:, : Lp - n], pmask[:, : Lp - n], W, cfg, exp_fn)
+            state = jnp.einsum("eskf,eskd->ekfd", hfk, _with_ones(pv[:, : Lp - n]))
+            out = jnp.einsum("petkgf,ekfd->petkgd", fq, state)
+        tile = lambda x: jnp.broadcast_to(x[None], (P,) + x.shape)  # noqa: E731
+        tmask = pmask[:, Lp - n:]
+        tfk, _ = key_features(pk[:, Lp - n:], tmask, W, cfg, exp_fn)
+        new_mask = jnp.ones((P,) + k.shape[1:-2], q.dtype) if key_mask is None else key_mask
+        kk = jnp.concatenate([tile(pk[:, Lp - n:]), k], axis=-3)
+        vv = jnp.concatenate([tile(_with_ones(pv[:, Lp - n:])), va], axis=-3)
+        mm = jnp.concatenate([tile(tmask.astype(q.dtype)), new_mask.astype(q.dtype)], axis=-1)
+        fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
+        fkk = jnp.concatenate([tile(tfk), fk], axis=-3)
+        fqq = jnp.concatenate([jnp.zeros(fq.shape[:2] + (n,) + fq.shape[3:], fq.dtype), fq], axis=-4)
+        lin = _causal_chunked(fqq, _shift(fkk, w, -3), _shift(vv, w, -3), cfg.chunk)[..., n:, :, :, :]
+        out = out + lin + _window_part(qg, kk, vv, mm, cfg, exp_fn)
     else:
         # the prefix's state S, z is per example (never tiled P times); the new keys are put on
         # the prefix keys' scale (offset), so both sums share one cancelling constant
@@ -265,9 +340,19 @@ def attention_weights(q, k, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal:
     diagnostics; quadratic, never used under MPC). Rows sum to 1 like softmax's."""
     *lead, T, H, D = q.shape
     KV = k.shape[-2]
-    fq = query_features(q.reshape(*lead, T, KV, H // KV, D), W, cfg, exp_fn)
+    qg = q.reshape(*lead, T, KV, H // KV, D)
+    fq = query_features(qg, W, cfg, exp_fn)
     fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
-    a = jnp.einsum("...tkgf,...skf->...kgts", fq, fk).reshape(*lead, H, T, T)
+    a = jnp.einsum("...tkgf,...skf->...kgts", fq, fk)
+    if cfg.window:
+        diff = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+        km = jnp.ones((T,), q.dtype) if key_mask is None else key_mask[..., None, None, None, :].astype(q.dtype)
+        mb = ((diff >= 0) & (diff < cfg.window)).astype(q.dtype) * km
+        s = jnp.einsum("...tkgd,...skd->...kgts", qg, k) * (1.0 / np.sqrt(D))
+        e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb
+        p = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP)) * mb
+        a = a * (diff >= cfg.window).astype(q.dtype) + p
+    a = a.reshape(*lead, H, T, T)
     if causal:
         a = a * jnp.tril(jnp.ones((T, T), a.dtype))
     return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), cfg.eps)

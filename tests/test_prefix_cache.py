@@ -1,13 +1,19 @@
 """Prefix-state caching: prefill once, extend per candidate == one full causal forward."""
 import numpy as np
 import jax.numpy as jnp
+import pytest
 
 from spu_models import llama
+from spu_models.rfa import RFAConfig
 
 
-def test_extend_from_cache_equals_full_forward():
+@pytest.mark.parametrize("window", [None, 0, 3, 9])  # softmax; learned linear; sliding-window hybrids
+def test_extend_from_cache_equals_full_forward(window):
+    extra = {} if window is None else dict(
+        attention="rfa", feature_maps=8, feature_window=window,
+        rfa=RFAConfig(kind="learned", features=8, window=window, stabilizer="mean", chunk=4))
     cfg = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, rope_theta=100000.0)
+                            num_attention_heads=4, num_key_value_heads=2, rope_theta=100000.0, **extra)
     params = llama.init_params(cfg, seed=1)
     m = llama.LlamaForCausalLM(cfg)
     rng = np.random.default_rng(0)
@@ -19,8 +25,13 @@ def test_extend_from_cache_equals_full_forward():
         mask[e, Lp - n:] = 1
         prefix[e, : Lp - n] = 123.0  # junk in the pad slots must not matter
     suffix = rng.normal(size=(P, E, T, Hd)).astype(np.float32)
-    cache = m.apply({"params": params}, jnp.asarray(prefix), jnp.asarray(mask), method=m.prefill)
-    got = np.asarray(m.apply({"params": params}, jnp.asarray(suffix), cache, jnp.asarray(mask), method=m.extend))
+    shift = None
+    if llama.position_sensitive(cfg):  # linear attention sees absolute positions: texts start at 0
+        assert window is not None
+        shift = llama.rope_tables(jnp.asarray([[n - Lp] for n in lens]), cfg.head_dim, cfg.rope_theta)
+    cache = m.apply({"params": params}, jnp.asarray(prefix), jnp.asarray(mask), shift, method=m.prefill)
+    got = np.asarray(m.apply({"params": params}, jnp.asarray(suffix), cache, jnp.asarray(mask), shift,
+                             method=m.extend))
     for p in range(P):
         for e, n in enumerate(lens):
             seq = np.concatenate([prefix[e, Lp - n:], suffix[p, e]])[None]

@@ -179,19 +179,21 @@ def _learned(KV=2, G=2, D=16, m=24, seed=0):
     return jax.tree_util.tree_map(jnp.asarray, W)
 
 
-@pytest.mark.parametrize("stabilizer", ["max", "mean"])
-def test_learned_map_is_a_linear_attention_with_softmax_normalised_rows(stabilizer):
+@pytest.mark.parametrize("stabilizer,window", [("max", 0), ("mean", 0), ("max", 5), ("mean", 5), ("mean", 12)])
+def test_learned_map_is_a_linear_attention_with_softmax_normalised_rows(stabilizer, window):
     """The chunked linear form == its explicit weight matrix (rows sum to 1, causal) times v;
-    the prefix-state placement == one full pass."""
+    the prefix-state placement == one full pass. Also with a sliding window of exact attention,
+    shorter and longer than the cached prefix."""
     from spu_models.rfa import attention_weights
 
     q, k, v = _qkv(21, scale=1.0)
     mask = np.ones((2, 21), np.float32)
-    cfg = RFAConfig(features=24, kind="learned", chunk=4, stabilizer=stabilizer)
+    mask[1, :2] = 0
+    cfg = RFAConfig(features=24, kind="learned", chunk=4, stabilizer=stabilizer, window=window)
     W = _learned()
     a = np.asarray(attention_weights(q, k, mask, W, cfg))
-    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
-    assert np.abs(np.triu(a, 1)).max() == 0
+    np.testing.assert_allclose(a[:, :, 2:].sum(-1), 1.0, atol=1e-5)
+    assert np.abs(np.triu(a, 1)).max() == 0 and np.abs(a[1, :, :, :2]).max() == 0
     want = np.einsum("bhts,bshd->bthd", a, np.repeat(v, 2, axis=-2))
     got = np.asarray(rfa_attention(q, k, v, mask, W, cfg, jnp.exp))
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -209,6 +211,17 @@ def test_learned_map_is_a_linear_attention_with_softmax_normalised_rows(stabiliz
         np.testing.assert_allclose(got[p], np.asarray(rfa_attention(*full, m, W, cfg, jnp.exp))[:, Lp:], atol=2e-5)
 
 
+def test_window_covering_the_sequence_is_exact_softmax():
+    from spu_models.rfa import softmax_reference
+
+    q, k, v = _qkv(13, scale=1.0)
+    cfg = RFAConfig(features=24, kind="learned", chunk=4, stabilizer="max", window=13)
+    got = np.asarray(rfa_attention(q, k, v, None, _learned(), cfg, jnp.exp))
+    np.testing.assert_allclose(got, np.asarray(softmax_reference(q, k, v)), atol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        RFAConfig(kind="positive", window=4)
+
+
 def test_learned_map_under_spu_matches_plaintext():
     import spu.spu_pb2 as pb
     import spu.utils.simulation as spsim
@@ -220,8 +233,8 @@ def test_learned_map_under_spu_matches_plaintext():
     mask = np.ones((1, 20), np.float32)
     mask[0, :3] = 0
     W = _learned()
-    for stabilizer in ("mean", "max"):
-        cfg = RFAConfig(features=24, kind="learned", chunk=8, stabilizer=stabilizer)
+    for stabilizer, window in (("mean", 0), ("max", 0), ("mean", 6)):
+        cfg = RFAConfig(features=24, kind="learned", chunk=8, stabilizer=stabilizer, window=window)
         f = lambda q, k, v, m, W: rfa_attention(q, k, v, m, W, cfg, jnp.exp)  # noqa: E731  W secret
         want = np.asarray(f(q, k, v, mask, W))[:, 3:]
         got = spsim.sim_jax(sim, f)(q, k, v, mask, W)[:, 3:]
@@ -236,3 +249,29 @@ def test_learned_policy_needs_a_converted_model():
         with_policy(load_model("tiny-llama"), load_policy("aby3-rfa-learned"))
     with pytest.raises(ValueError, match="learned feature maps"):
         llama.LlamaConfig(attention="rfa", rfa=RFAConfig(kind="learned", features=8))
+
+
+def test_cached_scoring_with_linear_attention_equals_the_uncached_forward(tmp_path):
+    """Linear attention sees absolute positions, so the left-padded prefix cache shifts every text
+    to start at position 0 (RoPE tables of minus its pad count, from the data owner): zero-shot
+    logits through the cache == the plain forward, in plaintext and under SPU."""
+    from tuning.backends import make_backend
+    from tuning.models import load_model, with_policy
+    from tuning.policy import load_policy
+    from tuning.scorer import SecureScorer
+    from tuning.tasks import load_user_task
+
+    csv = tmp_path / "toy.csv"
+    rows = ["text,label", "good fun,positive", "a long and rather dull film,negative",
+            "ok,positive", "not for me at all,negative"]
+    csv.write_text("\n".join(rows) + "\n")
+    task = load_user_task(csv, verbalizer="positive=g,negative=b")
+    pol = load_policy("aby3-rfa")
+    bundle = with_policy(load_model("tiny-llama"), pol)
+    got = {}
+    for backend, mode in (("plaintext", "cached"), ("plaintext", "prefix"), ("sim", "cached")):
+        sc = SecureScorer(make_backend(backend, bundle, pol), bundle, task, mode=mode, n_tokens=2, p0_ids=[40, 50])
+        sc.add_examples("ex", task.train)
+        got[backend, mode] = sc.score("ex", None)
+    np.testing.assert_allclose(got["plaintext", "cached"], got["plaintext", "prefix"], atol=1e-4)
+    assert np.abs(got["sim", "cached"] - got["plaintext", "cached"]).max() < 2e-2

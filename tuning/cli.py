@@ -34,11 +34,11 @@ def _cmd_convert(args):
 
     cfg = ConvertConfig(model=args.model, out=args.out, corpus=tuple(c for c in args.corpus.split(",") if c),
                         n_seqs=args.n_seqs, seq_len=args.seq_len, features=args.features, steps=args.steps,
-                        batch=args.batch, lr=args.lr, stabilizer=args.stabilizer, seed=args.seed,
+                        batch=args.batch, lr=args.lr, stabilizer=args.stabilizer, seed=args.seed, window=args.window,
                         e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
                         partial=args.partial)
-    if cfg.e2e_steps < 0:
-        raise ValueError("--e2e-steps must be >= 0")
+    if cfg.e2e_steps < 0 or cfg.window < 0:
+        raise ValueError("--e2e-steps and --window must be >= 0")
     for name in ("n_seqs", "seq_len", "features", "steps", "batch", "e2e_batch"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--lr", type=float, default=1e-2)
     s.add_argument("--stabilizer", default="mean", choices=["mean", "max"])
+    s.add_argument("--window", type=int, default=0,
+                   help="sliding-window hybrid: each query's last W keys keep exact softmax attention; the maps "
+                        "are fitted for the older keys (LoLCATs-style). 0 = all-linear")
     s.add_argument("--e2e-steps", type=int, default=0,
                    help="stage 2: steps fitting all maps jointly to the softmax model's next-token distributions")
     s.add_argument("--e2e-lr", type=float, default=2e-3)

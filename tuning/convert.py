@@ -54,6 +54,7 @@ class ConvertConfig:
     batch: int = 8
     lr: float = 1e-2
     stabilizer: str = "mean"  # as the policy will run it (aby3-rfa-learned)
+    window: int = 0  # >0: fit the maps beside a sliding window of exact attention this many keys wide
     seed: int = 0
     e2e_steps: int = 0  # stage 2: all maps jointly, matching the softmax model's next-token distributions
     e2e_lr: float = 2e-3
@@ -64,7 +65,8 @@ class ConvertConfig:
     def key(self) -> dict:
         """The settings of the layer-wise fit (a partial directory is only continued with these)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
-                if k not in ("out", "partial") and not k.startswith("e2e")}
+                if k not in ("out", "partial") and not k.startswith("e2e")
+                and not (k == "window" and v == 0)}  # (partial directories from before windows match)
 
     def e2e_key(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k.startswith("e2e")}
@@ -247,7 +249,8 @@ def convert(cfg: ConvertConfig) -> Path:
         qkv = collect(bundle, ids, cfg.batch)
         from spu_models.rfa import RFAConfig
 
-        fitter = make_fitter(RFAConfig(kind="learned", features=cfg.features, stabilizer=cfg.stabilizer), cfg.lr)
+        fitter = make_fitter(RFAConfig(kind="learned", features=cfg.features, stabilizer=cfg.stabilizer,
+                                       window=cfg.window), cfg.lr)
         for i in range(n_layers):
             if i in done:
                 continue
@@ -292,8 +295,9 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
 
     c = bundle.config
     n = c.num_hidden_layers
-    student_cfg = dataclasses.replace(c, feature_maps=cfg.features, attention="rfa", softmax_layers=(),
-                                      rfa=RFAConfig(kind="learned", features=cfg.features, stabilizer=cfg.stabilizer))
+    student_cfg = dataclasses.replace(c, feature_maps=cfg.features, feature_window=cfg.window, attention="rfa",
+                                      softmax_layers=(), rfa=RFAConfig(kind="learned", features=cfg.features,
+                                                                       stabilizer=cfg.stabilizer, window=cfg.window))
     teacher = llama.LlamaForCausalLM(dataclasses.replace(c, attention="softmax"))
     student = llama.LlamaForCausalLM(student_cfg)
     base = bundle.params
@@ -402,12 +406,13 @@ def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    base = dataclasses.replace(c, feature_maps=0)
+    base = dataclasses.replace(c, feature_maps=0, feature_window=0)
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in llama.params_to_hf_state(bundle.params, base).items()},
               str(tmp / "model.safetensors"))
     save_file(maps, str(tmp / FEATURE_MAPS_FILE))
     hf = base.to_hf()
     hf["feature_maps"] = cfg.features
+    hf["feature_window"] = cfg.window
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
     bundle.tokenizer.save_pretrained(str(tmp))
     report = {"base_model": cfg.model, "settings": {**cfg.key(), **cfg.e2e_key()}, "fit_seconds_this_run": round(seconds, 1),

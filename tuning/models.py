@@ -56,7 +56,7 @@ def config_with_policy(config, policy):
         if not maps:
             raise ValueError(f"policy {policy.name!r} runs learned feature maps, and this model has none: "
                              "convert it first (secptune convert-attention --model ... --out DIR; then --model DIR)")
-        rfa = dataclasses.replace(rfa, features=maps)
+        rfa = dataclasses.replace(rfa, features=maps, window=getattr(config, "feature_window", 0))
     return dataclasses.replace(config, approx=policy.approx, attention=policy.attention, rfa=rfa,
                                softmax_layers=policy.softmax_layers)
 

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from spu_models import llama
 from spu_models.forward import embedding_table, make_tuning_programs
 
 from .encode import pad_length, verbalizer_ids
@@ -92,7 +93,8 @@ class SecureScorer:
             self.s.put(f"{name}_mask", mask)
             cache = {f"cache_{kv}{i}": f"{name}_cache_{kv}{i}"
                      for i in range(self.bundle.config.num_hidden_layers) for kv in "kv"}
-            self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask"}, cache)
+            inputs = {"text": f"{name}_text", "text_mask": f"{name}_mask", **self._shift(name, seqs, Lp)}
+            self.s.run(self.programs["prefill"], inputs, cache)
             self.s.drop(f"{name}_text")
         else:
             seqs = [self._ids(self.task.prompt(t)) for t in texts]
@@ -108,6 +110,18 @@ class SecureScorer:
         self.sets[name] = ExampleSet(name, labels, len(examples))
         return self.sets[name]
 
+    def _shift(self, name: str, seqs, Lp: int) -> dict:
+        """Linear attention sees absolute positions: share RoPE tables of minus each text's pad
+        count (the data owner knows its lengths; secret to the parties), so that cached texts
+        start at position 0 as in a forward without a cache. Nothing for softmax models."""
+        cfg = self.bundle.config
+        if not llama.position_sensitive(cfg):
+            return {}
+        c, s = llama.rope_tables(np.array([[len(q) - Lp] for q in seqs]), cfg.head_dim, cfg.rope_theta)
+        self.s.put(f"{name}_shift_c", np.asarray(c, np.float32))
+        self.s.put(f"{name}_shift_s", np.asarray(s, np.float32))
+        return {"shift_c": f"{name}_shift_c", "shift_s": f"{name}_shift_s"}
+
     # ---------------------------------------------------------------- scoring
     def score(self, name: str, delta: np.ndarray | None) -> np.ndarray:
         """Opened verbalizer logits [P, E, R] for prompts P0 + delta (``None``: no soft prompt)."""
@@ -118,6 +132,8 @@ class SecureScorer:
             inputs.update(p0="p0", delta="delta")
         if self.mode == "cached":
             inputs.update(tail="tail", text_mask=f"{name}_mask")
+            if llama.position_sensitive(self.bundle.config):
+                inputs.update(shift_c=f"{name}_shift_c", shift_s=f"{name}_shift_s")
             inputs.update({f"cache_{kv}{i}": f"{name}_cache_{kv}{i}" for i in range(L) for kv in "kv"})
             prog = self.programs["score_cached"]
         else:
