@@ -28,7 +28,7 @@ VARIANTS = {"softmax": None, "positive": ("positive", "exact", "max"), "positive
 LEARNED = ("q_kernel", "q_bias", "k_kernel", "k_bias")  # secret inputs: the model owner's fitted map
 
 
-def program(variant: str, features: int, chunk: int, approx, learned_features: int = 64):
+def program(variant: str, features: int, chunk: int, approx, learned_features: int = 64, learned_window: int = 0):
     import jax.numpy as jnp
 
     from spu_models.rfa import RFAConfig, frequencies, rfa_attention
@@ -43,7 +43,8 @@ def program(variant: str, features: int, chunk: int, approx, learned_features: i
         return softmax_attn
     kind, sincos, stabilizer = VARIANTS[variant]
     if kind == "learned":  # convert-attention's map (aby3-rfa-learned): W, b are secret weights
-        cfg = RFAConfig(features=learned_features, kind=kind, chunk=chunk, stabilizer=stabilizer)
+        cfg = RFAConfig(features=learned_features, kind=kind, chunk=chunk, stabilizer=stabilizer,
+                        window=learned_window)
 
         def learned_attn(params, q, k, v, mask, **W):
             return {"out": rfa_attention(q, k, v, mask, W, cfg, approx.exp_fn, causal=True)}
@@ -98,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="softmax,positive,positive-mean,trig-double")
     ap.add_argument("--features", type=int, default=32)
     ap.add_argument("--learned-features", type=int, default=64, help="width of the learned map (variant learned)")
+    ap.add_argument("--learned-window", type=int, default=0,
+                    help="variant learned: sliding window of exact attention (convert-attention --window)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--error-features", default="8,16,32,64,128")
@@ -129,7 +132,8 @@ def main(argv=None):
             for name, val in x.items():
                 sess.put(name, val)
             for variant in variants:
-                prog = program(variant, args.features, args.chunk, policy.approx, args.learned_features)
+                prog = program(variant, args.features, args.chunk, policy.approx, args.learned_features,
+                               args.learned_window)
                 ins = {n: n for n in x if variant == "learned" or n not in LEARNED}
                 sess.run(prog, ins, ["out"], key=f"{variant}")  # compile + warm-up
                 c = sess.run(prog, ins, ["out"], key=f"{variant}")
@@ -173,7 +177,8 @@ def main(argv=None):
                   "v ~ N(0, 1)), m random features:\n\n" + markdown_table(errs, list(errs[0])))
     table += (f"\nSmolLM2-135M attention shapes: {H} query heads, {KV} KV heads, head dim {D}, causal, batch 1, "
               f"q, k ~ N(0, 0.3^2). RFA: {args.features} features, chunk {args.chunk}; learned: the "
-              f"convert-attention map, {args.learned_features} features, secret W and b, mean stabiliser. Figures: one call after a "
+              f"convert-attention map, {args.learned_features} features, secret W and b, mean stabiliser"
+              f"{f', sliding window of {args.learned_window} exact keys' if args.learned_window else ''}. Figures: one call after a "
               "warm-up call; MB and send actions are the busiest party's (party 0 in the simulator).\n")
     name = "attention_" + args.policies.replace(",", "_") + args.tag
     save(name, {"rows": rows, "growth": growth, "census": cen_rows, "errors": errs, "args": vars(args)}, table,

@@ -163,9 +163,10 @@ def converted_configs(args) -> list:
     report = json.loads((path / "conversion.json").read_text())
     cfg = config_with_policy(conv.config, load_policy("aby3-rfa-learned"))
     m = cfg.rfa.features
-    out = [(f"learned (converted) m={m}, all layers", cfg, conv)]
+    win = f", exact window {cfg.rfa.window}" if cfg.rfa.window else ""
+    out = [(f"learned (converted) m={m}{win}, all layers", cfg, conv)]
     for K in [int(x) for x in args.converted_hybrids.split(",") if x]:
         layers = worst_layers(report, K)
-        out.append((f"learned m={m}, softmax in {K} worst-fitted layers {list(layers)}",
+        out.append((f"learned m={m}{win}, softmax in {K} worst-fitted layers {list(layers)}",
                     dataclasses.replace(cfg, softmax_layers=layers), conv))
     return out

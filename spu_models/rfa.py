@@ -21,6 +21,10 @@ and the non-linear work is per token (L x features), not per pair. Two feature m
   model owner's weights (secret-shared like the others); queries and keys have separate maps.
   Under MPC the query's softmax normaliser is a per-query factor and cancels, so a query costs
   exp only; a key costs exp plus one reciprocal (its row normaliser), per key and KV head.
+  With ``window`` W (LoLCATs-style): each query's last W keys use the exact kernel
+  exp(q.k / sqrt(D) - c) on a banded [T, W] layout, older keys the learned map, in one
+  normalisation; the query map then keeps its scale (offset taken before the bias, so the
+  bias's mean weighs the linear part against the window).
 
 Frequencies are orthogonal random features (blocks of D orthogonal directions with chi-distributed
 norms: lower variance than i.i.d.), fixed by ``seed`` and the layer index: public constants of
@@ -153,12 +157,14 @@ def query_features(q, W, cfg: RFAConfig, exp_fn):
     """phi(q) [..., T, KV, G, F] for q [..., T, KV, G, D] (query heads grouped by KV head), up to a
     per-query factor that cancels in the attention ratio."""
     if cfg.kind == "learned":  # the softmax normaliser over features is per query: it cancels
-        tq = jnp.einsum("...kgd,kgdf->...kgf", _scaled(q, q.shape[-1]), W["q_kernel"]) + W["q_bias"]
+        pq = jnp.einsum("...kgd,kgdf->...kgf", _scaled(q, q.shape[-1]), W["q_kernel"])
+        if cfg.window:
+            # beside a window's exact part nothing cancels: the linear part's scale against the
+            # window's is learned, as the bias's mean (the offset is taken before the bias)
+            return exp_fn(jnp.minimum(pq - _offset(pq, None, axes=-1, how=cfg.stabilizer) + W["q_bias"], CLIP))
+        tq = pq + W["q_bias"]
         e = tq - _offset(tq, None, axes=-1, how=cfg.stabilizer)
-        fq = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
-        if cfg.window:  # ... except beside the window's exact part: one reciprocal per query row
-            fq = fq * (1.0 / jnp.sum(fq, axis=-1, keepdims=True))
-        return fq
+        return exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
     tq = _project(_scaled(q, q.shape[-1]), W, axis=-3)
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)

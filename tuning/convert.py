@@ -16,6 +16,10 @@ How (attention transfer in the manner of Hedgehog / LoLCATs stage 1):
 3. ``fit_layer``: for each layer, Adam on the map's W, b minimises KL(softmax rows || linear rows)
    plus the output error relative to the softmax output's energy. Layers are independent, so
    each is a small problem (one jit for all layers) and a layer is the checkpoint unit.
+   With ``window`` W (LoLCATs-style hybrid) each query's last W keys keep the exact softmax
+   kernel and the map is fitted for the older keys only, in one normalisation with them (the
+   bias's mean sets the linear part's scale against the window's). Sharp, position-local
+   patterns, which linear maps fit worst, stay exact; MPC cost stays linear in L (T x W exps).
 3b. ``finetune_e2e`` (optional, ``e2e_steps``): all maps at once, through the whole frozen model,
    minimising KL(softmax model's next-token distribution || converted model's) at every position,
    so that later layers' maps compensate the errors of earlier ones. Base weights stay frozen.
