@@ -251,29 +251,48 @@ def _shift(x, n: int, axis: int):
     return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[axis], axis=axis)
 
 
-def _band(x, T: int, w: int, axis: int):
-    """The ``w`` most recent keys of each query: x [..., S, ...] (keys along ``axis``; the T queries
-    sit at the last T key positions) -> [..., T, w, ...], offset o = query position - key position
-    (zeros before the first key). Public indexing only: no communication on shares."""
+def _pad_time(x, front: int, back: int, axis: int):
     axis %= x.ndim
-    S = x.shape[axis]
-    xp = jnp.pad(x, [(w - 1, 0) if a == axis else (0, 0) for a in range(x.ndim)])
-    return jnp.stack([jax.lax.slice_in_dim(xp, w - 1 + S - T - o, w - 1 + S - o, axis=axis) for o in range(w)],
-                     axis=axis + 1)
+    return jnp.pad(x, [(front, back) if a == axis else (0, 0) for a in range(x.ndim)])
 
 
 def _window_part(qg, k, va, key_mask, cfg: RFAConfig, exp_fn):
     """sum over each query's last ``cfg.window`` keys of exp(q.k / sqrt(D) - c) [v, 1], for
     qg [..., T, KV, G, D], k [..., S, KV, D], va [..., S, KV, D + 1], key_mask [..., S] or None
     (the queries are the last T of the S key positions). c is a per-query offset over the window
-    (the stabilizer); exp work is T x window per head, not T x S."""
+    (the stabilizer).
+
+    Blocked for MPC: queries in chunks of W, each chunk against its own and the previous chunk
+    of keys ([W, 2W] scores under a public band mask). A per-query banded layout would need a
+    matmul batched over every position, which SPU issues as one exchange per position; blocks
+    need one per chunk, at twice the exps (2W per query instead of W)."""
     T, D, w = qg.shape[-4], qg.shape[-1], cfg.window
+    S = k.shape[-3]
+    first = S - T  # key index of the first query
+    front = (-first) % w + w  # zeros in front: queries start a chunk, which has a previous chunk
+    nq = -(-T // w)
+    back = nq * w - T
     km = jnp.ones(k.shape[:-2], qg.dtype) if key_mask is None else key_mask.astype(qg.dtype)
-    mb = _band(km, T, w, axis=-1)[..., :, None, None, :]  # [..., T, 1, 1, w]
-    s = jnp.einsum("...tkgd,...tokd->...tkgo", qg, _band(k, T, w, axis=-3)) * (1.0 / np.sqrt(D))
+    lead = qg.shape[:-4]
+    c0 = (front + first) // w  # chunk index of the first query chunk (>= 1)
+
+    def pairs(x, axis):  # [..., S, *rest] -> [..., nq, 2w, *rest]: (previous, own) key chunks
+        xp = _pad_time(x, front, back, axis)
+        axis %= xp.ndim
+        xc = xp.reshape(xp.shape[:axis] + (xp.shape[axis] // w, w) + xp.shape[axis + 1:])
+        prev = jax.lax.slice_in_dim(xc, c0 - 1, c0 - 1 + nq, axis=axis)
+        own = jax.lax.slice_in_dim(xc, c0, c0 + nq, axis=axis)
+        return jnp.concatenate([prev, own], axis=axis + 1)
+
+    qc = _pad_time(qg, 0, back, -4).reshape(*lead, nq, w, *qg.shape[-3:])  # [..., n, w, KV, G, D]
+    r, j = np.arange(w)[:, None], np.arange(2 * w)[None, :]
+    band = jnp.asarray(((w + r - j >= 0) & (w + r - j < w)).astype(np.float32))  # [w, 2w], public
+    mb = band * pairs(km, -1)[..., :, None, None, None, :]  # [..., n, 1, 1, w, 2w]
+    s = jnp.einsum("...nckgd,...nskd->...nkgcs", qc, pairs(k, -3)) * (1.0 / np.sqrt(D))
     e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb  # masked slots: exp(0), then x 0
     p = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP)) * mb
-    return jnp.einsum("...tkgo,...toke->...tkge", p, _band(va, T, w, axis=-3))
+    out = jnp.einsum("...nkgcs,...nske->...nckge", p, pairs(va, -3))
+    return out.reshape(*lead, nq * w, *out.shape[-3:])[..., :T, :, :, :]
 
 
 def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: bool = True, past=None):
