@@ -358,13 +358,16 @@ def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) 
 
 
 def _progress(total: int, start: int, enabled: bool):
+    """tqdm bar: best/mean loss of this generation, dev accuracy of its lowest-loss candidate, and
+    "kept": the dev accuracy of the prompt kept so far (selected by dev loss, so it can read lower
+    than this generation's), then MPC time and bytes so far."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=start, disable=not enabled, unit="gen", dynamic_ncols=True)
 
     def update(m):
         bar.set_postfix_str(f"loss {m['loss_best']:.3f}/{m['loss_mean']:.3f} dev {m['dev_acc_of_best_loss']:.2f} "
-                            f"(best {m['best_dev_so_far']:.2f}) MPC {m['mpc_s_total']:.0f}s "
+                            f"(kept {m['best_dev_so_far']:.2f}) MPC {m['mpc_s_total']:.0f}s "
                             f"{m['mpc_bytes_total'] / 1e6:.0f}MB")
         bar.update(1)
         if m["generation"] >= total:
@@ -387,7 +390,7 @@ def plot_run(metrics: list, out: Path) -> None:
     ax[0].set(title="train loss", xlabel="generation")
     ax[0].legend()
     ax[1].plot(g, [m["dev_acc_of_best_loss"] for m in metrics], label="dev acc (best-loss candidate)")
-    ax[1].plot(g, [m["best_dev_so_far"] for m in metrics], label="best dev so far")
+    ax[1].plot(g, [m["best_dev_so_far"] for m in metrics], label="dev acc of the kept prompt (lowest dev loss so far)")
     ax[1].set(title="dev accuracy", xlabel="generation", ylim=(0, 1))
     ax[1].legend(fontsize=8)
     ax[2].bar(g, [m["mpc_s"] for m in metrics])
