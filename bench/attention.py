@@ -19,7 +19,7 @@ import types
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save
+from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 H, KV, D = 9, 3, 64
 VARIANTS = {"softmax": None, "positive": ("positive", "exact", "max"), "positive-mean": ("positive", "exact", "mean"),
@@ -101,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--learned-features", type=int, default=64, help="width of the learned map (variant learned)")
     ap.add_argument("--learned-window", type=int, default=0,
                     help="variant learned: sliding window of exact attention (convert-attention --window)")
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--tag", default="", type=tag_suffix, help="suffix of the result files")
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--error-features", default="8,16,32,64,128")
     ap.add_argument("--out", default=str(RESULTS))

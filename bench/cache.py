@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save
+from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 
 def truncated(bundle, layers: int):
@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--popsize", type=int, default=4)
     ap.add_argument("--examples", type=int, default=2)
     ap.add_argument("--n-tokens", type=int, default=5)
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--tag", default="", type=tag_suffix, help="suffix of the result files")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 

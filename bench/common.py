@@ -17,6 +17,11 @@ def environment() -> dict:
             "cpus": __import__("os").cpu_count(), "spu": spu.__version__, "jax": jax.__version__}
 
 
+def tag_suffix(tag: str) -> str:
+    """--tag as a file-name suffix: 'x' and '_x' both give '_x' (a bare tag used to glue onto the name)."""
+    return tag if not tag or tag.startswith("_") else "_" + tag
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows)

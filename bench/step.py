@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save
+from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 # Adam hyper-parameters (the cost does not depend on them). SPU's fixed point (FM64, 18 fraction
 # bits: resolution 2^-18 ~ 3.8e-6; its sqrt returns 0 for inputs >= 2^18; x * x wraps for
@@ -540,7 +540,7 @@ def main(argv=None):
                     help="comma list of policies (or 'all') under which the SFT step is skipped (too slow)")
     ap.add_argument("--check", action="store_true",
                     help="compare SFT step 1 in MPC against plaintext (opens the new weights; not timed)")
-    ap.add_argument("--tag", default="", help="suffix of the output name")
+    ap.add_argument("--tag", default="", type=tag_suffix, help="suffix of the output name")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--from-json", help="re-render the table, note and chart of a saved run (no measuring)")
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save
+from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 
 def attention_errors(bundle, rfa_config, batch_embeds, mask) -> list[float]:
@@ -61,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--converted-hybrids", default="2,4,8",
                     help="K: converted model keeping softmax in the K worst-fitted layers")
     ap.add_argument("--n", type=int, default=192)
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--tag", default="", type=tag_suffix, help="suffix of the result files")
     ap.add_argument("--task", default="mr")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save
+from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 
 def icl_accuracy(bundle, task, train, test, demos_per_class: int, seed: int) -> float:
@@ -60,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--strategy", default="cma")
     ap.add_argument("--icl-demos", type=int, default=2)
     ap.add_argument("--init", default="vocab", help="P0: vocab or text:<words>")
-    ap.add_argument("--tag", default="", help="suffix for the run directories and table (variants)")
+    ap.add_argument("--tag", default="", type=tag_suffix, help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 

@@ -154,3 +154,9 @@ def test_real_smollm2_tokenizer_and_config():
     assert tok("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
     assert tok("<|im_start|>user")["input_ids"][0] == 1  # special tokens are not split
     assert b.config.rope_theta == 100000.0 and b.config.num_hidden_layers == 30 and b.config.tie_word_embeddings
+
+
+def test_bench_tag_is_a_suffix_with_or_without_its_underscore():
+    from bench.common import tag_suffix
+
+    assert [tag_suffix(t) for t in ("", "x", "_x")] == ["", "_x", "_x"]
