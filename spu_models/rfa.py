@@ -246,9 +246,7 @@ def _shift(x, n: int, axis: int):
     local on shares)."""
     if n == 0:
         return x
-    axis %= x.ndim
-    pad = [(n, 0) if a == axis else (0, 0) for a in range(x.ndim)]
-    return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[axis], axis=axis)
+    return jax.lax.slice_in_dim(_pad_time(x, n, 0, axis), 0, x.shape[axis], axis=axis % x.ndim)
 
 
 def _pad_time(x, front: int, back: int, axis: int):

@@ -37,8 +37,9 @@ def _cmd_convert(args):
                         batch=args.batch, lr=args.lr, stabilizer=args.stabilizer, seed=args.seed, window=args.window,
                         e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
                         partial=args.partial)
-    if cfg.e2e_steps < 0 or cfg.window < 0:
-        raise ValueError("--e2e-steps and --window must be >= 0")
+    for name in ("e2e_steps", "window"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("n_seqs", "seq_len", "features", "steps", "batch", "e2e_batch"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
