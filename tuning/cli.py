@@ -241,7 +241,8 @@ def _cmd_cluster(args):
 
 
 BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
-           "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap"}
+           "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
+           "compare": "bench.compare"}
 
 
 def _cmd_bench(args):

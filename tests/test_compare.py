@@ -1,0 +1,62 @@
+"""`bench compare`: paired per-seed differences, the t interval and its reading against the margin."""
+import json
+
+import numpy as np
+import pytest
+
+from bench.compare import main, paired
+
+ARGS = {"task": "mr", "shots": 16, "popsize": 20, "budget": 25, "n_test": 200, "init": "text: x"}
+
+
+def _table(path, tuned, zero_shot, seeds=None, **args):
+    seeds = seeds if seeds is not None else range(len(tuned))
+    rows = [{"task": "mr", "seed": s, "zero-shot": z, "tuned": t} for s, t, z in zip(seeds, tuned, zero_shot)]
+    path.write_text(json.dumps({"rows": rows, "args": {**ARGS, **args}}))
+    return str(path)
+
+
+def test_paired_interval_matches_a_hand_computed_t_interval():
+    a, b = np.array([0.80, 0.78, 0.82, 0.79]), np.array([0.79, 0.78, 0.80, 0.80])
+    st = paired(a, b, margin=0.01)
+    d = b - a
+    half = 3.182446 * d.std(ddof=1) / 2  # t_{0.975, 3}
+    assert st["mean_diff"] == pytest.approx(d.mean())
+    assert st["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=1e-6)
+    assert st["verdict"] == "unresolved"  # interval [-2.1, +1.1] points straddles -1
+
+
+def test_verdicts_and_seeds_needed():
+    a = np.array([0.80, 0.70, 0.75, 0.85, 0.78, 0.72])
+    assert paired(a, a + np.array([0.001, -0.002, 0.0, 0.002, -0.001, 0.0]), 0.01)["verdict"] == "within"
+    assert paired(a, a - np.array([0.10, 0.11, 0.09, 0.10, 0.12, 0.10]), 0.01)["verdict"] == "worse"
+    noisy = paired(a, a + np.array([0.05, -0.06, 0.04, -0.05, 0.06, -0.04]), 0.01)
+    assert noisy["verdict"] == "unresolved"
+    # with sd ~5.5 points, a +-1 point interval needs ~ (1.96 * 5.5)^2 ~ 120 seeds
+    assert 100 < noisy["seeds_for_margin"] < 140
+
+
+def test_compare_pairs_by_seed_across_merged_tables(tmp_path):
+    a1 = _table(tmp_path / "a1.json", [0.72, 0.81], [0.75, 0.745])
+    a2 = _table(tmp_path / "a2.json", [0.80], [0.77], seeds=[3])
+    b = _table(tmp_path / "b.json", [0.745, 0.80, 0.70, 0.79], [0.75, 0.745, 0.7, 0.76])  # seed 2: no partner
+    main(["--a", f"{a1},{a2}", "--b", b, "--out", str(tmp_path / "out"), "--tag", "t"])
+    res = json.loads((tmp_path / "out" / "compare_mr_t.json").read_text())
+    assert [r["seed"] for r in res["rows"]] == [0, 1, 3]
+    assert res["stats"]["tuned"]["diffs"] == pytest.approx([0.025, -0.01, -0.01])
+    assert (tmp_path / "out" / "compare_mr_t.png").stat().st_size > 0
+
+
+def test_compare_refuses_tables_that_are_not_comparable(tmp_path):
+    a = _table(tmp_path / "a.json", [0.7, 0.8], [0.7, 0.8])
+    b = _table(tmp_path / "b.json", [0.7, 0.8], [0.7, 0.8], budget=50)
+    with pytest.raises(ValueError, match="differ in budget"):
+        main(["--a", a, "--b", b, "--out", str(tmp_path)])
+    dup = _table(tmp_path / "d.json", [0.7], [0.7], seeds=[1])
+    with pytest.raises(ValueError, match="seed 1 is in two tables"):
+        main(["--a", f"{a},{dup}", "--b", a, "--out", str(tmp_path)])
+    one = _table(tmp_path / "one.json", [0.7], [0.7], seeds=[0])
+    with pytest.raises(ValueError, match="needs >= 2"):
+        main(["--a", a, "--b", one, "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="no accuracy table"):
+        main(["--a", str(tmp_path / "missing.json"), "--b", a, "--out", str(tmp_path)])
