@@ -38,15 +38,15 @@ def main(argv=None):
     task = _load_task(cfg)
     train, dev, _ = _examples(cfg, task)
     bundle = with_policy(load_model(cfg.model), load_policy(cfg.policy))
-    sub = build_subspace(cfg, bundle)
     plain = make_backend("plaintext", bundle, load_policy(cfg.policy))
+    sub = build_subspace(cfg, bundle, plain.embedding_stats())
     scorer = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids)
     scorer.add_examples("train+dev", train + dev)
     agree, errs, n = 0, [], 0
     rows = []
     for f in files:
         d = np.load(f)
-        want = scorer.score("train+dev", sub.prompts(d["Z"]) - sub.P0)
+        want = scorer.score("train+dev", sub.offsets(d["Z"]))
         got = d["logits"]
         a = int((want.argmax(-1) == got.argmax(-1)).sum())
         agree, n = agree + a, n + want[..., 0].size

@@ -94,22 +94,7 @@ def read_gguf(path):
     """
     import gguf
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: GGUF file not found")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            if default is None:
-                raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
-            return default
-        return f.contents()
-
+    path, reader, field = _open_gguf(path)
     arch = field("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
@@ -155,10 +140,42 @@ def read_gguf(path):
     if len(state) < expected:
         raise CheckpointError(f"{path}: only {len(state)} of {expected} tensors found; file is truncated or corrupt")
     hf_cfg["tie_word_embeddings"] = "lm_head.weight" not in state
-    tok = {
+    return hf_cfg, state, _tokenizer_meta(field)
+
+
+def read_gguf_tokenizer(path) -> dict:
+    """Only the tokenizer metadata of a GGUF (no tensor is read): what the data owner needs."""
+    return _tokenizer_meta(_open_gguf(path)[2])
+
+
+def _open_gguf(path):
+    """``(path, reader, field)``: ``field(key, default)`` reads metadata, raising on a missing key."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: GGUF file not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
+            return default
+        return f.contents()
+
+    return path, reader, field
+
+
+def _tokenizer_meta(field) -> dict:
+    return {
         "model": field("tokenizer.ggml.model"),
         "pre": field("tokenizer.ggml.pre", "default"),
-        "tokens": list(tokens),
+        "tokens": list(field("tokenizer.ggml.tokens")),
         "merges": list(field("tokenizer.ggml.merges")),
         "token_type": [int(x) for x in field("tokenizer.ggml.token_type")],
         "bos_token_id": int(field("tokenizer.ggml.bos_token_id", -1)),
@@ -166,7 +183,6 @@ def read_gguf(path):
         "padding_token_id": int(field("tokenizer.ggml.padding_token_id", -1)),
         "chat_template": field("tokenizer.chat_template", ""),
     }
-    return hf_cfg, state, tok
 
 
 def load_gguf(path, **config_overrides):

@@ -227,13 +227,21 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
     monkeypatch.setattr(CMAES, "ask", ask)
     monkeypatch.setattr(SecureScorer, "add_examples", add_examples)
 
-    # 1. the tuning loop, driven through a freed policy file
+    # 1. the tuning loop, driven through a freed policy file. The data owner's process (this one)
+    #    never loads the model owner's weights: only the model owner's node does
+    import tuning.models
+
+    def no_weights_here(*a, **k):
+        raise AssertionError("the data owner's process loaded the model's weights")
+
     policy_path = node.dump_policy(small_policy("aby3"), tmp_path / "aby3-free.yaml")
     out = tmp_path / "run"
-    summary = tune(TuneConfig(model="tiny-llama", policy=str(policy_path), backend="cluster", task=None,
-                              train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4,
-                              budget=2, d=8, n_tokens=2, seed=0, out=str(out)),
-                   show_progress=False, log=lambda *a: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tuning.models, "load_model", no_weights_here)
+        summary = tune(TuneConfig(model="tiny-llama", policy=str(policy_path), backend="cluster", task=None,
+                                  train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4,
+                                  popsize=4, budget=2, d=8, n_tokens=2, seed=0, out=str(out)),
+                       show_progress=False, log=lambda *a: None)
     assert summary["generations"] == 2 and summary["backend"] == "cluster"
     assert json.loads((out / "summary.json").read_text())["tuned_test_acc"] == summary["tuned_test_acc"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -258,6 +266,11 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
         sc.add_examples("ex", examples)
         caches = [v for v in be.shapes if v.startswith("ex_cache_")]
         assert len(caches) == 2 * bundle.config.num_hidden_layers  # the prefix cache, resident
+        # what the data owner learns of the weights: the subspace's statistics, same as in process
+        plain_stats = make_backend("plaintext", bundle, policy).embedding_stats()
+        stats = be.embedding_stats()
+        assert (stats.vocab_size, stats.hidden) == (plain_stats.vocab_size, plain_stats.hidden)
+        assert stats.std == pytest.approx(plain_stats.std, rel=1e-6)
         runs = be.node_info(policy.compute[0].name)["run"]
         got = [sc.score("ex", delta), sc.score("ex", None)]
         assert be.node_info(policy.compute[0].name)["run"] == runs + 2  # scoring reads the cache

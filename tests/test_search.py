@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tuning.search import CMAES, SPSA, make_strategy
-from tuning.subspace import make_subspace
+from tuning.subspace import EmbeddingStats, make_subspace, subspace_from_stats
 
 D = 20
 SHIFT = np.linspace(-2.0, 2.0, D).astype(np.float32)
@@ -166,6 +166,43 @@ def test_subspace_shapes_and_determinism(table):
     np.testing.assert_array_equal(txt.P0, table[30:35])
     with pytest.raises(ValueError, match="d=50"):
         s.prompts(np.zeros((2, 49)))
+
+
+def test_subspace_from_statistics_is_the_same_search_without_the_table(table):
+    """A data owner without the weights (cluster back end) searches the same A from three public
+    numbers; it shares A z, and the parties add their own P0."""
+    ids = [30, 31, 32, 33, 34]
+    s = make_subspace(table, n_tokens=5, d=50, seed=4, init="text", init_ids=ids)
+    stats = EmbeddingStats.of(table)
+    assert (stats.vocab_size, stats.hidden) == table.shape and stats.std == pytest.approx(table.std(), rel=1e-5)
+    t = subspace_from_stats(stats, n_tokens=5, d=50, seed=4, init="text", init_ids=ids)
+    np.testing.assert_array_equal(t.A, s.A)
+    assert t.P0 is None and t.init_ids == s.init_ids and t.scale == s.scale and t.hidden == H
+    Z = np.random.default_rng(1).standard_normal((3, 50)).astype(np.float32)
+    np.testing.assert_allclose(t.offsets(Z), s.prompts(Z) - s.P0, atol=1e-6)
+    np.testing.assert_allclose(t.offsets(Z[0]), t.offsets(Z)[0], atol=1e-7)
+    with pytest.raises(ValueError, match="holds no P0"):
+        t.prompts(Z)
+    v = subspace_from_stats(stats, n_tokens=5, d=50, seed=4)  # vocab init: same ids as from the table
+    assert v.init_ids == make_subspace(table, n_tokens=5, d=50, seed=4).init_ids
+
+
+def test_embedding_table_is_refused_when_the_policy_keeps_it_secret():
+    import dataclasses
+
+    from tuning.backends import make_backend
+    from tuning.models import load_model
+    from tuning.policy import load_policy
+
+    bundle = load_model("tiny-llama")
+    policy = load_policy("aby3")
+    assert policy.embedding == "data_owner"
+    be = make_backend("plaintext", bundle, policy)
+    assert be.embedding_table().shape == (bundle.config.vocab_size, bundle.config.hidden_size)
+    secret = make_backend("plaintext", bundle, dataclasses.replace(policy, embedding="secret"))
+    with pytest.raises(PermissionError, match="keeps the embedding table secret"):
+        secret.embedding_table()
+    assert secret.embedding_stats() == be.embedding_stats()  # public statistics under every policy
 
 
 @pytest.mark.parametrize("alpha,dist", [(1.0, "normal"), (0.5, "normal"), (1.0, "he")])

@@ -101,10 +101,7 @@ def _cmd_tasks(args):
             print(f"  [{label}] {task.prompt(text)!r}")
 
 
-def _forward_setup(args):
-    """Model, policy and batch for compile/forward: ``--text`` prompts (or a task's test prompts)."""
-    from .encode import make_batch
-    from .models import load_model, with_policy
+def _forward_policy(args):
     from .policy import load_policy
 
     policy = load_policy(args.policy)
@@ -112,7 +109,11 @@ def _forward_setup(args):
         import dataclasses
 
         policy = dataclasses.replace(policy, embedding=args.embedding)
-    bundle = with_policy(load_model(args.model), policy)
+    return policy
+
+
+def _forward_prompts(args) -> tuple[list, list]:
+    """``--text`` prompts (or a task's test prompts) and the verbalizer words."""
     if args.text:
         prompts, words = list(args.text), [w for w in args.words.split(",")]
         if args.task or args.train:
@@ -122,16 +123,20 @@ def _forward_setup(args):
         task = task_from_args(args)
         prompts = [task.prompt(t) for t, _ in task.test[: args.n]]
         words = [task.verbalizer[l] for l in task.labels]
-    batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
-    return bundle, policy, prompts, words, batch
+    return prompts, words
 
 
 def _cmd_compile(args):
     from pathlib import Path
 
     from .backends.spu_common import compile_forward, op_census
+    from .encode import make_batch
+    from .models import load_model, with_policy
 
-    bundle, policy, _, _, batch = _forward_setup(args)
+    policy = _forward_policy(args)
+    bundle = with_policy(load_model(args.model), policy)  # the model owner's tool: it has the weights
+    prompts, words = _forward_prompts(args)
+    batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
     exe = compile_forward(bundle.config, policy.embedding, bundle.params, batch)
     text = exe.code.decode("utf-8")
     if args.out:
@@ -152,12 +157,18 @@ def _cmd_compile(args):
 def _cmd_forward(args):
     import numpy as np
 
-    from .backends import make_backend
+    from .backends import open_backend
     from .cost import format_cost, top_ops
+    from .encode import make_batch
 
-    bundle, policy, prompts, words, batch = _forward_setup(args)
-    backend = make_backend(args.backend, bundle, policy)
+    policy = _forward_policy(args)
+    prompts, words = _forward_prompts(args)
+    backend, bundle = open_backend(args.backend, args.model, policy)  # cluster: no weights here
     try:
+        if args.backend == "cluster":  # the embedding table, if the policy gives it, from the model owner
+            batch = backend.make_batch(prompts, words, args.seq_len)
+        else:
+            batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
         logits = backend.forward(batch)
         cost = backend.costs[-1]
     finally:

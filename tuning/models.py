@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, List
 
 from spu_models import llama
-from spu_models.loading import CheckpointError, load_hf_dir, read_gguf
+from spu_models.loading import CheckpointError, load_hf_dir, read_gguf, read_gguf_tokenizer
 
 from .assets import AssetError, log, pip_download, secptune_home
 
@@ -175,6 +175,45 @@ def tiny_config(name: str, **overrides):
                            type_vocab_size=2, model_type="bert", **overrides)
 
 
+def _resolve(name: str, home: Path | None = None) -> Path:
+    """The file or directory behind a non-tiny model name (registered, converted, or a path)."""
+    if name in REGISTERED:
+        path = model_dir(name, home)
+        if not (path / ".complete").exists():
+            raise AssetError(f"model {name!r} is not prepared (looked in {path}); run `secptune prepare` first")
+        return path
+    if (model_dir(name, home) / ".complete").exists():  # e.g. smollm2-135m-rfa (convert-attention)
+        return model_dir(name, home)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ValueError(f"unknown model {name!r}: not one of {REGISTERED + TINY}, not a converted model "
+                         "in $SECPTUNE_HOME/models, and no such path")
+    return path
+
+
+def _dir_tokenizer(path: Path):
+    if (path / ByteTokenizer.MARKER).exists():
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(name: str, home: Path | None = None):
+    """The tokenizer of a model, and nothing else: no weight is read. This is the data owner's
+    part of a model under the cluster back end (the model owner publishes its tokenizer; the
+    config comes from the model owner's node, the weights never leave it)."""
+    if name in TINY:
+        return ByteTokenizer()
+    path = _resolve(name, home)
+    if path.suffix == ".gguf":
+        return tokenizer_from_gguf(read_gguf_tokenizer(path))
+    return _dir_tokenizer(path)
+
+
 def load_model(name: str, home: Path | None = None, seed: int = 0, **config_overrides) -> ModelBundle:
     """Resolve a model name or path to a loaded :class:`ModelBundle`. Raises ValueError / AssetError."""
     if name in TINY:
@@ -186,28 +225,10 @@ def load_model(name: str, home: Path | None = None, seed: int = 0, **config_over
 
             params = bert.init_params(cfg, seed)
         return ModelBundle(name, cfg, params, ByteTokenizer())
-    if name in REGISTERED:
-        path = model_dir(name, home)
-        if not (path / ".complete").exists():
-            raise AssetError(f"model {name!r} is not prepared (looked in {path}); run `secptune prepare` first")
-    elif (model_dir(name, home) / ".complete").exists():  # e.g. smollm2-135m-rfa (convert-attention)
-        path = model_dir(name, home)
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise ValueError(f"unknown model {name!r}: not one of {REGISTERED + TINY}, not a converted model "
-                             "in $SECPTUNE_HOME/models, and no such path")
+    path = _resolve(name, home)
     if path.suffix == ".gguf":
         hf_cfg, state, tok_meta = read_gguf(path)
         cfg = llama.LlamaConfig.from_hf(hf_cfg, **config_overrides)
         return ModelBundle(name, cfg, llama.params_from_hf_state(state, cfg), tokenizer_from_gguf(tok_meta))
     cfg, params = load_hf_dir(path, **config_overrides)
-    if (path / ByteTokenizer.MARKER).exists():
-        return ModelBundle(name, cfg, params, ByteTokenizer())
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {e})") from None
-    return ModelBundle(name, cfg, params, tok)
+    return ModelBundle(name, cfg, params, _dir_tokenizer(path))

@@ -364,6 +364,18 @@ def embedding_table(server, model_name: str) -> np.ndarray:
     return np.asarray(table(bundle.config, bundle.params), np.float32)
 
 
+def embedding_stats(server, model_name: str):
+    """Model owner -> data owner, every policy: the embedding table's shape and the std of its
+    entries (three public numbers; the search subspace's scale). Not the table."""
+    from spu_models.forward import embedding_table as table
+
+    from .subspace import EmbeddingStats
+
+    _require(server, "model_owner")
+    bundle = _bundle(server, model_name)
+    return EmbeddingStats.of(np.asarray(table(bundle.config, bundle.params), np.float32))
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tuning.node", description=__doc__.split("\n\n")[0])

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from spu_models import llama
-from spu_models.forward import embedding_table, make_tuning_programs
+from spu_models.forward import make_tuning_programs
 
 from .encode import pad_length, verbalizer_ids
 
@@ -71,7 +71,7 @@ class SecureScorer:
     def _share_tokens(self, name: str, ids: np.ndarray) -> None:
         """Share token embeddings [..., L, H] under ``name``, per the policy's embedding mode."""
         if self.s.policy.embedding == "data_owner":  # the data owner holds the table (policy says so)
-            self.s.put(name, np.asarray(embedding_table(self.bundle.config, self.bundle.params))[ids])
+            self.s.put(name, self.s.embedding_table()[ids])
         else:  # one-hot tokens; the lookup is a matmul inside MPC
             onehot = np.eye(self.bundle.config.vocab_size, dtype=np.float32)[ids]
             self.s.put(name + "_onehot", onehot)

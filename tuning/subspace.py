@@ -6,6 +6,12 @@ searched; the secure forward pass sees the ``[pop, n_tokens, H]`` prompts built 
 
     sub = make_subspace(E, n_tokens=5, d=500, seed=0)
     P = sub.prompts(Z)          # Z [pop, d] -> [pop, n_tokens, H]; z [d] -> [n_tokens, H]
+    D = sub.offsets(Z)          # A z alone: what the tuning loop shares (P0 is resident)
+
+A needs only public statistics of the embedding table (its shape and the std of its entries):
+``subspace_from_stats(EmbeddingStats(V, H, std), ...)`` builds the same A without the table, so a
+data owner that never holds the model owner's weights (the cluster back end) can still search.
+Its P0 is then None: the compute parties embed the initial prompt's ids themselves.
 """
 from __future__ import annotations
 
@@ -17,28 +23,46 @@ N_SPECIAL = 20  # SmolLM2 ids < 20 are special tokens (<|endoftext|>, <|im_start
 _CHUNK_ROWS = 4096  # rows of A / of the embedding table processed at a time
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddingStats:
+    """What the subspace needs of the embedding table: public scalars, not the table."""
+    vocab_size: int
+    hidden: int
+    std: float  # of all entries
+
+    @classmethod
+    def of(cls, E) -> "EmbeddingStats":
+        if E.ndim != 2:
+            raise ValueError(f"embedding_table must be [V, H], got shape {E.shape}")
+        return cls(int(E.shape[0]), int(E.shape[1]), embedding_std(E))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Subspace:
     A: np.ndarray  # [n_tokens*H, d] float32
-    P0: np.ndarray  # [n_tokens, H] float32
+    P0: np.ndarray | None  # [n_tokens, H] float32; None when built from statistics alone
     n_tokens: int
     d: int
     seed: int
     init: str  # e.g. "vocab(seed=0)" or "text"
     init_ids: tuple = ()  # token ids whose embeddings form P0
     scale: float = 0.0  # std of the entries of A
+    hidden: int = 0
 
-    @property
-    def hidden(self) -> int:
-        return self.P0.shape[1]
-
-    def prompts(self, Z) -> np.ndarray:
-        """``P0 + A z`` for Z [pop, d] -> [pop, n_tokens, H], or z [d] -> [n_tokens, H] (float32)."""
+    def offsets(self, Z) -> np.ndarray:
+        """``A z`` for Z [pop, d] -> [pop, n_tokens, H], or z [d] -> [n_tokens, H] (float32)."""
         Z = np.asarray(Z, np.float32)
         if Z.shape[-1] != self.d or Z.ndim not in (1, 2):
             raise ValueError(f"expected z of shape [d] or [pop, d] with d={self.d}, got {Z.shape}")
-        P = self.P0 + (np.atleast_2d(Z) @ self.A.T).reshape(-1, self.n_tokens, self.hidden)
-        return P[0] if Z.ndim == 1 else P
+        D = (np.atleast_2d(Z) @ self.A.T).reshape(-1, self.n_tokens, self.hidden)
+        return D[0] if Z.ndim == 1 else D
+
+    def prompts(self, Z) -> np.ndarray:
+        """``P0 + A z``, shaped as :meth:`offsets` (needs P0: a subspace made from the table)."""
+        if self.P0 is None:
+            raise ValueError("this subspace was built from embedding statistics and holds no P0; "
+                             "use offsets(Z) (= prompts(Z) - P0), which the parties add to their P0")
+        return self.P0 + self.offsets(Z)
 
 
 def embedding_std(E: np.ndarray) -> float:
@@ -54,7 +78,18 @@ def embedding_std(E: np.ndarray) -> float:
 def make_subspace(embedding_table: np.ndarray, n_tokens: int = 5, d: int = 500, seed: int = 0,
                   init: str = "vocab", init_ids=None, alpha: float = 1.0,
                   dist: str = "normal") -> Subspace:
-    """Build the BBT subspace for an embedding table ``E`` [V, H].
+    """Build the BBT subspace for an embedding table ``E`` [V, H]: :func:`subspace_from_stats` of
+    the table's statistics, plus ``P0`` (the initial prompt's rows of ``E``) in plaintext."""
+    E = embedding_table
+    sub = subspace_from_stats(EmbeddingStats.of(E), n_tokens, d, seed, init, init_ids, alpha, dist)
+    P0 = np.asarray(E[np.asarray(sub.init_ids)], np.float32).reshape(n_tokens, sub.hidden)
+    return dataclasses.replace(sub, P0=P0)
+
+
+def subspace_from_stats(stats: EmbeddingStats, n_tokens: int = 5, d: int = 500, seed: int = 0,
+                        init: str = "vocab", init_ids=None, alpha: float = 1.0,
+                        dist: str = "normal") -> Subspace:
+    """Build the BBT subspace from the embedding table's statistics (no P0).
 
     Projection (fixed, never trained), with ``s = std(E)`` over all entries of the table:
 
@@ -65,17 +100,14 @@ def make_subspace(embedding_table: np.ndarray, n_tokens: int = 5, d: int = 500, 
       ``sqrt(2) * s`` for ``alpha=1`` and a P0 of typical embeddings.
     * ``dist="he"``: ``A_ij ~ N(0, 2 / d) * alpha * s`` (He-style; ``A z`` has std ``sqrt(2) alpha s``).
 
-    P0: ``init="vocab"`` -> embeddings of ``n_tokens`` distinct vocabulary tokens drawn with the
-    seed from ids >= 20 (SmolLM2 specials excluded); ``init="text"`` -> embeddings of ``init_ids``
-    (the token ids of a text prompt; their number must equal ``n_tokens``).
+    P0's ids: ``init="vocab"`` -> ``n_tokens`` distinct vocabulary tokens drawn with the seed from
+    ids >= 20 (SmolLM2 specials excluded); ``init="text"`` -> ``init_ids`` (the token ids of a
+    text prompt; their number must equal ``n_tokens``).
 
     Deterministic for a seed: A comes from ``np.random.default_rng(seed)`` (float32, generated in
     row chunks), the vocabulary ids from ``default_rng([seed, 1])``, so A does not depend on ``init``.
     """
-    E = embedding_table
-    if E.ndim != 2:
-        raise ValueError(f"embedding_table must be [V, H], got shape {E.shape}")
-    V, H = E.shape
+    V, H = stats.vocab_size, stats.hidden
     if n_tokens < 1 or d < 1:
         raise ValueError(f"n_tokens and d must be >= 1, got n_tokens={n_tokens}, d={d}")
     if dist not in ("normal", "he"):
@@ -97,14 +129,13 @@ def make_subspace(embedding_table: np.ndarray, n_tokens: int = 5, d: int = 500, 
         desc = "text"
     else:
         raise ValueError(f"unknown init {init!r}; known: 'vocab', 'text'")
-    P0 = np.asarray(E[ids], np.float32).reshape(n_tokens, H)
 
-    scale = alpha * embedding_std(E) * (np.sqrt(1.0 / d) if dist == "normal" else np.sqrt(2.0 / d))
+    scale = alpha * stats.std * (np.sqrt(1.0 / d) if dist == "normal" else np.sqrt(2.0 / d))
     rng = np.random.default_rng(seed)
     A = np.empty((n_tokens * H, d), np.float32)
     for i in range(0, A.shape[0], _CHUNK_ROWS):
         block = A[i:i + _CHUNK_ROWS]
         rng.standard_normal(block.shape, dtype=np.float32, out=block)
         block *= np.float32(scale)
-    return Subspace(A=A, P0=P0, n_tokens=n_tokens, d=d, seed=seed, init=desc,
-                    init_ids=tuple(int(i) for i in ids), scale=float(scale))
+    return Subspace(A=A, P0=None, n_tokens=n_tokens, d=d, seed=seed, init=desc,
+                    init_ids=tuple(int(i) for i in ids), scale=float(scale), hidden=H)

@@ -100,7 +100,7 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
     not told to the search, but it is a selection candidate (often the best generaliser)."""
     Z, search = strategy.ask(st.search)                                  # 1. ask
     Zs = np.concatenate([Z, strategy.mean(st.search)[None]])             #    (+ the current mean)
-    delta = subspace.prompts(Zs) - subspace.P0                           # 2. A.z at the data owner,
+    delta = subspace.offsets(Zs)                                         # 2. A.z at the data owner,
     n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
     logits = scorer.score("train+dev", delta)                            # 3. opened to us only
     tr, dv = logits[:, : train.n], logits[:, train.n:]
@@ -207,16 +207,15 @@ def _init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
     return ids
 
 
-def build_subspace(cfg: TuneConfig, bundle):
-    """The run's subspace, reproducible from its config alone (A from the seed, P0 from --init)."""
-    from spu_models.forward import embedding_table
-
-    from .subspace import make_subspace
+def build_subspace(cfg: TuneConfig, bundle, stats):
+    """The run's subspace, reproducible from its config alone (A from the seed, P0's ids from
+    --init) and the embedding table's public statistics ``stats`` (``backend.embedding_stats()``).
+    It holds no P0: the parties embed P0's ids, and the loop shares only ``A z``."""
+    from .subspace import subspace_from_stats
 
     ids = _init_token_ids(cfg, bundle)
-    table = np.asarray(embedding_table(bundle.config, bundle.params))
-    return make_subspace(table, len(ids) if ids else cfg.n_tokens, cfg.d, cfg.seed, "text" if ids else "vocab",
-                         init_ids=ids)
+    return subspace_from_stats(stats, len(ids) if ids else cfg.n_tokens, cfg.d, cfg.seed,
+                               "text" if ids else "vocab", init_ids=ids)
 
 
 def _cost_sum(costs) -> dict:
@@ -230,8 +229,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
 
     ``budget`` on resume extends (or shortens) the stored run's generation budget; every other
     setting comes from the run's config.json, so the continued search is the same search."""
-    from .backends import make_backend
-    from .models import load_model, with_policy
+    from .backends import open_backend
     from .policy import load_policy
     from .scorer import SecureScorer
     from .search import make_strategy
@@ -256,20 +254,21 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     task = _load_task(cfg)
     train, dev, test = _examples(cfg, task)
     policy = load_policy(cfg.policy)
-    bundle = with_policy(load_model(cfg.model), policy)
-    subspace = build_subspace(cfg, bundle)
-    cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    log(task.describe())
-    log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
-        f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
-    strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
-                             **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
-
-    session = make_backend(cfg.backend, bundle, policy)
+    t0 = time.perf_counter()
+    # the back end, and the model as this (the data owner's) process sees it: under the cluster
+    # back end, the tokenizer and public config only; the weights stay with the model owner
+    session, bundle = open_backend(cfg.backend, cfg.model, policy)
     try:
-        t0 = time.perf_counter()
+        subspace = build_subspace(cfg, bundle, session.embedding_stats())
+        cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        log(task.describe())
+        log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
+            f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
+        strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
+                                 **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
+
         scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids)
         train_set = scorer.add_examples("train+dev", train + dev)
         train_set = dataclasses.replace(train_set, labels=train_set.labels[: len(train)], n=len(train))
@@ -314,7 +313,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
 
         z = st.best_z if st.best_z is not None else strategy.mean(st.search)
         n0 = len(session.costs)
-        tuned_logits = scorer.score("test", (subspace.prompts(z[None]) - subspace.P0))
+        tuned_logits = scorer.score("test", subspace.offsets(z[None]))
         test_acc = float(accuracy(tuned_logits, test_set.labels)[0])
         gen_costs = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
         per_gen = {k: float(np.median([g[k] for g in gen_costs])) if gen_costs else 0.0

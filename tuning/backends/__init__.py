@@ -8,6 +8,9 @@
 - ``plaintext``: the same function under ``jax.jit``.
 - ``sim``: SPU's protocols in one process, one runtime per party over in-memory links.
 - ``cluster``: one OS process per party, SPU runtimes over brpc links (``tuning.backends.cluster``).
+
+``open_backend`` also gives the data owner's view of the model: under ``cluster`` that is the
+tokenizer and the model owner's public config, never the weights.
 """
 from __future__ import annotations
 
@@ -28,3 +31,22 @@ def make_backend(name: str, bundle, policy, **kw):
 
         return ClusterBackend(bundle, policy, **kw)
     raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+
+
+def open_backend(name: str, model: str, policy, **kw):
+    """``(backend, bundle)``: a back end for ``model`` under ``policy``, and the model as the data
+    owner's process sees it.
+
+    ``plaintext`` and ``sim`` run every party in this process, so the bundle holds the weights.
+    ``cluster`` keeps them at the model owner's node: this process loads only the tokenizer
+    (``models.load_tokenizer``), takes the config the model owner publishes, and its bundle has
+    ``params=None``. Everything the data owner may learn of the weights it asks the back end for
+    (``embedding_stats()``; ``embedding_table()`` under ``embedding: data_owner``)."""
+    from ..models import ModelBundle, load_model, load_tokenizer, with_policy
+
+    if name == "cluster":
+        tok = load_tokenizer(model)
+        backend = make_backend(name, ModelBundle(model, None, None, tok), policy, **kw)
+        return backend, ModelBundle(model, backend.config, None, tok)
+    bundle = with_policy(load_model(model), policy)
+    return make_backend(name, bundle, policy, **kw), bundle

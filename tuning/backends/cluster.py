@@ -368,12 +368,11 @@ class ClusterBackend(Session):
     ``bundle.name``). ``launch=False`` connects to nodes already running at the policy's
     addresses (``secptune cluster up`` / ``secptune node``).
 
-    The back end never reads ``bundle.params``; its callers may. Under policy ``embedding:
-    data_owner`` the data owner embeds tokens itself, so ``tuning.scorer`` reads the embedding
-    table from ``bundle.params``. That table is all the data owner needs, and only under that
-    policy (``make_batch`` here asks the model owner for just the table instead); under
-    ``embedding: secret`` the scorer needs no weights at the data owner. (``tuning.trainer``
-    currently reads the table under every policy, for the subspace's scale and P0.)
+    Only ``bundle.name`` and ``bundle.tokenizer`` are read: ``tuning.models.open_backend`` gives
+    a bundle without weights (``params=None``), and the data owner's process never loads them.
+    What it learns of the weights comes from the model owner's node, per the policy:
+    ``embedding_stats()`` (shape and std of the embedding table, for the subspace's scale) always,
+    and ``embedding_table()`` only under ``embedding: data_owner``.
     """
 
     name = "cluster"
@@ -431,15 +430,27 @@ class ClusterBackend(Session):
         gives it to the data owner, comes from the model owner (asked once)."""
         from ..encode import make_batch
         from ..models import ModelBundle
-        from .. import node
 
         params = {}
         if self.policy.embedding == "data_owner":
-            if self._table is None:
-                self._table = self.owner.call(node.embedding_table, self.model)
-            params = _params_with_table(self.config, self._table)
+            params = _params_with_table(self.config, self.embedding_table())
         return make_batch(ModelBundle(self.model, self.config, params, self.bundle.tokenizer), prompts, words,
                           self.policy.embedding, seq_len)
+
+    def embedding_table(self) -> np.ndarray:
+        """Asked of the model owner once, under policy ``embedding: data_owner`` only."""
+        from .. import node
+
+        if self.policy.embedding != "data_owner":
+            return Session.embedding_table(self)  # raises: the policy keeps the table secret
+        if self._table is None:
+            self._table = self.owner.call(node.embedding_table, self.model)
+        return self._table
+
+    def embedding_stats(self):
+        from .. import node
+
+        return self.owner.call(node.embedding_stats, self.model)
 
     def _gather(self, jobs: list) -> list:
         """``gather`` over the compute parties; a failure makes the back end refuse further calls."""

@@ -25,9 +25,30 @@ class Session:
     def __init__(self, bundle, policy):
         self.config, self.policy = bundle.config, policy
         self._params_shapes = _shapes(bundle.params)
+        self._owner_params = bundle.params  # in-process back ends hold the model owner's weights
         self.shapes: dict = {}  # resident var name -> shape
         self._programs: dict = {}
         self.costs: list = []
+
+    # ---- what the data owner may learn of the weights (the cluster back end asks the model owner)
+    def embedding_table(self) -> np.ndarray:
+        """The token-embedding table, under policy ``embedding: data_owner`` only (which hands the
+        table to the data owner, so that it embeds its own tokens)."""
+        if self.policy.embedding != "data_owner":
+            raise PermissionError(f"policy {self.policy.name!r} keeps the embedding table secret "
+                                  f"(embedding: {self.policy.embedding}); the data owner does not get it")
+        from spu_models.forward import embedding_table
+
+        return np.asarray(embedding_table(self.config, self._owner_params), np.float32)
+
+    def embedding_stats(self):
+        """Public statistics of the embedding table (shape, std of its entries): the scale of the
+        search subspace, under every policy."""
+        from spu_models.forward import embedding_table
+
+        from ..subspace import EmbeddingStats
+
+        return EmbeddingStats.of(np.asarray(embedding_table(self.config, self._owner_params)))
 
     # ---- back ends implement: put, open, drop, _execute(compiled, outputs) -> CallCost, close
     def run(self, program, inputs: dict, outputs, key: str | None = None):
