@@ -91,11 +91,36 @@ def main(argv=None):
                      "best dev": round(s["best_dev_acc"], 3), "generations": s["generations"],
                      "backend": args.backend, "placement": args.mode})
         print(rows[-1], flush=True)
+    name = f"accuracy_{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}"
+    rows = merge_rows(Path(args.out) / f"{name}.json", rows, vars(args))
     keys = ["zero-shot", f"ICL ({args.icl_demos}/class)", "tuned", "best dev"]
     mean = {"task": args.task, "seed": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys},
             "generations": "", "backend": args.backend, "placement": args.mode}
     table = markdown_table(rows + [mean], list(rows[0]))
     table += (f"\n{args.model}; {args.shots}-shot per class (dev: as many again); popsize {args.popsize}, "
-              f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples.\n")
-    name = f"accuracy_{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}"
+              f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples; "
+              f"seeds {', '.join(str(r['seed']) for r in rows)}.\n")
+    args.seeds = ",".join(str(r["seed"]) for r in rows)
     save(name, {"rows": rows, "mean": mean, "args": vars(args)}, table, args.out)
+
+
+# what makes two invocations' rows one table (the seeds and the output place may differ)
+SAME_RUN = ("task", "model", "shots", "popsize", "budget", "n_test", "backend", "policy", "mode", "strategy",
+            "icl_demos", "init", "tag")
+
+
+def merge_rows(path: Path, rows: list, args: dict) -> list:
+    """This invocation's rows plus the seeds an earlier invocation of the same table measured:
+    ``--seeds 3,4`` adds to a table of seeds 0-2 instead of replacing it. A table of other
+    settings is replaced (and said so)."""
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    old_args = old.get("args", {})
+    differ = [k for k in SAME_RUN if old_args.get(k) != args.get(k)]
+    if differ:
+        print(f"note: {path.name} held a run with other settings ({', '.join(differ)}); replacing it")
+        return rows
+    by_seed = {r["seed"]: r for r in old.get("rows", [])}
+    by_seed.update({r["seed"]: r for r in rows})
+    return [by_seed[s] for s in sorted(by_seed)]

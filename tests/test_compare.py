@@ -60,3 +60,18 @@ def test_compare_refuses_tables_that_are_not_comparable(tmp_path):
         main(["--a", a, "--b", one, "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="no accuracy table"):
         main(["--a", str(tmp_path / "missing.json"), "--b", a, "--out", str(tmp_path)])
+
+
+def test_accuracy_table_keeps_the_seeds_of_earlier_invocations(tmp_path, capsys):
+    from bench.tune_accuracy import merge_rows
+
+    path = tmp_path / "accuracy_mr.json"
+    args = {**ARGS, "model": "m", "backend": "plaintext", "policy": "aby3", "mode": "cached", "strategy": "cma",
+            "icl_demos": 0, "tag": "_x", "seeds": "0,1,2"}
+    rows = lambda seeds, acc: [{"seed": s, "tuned": acc} for s in seeds]  # noqa: E731
+    assert merge_rows(path, rows([0, 1], 0.7), args) == rows([0, 1], 0.7)  # no table yet
+    path.write_text(json.dumps({"rows": rows([0, 1, 2], 0.7), "args": args}))
+    merged = merge_rows(path, rows([4, 2], 0.8), {**args, "seeds": "4,2"})  # seeds are not a setting
+    assert [(r["seed"], r["tuned"]) for r in merged] == [(0, 0.7), (1, 0.7), (2, 0.8), (4, 0.8)]
+    assert merge_rows(path, rows([3], 0.8), {**args, "budget": 50}) == rows([3], 0.8)  # other settings
+    assert "other settings (budget)" in capsys.readouterr().out

@@ -35,6 +35,7 @@ class ExampleSet:
     name: str
     labels: np.ndarray  # [E] int (kept at the data owner, never shared)
     n: int
+    resident: dict = dataclasses.field(default_factory=dict)  # program argument -> resident var, per score
 
 
 class SecureScorer:
@@ -93,9 +94,10 @@ class SecureScorer:
             self.s.put(f"{name}_mask", mask)
             cache = {f"cache_{kv}{i}": f"{name}_cache_{kv}{i}"
                      for i in range(self.bundle.config.num_hidden_layers) for kv in "kv"}
-            inputs = {"text": f"{name}_text", "text_mask": f"{name}_mask", **self._shift(name, seqs, Lp)}
-            self.s.run(self.programs["prefill"], inputs, cache)
+            shift = self._shift(name, seqs, Lp)
+            self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache)
             self.s.drop(f"{name}_text")
+            resident = {"text_mask": f"{name}_mask", **shift, **cache}  # what every score reads
         else:
             seqs = [self._ids(self.task.prompt(t)) for t in texts]
             Lt = pad_length(max(len(s) for s in seqs) + self.n_tokens) - self.n_tokens
@@ -107,7 +109,8 @@ class SecureScorer:
                 sel = np.zeros((len(seqs), n + Lt), np.float32)
                 sel[np.arange(len(seqs)), [n + len(s) - 1 for s in seqs]] = 1.0
                 self.s.put(f"{name}_{key}", sel)
-        self.sets[name] = ExampleSet(name, labels, len(examples))
+            resident = {"text": f"{name}_text"}
+        self.sets[name] = ExampleSet(name, labels, len(examples), resident)
         return self.sets[name]
 
     def _shift(self, name: str, seqs, Lp: int) -> dict:
@@ -125,19 +128,15 @@ class SecureScorer:
     # ---------------------------------------------------------------- scoring
     def score(self, name: str, delta: np.ndarray | None) -> np.ndarray:
         """Opened verbalizer logits [P, E, R] for prompts P0 + delta (``None``: no soft prompt)."""
-        L = self.bundle.config.num_hidden_layers
-        inputs = {"head": "head"}
+        inputs = {"head": "head", **self.sets[name].resident}
         if delta is not None:
             self.s.put("delta", np.asarray(delta, np.float32))
             inputs.update(p0="p0", delta="delta")
         if self.mode == "cached":
-            inputs.update(tail="tail", text_mask=f"{name}_mask")
-            if llama.position_sensitive(self.bundle.config):
-                inputs.update(shift_c=f"{name}_shift_c", shift_s=f"{name}_shift_s")
-            inputs.update({f"cache_{kv}{i}": f"{name}_cache_{kv}{i}" for i in range(L) for kv in "kv"})
+            inputs.update(tail="tail")
             prog = self.programs["score_cached"]
         else:
-            inputs.update(text=f"{name}_text", select=f"{name}_select" if delta is not None else f"{name}_select0")
+            inputs.update(select=f"{name}_select" if delta is not None else f"{name}_select0")
             prog = self.programs["score_full"]
         self.s.run(prog, inputs, ["logits"], key=f"score_{self.mode}_{'p' if delta is not None else '0'}")
         try:
