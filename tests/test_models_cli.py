@@ -33,8 +33,10 @@ def write_tiny_gguf(path, cfg, params):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_merges(["t 0"])
+    # a valid byte-level BPE: "t", the digits, merges "t d" -> "td"; fillers up to the vocab size
+    tokens = ["t", *"0123456789", *[f"t{d}" for d in range(10)]]
+    w.add_token_list(tokens + [f"x{i}" for i in range(cfg.vocab_size - len(tokens))])
+    w.add_token_merges([f"t {d}" for d in range(10)])
     w.add_token_types([1] * cfg.vocab_size)
     m = params["model"]
     w.add_tensor("token_embd.weight", np.asarray(m["embed_tokens"]["embedding"]))
@@ -78,6 +80,20 @@ def test_gguf_roundtrip_unpermutes_qk(tiny_gguf):
     a = llama.LlamaForCausalLM(cfg).apply({"params": params}, input_ids=ids)
     b = llama.LlamaForCausalLM(cfg2).apply({"params": params2}, input_ids=ids)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_tokenizer_alone_reads_no_tensor(tiny_gguf, monkeypatch):
+    """The data owner's part of a model (cluster back end): the tokenizer, never a weight."""
+    from tuning.models import load_model, load_tokenizer
+
+    path, _, _ = tiny_gguf
+    ids = load_model(str(path)).tokenizer("t1t2t3", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: pytest.fail("a tensor was read"))
+    tok = load_tokenizer(str(path))
+    assert tok("t1t2t3", add_special_tokens=False)["input_ids"] == ids and len(ids) >= 3
+    assert load_tokenizer("tiny-llama")("ab") == load_model("tiny-llama").tokenizer("ab")
+    with pytest.raises(ValueError, match="unknown model"):
+        load_tokenizer("no-such-model")
 
 
 def test_truncated_and_corrupt_gguf_fail_in_one_line(tiny_gguf, tmp_path):
@@ -154,6 +170,11 @@ def test_real_smollm2_tokenizer_and_config():
     assert tok("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
     assert tok("<|im_start|>user")["input_ids"][0] == 1  # special tokens are not split
     assert b.config.rope_theta == 100000.0 and b.config.num_hidden_layers == 30 and b.config.tie_word_embeddings
+    from tuning.models import load_tokenizer
+
+    alone = load_tokenizer("smollm2-135m")  # what a cluster data owner loads: same ids, no weights
+    assert alone("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
+    assert alone.pad_token_id == 2
 
 
 def test_bench_tag_is_a_suffix_with_or_without_its_underscore():
