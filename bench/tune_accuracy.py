@@ -20,10 +20,12 @@ import numpy as np
 from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 
-def icl_accuracy(bundle, task, train, test, demos_per_class: int, seed: int) -> float:
+def icl_accuracy(bundle, policy, task, train, test, demos_per_class: int, seed: int) -> float:
+    """In-context learning under the run's policy: its attention (RFA, learned maps, hybrids) and
+    approximations, in plaintext, so that a converted model's ICL is not the softmax model's."""
     from tuning.backends import make_backend
     from tuning.encode import make_batch, pad_length, tokenize_prompts
-    from tuning.policy import load_policy
+    from tuning.models import with_policy
 
     rng = np.random.default_rng(seed)
     demos = []
@@ -33,7 +35,7 @@ def icl_accuracy(bundle, task, train, test, demos_per_class: int, seed: int) -> 
     rng.shuffle(demos)
     head = "".join(task.prompt(t) + task.verbalizer[l] + "\n\n" for t, l in demos)
     words = [task.verbalizer[l] for l in task.labels]
-    plain = make_backend("plaintext", bundle, load_policy("aby3"))
+    plain = make_backend("plaintext", with_policy(bundle, policy), policy)
     prompts = [head + task.prompt(t) for t, _ in test]
     L = pad_length(max(len(s) for s in tokenize_prompts(bundle, prompts)), 32)  # one shape: one compile
     correct = 0
@@ -65,6 +67,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from tuning.models import load_model
+    from tuning.policy import load_policy
     from tuning.trainer import TuneConfig, _examples, _load_task, tune
 
     rows = []
@@ -85,7 +88,8 @@ def main(argv=None):
             bundle = load_model(args.model)
         task = _load_task(cfg)
         train, _, test = _examples(cfg, task)
-        icl = icl_accuracy(bundle, task, train, test, args.icl_demos, seed) if args.icl_demos else float("nan")
+        icl = (icl_accuracy(bundle, load_policy(args.policy), task, train, test, args.icl_demos, seed)
+               if args.icl_demos else float("nan"))
         rows.append({"task": args.task, "seed": seed, "zero-shot": round(s["zero_shot_test_acc"], 3),
                      f"ICL ({args.icl_demos}/class)": round(icl, 3), "tuned": round(s["tuned_test_acc"], 3),
                      "best dev": round(s["best_dev_acc"], 3), "generations": s["generations"],
