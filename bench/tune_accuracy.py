@@ -72,6 +72,7 @@ def main(argv=None):
 
     rows = []
     bundle = None
+    policy = load_policy(args.policy)
     for seed in [int(s) for s in args.seeds.split(",")]:
         run_dir = Path(args.out) / "runs" / f"{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}_s{seed}"
         cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
@@ -88,7 +89,7 @@ def main(argv=None):
             bundle = load_model(args.model)
         task = _load_task(cfg)
         train, _, test = _examples(cfg, task)
-        icl = (icl_accuracy(bundle, load_policy(args.policy), task, train, test, args.icl_demos, seed)
+        icl = (icl_accuracy(bundle, policy, task, train, test, args.icl_demos, seed)
                if args.icl_demos else float("nan"))
         rows.append({"task": args.task, "seed": seed, "zero-shot": round(s["zero_shot_test_acc"], 3),
                      f"ICL ({args.icl_demos}/class)": round(icl, 3), "tuned": round(s["tuned_test_acc"], 3),
