@@ -33,7 +33,10 @@ def main(argv=None):
     from tuning.policy import load_policy
     from tuning.tasks import load_task, truncate_words
 
-    policies = [load_policy(p) for p in args.policy.split(",") if p]  # bad names fail before any work
+    names = [p for p in args.policy.split(",") if p]
+    if len(set(names)) != len(names):  # results are keyed by policy: a repeat would drop a run
+        ap.error(f"--policy lists {sorted({n for n in names if names.count(n) > 1})[0]!r} twice")
+    policies = [load_policy(p) for p in names]  # bad names fail before any work
     base = load_model(args.model)
     task = load_task(args.task)
     texts = [truncate_words(t, args.words) for t, _ in task.test[: args.n]]

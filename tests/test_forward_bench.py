@@ -32,3 +32,12 @@ def test_unknown_policy_fails_before_any_work(tmp_path):
     with pytest.raises(PolicyError, match="unknown policy 'nope'"):
         main(["--model", "tiny-llama", "--policy", "aby3,nope", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_repeated_policy_is_refused(tmp_path, capsys):
+    from bench.forward_real import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny-llama", "--policy", "aby3,aby3", "--out", str(tmp_path)])
+    assert "--policy lists 'aby3' twice" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
