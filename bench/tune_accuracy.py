@@ -62,6 +62,12 @@ def main(argv=None):
     ap.add_argument("--strategy", default="cma")
     ap.add_argument("--icl-demos", type=int, default=2)
     ap.add_argument("--init", default="vocab", help="P0: vocab or text:<words>")
+    ap.add_argument("--prompt-depth", type=int, default=None, help="deep prompt in the top K layers (default: input)")
+    ap.add_argument("--prompt-form", default="kv", choices=["kv", "hidden"])
+    ap.add_argument("--train-batch", type=int, default=0, help="training examples per generation (0: all)")
+    ap.add_argument("--dev-eval", default="all", choices=["all", "mean"])
+    ap.add_argument("--sigma0", type=float, default=1.0)
+    ap.add_argument("--d", type=int, default=500)
     ap.add_argument("--tag", default="", type=tag_suffix, help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -77,7 +83,9 @@ def main(argv=None):
         run_dir = Path(args.out) / "runs" / f"{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}_s{seed}"
         cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
                          shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
-                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir))
+                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir),
+                         prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
+                         dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d)
         done = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
         if done is not None and done["generations"] >= args.budget:
             s = done
@@ -111,7 +119,12 @@ def main(argv=None):
 
 # what makes two invocations' rows one table (the seeds and the output place may differ)
 SAME_RUN = ("task", "model", "shots", "popsize", "budget", "n_test", "backend", "policy", "mode", "strategy",
-            "icl_demos", "init", "tag")
+            "icl_demos", "init", "tag", "prompt_depth", "prompt_form", "train_batch", "dev_eval", "sigma0", "d")
+
+
+# settings added after tables were written: a table without them ran with these
+NEW_DEFAULTS = {"prompt_depth": None, "prompt_form": "kv", "train_batch": 0, "dev_eval": "all", "sigma0": 1.0,
+                "d": 500}
 
 
 def merge_rows(path: Path, rows: list, args: dict) -> list:
@@ -122,7 +135,7 @@ def merge_rows(path: Path, rows: list, args: dict) -> list:
         return rows
     old = json.loads(path.read_text())
     old_args = old.get("args", {})
-    differ = [k for k in SAME_RUN if old_args.get(k) != args.get(k)]
+    differ = [k for k in SAME_RUN if old_args.get(k, NEW_DEFAULTS.get(k)) != args.get(k)]
     if differ:
         print(f"note: {path.name} held a run with other settings ({', '.join(differ)}); replacing it")
         return rows

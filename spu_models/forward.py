@@ -76,11 +76,28 @@ def make_forward(config, embedding: str = "data_owner"):
 # Shapes: P candidates, E examples, n prompt tokens, t template-tail tokens, R verbalizer words.
 # ``delta`` [P, n, H] is the data owner's A.z; the prompt is P0 + delta with P0 resident.
 
-def make_tuning_programs(config):
+PROMPT_FORMS = ("kv", "hidden")
+
+
+def make_tuning_programs(config, depth: int | None = None, form: str = "kv"):
+    """The tuning loop's programs. ``depth`` K (default: all layers) places the soft prompt in the
+    top K layers only (a *deep* prompt; see ``prefill_deep``), ``form`` says how it enters them."""
     if config.family != "llama":
         raise ValueError("prompt tuning is implemented for decoder (llama-family) models")
     model = build_model(config)
     L = config.num_hidden_layers
+    K = L if depth is None else int(depth)
+    if not 1 <= K <= L:
+        raise ValueError(f"prompt depth {K} is outside 1..{L} (the model's layers)")
+    if form not in PROMPT_FORMS:
+        raise ValueError(f"unknown prompt form {form!r} (known: {', '.join(PROMPT_FORMS)})")
+    top = range(L - K, L)  # the layers a deep prompt enters
+    if K < L:
+        bad = [i for i in top if config.layer_attention(i) != "softmax"]
+        if bad:
+            raise ValueError(f"a prompt of depth {K} enters layers {bad[0]}..{L - 1}, and layer {bad[0]} runs "
+                             "linear attention; deep prompts need softmax there (smaller depth, or another policy)")
+    apply = lambda params, *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
 
     def embed(params, onehot):
         """Token embeddings from one-hot tokens, inside MPC (policy ``embedding: secret``)."""
@@ -136,5 +153,81 @@ def make_tuning_programs(config):
         picked = jnp.einsum("el,pelh->peh", select, h)
         return {"logits": picked @ head.T}
 
+    # ---- deep prompts: the candidate-dependent part enters only the top K layers ----------------
+    # Sequence: text (cached), prompt (n tokens, P0 = the initial prompt's tokens), tail (t tokens).
+    # Below layer L-K every token is the same for every candidate, so the parties compute it once
+    # per example (``prefill_deep``) and keep, as shares: the text's K/V of the top K layers, and
+    # the hidden states entering layer L-K. Form ``kv`` (P-tuning v2 / BBTv2): the prompt's K/V in
+    # each top layer (from P0) are perturbed per candidate; only the t tail tokens run per
+    # candidate. Form ``hidden``: the prompt's hidden states entering layer L-K are perturbed, and
+    # n + t tokens run per candidate. A candidate's work scales with K, not with L. With delta = 0
+    # either form is the hard prompt P0 exactly.
+    def _tokens(p0, tail, E):
+        x = jnp.concatenate([p0, tail], axis=0)
+        return jnp.broadcast_to(x[None, None], (1, E) + x.shape)
+
+    def prefill_deep(params, text, text_mask, p0, tail, head=None, shift_c=None, shift_s=None):
+        """Once per example set: the top K layers' text cache, the prompt's deep state (form
+        ``kv``: its K/V in the top layers, ``prompt_k{i}``; always: the hidden states of prompt +
+        tail entering layer L-K, ``deep_h`` [E, n + t, H]) and, given the verbalizer ``head``, the
+        zero-shot logits (text -> tail, no prompt) ``zs_logits`` [1, E, R]."""
+        shift = None if shift_c is None else (shift_c, shift_s)
+        cache = apply(params, text, text_mask, shift, method=model.prefill)
+        E, n = text.shape[0], p0.shape[0]
+        out = {}
+        if head is not None:
+            zs = apply(params, jnp.broadcast_to(tail[None, None], (1, E) + tail.shape), cache, text_mask, None, shift,
+                       method=model.continue_layers)[0]
+            out["zs_logits"] = apply(params, zs[:, :, -1], method=model.final_norm) @ head.T
+        h, _ = apply(params, _tokens(p0, tail, E), cache, text_mask, range(L - K), shift,
+                     method=model.continue_layers)
+        out["deep_h"] = h[0]
+        if form == "kv":
+            _, kv = apply(params, h, cache, text_mask, top, shift, method=model.continue_layers)
+            for i, (k, v) in zip(top, kv):
+                out[f"prompt_k{i}"], out[f"prompt_v{i}"] = k[0, :, :n], v[0, :, :n]
+        for i in top:
+            out[f"cache_k{i}"], out[f"cache_v{i}"] = cache[i]
+        return out
+
+    def _std(x, axes):
+        mu = jnp.mean(x, axis=axes, keepdims=True)
+        return jnp.sqrt(jnp.mean(jnp.square(x - mu), axis=axes) + 1e-6)
+
+    def deep_scale(params, p0, deep_h=None, **prompt):
+        """Per-channel scale of what a deep prompt perturbs (its spread over the examples and the
+        prompt's tokens), computed once inside MPC: the data owner's offsets are in these units,
+        so it never needs a statistic of the model. ``kv``: [K, 2, KV, D]; ``hidden``: [H]."""
+        if form == "kv":
+            return {"deep_scale": jnp.stack([jnp.stack([_std(prompt[f"prompt_{kv}{i}"], (0, 1)) for kv in "kv"])
+                                             for i in top])}
+        return {"deep_scale": _std(deep_h[:, : p0.shape[0]], (0, 1))}
+
+    def score_deep(params, head, text_mask, deep_h, delta, deep_scale, shift_c=None, shift_s=None, **resident):
+        """Logits [P, E, R] of text -> deep prompt (P0's state + delta * scale) -> tail, running the
+        top K layers only. ``delta``: [P, K, 2, n, KV, D] (form ``kv``) or [P, n, H] (``hidden``)."""
+        shift = None if shift_c is None else (shift_c, shift_s)
+        E, P = text_mask.shape[0], delta.shape[0]
+        cache = {i: (resident[f"cache_k{i}"], resident[f"cache_v{i}"]) for i in top}
+        if form == "kv":
+            d = delta * deep_scale[None, :, :, None]
+            n, Lp = d.shape[3], text_mask.shape[1]
+            # key offsets are taken before RoPE, i.e. rotated to the prompt's positions, so that a z
+            # means the same for every example whatever its padding (softmax sees offsets only)
+            cos, sin = llama.shift_tables(*llama.rope_tables(jnp.arange(Lp, Lp + n)[None], config.head_dim,
+                                                             config.rope_theta), shift)  # [1 or E, n, D]
+            prefix = {i: (resident[f"prompt_k{i}"][None] + llama.apply_rope(d[:, j, 0][:, None], cos, sin),
+                          resident[f"prompt_v{i}"][None] + d[:, j, 1][:, None]) for j, i in enumerate(top)}
+            x = jnp.broadcast_to(deep_h[None, :, n:], (P, E) + deep_h[:, n:].shape[1:])
+        else:
+            d = delta * deep_scale
+            n = d.shape[1]
+            x = jnp.concatenate([deep_h[None, :, :n] + d[:, None],
+                                 jnp.broadcast_to(deep_h[None, :, n:], (P, E) + deep_h[:, n:].shape[1:])], axis=2)
+            prefix = None
+        h, _ = apply(params, x, cache, text_mask, top, shift, prefix, method=model.continue_layers)
+        return {"logits": apply(params, h[:, :, -1], method=model.final_norm) @ head.T}
+
     return {"embed": embed, "head": head, "prefill": prefill, "score_cached": score_cached,
-            "score_full": score_full}
+            "score_full": score_full, "prefill_deep": prefill_deep, "deep_scale": deep_scale,
+            "score_deep": score_deep, "depth": K, "form": form, "top": top}

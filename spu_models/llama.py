@@ -187,7 +187,7 @@ class Attention(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None):
+    def __call__(self, x, cos, sin, mask, past=None, prefix=None):
         cfg = self.config
         *lead, T, _ = x.shape
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -198,7 +198,13 @@ class Attention(nn.Module):
         self.sow("intermediates", "qkv", (q, k, v))  # read by convert-attention; free otherwise
         rep = lambda t: jnp.repeat(t, H // KV, axis=-2)  # noqa: E731  GQA: share each KV head
         scale = 1.0 / jnp.sqrt(jnp.float32(D))
+        own = (k, v)
+        if prefix is not None:  # deep prompt: per-candidate keys/values before this block's own
+            k, v = jnp.concatenate([prefix[0], k], axis=-3), jnp.concatenate([prefix[1], v], axis=-3)
         if cfg.layer_attention(self.layer) == "rfa":
+            if prefix is not None:
+                raise ValueError(f"layer {self.layer} runs linear attention; deep prompts need softmax "
+                                 "attention in the layers they enter")
             # the masks' last query row is the key mask (every causal row ends at the last key)
             if cfg.rfa.kind == "learned":  # fitted per layer: model owner's weights, like q_proj
                 layer, G = self.layer, H // KV
@@ -214,7 +220,7 @@ class Attention(nn.Module):
                 out = rfa_attention(q, k, v, None, W, cfg.rfa, cfg.approx.exp_fn,
                                     past=(past[0], past[1], key_mask[0, :, :Lp]))
             out = out.reshape(*lead, T, H * D)
-            return dense(cfg.hidden_size, "o_proj")(out), (k, v)
+            return dense(cfg.hidden_size, "o_proj")(out), own
         if past is None:
             scores = jnp.einsum("...qhd,...khd->...hqk", q, rep(k)) * scale
             probs = cfg.approx.softmax_fn(scores, mask)
@@ -227,7 +233,7 @@ class Attention(nn.Module):
             probs = cfg.approx.softmax_fn(scores, mask)
             out = (jnp.einsum("pehtk,ekhd->pethd", probs[..., :Lp], pv)
                    + jnp.einsum("pehtk,pekhd->pethd", probs[..., Lp:], rep(v)))
-        return dense(cfg.hidden_size, "o_proj")(out.reshape(*lead, T, H * D)), (k, v)
+        return dense(cfg.hidden_size, "o_proj")(out.reshape(*lead, T, H * D)), own
 
 
 class MLP(nn.Module):
@@ -247,21 +253,27 @@ class DecoderLayer(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None):
+    def __call__(self, x, cos, sin, mask, past=None, prefix=None):
         a, kv = Attention(self.config, self.layer, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, past)
+            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, past, prefix)
         x = x + a
         return x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x)), kv
 
 
 class LayerStack(nn.Module):
+    """The decoder layers, or a contiguous run of them (``layers``: a range of layer indices).
+
+    ``past[i]`` / ``prefix[i]``: the cached prefix and the per-candidate deep-prompt keys/values of
+    layer i (mappings by layer index; a list of all layers works too). Returns the hidden states
+    after the last layer run (no final norm) and each run layer's ``(k, v)``, in order."""
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None):
+    def __call__(self, x, cos, sin, mask, past=None, layers=None, prefix=None):
         cache = []
-        for i in range(self.config.num_hidden_layers):
-            x, kv = DecoderLayer(self.config, i, name=str(i))(x, cos, sin, mask, None if past is None else past[i])
+        for i in (range(self.config.num_hidden_layers) if layers is None else layers):
+            x, kv = DecoderLayer(self.config, i, name=str(i))(
+                x, cos, sin, mask, None if past is None else past[i], None if prefix is None else prefix[i])
             cache.append(kv)
         return x, cache
 
@@ -293,13 +305,28 @@ class LlamaModel(nn.Module):
         """Continue cached prefixes: inputs_embeds [P, E, T, H] (P candidates per example), cache a
         per-layer list of ``(k, v)`` [E, Lp, KV, D], cache_mask [E, Lp]. Positions Lp .. Lp+T-1,
         moved by the prefill's ``shift`` ([E, 1, D] tables) if it had one."""
-        P, E, T, _ = inputs_embeds.shape
+        return self.norm(self.continue_layers(inputs_embeds, cache, cache_mask, shift=shift)[0])
+
+    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None):
+        """Run ``layers`` (default: all) over x [P, E, T, H] after the cached prefixes
+        (``cache[i]`` = (k, v) [E, Lp, KV, D] of layer i, ``cache_mask`` [E, Lp]). Returns the raw
+        hidden states (no final norm) and each run layer's ``(k, v)`` of x.
+
+        ``prefix[i]`` = (k, v) [P, E, n, KV, D]: a deep prompt, keys/values that every token of x
+        sees in layer i, standing at positions Lp .. Lp+n-1 (x then starts at Lp+n); a mapping with
+        every layer run."""
+        P, E, T, _ = x.shape
         Lp = cache_mask.shape[1]
-        cos, sin = shift_tables(*rope_tables(jnp.arange(Lp, Lp + T)[None], self.config.head_dim,
+        n = 0 if not prefix else next(iter(prefix.values()))[0].shape[-3]  # prefix: {layer: (k, v)}
+        cos, sin = shift_tables(*rope_tables(jnp.arange(Lp + n, Lp + n + T)[None], self.config.head_dim,
                                              self.config.rope_theta), shift)  # [1 or E, T, D]
-        cmask = jnp.broadcast_to(cache_mask.astype(jnp.float32)[None, :, None, None, :], (1, E, 1, T, Lp))
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.float32)), (1, E, 1, T, T))
-        x, _ = self.layers(inputs_embeds, cos, sin, jnp.concatenate([cmask, causal], -1), cache)
+        blocks = [jnp.broadcast_to(cache_mask.astype(jnp.float32)[None, :, None, None, :], (1, E, 1, T, Lp))]
+        if n:
+            blocks.append(jnp.ones((1, E, 1, T, n), jnp.float32))
+        blocks.append(jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.float32)), (1, E, 1, T, T)))
+        return self.layers(x, cos, sin, jnp.concatenate(blocks, -1), cache, layers, prefix)
+
+    def final_norm(self, x):
         return self.norm(x)
 
 
@@ -338,6 +365,12 @@ class LlamaForCausalLM(nn.Module):
 
     def extend(self, inputs_embeds, cache, cache_mask, shift=None):
         return self.model.extend(inputs_embeds, cache, cache_mask, shift)
+
+    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None):
+        return self.model.continue_layers(x, cache, cache_mask, layers, shift, prefix)
+
+    def final_norm(self, x):
+        return self.model.final_norm(x)
 
     def head_rows(self, hidden, row_ids):
         """Logits for the vocabulary rows ``row_ids`` only: hidden [..., H] -> [..., len(row_ids)]."""

@@ -218,8 +218,8 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
         asked.append(np.asarray(Z).copy())
         return Z, st
 
-    def add_examples(self, name, examples):
-        ex = orig_add(self, name, examples)
+    def add_examples(self, name, examples, *a, **k):
+        ex = orig_add(self, name, examples, *a, **k)
         labels.append(np.asarray(ex.labels).copy())
         return ex
 
@@ -247,7 +247,7 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert summary["mpc"]["setup"]["bytes"] > 0 and summary["mpc"]["per_generation_median"]["mpc_bytes"] > 0
     deltas = [v for n, v in put_log if n == "delta"]
-    assert len(asked) == 2 and len(deltas) == 3  # two generations + the final test evaluation
+    assert len(asked) == 2 and len(deltas) == 5  # two generations (train, dev) + the final test evaluation
 
     # 2. the secure scorer on both back ends: opened logits agree
     policy = small_policy("aby3")
@@ -264,7 +264,7 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
         cluster = be.cluster
         sc = SecureScorer(be, bundle, task, mode="cached", n_tokens=2, p0_ids=[40, 50])
         sc.add_examples("ex", examples)
-        caches = [v for v in be.shapes if v.startswith("ex_cache_")]
+        caches = [v for v in be.shapes if v.startswith("ex0_cache_")]
         assert len(caches) == 2 * bundle.config.num_hidden_layers  # the prefix cache, resident
         # what the data owner learns of the weights: the subspace's statistics, same as in process
         plain_stats = make_backend("plaintext", bundle, policy).embedding_stats()

@@ -253,7 +253,7 @@ def _cmd_cluster(args):
 
 BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
            "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
-           "compare": "bench.compare"}
+           "compare": "bench.compare", "placement": "bench.placement"}
 
 
 def _cmd_bench(args):
@@ -305,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", help="P0: 'vocab' (sampled token embeddings, default) or 'text:<words>' "
                                   "(a hard prompt's embeddings; sets --n-tokens to its token count)")
     s.add_argument("--mode", choices=["cached", "prefix"], help="prompt placement (default cached)")
+    s.add_argument("--prompt-depth", dest="prompt_depth", type=int, metavar="K",
+                   help="the prompt enters the top K layers only; below them everything is computed once "
+                        "per example (default: all layers, the prompt at the input)")
+    s.add_argument("--prompt-form", dest="prompt_form", choices=["kv", "hidden"],
+                   help="how a deep prompt enters its layers: kv = key/value prefixes (default), "
+                        "hidden = hidden states entering layer L-K")
+    s.add_argument("--train-batch", dest="train_batch", type=int, metavar="B",
+                   help="score each generation on a stratified mini-batch of B training examples (default: all)")
+    s.add_argument("--dev-eval", dest="dev_eval", choices=["all", "mean"],
+                   help="candidates scored on dev each generation: all (default) or only the search mean")
     s.add_argument("--loss", choices=["ce", "hinge"])
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
     s.add_argument("--seed", type=int)
@@ -380,9 +390,21 @@ def _keep_stdout_for_results() -> None:
         pass
 
 
+def _jax_compilation_cache() -> None:
+    """Keep XLA's compiled programs across runs (a 30-layer program takes minutes to compile on
+    2 cores; the same shapes recur from seed to seed): ``$SECPTUNE_HOME/jax-cache``."""
+    import jax
+
+    from .assets import secptune_home
+
+    jax.config.update("jax_compilation_cache_dir", str(secptune_home() / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _jax_compilation_cache()
     if args.cmd not in ("node",):  # a node routes its own fds to its log file
         _keep_stdout_for_results()
     from spu_models.loading import CheckpointError

@@ -252,10 +252,11 @@ def put(server, name: str, share) -> None:
     server._locals["counters"]["put"] += 1
 
 
-def run(server, executable):
+def run(server, executable, input_names=None, output_names=None):
     """Run one program on this party's resident variables; return (its PartyCost, per-op table).
 
-    ``executable`` is the serialized ExecutableProto, or the sha256 hex digest of one sent before.
+    ``executable`` is the serialized ExecutableProto, or the sha256 hex digest of one sent before;
+    ``input_names`` / ``output_names`` bind it to this call's variables (default: its own names).
     It reads the weights (w0..) and the data owner's variables, and writes its outputs as new
     resident variables: nothing is deleted and no share is returned (``get_share`` does that, for
     the data owner's ``open``).
@@ -274,6 +275,9 @@ def run(server, executable):
         if executable not in exes:
             raise KeyError(f"{server.node_id}: unknown executable {executable[:12]}; send its bytes first")
         exe = exes[executable]
+        if input_names is not None:
+            exe = spu_pb2.ExecutableProto(name=exe.name, code=exe.code, input_names=list(input_names),
+                                          output_names=list(output_names))
         _flush_c_stdout()
         start = server.log_path.stat().st_size
         rt.run(exe)

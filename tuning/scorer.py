@@ -7,8 +7,15 @@ secure program per call. Only the verbalizer logits are opened, and only here, a
 Placements:
 - ``cached`` (default): text, then soft prompt, then template tail. Causal attention makes the
   text's keys/values independent of the prompt, so they are computed once per example and stay
-  secret-shared; each candidate runs only over prompt + tail tokens.
+  secret-shared. With ``depth`` K < L (a *deep* prompt, ``spu_models.forward``) the prompt enters
+  only the top K layers: everything below them is prefilled once per example too, and a
+  candidate runs the tail (form ``kv``) or prompt + tail (form ``hidden``) through K layers.
+  K = L (default): the prompt is embeddings at the input, and prompt + tail run through all L.
 - ``prefix`` (BBT): soft prompt, then the whole template with text; recomputed per candidate.
+
+An example set is shared in *chunks* (``groups``): each chunk is one prefill and one call per
+score, compiled once per shape. The trainer uses them as mini-batches; the parties learn only
+which chunk a call reads (public), never which example is in it.
 """
 from __future__ import annotations
 
@@ -30,31 +37,53 @@ def split_template(template: str) -> tuple[str, str]:
     return template[:i], template[i:]
 
 
+def delta_shape(config, n_tokens: int, depth: int | None = None, form: str = "kv") -> tuple:
+    """The shape of one candidate's offset, what the subspace maps z to: [n, H] at the input or
+    for a deep ``hidden`` prompt, [K, 2, n, KV, D] (keys and values per top layer) for ``kv``."""
+    if depth is not None and depth < config.num_hidden_layers and form == "kv":
+        return (depth, 2, n_tokens, config.num_key_value_heads, config.head_dim)
+    return (n_tokens, config.hidden_size)
+
+
 @dataclasses.dataclass
 class ExampleSet:
     name: str
-    labels: np.ndarray  # [E] int (kept at the data owner, never shared)
+    labels: np.ndarray  # [E] int, in chunk order (kept at the data owner, never shared)
     n: int
-    resident: dict = dataclasses.field(default_factory=dict)  # program argument -> resident var, per score
+    chunks: list = dataclasses.field(default_factory=list)  # per chunk: program argument -> resident var
+
+    def chunk_labels(self, which) -> np.ndarray:
+        sizes = np.cumsum([0] + [c["_size"] for c in self.chunks])
+        return np.concatenate([self.labels[sizes[i]: sizes[i + 1]] for i in which])
 
 
 class SecureScorer:
-    def __init__(self, session, bundle, task, mode: str = "cached", n_tokens: int = 5, p0_ids=None):
+    def __init__(self, session, bundle, task, mode: str = "cached", n_tokens: int = 5, p0_ids=None,
+                 depth: int | None = None, form: str = "kv"):
         if mode not in MODES:
             raise ValueError(f"unknown prompt placement {mode!r} (known: {', '.join(MODES)})")
+        cfg = bundle.config
+        L = cfg.num_hidden_layers
+        depth = L if depth is None else depth
+        if depth != L and mode != "cached":
+            raise ValueError(f"--prompt-depth {depth} needs the cached placement (--mode cached)")
+        if depth != L and p0_ids is None:
+            raise ValueError("a deep prompt starts from P0's tokens: give p0_ids")
         self.s, self.bundle, self.task, self.mode = session, bundle, task, mode
-        self.n_tokens = n_tokens
-        self.programs = make_tuning_programs(bundle.config)
+        self.n_tokens, self.depth, self.form = n_tokens, depth, form
+        self.deep = depth < L
+        self.scale_var = f"deep_scale_{form}{depth}"
+        self.programs = make_tuning_programs(cfg, depth, form)
         self.tok = bundle.tokenizer
         self.label_index = {l: i for i, l in enumerate(task.labels)}
         self.sets: dict = {}
         self.head_template, self.tail_template = split_template(task.template)
         # verbalizer rows of the LM head: shared as one-hot rows, reduced to [R, H] once, resident
         words = [task.verbalizer[l] for l in task.labels]
-        rows = np.zeros((len(words), bundle.config.vocab_size), np.float32)
+        rows = np.zeros((len(words), cfg.vocab_size), np.float32)
         rows[np.arange(len(words)), verbalizer_ids(self.tok, words)] = 1.0
         self.s.put("rows", rows)
-        self.s.run(self.programs["head"], {"rows": "rows"}, ["head"])
+        self.s.run(self.programs["head"], {"rows": "rows"}, ["head"], key="head")
         self.s.drop("rows")
         if mode == "cached":
             tail = self._ids(self.tail_template)
@@ -64,6 +93,10 @@ class SecureScorer:
             self._share_tokens("tail", np.asarray(tail))
         if p0_ids is not None:  # P0: embeddings of the initial prompt tokens, resident
             self._share_tokens("p0", np.asarray(p0_ids))
+
+    @property
+    def delta_shape(self) -> tuple:
+        return delta_shape(self.bundle.config, self.n_tokens, self.depth, self.form)
 
     # ---------------------------------------------------------------- sharing
     def _ids(self, text: str) -> list[int]:
@@ -79,26 +112,26 @@ class SecureScorer:
             self.s.run(self.programs["embed"], {"onehot": name + "_onehot"}, {"embeds": name}, key="embed")
             self.s.drop(name + "_onehot")
 
-    def add_examples(self, name: str, examples: list) -> ExampleSet:
-        """Share an example set once; in cached mode also prefill its cache on the parties."""
-        labels = np.array([self.label_index[l] for _, l in examples])
-        texts = [t for t, _ in examples]
-        if self.mode == "cached":
-            seqs = [self._ids(self.head_template.replace("{text}", t)) for t in texts]
-            Lp = pad_length(max(len(s) for s in seqs))
-            ids = np.zeros((len(seqs), Lp), np.int64)
-            mask = np.zeros((len(seqs), Lp), np.float32)
-            for e, s in enumerate(seqs):  # left padding: every text ends at Lp - 1
-                ids[e, Lp - len(s):], mask[e, Lp - len(s):] = s, 1.0
-            self._share_tokens(f"{name}_text", ids)
-            self.s.put(f"{name}_mask", mask)
-            cache = {f"cache_{kv}{i}": f"{name}_cache_{kv}{i}"
-                     for i in range(self.bundle.config.num_hidden_layers) for kv in "kv"}
-            shift = self._shift(name, seqs, Lp)
-            self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache)
-            self.s.drop(f"{name}_text")
-            resident = {"text_mask": f"{name}_mask", **shift, **cache}  # what every score reads
-        else:
+    def add_examples(self, name: str, examples: list, groups: list | None = None,
+                     zero_shot: bool = False) -> ExampleSet:
+        """Share an example set once, in chunks (``groups``: lists of indices into ``examples``;
+        default: the session's ``chunk`` texts of similar length, or one chunk); in cached mode
+        also prefill each. ``zero_shot``: a deep prefill also computes the set's zero-shot logits
+        (``score(name, None)``); other placements compute them on demand."""
+        if groups is None:
+            order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+            k = -(-len(order) // (self.s.chunk or len(order)))  # chunks of near-equal size: few shapes
+            groups = [order[c::k] for c in range(k)] if k > 1 else [order]
+            groups = [sorted(g, key=lambda i: len(examples[i][0])) for g in groups]
+        labels = np.array([self.label_index[examples[i][1]] for g in groups for i in g])
+        chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g], zero_shot) for c, g in enumerate(groups)]
+        self.sets[name] = ExampleSet(name, labels, len(labels), chunks)
+        return self.sets[name]
+
+    def _add_chunk(self, name: str, texts: list, zero_shot: bool = False) -> dict:
+        """Share (and prefill) one chunk; returns what every score of it reads."""
+        L = self.bundle.config.num_hidden_layers
+        if self.mode == "prefix":
             seqs = [self._ids(self.task.prompt(t)) for t in texts]
             Lt = pad_length(max(len(s) for s in seqs) + self.n_tokens) - self.n_tokens
             ids = np.zeros((len(seqs), Lt), np.int64)
@@ -109,9 +142,36 @@ class SecureScorer:
                 sel = np.zeros((len(seqs), n + Lt), np.float32)
                 sel[np.arange(len(seqs)), [n + len(s) - 1 for s in seqs]] = 1.0
                 self.s.put(f"{name}_{key}", sel)
-            resident = {"text": f"{name}_text"}
-        self.sets[name] = ExampleSet(name, labels, len(examples), resident)
-        return self.sets[name]
+            return {"text": f"{name}_text", "_size": len(texts), "_name": name}
+        seqs = [self._ids(self.head_template.replace("{text}", t)) for t in texts]
+        Lp = pad_length(max(len(s) for s in seqs), self.s.pad_multiple)  # coarse: few shapes to compile
+        ids = np.zeros((len(seqs), Lp), np.int64)
+        mask = np.zeros((len(seqs), Lp), np.float32)
+        for e, s in enumerate(seqs):  # left padding: every text ends at Lp - 1
+            ids[e, Lp - len(s):], mask[e, Lp - len(s):] = s, 1.0
+        self._share_tokens(f"{name}_text", ids)
+        self.s.put(f"{name}_mask", mask)
+        shift = self._shift(name, seqs, Lp)
+        layers = self.programs["top"] if self.deep else range(L)
+        cache = {f"cache_{kv}{i}": f"{name}_cache_{kv}{i}" for i in layers for kv in "kv"}
+        if not self.deep:
+            self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache,
+                       key="prefill")
+            self.s.drop(f"{name}_text")
+            return {"text_mask": f"{name}_mask", **shift, **cache, "_size": len(texts), "_name": name}
+        deep = {"deep_h": f"{name}_deep_h"}
+        if self.form == "kv":
+            deep.update({f"prompt_{kv}{i}": f"{name}_prompt_{kv}{i}" for i in layers for kv in "kv"})
+        zs = {"zs_logits": f"{name}_zs"} if zero_shot else {}
+        self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", "p0": "p0",
+                                                   "tail": "tail", **({"head": "head"} if zero_shot else {}), **shift},
+                   {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep")
+        self.s.drop(f"{name}_text")
+        if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
+            self.s.run(self.programs["deep_scale"], {"p0": "p0", **deep}, {"deep_scale": self.scale_var},
+                       key="deep_scale")
+        return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_size": len(texts), "_name": name,
+                **({"_zs": f"{name}_zs"} if zero_shot else {})}
 
     def _shift(self, name: str, seqs, Lp: int) -> dict:
         """Linear attention sees absolute positions: share RoPE tables of minus each text's pad
@@ -126,20 +186,39 @@ class SecureScorer:
         return {"shift_c": f"{name}_shift_c", "shift_s": f"{name}_shift_s"}
 
     # ---------------------------------------------------------------- scoring
-    def score(self, name: str, delta: np.ndarray | None) -> np.ndarray:
-        """Opened verbalizer logits [P, E, R] for prompts P0 + delta (``None``: no soft prompt)."""
-        inputs = {"head": "head", **self.sets[name].resident}
+    def score(self, name: str, delta: np.ndarray | None, chunks=None) -> np.ndarray:
+        """Opened verbalizer logits [P, E, R] for prompts P0 + delta (``None``: no soft prompt) on
+        the set's ``chunks`` (default: all), one secure call per chunk, concatenated in chunk
+        order (``ExampleSet.chunk_labels`` gives their labels)."""
+        which = range(len(self.sets[name].chunks)) if chunks is None else chunks
         if delta is not None:
             self.s.put("delta", np.asarray(delta, np.float32))
-            inputs.update(p0="p0", delta="delta")
-        if self.mode == "cached":
-            inputs.update(tail="tail")
-            prog = self.programs["score_cached"]
+        try:
+            return np.concatenate([self._score_chunk(self.sets[name].chunks[c], delta is not None) for c in which], 1)
+        finally:
+            if delta is not None:
+                self.s.drop("delta")
+
+    def _score_chunk(self, chunk: dict, prompted: bool) -> np.ndarray:
+        resident = {k: v for k, v in chunk.items() if not k.startswith("_")}
+        if self.deep and not prompted:  # zero-shot logits were computed by the prefill
+            if "_zs" not in chunk:
+                raise ValueError(f"example set chunk {chunk['_name']!r} was shared without zero_shot=True")
+            return self.s.open(chunk["_zs"])  # opened to the data owner only
+        inputs = {"head": "head", **resident}
+        if self.deep:
+            inputs.update(delta="delta", deep_scale=self.scale_var)
+            prog, key = self.programs["score_deep"], "score_deep"
+        elif self.mode == "cached":
+            inputs.update(tail="tail", **({"p0": "p0", "delta": "delta"} if prompted else {}))
+            prog, key = self.programs["score_cached"], f"score_cached_{'p' if prompted else '0'}"
         else:
-            inputs.update(select=f"{name}_select" if delta is not None else f"{name}_select0")
-            prog = self.programs["score_full"]
-        self.s.run(prog, inputs, ["logits"], key=f"score_{self.mode}_{'p' if delta is not None else '0'}")
+            name = chunk["_name"]
+            inputs.update(select=f"{name}_select" if prompted else f"{name}_select0",
+                          **({"p0": "p0", "delta": "delta"} if prompted else {}))
+            prog, key = self.programs["score_full"], f"score_full_{'p' if prompted else '0'}"
+        self.s.run(prog, inputs, ["logits"], key=key)
         try:
             return self.s.open("logits")  # opened to the data owner only
         finally:
-            self.s.drop("logits", *(["delta"] if delta is not None else []))
+            self.s.drop("logits")

@@ -48,13 +48,14 @@ class Subspace:
     init_ids: tuple = ()  # token ids whose embeddings form P0
     scale: float = 0.0  # std of the entries of A
     hidden: int = 0
+    shape: tuple = ()  # of one candidate's offset A z: (n_tokens, hidden), or a deep prompt's
 
     def offsets(self, Z) -> np.ndarray:
         """``A z`` for Z [pop, d] -> [pop, n_tokens, H], or z [d] -> [n_tokens, H] (float32)."""
         Z = np.asarray(Z, np.float32)
         if Z.shape[-1] != self.d or Z.ndim not in (1, 2):
             raise ValueError(f"expected z of shape [d] or [pop, d] with d={self.d}, got {Z.shape}")
-        D = (np.atleast_2d(Z) @ self.A.T).reshape(-1, self.n_tokens, self.hidden)
+        D = (np.atleast_2d(Z) @ self.A.T).reshape(-1, *(self.shape or (self.n_tokens, self.hidden)))
         return D[0] if Z.ndim == 1 else D
 
     def prompts(self, Z) -> np.ndarray:
@@ -88,8 +89,12 @@ def make_subspace(embedding_table: np.ndarray, n_tokens: int = 5, d: int = 500, 
 
 def subspace_from_stats(stats: EmbeddingStats, n_tokens: int = 5, d: int = 500, seed: int = 0,
                         init: str = "vocab", init_ids=None, alpha: float = 1.0,
-                        dist: str = "normal") -> Subspace:
+                        dist: str = "normal", shape: tuple | None = None) -> Subspace:
     """Build the BBT subspace from the embedding table's statistics (no P0).
+
+    ``shape``: a deep prompt's offset shape (``scorer.delta_shape``). Its A has unit scale
+    (``alpha / sqrt(d)``, the embedding std plays no part): the secure program multiplies the
+    offsets by a per-channel scale it measures itself.
 
     Projection (fixed, never trained), with ``s = std(E)`` over all entries of the table:
 
@@ -130,12 +135,14 @@ def subspace_from_stats(stats: EmbeddingStats, n_tokens: int = 5, d: int = 500, 
     else:
         raise ValueError(f"unknown init {init!r}; known: 'vocab', 'text'")
 
-    scale = alpha * stats.std * (np.sqrt(1.0 / d) if dist == "normal" else np.sqrt(2.0 / d))
+    unit = shape is not None and tuple(shape) != (n_tokens, H)
+    scale = alpha * (1.0 if unit else stats.std) * (np.sqrt(1.0 / d) if dist == "normal" else np.sqrt(2.0 / d))
+    shape = tuple(shape) if shape is not None else (n_tokens, H)
     rng = np.random.default_rng(seed)
-    A = np.empty((n_tokens * H, d), np.float32)
+    A = np.empty((int(np.prod(shape)), d), np.float32)
     for i in range(0, A.shape[0], _CHUNK_ROWS):
         block = A[i:i + _CHUNK_ROWS]
         rng.standard_normal(block.shape, dtype=np.float32, out=block)
         block *= np.float32(scale)
     return Subspace(A=A, P0=None, n_tokens=n_tokens, d=d, seed=seed, init=desc,
-                    init_ids=tuple(int(i) for i in ids), scale=float(scale), hidden=H)
+                    init_ids=tuple(int(i) for i in ids), scale=float(scale), hidden=H, shape=shape)

@@ -26,6 +26,7 @@ import numpy as np
 from .cost import CallCost, PartyCost
 
 LOSSES = ("ce", "hinge")
+DEV_EVAL = ("all", "mean")
 
 
 @dataclasses.dataclass
@@ -52,6 +53,10 @@ class TuneConfig:
     n_tokens: int = 5
     init: str = "vocab"  # "vocab" (sampled token embeddings) or "text:<words>" (n_tokens := their count)
     mode: str = "cached"
+    prompt_depth: int | None = None  # K: the prompt enters the top K layers only (None: all, at the input)
+    prompt_form: str = "kv"  # deep prompt: "kv" (key/value prefixes) or "hidden" (states entering layer L-K)
+    train_batch: int = 0  # training examples scored per generation (a stratified mini-batch; 0: all)
+    dev_eval: str = "all"  # candidates scored on dev each generation: "all" or "mean" (the search mean)
     loss: str = "ce"
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
     save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
@@ -92,19 +97,25 @@ class LoopState:
     mpc_bytes: int = 0
 
 
-def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: str) -> tuple[LoopState, dict]:
+def run_generation(st: LoopState, strategy, subspace, scorer, cfg: TuneConfig) -> tuple[LoopState, dict]:
     """One generation of forward-only tuning. Returns the new state and its metrics (with the
     candidates and opened logits under ``_Z`` / ``_logits``, for callers that keep them).
 
-    The search distribution's mean rides along as one extra row of the same secure call: it is
-    not told to the search, but it is a selection candidate (often the best generaliser)."""
+    The search distribution's mean rides along as one extra row of the same secure calls: it is
+    not told to the search, but it is a selection candidate (often the best generaliser).
+    ``cfg.train_batch``: the population is scored on one mini-batch of the training set (chunk
+    ``generation mod chunks``); ``cfg.dev_eval="mean"``: only the mean is scored on dev."""
+    train, dev = scorer.sets["train"], scorer.sets["dev"]
     Z, search = strategy.ask(st.search)                                  # 1. ask
     Zs = np.concatenate([Z, strategy.mean(st.search)[None]])             #    (+ the current mean)
     delta = subspace.offsets(Zs)                                         # 2. A.z at the data owner,
     n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
-    logits = scorer.score("train+dev", delta)                            # 3. opened to us only
-    tr, dv = logits[:, : train.n], logits[:, train.n:]
-    losses = losses_from_logits(tr, train.labels, loss)                  # 4. loss in plaintext
+    batch = [st.generation % len(train.chunks)] if cfg.train_batch else range(len(train.chunks))
+    tr = scorer.score("train", delta, batch)                             # 3. opened to us only
+    sel = np.arange(len(Zs)) if cfg.dev_eval == "all" else np.array([len(Z)])
+    dv = scorer.score("dev", delta[sel])
+    tr_labels = train.chunk_labels(batch)
+    losses = losses_from_logits(tr, tr_labels, cfg.loss)                 # 4. loss in plaintext
     dev_loss, dev_acc = losses_from_logits(dv, dev.labels, "ce"), accuracy(dv, dev.labels)
     search = strategy.tell(search, Z, losses[: len(Z)])                  # 5. tell
     costs = scorer.s.costs[n_costs:]
@@ -115,20 +126,32 @@ def run_generation(st: LoopState, strategy, subspace, scorer, train, dev, loss: 
     # accuracy of a few dozen examples, which picks lucky candidates and overfits dev)
     i = int(np.argmin(dev_loss))
     if dev_loss[i] < st.best_dev_loss:
-        st = dataclasses.replace(st, best_z=Zs[i].copy(), best_dev=float(dev_acc[i]),
-                                 best_dev_loss=float(dev_loss[i]), best_train_loss=float(losses[i]), since_best=0)
+        st = dataclasses.replace(st, best_z=Zs[sel[i]].copy(), best_dev=float(dev_acc[i]),
+                                 best_dev_loss=float(dev_loss[i]), best_train_loss=float(losses[sel[i]]), since_best=0)
     else:
         st = dataclasses.replace(st, since_best=st.since_best + 1)
-    pop = slice(0, len(Z))
+    pop, best = slice(0, len(Z)), int(np.argmin(losses[: len(Z)]))
     metrics = {"generation": st.generation, "loss_best": float(losses[pop].min()),
                "loss_mean": float(losses[pop].mean()), "loss_of_mean": float(losses[-1]),
-               "train_acc_best": float(accuracy(tr, train.labels)[np.argmin(losses[pop])]),
-               "dev_acc_best": float(dev_acc.max()), "dev_acc_of_best_loss": float(dev_acc[np.argmin(losses[pop])]),
+               "train_acc_best": float(accuracy(tr, tr_labels)[best]),
+               "dev_acc_best": float(dev_acc.max()),
+               "dev_acc_of_best_loss": float(dev_acc[best]) if cfg.dev_eval == "all" else None,
                "dev_acc_of_mean": float(dev_acc[-1]), "dev_loss_of_mean": float(dev_loss[-1]),
                "best_dev_so_far": st.best_dev, "best_dev_loss_so_far": st.best_dev_loss, "mpc_s": gen_s,
                "mpc_bytes": gen_bytes, "mpc_rounds": sum(c.rounds for c in costs),
-               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Zs, "_logits": logits}
+               "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Zs, "_logits": (tr, dv),
+               "_labels": (tr_labels, dev.labels)}
     return st, metrics
+
+
+def minibatches(labels: list, size: int, seed: int) -> list[list[int]]:
+    """Indices 0..len(labels)-1 dealt into stratified chunks of about ``size``: each class's
+    examples, shuffled with ``seed``, go round-robin over the chunks, so every mini-batch holds
+    each class in proportion."""
+    k = max(1, -(-len(labels) // size))
+    rng = np.random.default_rng([seed, 3])
+    order = [i for c in sorted(set(labels)) for i in rng.permutation([j for j, l in enumerate(labels) if l == c])]
+    return [sorted(int(i) for i in order[c::k]) for c in range(k)]
 
 
 # -------------------------------------------------------------------------------- checkpointing
@@ -210,12 +233,15 @@ def _init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
 def build_subspace(cfg: TuneConfig, bundle, stats):
     """The run's subspace, reproducible from its config alone (A from the seed, P0's ids from
     --init) and the embedding table's public statistics ``stats`` (``backend.embedding_stats()``).
-    It holds no P0: the parties embed P0's ids, and the loop shares only ``A z``."""
+    It holds no P0: the parties embed P0's ids, and the loop shares only ``A z`` (for a deep
+    prompt, offsets of P0's keys/values or hidden states in the top layers)."""
+    from .scorer import delta_shape
     from .subspace import subspace_from_stats
 
     ids = _init_token_ids(cfg, bundle)
-    return subspace_from_stats(stats, len(ids) if ids else cfg.n_tokens, cfg.d, cfg.seed,
-                               "text" if ids else "vocab", init_ids=ids)
+    n = len(ids) if ids else cfg.n_tokens
+    return subspace_from_stats(stats, n, cfg.d, cfg.seed, "text" if ids else "vocab", init_ids=ids,
+                               shape=delta_shape(bundle.config, n, cfg.prompt_depth, cfg.prompt_form))
 
 
 def _cost_sum(costs) -> dict:
@@ -250,6 +276,10 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         raise ValueError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
     if cfg.init != "vocab" and not cfg.init.startswith("text:"):
         raise ValueError(f"unknown --init {cfg.init!r}: use 'vocab' or 'text:<words>'")
+    if cfg.dev_eval not in DEV_EVAL:
+        raise ValueError(f"unknown --dev-eval {cfg.dev_eval!r} (known: {', '.join(DEV_EVAL)})")
+    if cfg.train_batch < 0 or (cfg.prompt_depth is not None and cfg.prompt_depth < 1):
+        raise ValueError("--train-batch must be >= 0 and --prompt-depth >= 1")
 
     task = _load_task(cfg)
     train, dev, test = _examples(cfg, task)
@@ -269,12 +299,12 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
                                  **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
 
-        scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids)
-        train_set = scorer.add_examples("train+dev", train + dev)
-        train_set = dataclasses.replace(train_set, labels=train_set.labels[: len(train)], n=len(train))
-        dev_set = dataclasses.replace(scorer.sets["train+dev"], labels=scorer.sets["train+dev"].labels[len(train):],
-                                      n=len(dev))
-        test_set = scorer.add_examples("test", test)
+        scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
+                              depth=cfg.prompt_depth, form=cfg.prompt_form)
+        scorer.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
+                            if cfg.train_batch else None)
+        scorer.add_examples("dev", dev)
+        test_set = scorer.add_examples("test", test, zero_shot=True)
         setup_cost = _cost_sum(session.costs)
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
             f"{time.perf_counter() - t0:.1f}s, MPC {setup_cost['bytes'] / 1e6:.1f} MB")
@@ -297,12 +327,12 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
 
         bar = _progress(cfg.budget, st.generation, show_progress)
         while st.generation < cfg.budget:
-            st, m = run_generation(st, strategy, subspace, scorer, train_set, dev_set, cfg.loss)
-            Z, logits = m.pop("_Z"), m.pop("_logits")
+            st, m = run_generation(st, strategy, subspace, scorer, cfg)
+            Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
             if cfg.save_logits:
                 (out / "logits").mkdir(exist_ok=True)
-                np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, logits=logits,
-                         labels=np.concatenate([train_set.labels, dev_set.labels]))
+                np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
+                         train_labels=tr_labels, dev_labels=dv_labels)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             save_checkpoint(ckpt, st, strategy, extra)
@@ -321,6 +351,10 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         summary = {
             "task": cfg.task or cfg.train, "model": cfg.model, "policy": policy.name, "protocol": policy.protocol,
             "backend": cfg.backend, "placement": cfg.mode, "strategy": cfg.strategy,
+            "prompt_depth": scorer.depth, "prompt_form": cfg.prompt_form if scorer.deep else "input",
+            "layers": bundle.config.num_hidden_layers, "train_batch": cfg.train_batch, "dev_eval": cfg.dev_eval,
+            "rows_per_generation": rows_per_generation(cfg.popsize, len(train), len(dev), cfg.train_batch,
+                                                       cfg.dev_eval),
             "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
             "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
             "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
@@ -339,21 +373,40 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         session.close()
 
 
-FULL_BUDGET = {"popsize": 20, "shots_per_class": 16, "generations": 100}
+FULL_BUDGET = {"popsize": 20, "shots_per_class": 16, "generations": 100, "n_test": 200}
+
+
+def rows_per_generation(popsize: int, n_train: int, n_dev: int, train_batch: int, dev_eval: str) -> int:
+    """Candidate x example rows one generation scores (the population and its mean)."""
+    return (popsize + 1) * min(train_batch or n_train, n_train) + (popsize + 1 if dev_eval == "all" else 1) * n_dev
 
 
 def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) -> dict:
-    """What the same job would cost at a BBT-sized budget, from this run's measured median
-    generation. A generation's secure work is proportional to candidates x examples (the prompt
-    and tail lengths are unchanged), so it is scaled linearly in popsize x (train + dev) size."""
-    per = summary["mpc"]["per_generation_median"]
-    rows_now = summary["popsize"] * (summary["n_train"] + summary["n_dev"])
-    rows_full = full["popsize"] * 2 * full["shots_per_class"] * n_labels
-    scale = rows_full / max(rows_now, 1)
-    return {"assumes": dict(full), "scale_per_generation": round(scale, 2),
-            "seconds": round(per["mpc_s"] * scale * full["generations"], 1),
-            "bytes": int(per["mpc_bytes"] * scale * full["generations"]),
-            "note": "linear in candidates x examples; set-up (weights, prefill) not included"}
+    """What the same job (same placement, depth, mini-batch and dev scoring) would cost at a
+    BBT-sized budget, from this run's measured costs, set-up and evaluations included:
+
+    - a generation's secure work is proportional to the candidate x example rows it scores (the
+      prompt and tail lengths are unchanged): scaled by :func:`rows_per_generation`;
+    - set-up (prefill of every example set) in the number of examples, the zero-shot and final
+      test evaluations in the number of test examples."""
+    m, per = summary["mpc"], summary["mpc"]["per_generation_median"]
+    b, dev_eval = summary.get("train_batch", 0), summary.get("dev_eval", "all")
+    k = full["shots_per_class"] * n_labels
+    row_scale = (rows_per_generation(full["popsize"], k, k, b, dev_eval)
+                 / max(rows_per_generation(summary["popsize"], summary["n_train"], summary["n_dev"], b, dev_eval), 1))
+    ex_scale = (2 * k + full["n_test"]) / max(summary["n_train"] + summary["n_dev"] + summary["n_test"], 1)
+    test_scale = full["n_test"] / max(summary["n_test"], 1)
+    parts = {"setup": (m["setup"], ex_scale), "zero_shot_eval": (m["zero_shot_eval"], test_scale),
+             "final_eval": (m["final_eval"], test_scale)}
+    out = {"assumes": dict(full), "scale_per_generation": round(row_scale, 2)}
+    for unit, key in (("seconds", "mpc_s"), ("bytes", "mpc_bytes")):
+        gens = per[key] * row_scale * full["generations"]
+        fixed = {name: c[unit] * sc for name, (c, sc) in parts.items()}
+        out[unit] = round(gens + sum(fixed.values()), 1) if unit == "seconds" else int(gens + sum(fixed.values()))
+        out[f"{unit}_generations"] = round(gens, 1) if unit == "seconds" else int(gens)
+    out["note"] = ("generations linear in candidate x example rows; set-up (prefill) linear in examples, "
+                   "test evaluations in test examples; sharing the weights not included")
+    return out
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -54,6 +54,7 @@ from spu.utils.distributed_impl import RPC, NodeClient, split_message
 from ..cost import CallCost
 from ..policy import Party
 from .session import Session
+from .spu_common import param_names
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 60.0  # bound on a launched node's start-up (imports jax and spu)
@@ -473,17 +474,19 @@ class ClusterBackend(Session):
         self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
         self.shapes[name] = value.shape
 
-    def _compile(self, program, inputs, outmap):
-        exe = super()._compile(program, inputs, outmap).SerializeToString()  # from shapes only
+    def _compile(self, program, arg_shapes, out_keys):
+        exe = super()._compile(program, arg_shapes, out_keys).SerializeToString()  # from shapes only
         return exe, hashlib.sha256(exe).hexdigest()
 
-    def _execute(self, compiled, outputs):
-        """Every party runs the executable on its resident variables and keeps the outputs."""
+    def _execute(self, compiled, ins, outs):
+        """Every party runs the executable on its resident variables ``ins`` and keeps the outputs
+        as ``outs`` (the executable's bytes go to a party once, then its hash)."""
         from .. import node
 
         exe, digest = compiled
+        names = (param_names(self._params_shapes) + list(ins), list(outs))
         t0 = time.perf_counter()
-        outs = self._gather([(peer, node.run, (digest if (peer.name, digest) in self._sent else exe,))
+        outs = self._gather([(peer, node.run, (digest if (peer.name, digest) in self._sent else exe, *names))
                              for peer in self.peers])
         self._sent.update((peer.name, digest) for peer in self.peers)
         parties = {peer.name: cost for peer, (cost, _) in zip(self.peers, outs)}

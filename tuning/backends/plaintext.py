@@ -12,6 +12,8 @@ from .session import Session
 
 class PlaintextBackend(Session):
     name = "plaintext"
+    chunk = None  # whole example sets per call, padded coarsely: few shapes to compile, cached across runs
+    pad_multiple = 32
 
     def __init__(self, bundle, policy):
         super().__init__(bundle, policy)
@@ -22,18 +24,19 @@ class PlaintextBackend(Session):
         self.vars[name] = np.asarray(value, np.float32)
         self.shapes[name] = self.vars[name].shape
 
-    def _compile(self, program, inputs, outmap):
-        def fn(params, vars_):
-            res = program(params, **{arg: vars_[var] for arg, var in inputs.items()})
-            return [res[key] for key in outmap]
+    def _compile(self, program, arg_shapes, out_keys):
+        names = list(arg_shapes)
 
-        return jax.jit(fn), list(inputs.values())
+        def fn(params, arrays):
+            res = program(params, **dict(zip(names, arrays)))
+            return [res[k] for k in out_keys]
 
-    def _execute(self, compiled, outputs):
-        fn, var_names = compiled
+        return jax.jit(fn)
+
+    def _execute(self, fn, ins, outs):
         t = time.perf_counter()
-        res = fn(self.params, {v: self.vars[v] for v in var_names})
-        self.vars.update({o: np.asarray(r) for o, r in zip(outputs, res)})
+        res = fn(self.params, [self.vars[v] for v in ins])
+        self.vars.update({o: np.asarray(r) for o, r in zip(outs, res)})
         return CallCost(time.perf_counter() - t, {})
 
     def open(self, name):

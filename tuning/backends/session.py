@@ -16,11 +16,13 @@ import numpy as np
 
 from spu_models.forward import make_forward
 
-from .spu_common import compile_program
+from .spu_common import compile_program, param_names
 
 
 class Session:
     name = "session"
+    chunk: int | None = 16  # examples per secure call that bounds the parties' memory (None: any)
+    pad_multiple = 16  # cached texts are padded to a multiple of this (coarser: fewer compilations)
 
     def __init__(self, bundle, policy):
         self.config, self.policy = bundle.config, policy
@@ -50,37 +52,41 @@ class Session:
 
         return EmbeddingStats.of(np.asarray(embedding_table(self.config, self._owner_params)))
 
-    # ---- back ends implement: put, open, drop, _execute(compiled, outputs) -> CallCost, close
-    def run(self, program, inputs: dict, outputs, key: str | None = None):
+    # ---- back ends implement: put, open, drop, _compile, _execute(compiled, ins, outs) -> CallCost, close
+    def run(self, program, inputs: dict, outputs, key: str):
         """Run ``program`` on resident vars. ``inputs`` maps argument name -> var name; ``outputs``
-        lists the result keys to keep, or maps result key -> var name. Returns the CallCost."""
+        lists the result keys to keep, or maps result key -> var name. Returns the CallCost.
+
+        A program is compiled once per ``key`` (its explicit name) and argument shapes, then bound
+        to whatever vars a call names: the same program over another example chunk of the same
+        shape reuses the compilation."""
+        if not key:
+            raise ValueError("a program needs an explicit key (its name in the session's program cache)")
         outmap = dict(outputs) if isinstance(outputs, dict) else {o: o for o in outputs}
-        sig = (key or getattr(program, "__name__", "program"), tuple(sorted(inputs.items())),
-               tuple((v, self.shapes[v]) for v in inputs.values()), tuple(outmap.items()))
+        args = sorted(inputs)
+        arg_shapes = {a: tuple(self.shapes[inputs[a]]) for a in args}
+        sig = (key, tuple(arg_shapes.items()), tuple(outmap))
         if sig not in self._programs:
-            self._programs[sig] = (self._compile(program, dict(inputs), outmap),
-                                   self._output_shapes(program, inputs, outmap))
+            self._programs[sig] = (self._compile(program, arg_shapes, list(outmap)),
+                                   self._output_shapes(program, arg_shapes, list(outmap)))
         compiled, out_shapes = self._programs[sig]
-        cost = self._execute(compiled, list(outmap.values()))
+        cost = self._execute(compiled, [inputs[a] for a in args], [outmap[k] for k in outmap])
         self.costs.append(cost)
-        self.shapes.update(out_shapes)  # public: shapes follow from the program and input shapes
+        self.shapes.update({outmap[k]: shape for k, shape in out_shapes.items()})  # public: from the program
         return cost
 
-    def _output_shapes(self, program, inputs, outmap) -> dict:
+    def _output_shapes(self, program, arg_shapes: dict, out_keys: list) -> dict:
         import jax
 
-        args = {arg: jax.ShapeDtypeStruct(self.shapes[var], np.float32) for arg, var in inputs.items()}
+        args = {a: jax.ShapeDtypeStruct(shape, np.float32) for a, shape in arg_shapes.items()}
         res = jax.eval_shape(lambda p, a: program(p, **a), self._params_shapes, args)
-        return {var: tuple(res[key].shape) for key, var in outmap.items()}
+        return {k: tuple(res[k].shape) for k in out_keys}
 
-    def _compile(self, program, inputs, outmap):
-        def by_var(params, **vars_):
-            res = program(params, **{arg: vars_[var] for arg, var in inputs.items()})
-            return {var: res[key] for key, var in outmap.items()}
-
-        return compile_program(by_var, self._params_shapes,
-                               {var: np.zeros(self.shapes[var], np.float32) for var in inputs.values()},
-                               list(outmap.values()))
+    def _compile(self, program, arg_shapes: dict, out_keys: list):
+        """SPU back ends: an executable whose inputs are the weights, then the arguments in sorted
+        order, and whose outputs are ``out_keys``; :func:`bind` names a call's vars."""
+        return compile_program(program, self._params_shapes,
+                               {a: np.zeros(shape, np.float32) for a, shape in arg_shapes.items()}, out_keys)
 
     def forward(self, batch: dict) -> np.ndarray:
         """Share ``batch``, run the verbalizer-logits forward, open the logits, drop everything."""
@@ -93,6 +99,14 @@ class Session:
             return self.open("logits")
         finally:
             self.drop("logits", *[f"x_{k}" for k in batch])
+
+
+def bind(exe, params_shapes, ins: list, outs: list):
+    """The executable ``exe`` (from ``Session._compile``) reading vars ``ins`` and writing ``outs``."""
+    from spu import spu_pb2
+
+    return spu_pb2.ExecutableProto(name=exe.name, code=exe.code, output_names=list(outs),
+                                   input_names=param_names(params_shapes) + list(ins))
 
 
 def _shapes(params):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ..cost import CallCost, capture_fd_stdout, parse_profile
-from .session import Session
+from .session import Session, bind
 from .spu_common import param_names
 
 
@@ -78,7 +78,8 @@ class SimBackend(Session):
         self._set(name, value)
         self.shapes[name] = value.shape
 
-    def _execute(self, exe, outputs):
+    def _execute(self, exe, ins, outs):
+        exe = bind(exe, self._params_shapes, ins, outs)
         t0 = time.perf_counter()
         with capture_fd_stdout() as log:
             _run_parallel([(lambda rt=rt: rt.run(exe)) for rt in self.runtimes])
