@@ -253,7 +253,8 @@ def _cmd_cluster(args):
 
 BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
            "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
-           "compare": "bench.compare", "placement": "bench.placement"}
+           "compare": "bench.compare", "placement": "bench.placement",
+           "approx": "bench.approx"}
 
 
 def _cmd_bench(args):
