@@ -1,2 +1,20 @@
-"""Benchmarks, run through ``secptune bench NAME``; each prints a table and writes JSON + PNG to bench/results/."""
-import tuning  # noqa: F401  (sets the XLA CPU flags before JAX starts)
+"""Benchmarks, run through ``secptune bench NAME``; each prints a table and writes JSON + MD + PNG
+to bench/results/. ``BENCHES`` is the one registry of them (the CLI reads it)."""
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {
+    "forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
+    "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
+    "compare": "bench.compare", "placement": "bench.placement", "approx": "bench.approx",
+}
+
+
+def run(name: str, argv: list) -> None:
+    """Run benchmark ``name`` with its own command-line arguments."""
+    if name not in BENCHES:
+        from tuning.errors import UserError
+
+        raise UserError(f"unknown benchmark {name!r} (known: {', '.join(BENCHES)})")
+    importlib.import_module(BENCHES[name]).main(argv)

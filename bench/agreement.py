@@ -24,11 +24,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    from tuning.assets.models import load_model, with_policy
     from tuning.backends import make_backend
-    from tuning.models import load_model, with_policy
+    from tuning.loop.scorer import SecureScorer
+    from tuning.loop.trainer import TuneConfig, _examples, _load_task, build_subspace
     from tuning.policy import load_policy
-    from tuning.scorer import SecureScorer
-    from tuning.trainer import TuneConfig, _examples, _load_task, build_subspace
 
     run = Path(args.run)
     cfg = TuneConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})

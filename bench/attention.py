@@ -107,8 +107,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    from tuning.backends.cost import NETWORKS
     from tuning.backends.sim import SimBackend
-    from tuning.cost import NETWORKS
     from tuning.policy import load_policy
 
     variants = args.variants.split(",")

@@ -47,11 +47,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    from tuning.assets.models import load_model, with_policy
+    from tuning.assets.tasks import load_task
     from tuning.backends import make_backend
-    from tuning.models import load_model, with_policy
+    from tuning.loop.scorer import SecureScorer
     from tuning.policy import load_policy
-    from tuning.scorer import SecureScorer
-    from tuning.tasks import load_task
 
     policy = load_policy(args.policy)
     bundle = truncated(with_policy(load_model(args.model), policy), args.layers)

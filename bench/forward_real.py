@@ -29,9 +29,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.models import load_model
+    from tuning.assets.models import load_model
+    from tuning.assets.tasks import load_task, truncate_words
     from tuning.policy import load_policy
-    from tuning.tasks import load_task, truncate_words
 
     names = [p for p in args.policy.split(",") if p]
     if len(set(names)) != len(names):  # results are keyed by policy: a repeat would drop a run
@@ -68,10 +68,10 @@ def main(argv=None):
 def measure(base, policy, prompts, words, args):
     """One secure forward of the prompts under ``policy`` in the simulator, against plaintext."""
     from bench.cache import truncated
+    from tuning.assets.encode import make_batch
+    from tuning.assets.models import with_policy
     from tuning.backends import make_backend
-    from tuning.cost import NETWORKS, top_ops
-    from tuning.encode import make_batch
-    from tuning.models import with_policy
+    from tuning.backends.cost import NETWORKS, top_ops
 
     bundle = truncated(with_policy(base, policy), args.layers)
     batch = make_batch(bundle, prompts, words, policy.embedding)

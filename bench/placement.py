@@ -64,12 +64,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from bench.cache import truncated
+    from tuning.assets.models import load_model, with_policy
+    from tuning.assets.tasks import kshot, load_task
     from tuning.backends import make_backend
-    from tuning.models import load_model, with_policy
+    from tuning.loop.scorer import SecureScorer, delta_shape
+    from tuning.loop.trainer import FULL_BUDGET, rows_per_generation
     from tuning.policy import load_policy
-    from tuning.scorer import SecureScorer, delta_shape
-    from tuning.tasks import kshot, load_task
-    from tuning.trainer import FULL_BUDGET, rows_per_generation
 
     policy = load_policy(args.policy)
     bundle = truncated(with_policy(load_model(args.model), policy), args.layers)

@@ -27,12 +27,12 @@ import numpy as np
 from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 
-def attention_errors(bundle, rfa_config, batch_embeds, mask) -> list[float]:
-    """Per layer: relative error of the swapped attention on the softmax model's own inputs."""
+def attention_errors(bundle, execution, batch_embeds, mask) -> list[float]:
+    """Per layer: relative error of the swapped attention (``execution``) on the softmax model's own inputs."""
     from spu_models import llama
 
-    soft_cfg = dataclasses.replace(bundle.config, attention="softmax")
-    model = llama.LlamaForCausalLM(soft_cfg)
+    soft_cfg = bundle.config
+    model = llama.LlamaForCausalLM(soft_cfg)  # softmax: the default execution
     _, inter = model.apply({"params": bundle.params}, inputs_embeds=batch_embeds, attention_mask=mask,
                            method=model.hidden, capture_intermediates=True, mutable=["intermediates"])
     layers = inter["intermediates"]["model"]["layers"]
@@ -43,7 +43,7 @@ def attention_errors(bundle, rfa_config, batch_embeds, mask) -> list[float]:
         x = layers[str(i)]["input_layernorm"]["__call__"][0]
         want = layers[str(i)]["self_attn"]["__call__"][0][0]
         p = {"params": bundle.params["model"]["layers"][str(i)]["self_attn"]}
-        got, _ = llama.Attention(rfa_config, i).apply(p, x, cos, sin, m4)
+        got, _ = llama.Attention(bundle.config, execution, i).apply(p, x, cos, sin, m4)
         d = np.linalg.norm(np.asarray(got - want)[real], axis=-1)
         n = np.linalg.norm(np.asarray(want)[real], axis=-1)
         errs.append(float(np.mean(d / np.maximum(n, 1e-6))))
@@ -70,11 +70,12 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from spu_models import llama
-    from tuning.encode import make_batch
-    from tuning.generate import greedy
-    from tuning.models import load_model
+    from spu_models.config import Execution
+    from tuning.assets.encode import make_batch
+    from tuning.assets.generate import greedy
+    from tuning.assets.models import load_model
+    from tuning.assets.tasks import load_task
     from tuning.policy import load_policy
-    from tuning.tasks import load_task
 
     base = load_model(args.model)
     pol = load_policy(args.policy)
@@ -88,20 +89,22 @@ def main(argv=None):
     sel = np.asarray(batch["select"])
     mask = jnp.asarray(np.flip(np.cumsum(np.flip(sel, -1), -1), -1))  # 1 up to each last real token
 
-    configs = [("softmax", dataclasses.replace(base.config, attention="softmax"), base)]
-    rfa = dataclasses.replace(base.config, attention="rfa", rfa=pol.rfa, softmax_layers=())
-    configs.append((f"RFA {pol.rfa.kind} m={pol.rfa.features}, all layers", rfa, base))
+    prfa = pol.execution.rfa
+    configs = [("softmax", Execution(), base)]
+    rfa = Execution(attention="rfa", rfa=prfa)
+    configs.append((f"RFA {prfa.kind} m={prfa.features}, all layers", rfa, base))
     for m in [int(x) for x in args.features.split(",") if x]:
-        configs.append((f"RFA {pol.rfa.kind} m={m}, all layers",
-                        dataclasses.replace(rfa, rfa=dataclasses.replace(pol.rfa, features=m)), base))
+        configs.append((f"RFA {prfa.kind} m={m}, all layers",
+                        dataclasses.replace(rfa, rfa=dataclasses.replace(prfa, features=m)), base))
     for K in [int(x) for x in args.hybrids.split(",") if x]:
-        configs.append((f"RFA {pol.rfa.kind} m={pol.rfa.features}, softmax in layers 0-{K - 1}",
+        configs.append((f"RFA {prfa.kind} m={prfa.features}, softmax in layers 0-{K - 1}",
                         dataclasses.replace(rfa, softmax_layers=tuple(range(K))), base))
     configs += converted_configs(args)
 
     rows, scores = [], {}
-    for name, cfg, bundle in configs:
-        model = llama.LlamaForCausalLM(cfg)
+    for name, ex, bundle in configs:
+        cfg = bundle.config
+        model = llama.LlamaForCausalLM(cfg, ex)
 
         @jax.jit
         def logits(params, embeds, mask, select, rows_):
@@ -119,10 +122,10 @@ def main(argv=None):
         acc = float((lg.argmax(-1) == labels).mean())
         pred_m = np.where(s > np.median(s), 0, 1)
         accm = float((pred_m == labels).mean())
-        errs = attention_errors(dataclasses.replace(bundle, config=cfg), cfg, jnp.asarray(batch["embeds"]), mask) \
-            if cfg.attention == "rfa" else [0.0] * cfg.num_hidden_layers
-        rfa_layers = [i for i in range(cfg.num_hidden_layers) if cfg.layer_attention(i) == "rfa"]
-        g = greedy(dataclasses.replace(bundle, config=cfg), "The capital of France is", 4)
+        errs = attention_errors(bundle, ex, jnp.asarray(batch["embeds"]), mask) \
+            if ex.attention == "rfa" else [0.0] * cfg.num_hidden_layers
+        rfa_layers = [i for i in range(cfg.num_hidden_layers) if ex.layer_attention(i) == "rfa"]
+        g = greedy(dataclasses.replace(bundle, execution=ex), "The capital of France is", 4)
         rows.append({"attention": name, "RFA layers": len(rfa_layers), "zero-shot acc": round(acc, 3),
                      "acc (median threshold)": round(accm, 3),
                      "corr with softmax": round(float(np.corrcoef(s, scores["softmax"])[0, 1]), 3),
@@ -148,9 +151,8 @@ def converted_configs(args) -> list:
     import json
     from pathlib import Path
 
-    from tuning.models import load_model, model_dir
+    from tuning.assets.models import load_model, model_dir, policy_execution
     from tuning.policy import load_policy
-    from tuning.models import config_with_policy
 
     if args.converted == "none":
         return []
@@ -161,12 +163,12 @@ def converted_configs(args) -> list:
         return []
     conv = load_model(str(path))
     report = json.loads((path / "conversion.json").read_text())
-    cfg = config_with_policy(conv.config, load_policy("aby3-rfa-learned"))
-    m = cfg.rfa.features
-    win = f", exact window {cfg.rfa.window}" if cfg.rfa.window else ""
-    out = [(f"learned (converted) m={m}{win}, all layers", cfg, conv)]
+    ex = policy_execution(conv.config, load_policy("aby3-rfa-learned"))
+    m = ex.rfa.features
+    win = f", exact window {ex.rfa.window}" if ex.rfa.window else ""
+    out = [(f"learned (converted) m={m}{win}, all layers", ex, conv)]
     for K in [int(x) for x in args.converted_hybrids.split(",") if x]:
         layers = worst_layers(report, K)
         out.append((f"learned m={m}{win}, softmax in {K} worst-fitted layers {list(layers)}",
-                    dataclasses.replace(cfg, softmax_layers=layers), conv))
+                    dataclasses.replace(ex, softmax_layers=layers), conv))
     return out

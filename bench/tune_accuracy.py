@@ -11,7 +11,6 @@ directory under bench/results/runs/; the table aggregates them (mean and per see
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from bench.common import RESULTS, markdown_table, save, tag_suffix
 def icl_accuracy(bundle, policy, task, train, test, demos_per_class: int, seed: int) -> float:
     """In-context learning under the run's policy: its attention (RFA, learned maps, hybrids) and
     approximations, in plaintext, so that a converted model's ICL is not the softmax model's."""
+    from tuning.assets.encode import make_batch, pad_length, tokenize_prompts
+    from tuning.assets.models import with_policy
     from tuning.backends import make_backend
-    from tuning.encode import make_batch, pad_length, tokenize_prompts
-    from tuning.models import with_policy
 
     rng = np.random.default_rng(seed)
     demos = []
@@ -72,9 +71,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.models import load_model
+    from tuning.assets.models import load_model
+    from tuning.loop.trainer import TuneConfig, _examples, _load_task, tune
     from tuning.policy import load_policy
-    from tuning.trainer import TuneConfig, _examples, _load_task, tune
 
     rows = []
     bundle = None
@@ -135,7 +134,7 @@ def merge_rows(path: Path, rows: list, args: dict) -> list:
         return rows
     old = json.loads(path.read_text())
     old_args = old.get("args", {})
-    differ = [k for k in SAME_RUN if old_args.get(k, NEW_DEFAULTS.get(k)) != args.get(k)]
+    differ = [k for k in SAME_RUN if old_args.get(k, NEW_DEFAULTS.get(k)) != args.get(k, NEW_DEFAULTS.get(k))]
     if differ:
         print(f"note: {path.name} held a run with other settings ({', '.join(differ)}); replacing it")
         return rows

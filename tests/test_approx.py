@@ -3,7 +3,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from spu_models.approx import Approx, exp_limit, gelu, masked_softmax, sigmoid_poly, silu
+from spu_models.approx import (
+    Approx,
+    exp_limit,
+    gelu,
+    masked_softmax,
+    sigmoid_poly,
+    silu,
+)
 
 X = jnp.linspace(-12.0, 12.0, 24001)
 

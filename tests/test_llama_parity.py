@@ -1,7 +1,7 @@
 """Our LLaMA-family decoder against transformers' reference implementation, same weights."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -59,7 +59,8 @@ def test_inputs_embeds_and_head_rows(tmp_path):
 
 def test_matches_hf_flax_reference_at_theta_10000():
     """transformers' FlaxLlama (RoPE base fixed at 10000) with our params passed unchanged."""
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig as HFConfig
+    from transformers import FlaxLlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
 
     hf = HFConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)
@@ -73,5 +74,7 @@ def test_matches_hf_flax_reference_at_theta_10000():
 
 
 def test_bad_config_rejected():
-    with pytest.raises(ValueError, match="attention kind"):
-        llama.LlamaConfig(attention="nope")
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        llama.LlamaConfig(num_attention_heads=9, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="rope_scaling"):
+        llama.LlamaConfig.from_hf({"model_type": "llama", "rope_scaling": {"type": "linear"}})

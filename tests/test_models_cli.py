@@ -2,15 +2,14 @@
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from spu_models import llama
 from spu_models.loading import CheckpointError, load_gguf, read_gguf
-from tuning import cli
-from tuning.assets import secptune_home
-from tuning.models import ByteTokenizer, load_model
+from tuning.assets.cache import secptune_home
+from tuning.assets.models import ByteTokenizer, load_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -84,7 +83,7 @@ def test_gguf_roundtrip_unpermutes_qk(tiny_gguf):
 
 def test_tokenizer_alone_reads_no_tensor(tiny_gguf, monkeypatch):
     """The data owner's part of a model (cluster back end): the tokenizer, never a weight."""
-    from tuning.models import load_model, load_tokenizer
+    from tuning.assets.models import load_model, load_tokenizer
 
     path, _, _ = tiny_gguf
     ids = load_model(str(path)).tokenizer("t1t2t3", add_special_tokens=False)["input_ids"]
@@ -137,7 +136,7 @@ def test_cli_errors_are_one_line(tiny_gguf, tmp_path):
 
 
 def test_tiny_models_load_and_generate():
-    from tuning.generate import greedy
+    from tuning.assets.generate import greedy
 
     b = load_model("tiny-llama")
     assert isinstance(b.tokenizer, ByteTokenizer)
@@ -170,7 +169,7 @@ def test_real_smollm2_tokenizer_and_config():
     assert tok("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
     assert tok("<|im_start|>user")["input_ids"][0] == 1  # special tokens are not split
     assert b.config.rope_theta == 100000.0 and b.config.num_hidden_layers == 30 and b.config.tie_word_embeddings
-    from tuning.models import load_tokenizer
+    from tuning.assets.models import load_tokenizer
 
     alone = load_tokenizer("smollm2-135m")  # what a cluster data owner loads: same ids, no weights
     assert alone("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]

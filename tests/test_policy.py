@@ -2,7 +2,13 @@
 import pytest
 import yaml
 
-from tuning.policy import POLICY_DIR, PolicyError, available_policies, load_policy, parse_policy
+from tuning.policy import (
+    POLICY_DIR,
+    PolicyError,
+    available_policies,
+    load_policy,
+    parse_policy,
+)
 
 
 def test_shipped_policies_load():
@@ -13,7 +19,7 @@ def test_shipped_policies_load():
         assert p.world_size == {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}[p.protocol]
         assert p.reveal == {"verbalizer_logits": "data_owner"}
         assert p.runtime_config().fxp_fraction_bits == p.fxp_fraction_bits
-    assert load_policy("aby3-puma").approx.gelu == "poly"
+    assert load_policy("aby3-puma").execution.approx.gelu == "poly"
 
 
 def _base():

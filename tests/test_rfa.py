@@ -1,12 +1,18 @@
 """Random feature attention: estimator accuracy, chunking/caching exactness, SPU agreement, policy."""
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from spu_models import llama
-from spu_models.rfa import RFAConfig, frequencies, rfa_attention, sincos_double, softmax_reference
+from spu_models.config import Execution
+from spu_models.rfa import (
+    RFAConfig,
+    frequencies,
+    rfa_attention,
+    sincos_double,
+    softmax_reference,
+)
 
 
 def _qkv(L, scale=0.3, lead=(2,), H=4, KV=2, D=16, seed=0):
@@ -75,7 +81,9 @@ def test_config_validation():
     with pytest.raises(ValueError, match="kind"):
         RFAConfig(kind="cosine")
     with pytest.raises(ValueError, match="softmax_layers"):
-        llama.LlamaConfig(num_hidden_layers=2, attention="rfa", softmax_layers=(2,))
+        Execution(attention="rfa", softmax_layers=(2,)).check(llama.LlamaConfig(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="attention kind"):
+        Execution(attention="linear")
 
 
 def test_rfa_attention_under_spu_matches_plaintext():
@@ -97,18 +105,21 @@ def test_rfa_attention_under_spu_matches_plaintext():
         assert np.abs(got - want).max() < 2e-3, (kind, sincos, np.abs(got - want).max())
 
 
+TINY = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+
+
 def _tiny_rfa(softmax_layers=()):
-    return llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, attention="rfa",
-                             rfa=RFAConfig(features=16, kind="positive", chunk=4), softmax_layers=softmax_layers)
+    return Execution(attention="rfa", rfa=RFAConfig(features=16, kind="positive", chunk=4),
+                     softmax_layers=softmax_layers)
 
 
 @pytest.mark.parametrize("softmax_layers", [(), (0,)])
 def test_llama_rfa_prefill_extend_equals_full_forward(softmax_layers):
     """The cached placement with RFA (and a hybrid) == a full forward over the same positions."""
-    cfg = _tiny_rfa(softmax_layers)
+    cfg = TINY
     params = llama.init_params(cfg, seed=1)
-    m = llama.LlamaForCausalLM(cfg)
+    m = llama.LlamaForCausalLM(cfg, _tiny_rfa(softmax_layers))
     rng = np.random.default_rng(0)
     E, P, Lp, T = 2, 2, 7, 3
     prefix = rng.normal(size=(E, Lp, 32)).astype(np.float32)
@@ -128,24 +139,24 @@ def test_llama_rfa_prefill_extend_equals_full_forward(softmax_layers):
 
 def test_hybrid_layers_change_only_rfa_layers():
     """softmax_layers=all layers is exactly the softmax model; the RFA model differs from it."""
-    soft = dataclasses.replace(_tiny_rfa(), attention="softmax")
-    params = llama.init_params(soft, seed=2)
+    soft = Execution()
+    params = llama.init_params(TINY, seed=2)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(2, 9)))
-    run = lambda c: np.asarray(llama.LlamaForCausalLM(c).apply({"params": params}, input_ids=ids))  # noqa: E731
+    run = lambda ex: np.asarray(llama.LlamaForCausalLM(TINY, ex).apply({"params": params}, input_ids=ids))  # noqa: E731
     np.testing.assert_allclose(run(_tiny_rfa(softmax_layers=(0, 1, 2))), run(soft), atol=1e-6)
     assert np.abs(run(_tiny_rfa()) - run(soft)).max() > 1e-4
 
 
 def test_rfa_policy_reaches_the_model_and_runs_under_spu():
+    from tuning.assets.encode import make_batch
+    from tuning.assets.models import load_model, with_policy
     from tuning.backends import make_backend
-    from tuning.encode import make_batch
-    from tuning.models import load_model, with_policy
     from tuning.policy import PolicyError, load_policy, parse_policy
 
     pol = load_policy("aby3-rfa")
-    assert pol.attention == "rfa" and pol.rfa.kind == "positive"
+    assert pol.execution.attention == "rfa" and pol.execution.rfa.kind == "positive"
     bundle = with_policy(load_model("tiny-llama"), pol)
-    assert bundle.config.attention == "rfa" and bundle.config.rfa == pol.rfa
+    assert bundle.execution == pol.execution
     batch = make_batch(bundle, ["hello there my friend", "a b"], [" a", " b"])
     plain = make_backend("plaintext", bundle, pol).forward(batch)
     sim = make_backend("sim", bundle, pol).forward(batch)
@@ -160,7 +171,7 @@ def test_rfa_policy_reaches_the_model_and_runs_under_spu():
         parse_policy(d, "x.yaml")
     # the encoder takes the bidirectional form, also under SPU
     bert = with_policy(load_model("tiny-bert"), pol)
-    assert bert.config.attention == "rfa"
+    assert bert.execution.attention == "rfa"
     batch = make_batch(bert, ["hello there my friend", "a b"], [" a", " b"])
     plain = make_backend("plaintext", bert, pol).forward(batch)
     sim = make_backend("sim", bert, pol).forward(batch)
@@ -242,24 +253,24 @@ def test_learned_map_under_spu_matches_plaintext():
 
 
 def test_learned_policy_needs_a_converted_model():
-    from tuning.models import load_model, with_policy
+    from tuning.assets.models import load_model, with_policy
     from tuning.policy import load_policy
 
     with pytest.raises(ValueError, match="convert-attention"):
         with_policy(load_model("tiny-llama"), load_policy("aby3-rfa-learned"))
     with pytest.raises(ValueError, match="learned feature maps"):
-        llama.LlamaConfig(attention="rfa", rfa=RFAConfig(kind="learned", features=8))
+        Execution(attention="rfa", rfa=RFAConfig(kind="learned", features=8)).check(llama.LlamaConfig())
 
 
 def test_cached_scoring_with_linear_attention_equals_the_uncached_forward(tmp_path):
     """Linear attention sees absolute positions, so the left-padded prefix cache shifts every text
     to start at position 0 (RoPE tables of minus its pad count, from the data owner): zero-shot
     logits through the cache == the plain forward, in plaintext and under SPU."""
+    from tuning.assets.models import load_model, with_policy
+    from tuning.assets.tasks import load_user_task
     from tuning.backends import make_backend
-    from tuning.models import load_model, with_policy
+    from tuning.loop.scorer import SecureScorer
     from tuning.policy import load_policy
-    from tuning.scorer import SecureScorer
-    from tuning.tasks import load_user_task
 
     csv = tmp_path / "toy.csv"
     rows = ["text,label", "good fun,positive", "a long and rather dull film,negative",

@@ -4,11 +4,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from tuning.assets.encode import make_batch
+from tuning.assets.models import load_model, with_policy
 from tuning.backends import make_backend
+from tuning.backends.cost import NETWORKS, CallCost, PartyCost, parse_profile
 from tuning.backends.spu_common import compile_forward, op_census
-from tuning.cost import NETWORKS, CallCost, PartyCost, parse_profile
-from tuning.encode import make_batch
-from tuning.models import load_model, with_policy
 from tuning.policy import load_policy
 
 PROMPTS = ["good film", "awful"]
@@ -43,7 +43,7 @@ def test_sim_matches_plaintext(models, model, policy, embedding):
 def test_census_counts_what_the_model_does(models):
     bundle = models["tiny-llama"]
     batch = make_batch(bundle, PROMPTS, WORDS)
-    census = op_census(compile_forward(bundle.config, "data_owner", bundle.params, batch).code.decode())
+    census = op_census(compile_forward(bundle.config, bundle.execution, "data_owner", bundle.params, batch).code.decode())
     layers = bundle.config.num_hidden_layers
     assert census["exp"] >= 2 * layers  # softmax + SiLU's sigmoid per layer
     assert census["rsqrt"] == 2 * (2 * layers + 1)  # 2 RMSNorms per layer + the final one; 2 rsqrt each
@@ -57,7 +57,7 @@ def test_policy_approximations_reach_the_compiled_program(models):
         pol = load_policy(name)
         bundle = with_policy(models["tiny-llama"], pol)
         batch = make_batch(bundle, PROMPTS, WORDS)
-        counts[name] = op_census(compile_forward(bundle.config, "data_owner", bundle.params, batch).code.decode())
+        counts[name] = op_census(compile_forward(bundle.config, bundle.execution, "data_owner", bundle.params, batch).code.decode())
     assert counts["aby3"]["exp"] > 0 and counts["aby3-puma"]["exp"] == 0
 
 

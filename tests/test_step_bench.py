@@ -6,14 +6,15 @@ import numpy as np
 import optax
 import pytest
 
-from bench.step import (fixed_point_adam, make_pt_program, one_hot_labels, pt_run, pt_setup, sft_inputs, sft_run,
-                        sft_setup)
+from bench.step_data import one_hot_labels, sft_inputs
+from bench.step_drivers import pt_run, pt_setup, sft_run, sft_setup
+from spu_models.baselines import fixed_point_adam, make_pt_program
 from spu_models.forward import embedding_table
+from tuning.assets.models import load_model, with_policy
+from tuning.assets.tasks import Task
 from tuning.backends import make_backend
-from tuning.models import load_model, with_policy
+from tuning.loop.scorer import SecureScorer
 from tuning.policy import load_policy
-from tuning.scorer import SecureScorer
-from tuning.tasks import Task
 
 N_TOKENS = 2
 EXAMPLES = [("a fine film", "positive"), ("dull and slow", "negative")]
@@ -70,16 +71,16 @@ def test_pt_changes_only_the_prompt_and_matches_the_scorer(setup):
     labels = one_hot_labels(task, EXAMPLES)
     pt_setup(plain, bundle, prompt0, labels)
     before = {k: v.copy() for k, v in plain.vars.items()}
-    pt_run(plain, bundle.config, "ex", 1, lr=1e-2)
+    pt_run(plain, bundle.config, "ex0", 1, lr=1e-2)
     # outputs: the prompt, its Adam moments and the loss; nothing else written, weights untouched
     changed = {k for k in plain.vars if k not in before or not np.array_equal(plain.vars[k], before[k])}
     assert changed == {"pt_prompt", "pt_m", "pt_v", "pt_loss"}
     assert np.abs(plain.open("pt_prompt") - prompt0).max() > 1e-3
     for w, w0 in zip(jax.tree_util.tree_leaves(plain.params), _leaves(bundle)):
         np.testing.assert_array_equal(np.asarray(w), w0)
-    out = jax.eval_shape(lambda p, a: make_pt_program(bundle.config, 1)(p, **a), plain._params_shapes,
+    out = jax.eval_shape(lambda p, a: make_pt_program(bundle.config, bundle.execution, 1)(p, **a), plain._params_shapes,
                          {k: jax.ShapeDtypeStruct(plain.shapes[v], np.float32) for k, v in
-                          {"text": "ex_text", "select": "ex_select", "head": "head", "labels": "pt_labels",
+                          {"text": "ex0_text", "select": "ex0_select", "head": "head", "labels": "pt_labels",
                            "prompt": "pt_prompt", "m": "pt_m", "v": "pt_v"}.items()})
     assert set(out) == {"loss", "prompt", "m", "v"}
     # PT's loss is the CE of the forward-only prefix scorer's logits for the same prompt (delta = 0)

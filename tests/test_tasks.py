@@ -3,10 +3,17 @@ from collections import Counter
 
 import pytest
 
-from tuning.assets import AssetError
-from tuning.datasets import stratified_split, write_table
-from tuning.tasks import (TASKS, kshot, load_task, load_user_task, parse_verbalizer, split_dev,
-                          truncate_words)
+from tuning.assets.cache import AssetError
+from tuning.assets.datasets import stratified_split, write_table
+from tuning.assets.tasks import (
+    TASKS,
+    kshot,
+    load_task,
+    load_user_task,
+    parse_verbalizer,
+    split_dev,
+    truncate_words,
+)
 
 
 def write_csv(path, header, rows, sep=","):

@@ -10,13 +10,13 @@ import json
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from .errors import UserError
 
 
 def _cmd_prepare(args):
-    from .assets import log, secptune_home
-    from .datasets import prepare_datasets
-    from .models import prepare_smollm2
+    from .assets.cache import log, secptune_home
+    from .assets.datasets import prepare_datasets
+    from .assets.models import prepare_smollm2
 
     home = secptune_home()
     log(f"asset cache: {home}")
@@ -30,7 +30,7 @@ def _cmd_prepare(args):
 
 
 def _cmd_convert(args):
-    from .convert import ConvertConfig, convert
+    from .assets.convert import ConvertConfig, convert
 
     cfg = ConvertConfig(model=args.model, out=args.out, corpus=tuple(c for c in args.corpus.split(",") if c),
                         n_seqs=args.n_seqs, seq_len=args.seq_len, features=args.features, steps=args.steps,
@@ -39,19 +39,19 @@ def _cmd_convert(args):
                         partial=args.partial)
     for name in ("e2e_steps", "window"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("n_seqs", "seq_len", "features", "steps", "batch", "e2e_batch"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
     if cfg.n_seqs < 2 * cfg.batch:
-        raise ValueError("--n-seqs must be at least twice --batch (a validation share is held out)")
+        raise UserError("--n-seqs must be at least twice --batch (a validation share is held out)")
     out = convert(cfg)
     print(f"converted model: {out}\nuse it with: --model {out} --policy aby3-rfa-learned")
 
 
 def _cmd_generate(args):
-    from .generate import greedy
-    from .models import load_model
+    from .assets.generate import greedy
+    from .assets.models import load_model
 
     bundle = load_model(args.model)
     text = greedy(bundle, args.prompt, args.max_new_tokens)
@@ -74,10 +74,10 @@ def add_task_args(s: argparse.ArgumentParser) -> None:
 
 
 def task_from_args(args):
-    from .tasks import load_task, load_user_task
+    from .assets.tasks import load_task, load_user_task
 
     if bool(args.task) == bool(args.train):
-        raise ValueError("give exactly one of --task NAME or --train FILE")
+        raise UserError("give exactly one of --task NAME or --train FILE")
     if args.task:
         return load_task(args.task)
     return load_user_task(args.train, args.test, args.text_column, args.label_column, args.verbalizer,
@@ -85,7 +85,7 @@ def task_from_args(args):
 
 
 def _cmd_tasks(args):
-    from .tasks import TASKS, kshot
+    from .assets.tasks import TASKS, kshot
 
     if args.name:
         args.task = args.name
@@ -129,15 +129,15 @@ def _forward_prompts(args) -> tuple[list, list]:
 def _cmd_compile(args):
     from pathlib import Path
 
+    from .assets.encode import make_batch
+    from .assets.models import load_model, with_policy
     from .backends.spu_common import compile_forward, op_census
-    from .encode import make_batch
-    from .models import load_model, with_policy
 
     policy = _forward_policy(args)
     bundle = with_policy(load_model(args.model), policy)  # the model owner's tool: it has the weights
     prompts, words = _forward_prompts(args)
     batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
-    exe = compile_forward(bundle.config, policy.embedding, bundle.params, batch)
+    exe = compile_forward(bundle.config, bundle.execution, policy.embedding, bundle.params, batch)
     text = exe.code.decode("utf-8")
     if args.out:
         Path(args.out).write_text(text)
@@ -158,21 +158,15 @@ def _cmd_forward(args):
     import numpy as np
 
     from .backends import open_backend
-    from .cost import format_cost, top_ops
-    from .encode import make_batch
+    from .backends.cost import format_cost, top_ops
 
     policy = _forward_policy(args)
     prompts, words = _forward_prompts(args)
-    backend, bundle = open_backend(args.backend, args.model, policy)  # cluster: no weights here
-    try:
-        if args.backend == "cluster":  # the embedding table, if the policy gives it, from the model owner
-            batch = backend.make_batch(prompts, words, args.seq_len)
-        else:
-            batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
+    backend, _ = open_backend(args.backend, args.model, policy)  # cluster: no weights here
+    with backend:
+        batch = backend.make_batch(prompts, words, args.seq_len)  # the table, if the policy gives it
         logits = backend.forward(batch)
         cost = backend.costs[-1]
-    finally:
-        backend.close()
     if args.json:
         print(json.dumps({"model": args.model, "policy": policy.name, "backend": args.backend, "words": words,
                           "prompts": prompts, "logits": np.round(logits, 5).tolist(),
@@ -202,7 +196,7 @@ def add_forward_args(s: argparse.ArgumentParser) -> None:
 def _cmd_tune(args):
     import dataclasses
 
-    from .trainer import TuneConfig, tune
+    from .loop.trainer import TuneConfig, tune
 
     if args.resume:
         summary = tune(TuneConfig(out=args.resume), resume=True, show_progress=not args.json,
@@ -235,7 +229,7 @@ def _cmd_tune(args):
 
 
 def _cmd_node(args):
-    from .node import run_node
+    from .backends.node import run_node
 
     run_node(args.cluster, args.party, args.log_dir)
 
@@ -251,18 +245,10 @@ def _cmd_cluster(args):
         cluster.wait()
 
 
-BENCHES = {"forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
-           "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
-           "compare": "bench.compare", "placement": "bench.placement",
-           "approx": "bench.approx"}
-
-
 def _cmd_bench(args):
-    import importlib
+    import bench
 
-    if args.name not in BENCHES:
-        raise ValueError(f"unknown benchmark {args.name!r} (known: {', '.join(BENCHES)})")
-    importlib.import_module(BENCHES[args.name]).main(args.rest)
+    bench.run(args.name, args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("bench", help="run a benchmark (tables to stdout, JSON/MD/PNG to bench/results/)")
+    from bench import BENCHES
+
     s.add_argument("name", help=", ".join(BENCHES))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     s.set_defaults(fn=_cmd_bench)
@@ -391,31 +379,19 @@ def _keep_stdout_for_results() -> None:
         pass
 
 
-def _jax_compilation_cache() -> None:
-    """Keep XLA's compiled programs across runs (a 30-layer program takes minutes to compile on
-    2 cores; the same shapes recur from seed to seed): ``$SECPTUNE_HOME/jax-cache``."""
-    import jax
-
-    from .assets import secptune_home
-
-    jax.config.update("jax_compilation_cache_dir", str(secptune_home() / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _jax_compilation_cache()
+    from . import configure_jax
+
+    configure_jax(cache_dir=False if args.cmd == "node" else None)
     if args.cmd not in ("node",):  # a node routes its own fds to its log file
         _keep_stdout_for_results()
-    from spu_models.loading import CheckpointError
-
-    from .assets import AssetError
-    from .policy import PolicyError  # noqa: F401  (a ValueError; listed for readers)
+    from spu_models.config import CheckpointError, ConfigError
 
     try:
         args.fn(args)
-    except (AssetError, CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, ConfigError) as e:  # expected: one line; anything else is a bug
         msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
         print(f"secptune: error: {msg}", file=sys.stderr)
         return 2

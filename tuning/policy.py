@@ -13,15 +13,18 @@ from typing import Any
 import yaml
 
 from spu_models.approx import Approx
+from spu_models.config import Execution
 from spu_models.rfa import RFAConfig
+
+from .errors import UserError
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 PROTOCOL_PARTIES = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
 FIELDS = ("FM64", "FM128")
 EMBEDDING = ("data_owner", "secret")
 ATTENTION = ("softmax", "rfa")
-RFA_KEYS = {"kind", "features", "feature_map", "sincos", "bound", "chunk", "seed", "eps", "stabilizer",
-            "softmax_layers"}
+RFA_FIELDS = ("features", "sincos", "bound", "chunk", "seed", "eps", "stabilizer")  # RFAConfig's, by name
+RFA_KEYS = {"kind", "feature_map", "softmax_layers", *RFA_FIELDS}
 TOP_KEYS = {"name", "description", "protocol", "field", "fxp_fraction_bits", "runtime", "approx",
             "attention", "embedding", "parties", "reveal", "timeout_s"}
 PARTY_KEYS = {"compute", "data_owner", "model_owner"}
@@ -29,7 +32,7 @@ REVEAL_TARGETS = {"data_owner"}
 REVEALABLE = {"verbalizer_logits"}
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError):
     """An invalid policy; the message names the file and the key."""
 
 
@@ -47,8 +50,7 @@ class Policy:
     field: str
     fxp_fraction_bits: int
     runtime: dict
-    approx: Approx
-    attention: str
+    execution: Execution  # approximations and attention: how the model runs (spu_models.config)
     embedding: str
     compute: tuple
     data_owner: Party
@@ -56,8 +58,6 @@ class Policy:
     reveal: dict
     timeout_s: float
     source: str = ""
-    rfa: RFAConfig = RFAConfig()
-    softmax_layers: tuple = ()  # with attention "rfa": layers that keep softmax (hybrid)
 
     @property
     def world_size(self) -> int:
@@ -178,8 +178,9 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     timeout = d.get("timeout_s", 60)
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise PolicyError(f"{source}: timeout_s must be a positive number of seconds")
-    pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), approx, attention,
-                 embedding, compute, downer, mowner, dict(reveal), float(timeout), source, rfa, softmax_layers)
+    execution = Execution(approx, attention, rfa, softmax_layers)
+    pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), execution,
+                 embedding, compute, downer, mowner, dict(reveal), float(timeout), source)
     pol.runtime_config()  # validates the runtime knobs now, not at first use
     return pol
 
@@ -200,7 +201,7 @@ def _attention(a, source: str):
     layers = a.get("softmax_layers", [])
     if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise PolicyError(f"{source}: attention.softmax_layers must be a list of layer indices")
-    kw = {k: a[k] for k in ("features", "sincos", "bound", "chunk", "seed", "eps", "stabilizer") if k in a}
+    kw = {k: a[k] for k in RFA_FIELDS if k in a}
     try:
         rfa = RFAConfig(kind=a.get("feature_map", "positive"), **kw)
     except (TypeError, ValueError) as e:
@@ -226,3 +227,27 @@ def load_policy(name_or_path: str) -> Policy:
     except yaml.YAMLError as e:
         raise PolicyError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_policy(d, str(p))
+
+
+# ------------------------------------------------------------------------------ policy <-> file
+def policy_dict(policy) -> dict:
+    """The YAML mapping that :func:`parse_policy` reads back as ``policy`` (a cluster's nodes read it)."""
+    def party(p, compute):
+        return {"name": p.name, "address": p.address, **({"link": p.link} if compute else {})}
+
+    ex = policy.execution
+    attention = {"kind": ex.attention, "softmax_layers": list(ex.softmax_layers),
+                 "feature_map": ex.rfa.kind, **{k: getattr(ex.rfa, k) for k in RFA_FIELDS}}
+    return {"name": policy.name, "protocol": policy.protocol, "field": policy.field,
+            "fxp_fraction_bits": policy.fxp_fraction_bits, "runtime": dict(policy.runtime),
+            "approx": dataclasses.asdict(ex.approx), "attention": attention,
+            "embedding": policy.embedding, "reveal": dict(policy.reveal), "timeout_s": policy.timeout_s,
+            "parties": {"compute": [party(p, True) for p in policy.compute],
+                        "data_owner": party(policy.data_owner, False),
+                        "model_owner": party(policy.model_owner, False)}}
+
+
+def dump_policy(policy, path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(policy_dict(policy), sort_keys=False))
+    return path

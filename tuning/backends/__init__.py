@@ -1,4 +1,10 @@
-"""Back ends that run ``spu_models.forward`` for the data owner, behind one interface.
+"""How values move between parties: the only code that secret-shares or reconstructs.
+
+Who runs it: the data owner's process drives a session (``session.Session``, the contract every
+back end keeps); under ``cluster`` each compute party and the model owner run ``node`` in their
+own process, and ``rpc`` is the client half of those links.
+
+Back ends that run ``spu_models.forward`` and the tuning programs for the data owner:
 
     backend = make_backend("sim", bundle, policy)   # the model owner shares the weights once
     logits = backend.forward(batch)                 # data owner's batch in, opened logits out
@@ -13,6 +19,9 @@
 tokenizer and the model owner's public config, never the weights.
 """
 from __future__ import annotations
+
+from ..assets.models import ModelBundle, load_model, load_tokenizer, with_policy
+from ..errors import UserError
 
 BACKENDS = ("plaintext", "sim", "cluster")
 
@@ -30,7 +39,7 @@ def make_backend(name: str, bundle, policy, **kw):
         from .cluster import ClusterBackend
 
         return ClusterBackend(bundle, policy, **kw)
-    raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    raise UserError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
 
 
 def open_backend(name: str, model: str, policy, **kw):
@@ -42,11 +51,9 @@ def open_backend(name: str, model: str, policy, **kw):
     (``models.load_tokenizer``), takes the config the model owner publishes, and its bundle has
     ``params=None``. Everything the data owner may learn of the weights it asks the back end for
     (``embedding_stats()``; ``embedding_table()`` under ``embedding: data_owner``)."""
-    from ..models import ModelBundle, load_model, load_tokenizer, with_policy
-
     if name == "cluster":
         tok = load_tokenizer(model)
         backend = make_backend(name, ModelBundle(model, None, None, tok), policy, **kw)
-        return backend, ModelBundle(model, backend.config, None, tok)
+        return backend, ModelBundle(model, backend.config, None, tok, backend.execution)
     bundle = with_policy(load_model(model), policy)
     return make_backend(name, bundle, policy, **kw), bundle

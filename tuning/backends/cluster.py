@@ -8,7 +8,7 @@
         logits = be.forward(be.make_batch(prompts, words))  # the one-shot special case
         be.costs[-1].parties                        # every compute party's traffic, per run
 
-Process model (see ``tuning.node``): one node process per compute party and one for the model
+Process model (see ``tuning.backends.node``): one node process per compute party and one for the model
 owner; this process is the data owner (the driver). At start the driver has every compute party
 build its runtime, then asks the model owner to load its model and send share i of every weight
 to compute party i (once; the shares stay resident). The model owner returns only the config and
@@ -30,11 +30,8 @@ for parties you trust to follow the protocol.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import hashlib
 import os
-import pickle
-import re
 import signal
 import socket
 import subprocess
@@ -42,143 +39,21 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 
-import cloudpickle
-import grpc
 import numpy as np
-from spu.utils import distributed_pb2, distributed_pb2_grpc
-from spu.utils.distributed_impl import RPC, NodeClient, split_message
 
-from ..cost import CallCost
-from ..policy import Party
+from ..assets.models import ModelBundle, policy_execution
+from ..policy import Party, dump_policy
+from . import node
+from .cost import CallCost
+from .rpc import PartyError, Peer, check_alive, gather
+from .rpc import ping as rpc_ping
 from .session import Session
-from .spu_common import param_names
+from .spu_common import compile_session_program, param_names
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 60.0  # bound on a launched node's start-up (imports jax and spu)
-HEARTBEAT_S = 2.0  # ping interval while a call is in flight
-# ppd's channel options, plus a short reconnect back-off (gRPC's default grows to minutes, which
-# would make a node that is still starting look dead for a long time)
-CHANNEL_OPTIONS = [*RPC.OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-
-
-class PartyError(RuntimeError):
-    """A party died, is unreachable, stopped answering, or failed; the message names it."""
-
-
-# ------------------------------------------------------------------------------------ the client
-class Peer(NodeClient):
-    """ppd's ``NodeClient`` with a deadline on every call, cancellation, and errors naming the party."""
-
-    def __init__(self, name: str, address: str, timeout_s: float):
-        self.node_id, self.name, self.addr, self.timeout_s = name, name, address, timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = distributed_pb2_grpc.NodeServiceStub(self._channel)
-        self._inflight: set = set()
-        self._lock = threading.Lock()
-
-    def __repr__(self):
-        return f"party {self.name} ({self.addr})"
-
-    def call(self, fn, *args, timeout: float | None = -1.0):
-        """Run node function ``fn(server, *args)`` there; ``timeout`` None = no deadline, -1 = timeout_s."""
-        timeout = self.timeout_s if timeout == -1.0 else timeout
-        payload = cloudpickle.dumps((fn, args, {}))
-        reqs = (distributed_pb2.RunRequest(data=chunk) for chunk in split_message(payload))
-        rpc = self._stub.RunReturn(reqs, timeout=timeout)
-        with self._lock:
-            self._inflight.add(rpc)
-        try:
-            data = b"".join(r.data for r in rpc)
-        except grpc.RpcError as e:
-            raise self._error(e, timeout) from None
-        finally:
-            with self._lock:
-                self._inflight.discard(rpc)
-        result = pickle.loads(data)
-        if isinstance(result, Exception):  # ppd sends the remote traceback as Exception(text)
-            text = str(result.args[0] if result.args else result)
-            raise PartyError(f"{self} failed in {getattr(fn, '__name__', fn)}: {_summary(text)}")
-        return result
-
-    def _call(self, stub_method, fn, *args, **kwargs):  # keeps NodeClient.run_return working
-        if kwargs:
-            raise TypeError("Peer calls take positional arguments only")
-        return self.call(fn, *args)
-
-    def _error(self, e: grpc.RpcError, timeout) -> PartyError:
-        code, details = e.code(), " ".join(str(e.details() or "").split())
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return PartyError(f"{self} did not answer within {timeout:g}s")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return PartyError(f"{self} is unreachable or died: {details}")
-        if code == grpc.StatusCode.CANCELLED:
-            return PartyError(f"call to {self} was cancelled: {details}")
-        return PartyError(f"{self} failed: {code.name} {details}")
-
-    def cancel(self):
-        with self._lock:
-            for rpc in list(self._inflight):
-                rpc.cancel()
-
-    def close(self):
-        self.cancel()
-        self._channel.close()
-
-
-def _summary(traceback_text: str) -> str:
-    """The exception line of a remote traceback (SPU's C++ messages included), as one line."""
-    lines = [s.strip() for s in traceback_text.split("stacktrace:")[0].splitlines() if s.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if re.match(r"[\w.]+(Error|Exception|Exit)\b", lines[i]):
-            return " ".join(lines[i:])
-    return lines[-1] if lines else traceback_text
-
-
-def gather(jobs: list, watch: list, heartbeat_s: float = HEARTBEAT_S) -> list:
-    """Run ``jobs`` = [(peer, fn, args)] concurrently (no deadline) and return their results.
-
-    While they run, every peer in ``watch`` is pinged every ``heartbeat_s`` (deadline: its
-    ``timeout_s``), so a dead or hung party fails the whole call with a PartyError naming it.
-    On any failure the other calls are cancelled.
-    """
-    pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
-    futs = [pool.submit(peer.call, fn, *args, timeout=None) for peer, fn, args in jobs]
-    try:
-        pending, next_beat = set(futs), time.monotonic() + heartbeat_s
-        while pending:
-            done, pending = concurrent.futures.wait(pending, 0.1, concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                err = failed[0].exception()
-                check_alive(watch)  # a peer that died is the better culprit than its victims
-                raise err
-            if pending and time.monotonic() >= next_beat:
-                check_alive(watch)
-                next_beat = time.monotonic() + heartbeat_s
-        return [f.result() for f in futs]
-    except BaseException:
-        for peer, _, _ in jobs:
-            peer.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=False)
-
-
-def check_alive(peers: list) -> None:
-    """Ping ``peers`` concurrently; raise the first PartyError (in ``peers`` order)."""
-    from .. import node
-
-    if not peers:
-        return
-    with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
-        futs = [pool.submit(p.call, node.ping) for p in peers]
-        for f in futs:
-            if f.exception() is not None:
-                raise f.exception()
 
 
 # ---------------------------------------------------------------------------------- local cluster
@@ -246,14 +121,12 @@ def _tail(path: Path, n: int = 15) -> str:
 class LocalCluster:
     """Every node of ``policy`` (compute parties + model owner) as a child process of this one.
 
-    Each child runs ``python -m tuning.node`` in its own process group, logs to
+    Each child runs ``python -m tuning.backends.node`` in its own process group, logs to
     ``log_dir/<party>.log`` and dies with this process (PR_SET_PDEATHSIG). ``close()`` (also at
     exit, on SIGTERM/SIGINT and leaving a ``with`` block) terminates, then kills, and reaps them.
     """
 
     def __init__(self, policy, log_dir=None, startup_s: float = STARTUP_S):
-        from ..node import dump_policy
-
         self.policy = policy
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +143,7 @@ class LocalCluster:
             for p in self.parties:
                 with open(self.log_dir / f"{p.name}.log", "ab") as log:
                     self.procs[p.name] = subprocess.Popen(
-                        [sys.executable, "-m", "tuning.node", "--policy", str(self.policy_path),
+                        [sys.executable, "-m", "tuning.backends.node", "--policy", str(self.policy_path),
                          "--party", p.name, "--log-dir", str(self.log_dir)],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                         start_new_session=True)
@@ -284,8 +157,6 @@ class LocalCluster:
 
     def wait_ready(self, bound_s: float) -> None:
         """Return when every node answers a ping; PartyError (with the log tail) otherwise."""
-        from .. import node
-
         waiting = {p.name: Peer(p.name, p.address, 2.0) for p in self.parties}
         deadline = time.monotonic() + bound_s
         try:
@@ -296,7 +167,7 @@ class LocalCluster:
                         raise PartyError(f"party {name} ({peer.addr}) exited with code {code} during start-up; "
                                          f"log {self.log_path(name)}:\n{_tail(self.log_path(name))}")
                     try:
-                        peer.call(node.ping, timeout=1.0)
+                        peer.call(rpc_ping, timeout=1.0)
                         waiting.pop(name).close()
                     except PartyError:
                         pass
@@ -353,13 +224,6 @@ def start_local_cluster(policy, log_dir=None) -> LocalCluster:
 
 
 # ------------------------------------------------------------------------------------ the backend
-def _params_with_table(config, table):
-    """A parameter tree holding only the embedding table (all ``encode.make_batch`` reads)."""
-    if config.family == "llama":
-        return {"model": {"embed_tokens": {"embedding": table}}}
-    return {config.model_type: {"embeddings": {"word_embeddings": {"embedding": table}}}}
-
-
 class ClusterBackend(Session):
     """The data owner's session on a cluster (see the module doc and ``session.Session``).
 
@@ -369,7 +233,7 @@ class ClusterBackend(Session):
     ``bundle.name``). ``launch=False`` connects to nodes already running at the policy's
     addresses (``secptune cluster up`` / ``secptune node``).
 
-    Only ``bundle.name`` and ``bundle.tokenizer`` are read: ``tuning.models.open_backend`` gives
+    Only ``bundle.name`` and ``bundle.tokenizer`` are read: ``backends.open_backend`` gives
     a bundle without weights (``params=None``), and the data owner's process never loads them.
     What it learns of the weights comes from the model owner's node, per the policy:
     ``embedding_stats()`` (shape and std of the embedding table, for the subspace's scale) always,
@@ -400,18 +264,15 @@ class ClusterBackend(Session):
             self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t)
             self._all = [*self.peers, self.owner]
             config, shapes = self._setup()
-            from ..models import config_with_policy
-
-            config = config_with_policy(config, policy)  # the policy's approximations, as in every back end
-            # the session compiles from the model owner's public metadata: config and weight shapes
-            Session.__init__(self, types.SimpleNamespace(config=config, params=shapes), policy)
+            # the session compiles from the model owner's public metadata (config, weight shapes),
+            # run as the policy says, as in every back end
+            Session.__init__(self, ModelBundle(self.model, config, shapes, bundle.tokenizer,
+                                               policy_execution(config, policy)), policy)
         except BaseException:
             self.close()
             raise
 
     def _setup(self):
-        from .. import node
-
         check_alive(self._all)
         # every party drops the previous session's link before any builds a new one: a new link
         # could otherwise handshake with a peer's old link, still listening on the same port
@@ -426,22 +287,8 @@ class ClusterBackend(Session):
         return meta["config"], meta["shapes"]
 
     # ---------------------------------------------------------------------------- data owner
-    def make_batch(self, prompts: list, words: list, seq_len: int | None = None) -> dict:
-        """The data owner's arrays (``encode.make_batch``); the embedding table, when the policy
-        gives it to the data owner, comes from the model owner (asked once)."""
-        from ..encode import make_batch
-        from ..models import ModelBundle
-
-        params = {}
-        if self.policy.embedding == "data_owner":
-            params = _params_with_table(self.config, self.embedding_table())
-        return make_batch(ModelBundle(self.model, self.config, params, self.bundle.tokenizer), prompts, words,
-                          self.policy.embedding, seq_len)
-
     def embedding_table(self) -> np.ndarray:
         """Asked of the model owner once, under policy ``embedding: data_owner`` only."""
-        from .. import node
-
         if self.policy.embedding != "data_owner":
             return Session.embedding_table(self)  # raises: the policy keeps the table secret
         if self._table is None:
@@ -449,8 +296,6 @@ class ClusterBackend(Session):
         return self._table
 
     def embedding_stats(self):
-        from .. import node
-
         return self.owner.call(node.embedding_stats, self.model)
 
     def _gather(self, jobs: list) -> list:
@@ -467,22 +312,18 @@ class ClusterBackend(Session):
 
     def put(self, name: str, value) -> None:
         """Secret-share ``value`` here (the data owner) and send share i to compute party i."""
-        from .. import node
-
         value = np.asarray(value, np.float32)
         shares = self.io.make_shares(value, self._vis)
         self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
         self.shapes[name] = value.shape
 
     def _compile(self, program, arg_shapes, out_keys):
-        exe = super()._compile(program, arg_shapes, out_keys).SerializeToString()  # from shapes only
+        exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys).SerializeToString()
         return exe, hashlib.sha256(exe).hexdigest()
 
     def _execute(self, compiled, ins, outs):
         """Every party runs the executable on its resident variables ``ins`` and keeps the outputs
         as ``outs`` (the executable's bytes go to a party once, then its hash)."""
-        from .. import node
-
         exe, digest = compiled
         names = (param_names(self._params_shapes) + list(ins), list(outs))
         t0 = time.perf_counter()
@@ -494,8 +335,6 @@ class ClusterBackend(Session):
 
     def open(self, name: str) -> np.ndarray:
         """Reconstruct ``name`` here, at the data owner: the only place anything is opened."""
-        from .. import node
-
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")
         shares = self._gather([(peer, node.get_share, (name,)) for peer in self.peers])
@@ -505,8 +344,6 @@ class ClusterBackend(Session):
         """The parties delete ``names``. After a failure this is a no-op (the cluster is unusable
         and must be restarted, which discards every variable), so a ``finally: drop(...)`` does
         not hide the failure."""
-        from .. import node
-
         for n in names:
             self.shapes.pop(n, None)
         if names and not self._broken and self.peers:
@@ -515,8 +352,6 @@ class ClusterBackend(Session):
     def node_info(self, party: str) -> dict:
         """Counters of a node (calls of share_weights / set_share / put / run / open, variables
         dropped), its pid and whether a run is in progress (``busy``)."""
-        from .. import node
-
         peer = next(p for p in self._all if p.name == party)
         return peer.call(node.info)
 
@@ -527,12 +362,6 @@ class ClusterBackend(Session):
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __del__(self):
         try:

@@ -6,7 +6,7 @@ import time
 import jax
 import numpy as np
 
-from ..cost import CallCost
+from .cost import CallCost
 from .session import Session
 
 

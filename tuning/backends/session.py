@@ -1,36 +1,82 @@
-"""What every back end offers the data owner: named values held as secret shares by the compute
-parties, programs run over them, and opening a result to the data owner.
+"""The session contract: what every back end offers the data owner.
 
-    s.put("x", array)                       # data owner secret-shares an input
-    s.run(program, {"x": "x"}, ["y"])       # y = program(weights, x), stays on the parties
-    s.open("y")                             # reconstructed for the data owner only
-    s.drop("x", "y")
+A session holds named values as secret shares on the compute parties, runs programs over them,
+and opens results to the data owner alone:
+
+    with make_backend("sim", bundle, policy) as s:   # the model owner shares its weights once
+        s.put("x", array)                             # the data owner secret-shares an input
+        s.run(program, {"x": "x"}, ["y"], key="f")    # y = program(weights, x), stays on the parties
+        s.open("y")                                   # reconstructed for the data owner only
+        s.drop("x", "y")
 
 ``program(params, **inputs) -> dict`` is a pure JAX function; the model owner's weights are
-always its first argument and were shared once when the back end was made. ``forward(batch)``
-is the one-shot special case used by ``secptune forward``.
+always its first argument. Programs are compiled once per explicit ``key`` and argument shapes
+and bound to each call's variables. ``forward(batch)`` is the one-shot special case used by
+``secptune forward``; ``make_batch`` builds its data owner's arrays on every back end.
+
+A back end implements the abstract methods: ``put``, ``open``, ``drop``, ``close``,
+``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``.
+The shared parts (``run``, ``forward``, ``make_batch``, what the data owner may learn of the
+weights, and the context manager) live here.
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
-from spu_models.forward import make_forward
+from spu_models.forward import embedding_table, make_forward
 
-from .spu_common import compile_program, param_names
+from ..assets.encode import make_batch
+from ..assets.models import EmbeddingStats, ModelBundle
 
 
-class Session:
+class Session(abc.ABC):
     name = "session"
     chunk: int | None = 16  # examples per secure call that bounds the parties' memory (None: any)
     pad_multiple = 16  # cached texts are padded to a multiple of this (coarser: fewer compilations)
 
     def __init__(self, bundle, policy):
-        self.config, self.policy = bundle.config, policy
+        """``bundle``: the architecture, execution and tokenizer, and the model owner's weights
+        (in-process back ends) or only their shapes (the cluster's driver)."""
+        self.config, self.execution, self.policy = bundle.config, bundle.execution, policy
+        self.tokenizer = bundle.tokenizer
         self._params_shapes = _shapes(bundle.params)
-        self._owner_params = bundle.params  # in-process back ends hold the model owner's weights
+        self._owner_params = bundle.params
         self.shapes: dict = {}  # resident var name -> shape
         self._programs: dict = {}
         self.costs: list = []
+
+    # ---- the back end's own parts
+    @abc.abstractmethod
+    def put(self, name: str, value) -> None:
+        """Secret-share ``value`` (the data owner's) as resident variable ``name``."""
+
+    @abc.abstractmethod
+    def open(self, name: str) -> np.ndarray:
+        """Reconstruct resident variable ``name`` for the data owner (and nobody else)."""
+
+    @abc.abstractmethod
+    def drop(self, *names: str) -> None:
+        """Delete resident variables (absent ones are ignored)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the parties (idempotent)."""
+
+    @abc.abstractmethod
+    def _compile(self, program, arg_shapes: dict, out_keys: list):
+        """Compile ``program`` for these argument shapes; outputs in ``out_keys`` order."""
+
+    @abc.abstractmethod
+    def _execute(self, compiled, ins: list, outs: list):
+        """Run a compiled program on resident vars ``ins``, keeping its outputs as ``outs``; a CallCost."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ---- what the data owner may learn of the weights (the cluster back end asks the model owner)
     def embedding_table(self) -> np.ndarray:
@@ -39,20 +85,21 @@ class Session:
         if self.policy.embedding != "data_owner":
             raise PermissionError(f"policy {self.policy.name!r} keeps the embedding table secret "
                                   f"(embedding: {self.policy.embedding}); the data owner does not get it")
-        from spu_models.forward import embedding_table
-
         return np.asarray(embedding_table(self.config, self._owner_params), np.float32)
 
-    def embedding_stats(self):
+    def embedding_stats(self) -> EmbeddingStats:
         """Public statistics of the embedding table (shape, std of its entries): the scale of the
         search subspace, under every policy."""
-        from spu_models.forward import embedding_table
-
-        from ..subspace import EmbeddingStats
-
         return EmbeddingStats.of(np.asarray(embedding_table(self.config, self._owner_params)))
 
-    # ---- back ends implement: put, open, drop, _compile, _execute(compiled, ins, outs) -> CallCost, close
+    def make_batch(self, prompts: list, words: list, seq_len: int | None = None) -> dict:
+        """The data owner's arrays for :meth:`forward` (``encode.make_batch``), with the embedding
+        table from :meth:`embedding_table` when the policy gives it to the data owner."""
+        table = self.embedding_table() if self.policy.embedding == "data_owner" else None
+        return make_batch(ModelBundle("session", self.config, None, self.tokenizer), prompts, words,
+                          self.policy.embedding, seq_len, table=table)
+
+    # ---- running programs
     def run(self, program, inputs: dict, outputs, key: str):
         """Run ``program`` on resident vars. ``inputs`` maps argument name -> var name; ``outputs``
         lists the result keys to keep, or maps result key -> var name. Returns the CallCost.
@@ -82,15 +129,9 @@ class Session:
         res = jax.eval_shape(lambda p, a: program(p, **a), self._params_shapes, args)
         return {k: tuple(res[k].shape) for k in out_keys}
 
-    def _compile(self, program, arg_shapes: dict, out_keys: list):
-        """SPU back ends: an executable whose inputs are the weights, then the arguments in sorted
-        order, and whose outputs are ``out_keys``; :func:`bind` names a call's vars."""
-        return compile_program(program, self._params_shapes,
-                               {a: np.zeros(shape, np.float32) for a, shape in arg_shapes.items()}, out_keys)
-
     def forward(self, batch: dict) -> np.ndarray:
         """Share ``batch``, run the verbalizer-logits forward, open the logits, drop everything."""
-        fwd = make_forward(self.config, self.policy.embedding)
+        fwd = make_forward(self.config, self.execution, self.policy.embedding)
         for k, v in batch.items():
             self.put(f"x_{k}", v)
         self.run(lambda params, **b: {"logits": fwd(params, b)}, {k: f"x_{k}" for k in batch}, ["logits"],
@@ -99,14 +140,6 @@ class Session:
             return self.open("logits")
         finally:
             self.drop("logits", *[f"x_{k}" for k in batch])
-
-
-def bind(exe, params_shapes, ins: list, outs: list):
-    """The executable ``exe`` (from ``Session._compile``) reading vars ``ins`` and writing ``outs``."""
-    from spu import spu_pb2
-
-    return spu_pb2.ExecutableProto(name=exe.name, code=exe.code, output_names=list(outs),
-                                   input_names=param_names(params_shapes) + list(ins))
 
 
 def _shapes(params):

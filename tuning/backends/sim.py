@@ -15,9 +15,9 @@ import time
 import jax
 import numpy as np
 
-from ..cost import CallCost, capture_fd_stdout, parse_profile
-from .session import Session, bind
-from .spu_common import param_names
+from .cost import CallCost, capture_fd_stdout, parse_profile
+from .session import Session
+from .spu_common import bind, compile_session_program, param_names
 
 
 def _run_parallel(fns):
@@ -77,6 +77,9 @@ class SimBackend(Session):
         value = np.asarray(value, np.float32)
         self._set(name, value)
         self.shapes[name] = value.shape
+
+    def _compile(self, program, arg_shapes, out_keys):
+        return compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
 
     def _execute(self, exe, ins, outs):
         exe = bind(exe, self._params_shapes, ins, outs)

@@ -27,10 +27,10 @@ def param_names(params) -> list[str]:
     return [f"w{i}" for i in range(len(jax.tree_util.tree_leaves(params)))]
 
 
-def compile_forward(config, embedding: str, params, batch: dict, copts=None):
+def compile_forward(config, execution, embedding: str, params, batch: dict, copts=None):
     """SPU executable of the verbalizer-logits ``forward(params, batch)``: inputs w0.. (weights) and
     x_<key> (batch), output ``logits``. Shapes only are used."""
-    fwd = make_forward(config, embedding)
+    fwd = make_forward(config, execution, embedding)
     inputs = {f"x_{k}": batch[k] for k in sorted(batch)}
     return compile_program(lambda p, **x: {"logits": fwd(p, {k[2:]: v for k, v in x.items()})}, params, inputs,
                            ["logits"], copts)
@@ -57,6 +57,21 @@ def compile_program(fn, params_shapes, inputs: dict, outputs: list, copts=None):
                         [spu_pb2.Visibility.VIS_SECRET] * len(in_names), lambda out: list(outputs),
                         copts=copts or spu_pb2.CompilerOptions())
     return exe
+
+
+def compile_session_program(program, params_shapes, arg_shapes: dict, out_keys: list):
+    """A session program (``session.Session.run``) compiled for SPU: inputs the weights, then the
+    arguments in ``arg_shapes`` order, outputs ``out_keys``; :func:`bind` names a call's vars."""
+    return compile_program(program, params_shapes, {a: np.zeros(shape, np.float32) for a, shape in arg_shapes.items()},
+                           out_keys)
+
+
+def bind(exe, params_shapes, ins: list, outs: list):
+    """The executable ``exe`` (from :func:`compile_session_program`) reading vars ``ins`` and writing ``outs``."""
+    from spu import spu_pb2
+
+    return spu_pb2.ExecutableProto(name=exe.name, code=exe.code, output_names=list(outs),
+                                   input_names=param_names(params_shapes) + list(ins))
 
 
 def op_census(pphlo_text: str) -> dict:

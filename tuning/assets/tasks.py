@@ -13,7 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .assets import AssetError, secptune_home
+from ..errors import UserError
+from .cache import AssetError, secptune_home
 from .datasets import Row, read_table, stratified_split
 
 SENTIMENT = {"positive": " positive", "negative": " negative"}
@@ -77,7 +78,7 @@ def _truncated(rows: list[Row], max_words: int | None) -> list[Row]:
 def load_task(name: str, home: Path | None = None, max_words: int | None = -1) -> Task:
     """A registered task from the prepared ``home/data/NAME.csv`` (max_words=-1: the task default)."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+        raise UserError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
     spec = TASKS[name]
     path = (Path(home) if home is not None else secptune_home()) / "data" / f"{name}.csv"
     if not path.exists():
@@ -99,25 +100,25 @@ def load_task(name: str, home: Path | None = None, max_words: int | None = -1) -
 def parse_verbalizer(spec: str) -> dict[str, str]:
     """``"positive=great,negative=terrible"`` -> ``{"positive": " great", "negative": " terrible"}``."""
     if not spec or not spec.strip():
-        raise ValueError("empty verbalizer: expected label=word[,label=word...]")
+        raise UserError("empty verbalizer: expected label=word[,label=word...]")
     out: dict[str, str] = {}
     for entry in spec.split(","):
         label, sep, word = entry.partition("=")
         label = label.strip()
         if not sep or not label or not word.strip():
-            raise ValueError(f"malformed verbalizer entry {entry!r}: expected label=word")
+            raise UserError(f"malformed verbalizer entry {entry!r}: expected label=word")
         if label in out:
-            raise ValueError(f"duplicate label {label!r} in verbalizer {spec!r}")
+            raise UserError(f"duplicate label {label!r} in verbalizer {spec!r}")
         out[label] = word.rstrip() if word.startswith(" ") else " " + word.strip()
     if len(set(out.values())) < len(out):
-        raise ValueError(f"verbalizer {spec!r} maps two labels to the same word")
+        raise UserError(f"verbalizer {spec!r} maps two labels to the same word")
     return out
 
 
 def _read_records(path: Path) -> tuple[list[dict], list[str]]:
     """Rows of a .csv/.tsv (header) or .jsonl/.json (JSON lines, or one JSON array) file, and its columns."""
     if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
+        raise UserError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8-sig", errors="replace")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
@@ -130,14 +131,14 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
             else:
                 records = [json.loads(line) for line in text.split("\n") if line.strip()]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON lines: {e}") from None
+            raise UserError(f"{path} is not valid JSON lines: {e}") from None
         if not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{path}: every JSON record must be an object")
+            raise UserError(f"{path}: every JSON record must be an object")
         columns = list(dict.fromkeys(k for r in records for k in r))
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl or .json)")
+        raise UserError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl or .json)")
     if not records:
-        raise ValueError(f"{path} is empty (no data rows)")
+        raise UserError(f"{path} is empty (no data rows)")
     return records, columns
 
 
@@ -145,15 +146,15 @@ def _read_user_rows(path: Path, text_column: str, label_column: str, verbalizer:
     records, columns = _read_records(path)
     for kind, col in (("label", label_column), ("text", text_column)):
         if col not in columns:
-            raise ValueError(f"{kind} column {col!r} not found in {path} (columns: {', '.join(columns)})")
+            raise UserError(f"{kind} column {col!r} not found in {path} (columns: {', '.join(columns)})")
     rows = []
     for n, r in enumerate(records, start=1):
         text, label = r.get(text_column), r.get(label_column)
         if text is None or label is None or not str(text).strip():
-            raise ValueError(f"record {n} of {path} has no {text_column!r} text or no {label_column!r} label")
+            raise UserError(f"record {n} of {path} has no {text_column!r} text or no {label_column!r} label")
         label = str(label).strip()
         if label not in verbalizer:
-            raise ValueError(f"label {label!r} in {path} is not in the verbalizer map "
+            raise UserError(f"label {label!r} in {path} is not in the verbalizer map "
                              f"(known: {', '.join(verbalizer)})")
         rows.append((" ".join(str(text).split()), label))
     return rows
@@ -167,13 +168,13 @@ def load_user_task(train_path, test_path=None, text_column: str = "text", label_
     verb = parse_verbalizer(verbalizer) if isinstance(verbalizer, str) else dict(verbalizer)
     template = template or DEFAULT_USER_TEMPLATE
     if "{text}" not in template:
-        raise ValueError(f"template {template!r} has no {{text}} placeholder")
+        raise UserError(f"template {template!r} has no {{text}} placeholder")
     train_path = Path(train_path)
     rows = _read_user_rows(train_path, text_column, label_column, verb)
     present = {l for _, l in rows}
     for label in verb:
         if label not in present:
-            raise ValueError(f"verbalizer label {label!r} never occurs in {train_path} "
+            raise UserError(f"verbalizer label {label!r} never occurs in {train_path} "
                              f"(labels present: {', '.join(sorted(present))})")
     if test_path is None:
         split = stratified_split(rows)
@@ -194,7 +195,7 @@ def _per_class(examples: list[Row], n: int, seed: int, labels: list[str], what: 
     for label in labels:
         pool = by_label.get(label, [])
         if len(pool) < n:
-            raise ValueError(f"k-shot {what} is larger than class {label!r} ({len(pool)} examples)")
+            raise UserError(f"k-shot {what} is larger than class {label!r} ({len(pool)} examples)")
         picks.append(rng.sample(pool, n))
     return picks
 

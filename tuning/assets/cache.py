@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 
-class AssetError(RuntimeError):
+
+class AssetError(UserError, RuntimeError):
     """A missing or broken asset; the message is one line naming what and how to fix it."""
 
 

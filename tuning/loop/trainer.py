@@ -23,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cost import CallCost, PartyCost
+from ..assets.tasks import kshot, load_task, load_user_task, split_dev
+from ..backends import open_backend
+from ..errors import UserError
+from ..policy import load_policy
+from .scorer import SecureScorer, delta_shape
+from .search import make_strategy
+from .subspace import subspace_from_stats
 
 LOSSES = ("ce", "hinge")
 DEV_EVAL = ("all", "mean")
@@ -75,7 +81,7 @@ def losses_from_logits(logits: np.ndarray, labels: np.ndarray, kind: str = "ce")
         true = logits[:, np.arange(len(labels)), labels]
         other = np.where(np.eye(logits.shape[-1], dtype=bool)[labels][None], -np.inf, logits).max(-1)
         return np.maximum(0.0, 1.0 - (true - other)).mean(-1)
-    raise ValueError(f"unknown loss {kind!r} (known: {', '.join(LOSSES)})")
+    raise UserError(f"unknown loss {kind!r} (known: {', '.join(LOSSES)})")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -177,7 +183,7 @@ def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
         d = {k: f[k] for k in f.files}
     missing = {*_SCALARS, "has_best", "extra"} - set(d)
     if missing:
-        raise ValueError(f"{path}: checkpoint from an older version (no {', '.join(sorted(missing))}); "
+        raise UserError(f"{path}: checkpoint from an older version (no {', '.join(sorted(missing))}); "
                          f"it cannot be resumed, start a new run")
     search = strategy.state_from_dict({k[len("search/"):]: v for k, v in d.items() if k.startswith("search/")})
     st = LoopState(search, int(d["generation"]), d["best_z"] if bool(d["has_best"]) else None,
@@ -189,8 +195,6 @@ def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
 # ------------------------------------------------------------------------------------------ tune
 def _examples(cfg: TuneConfig, task):
     """k-shot train and dev (disjoint, stratified, seeded) and a stratified test subset."""
-    from .tasks import kshot, split_dev
-
     dev_k = cfg.dev_shots or cfg.shots
     if dev_k == cfg.shots:
         train, dev = split_dev(task.train, cfg.shots, cfg.seed, task.labels)
@@ -210,10 +214,8 @@ def _examples(cfg: TuneConfig, task):
 
 
 def _load_task(cfg: TuneConfig):
-    from .tasks import load_task, load_user_task
-
     if bool(cfg.task) == bool(cfg.train):
-        raise ValueError("give exactly one of --task NAME or --train FILE")
+        raise UserError("give exactly one of --task NAME or --train FILE")
     if cfg.task:
         return load_task(cfg.task) if cfg.max_words is None else load_task(cfg.task, max_words=cfg.max_words)
     return load_user_task(cfg.train, cfg.test, cfg.text_column, cfg.label_column, cfg.verbalizer, cfg.template,
@@ -226,7 +228,7 @@ def _init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
         return None
     ids = list(bundle.tokenizer(cfg.init[len("text:"):], add_special_tokens=False)["input_ids"])
     if not ids:
-        raise ValueError(f"--init {cfg.init!r}: the text has no tokens")
+        raise UserError(f"--init {cfg.init!r}: the text has no tokens")
     return ids
 
 
@@ -235,9 +237,6 @@ def build_subspace(cfg: TuneConfig, bundle, stats):
     --init) and the embedding table's public statistics ``stats`` (``backend.embedding_stats()``).
     It holds no P0: the parties embed P0's ids, and the loop shares only ``A z`` (for a deep
     prompt, offsets of P0's keys/values or hidden states in the top layers)."""
-    from .scorer import delta_shape
-    from .subspace import subspace_from_stats
-
     ids = _init_token_ids(cfg, bundle)
     n = len(ids) if ids else cfg.n_tokens
     return subspace_from_stats(stats, n, cfg.d, cfg.seed, "text" if ids else "vocab", init_ids=ids,
@@ -255,31 +254,27 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
 
     ``budget`` on resume extends (or shortens) the stored run's generation budget; every other
     setting comes from the run's config.json, so the continued search is the same search."""
-    from .backends import open_backend
-    from .policy import load_policy
-    from .scorer import SecureScorer
-    from .search import make_strategy
 
     out = Path(cfg.out)
     ckpt = out / "ckpt.npz"
     if resume:
         if not ckpt.exists():
-            raise ValueError(f"--resume {out}: no checkpoint there")
+            raise UserError(f"--resume {out}: no checkpoint there")
         cfg = TuneConfig(**{**json.loads((out / "config.json").read_text()), "out": str(out)})
         if budget is not None:
             cfg = dataclasses.replace(cfg, budget=budget)
     elif ckpt.exists():
-        raise ValueError(f"{out} already holds a run; pass --resume {out} or choose another --out")
+        raise UserError(f"{out} already holds a run; pass --resume {out} or choose another --out")
     if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r} (known: {', '.join(LOSSES)})")
+        raise UserError(f"unknown loss {cfg.loss!r} (known: {', '.join(LOSSES)})")
     if cfg.budget < 1 or cfg.popsize < 2 or cfg.shots < 1:
-        raise ValueError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
+        raise UserError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
     if cfg.init != "vocab" and not cfg.init.startswith("text:"):
-        raise ValueError(f"unknown --init {cfg.init!r}: use 'vocab' or 'text:<words>'")
+        raise UserError(f"unknown --init {cfg.init!r}: use 'vocab' or 'text:<words>'")
     if cfg.dev_eval not in DEV_EVAL:
-        raise ValueError(f"unknown --dev-eval {cfg.dev_eval!r} (known: {', '.join(DEV_EVAL)})")
+        raise UserError(f"unknown --dev-eval {cfg.dev_eval!r} (known: {', '.join(DEV_EVAL)})")
     if cfg.train_batch < 0 or (cfg.prompt_depth is not None and cfg.prompt_depth < 1):
-        raise ValueError("--train-batch must be >= 0 and --prompt-depth >= 1")
+        raise UserError("--train-batch must be >= 0 and --prompt-depth >= 1")
 
     task = _load_task(cfg)
     train, dev, test = _examples(cfg, task)

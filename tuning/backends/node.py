@@ -1,6 +1,6 @@
 """A party's process in a SecP-Tuning cluster.
 
-    python -m tuning.node --policy aby3 --party p0 [--log-dir DIR]
+    python -m tuning.backends.node --policy aby3 --party p0 [--log-dir DIR]
 
 serves a gRPC node (SPU's ppd ``NodeServicer``: it runs cloudpickled ``fn(server, *args)``) at
 the party's ``address``. Two kinds of node, by the party's role in the policy:
@@ -17,7 +17,8 @@ the party's ``address``. Two kinds of node, by the party's role in the policy:
   (``embedding_table``): that table leaks to the data owner, which is exactly what that policy
   trades for speed (the embedding lookup then happens in the clear at the data owner).
 
-The data owner is the driver process (``tuning.backends.cluster.ClusterBackend``); it runs no node.
+The data owner is the driver process (``cluster.ClusterBackend``, the client half in ``rpc``); it
+runs no node.
 
 SPU's C++ log (profile lines with each run's traffic) goes to the process's stdout, which a node
 points at ``LOGDIR/<party>.log``; ``run`` reads its own traffic back from the new part of that
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import ctypes
-import dataclasses
 import hashlib
 import os
 import signal
@@ -40,32 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..assets.models import EmbeddingStats, load_model
+from ..errors import UserError
+from ..policy import load_policy
+from .cost import PartyCost, parse_profile
+from .rpc import Peer, ping
+from .spu_common import param_names
+
 ENV_PARENT = "SECPTUNE_LAUNCHER_PID"  # set by a launcher: die with it
 ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every request payload (tests)
 PR_SET_PDEATHSIG = 1
-
-
-# ------------------------------------------------------------------------------ policy <-> file
-def policy_dict(policy) -> dict:
-    """The YAML mapping that ``tuning.policy.parse_policy`` reads back as ``policy``."""
-    def party(p, compute):
-        return {"name": p.name, "address": p.address, **({"link": p.link} if compute else {})}
-
-    return {"name": policy.name, "protocol": policy.protocol, "field": policy.field,
-            "fxp_fraction_bits": policy.fxp_fraction_bits, "runtime": dict(policy.runtime),
-            "approx": dataclasses.asdict(policy.approx), "attention": policy.attention,
-            "embedding": policy.embedding, "reveal": dict(policy.reveal), "timeout_s": policy.timeout_s,
-            "parties": {"compute": [party(p, True) for p in policy.compute],
-                        "data_owner": party(policy.data_owner, False),
-                        "model_owner": party(policy.model_owner, False)}}
-
-
-def dump_policy(policy, path) -> Path:
-    import yaml
-
-    path = Path(path)
-    path.write_text(yaml.safe_dump(policy_dict(policy), sort_keys=False))
-    return path
 
 
 # ------------------------------------------------------------------------------------- servicer
@@ -76,8 +60,8 @@ def _flush_c_stdout():
 
 
 def _make_servicer(party: str, address: str, role: str, rank: int, log_path: Path, record_path):
-    from spu.utils.distributed_impl import NodeServicer
     from spu.utils import distributed_pb2
+    from spu.utils.distributed_impl import NodeServicer
 
     class PartyServicer(NodeServicer):
         """ppd's servicer plus this party's identity, a run lock and optional payload recording."""
@@ -122,7 +106,7 @@ def _find_party(policy, name: str):
     if policy.model_owner.name == name:
         return policy.model_owner, "model_owner", -1
     known = [p.name for p in policy.compute] + [policy.model_owner.name]
-    raise ValueError(f"party {name!r} runs no node in policy {policy.name!r} (nodes: {', '.join(known)}; "
+    raise UserError(f"party {name!r} runs no node in policy {policy.name!r} (nodes: {', '.join(known)}; "
                      f"the data owner {policy.data_owner.name!r} is the driver)")
 
 
@@ -131,8 +115,6 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
     import grpc
     from spu.utils import distributed_impl as ppd
     from spu.utils import distributed_pb2_grpc
-
-    from .policy import load_policy
 
     if isinstance(policy, (str, Path)):
         policy = load_policy(str(policy))
@@ -175,11 +157,6 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
 def _require(server, role: str):
     if server.role != role:
         raise PermissionError(f"{server.node_id} is a {server.role} node, not a {role} node")
-
-
-def ping(server, payload=None) -> dict:
-    """Liveness check (``payload`` is ignored: the tests use it to send control bytes)."""
-    return {"party": server.node_id, "role": server.role, "pid": os.getpid()}
 
 
 def info(server) -> dict:
@@ -263,8 +240,6 @@ def run(server, executable, input_names=None, output_names=None):
     """
     from spu import spu_pb2
 
-    from .cost import PartyCost, parse_profile
-
     rt = _runtime(server)
     with server.run_lock:
         exes = server._locals["exes"]
@@ -311,8 +286,6 @@ def drop(server, names: list) -> None:
 
 
 def _bundle(server, model_name: str):
-    from .models import load_model
-
     cache = server._locals.setdefault("bundles", {})
     if model_name not in cache:
         cache.clear()
@@ -330,8 +303,6 @@ def share_weights(server, model_name: str, runtime_config: bytes, compute: list,
     import spu.api as spu_api
     from spu import spu_pb2
 
-    from .backends.cluster import Peer
-    from .backends.spu_common import param_names
 
     _require(server, "model_owner")
     bundle = _bundle(server, model_name)
@@ -373,8 +344,6 @@ def embedding_stats(server, model_name: str):
     entries (three public numbers; the search subspace's scale). Not the table."""
     from spu_models.forward import embedding_table as table
 
-    from .subspace import EmbeddingStats
-
     _require(server, "model_owner")
     bundle = _bundle(server, model_name)
     return EmbeddingStats.of(np.asarray(table(bundle.config, bundle.params), np.float32))
@@ -382,7 +351,7 @@ def embedding_stats(server, model_name: str):
 
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tuning.node", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tuning.backends.node", description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", required=True, help="policy name or YAML path (its parties give the addresses)")
     ap.add_argument("--party", required=True, help="a compute party or the model owner")
     ap.add_argument("--log-dir", default=None, help="SPU's log goes to LOGDIR/<party>.log")
@@ -395,8 +364,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    # run from the importable module, so functions cloudpickled as ``tuning.node.<fn>`` find the
+    # run from the importable module, so functions cloudpickled as ``tuning.backends.node.<fn>`` find the
     # same module state as this process's main
-    from tuning.node import main as _main
+    from tuning.backends.node import main as _main
 
     _main()

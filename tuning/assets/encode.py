@@ -9,6 +9,8 @@ import numpy as np
 
 from spu_models.forward import batch_keys, embedding_table
 
+from ..errors import UserError
+
 
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -25,11 +27,11 @@ def verbalizer_ids(tokenizer, words: list[str]) -> list[int]:
         if ids and len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
             ids = ids[1:]
         if not ids:
-            raise ValueError(f"verbalizer word {w!r} tokenizes to nothing")
+            raise UserError(f"verbalizer word {w!r} tokenizes to nothing")
         out.append(ids[0])
     if len(set(out)) != len(out):
         clash = [w for w, i in zip(words, out) if out.count(i) > 1]
-        raise ValueError(f"verbalizer words {clash} start with the same token; choose distinct words")
+        raise UserError(f"verbalizer words {clash} start with the same token; choose distinct words")
     return out
 
 
@@ -50,21 +52,23 @@ def tokenize_prompts(bundle, prompts: list[str]) -> list[list[int]]:
         seqs = [[cls_id] + _ids(tok, p) + [mask_id, sep_id] for p in prompts]
     for i, s in enumerate(seqs):
         if not s:
-            raise ValueError(f"prompt {i} is empty after tokenization")
+            raise UserError(f"prompt {i} is empty after tokenization")
     return seqs
 
 
 def make_batch(bundle, prompts: list[str], words: list[str], embedding: str = "data_owner",
-               seq_len: int | None = None) -> dict:
-    """Arrays for ``spu_models.forward``: right-padded to ``seq_len`` (default: next multiple of 8)."""
+               seq_len: int | None = None, table=None) -> dict:
+    """Arrays for ``spu_models.forward``: right-padded to ``seq_len`` (default: next multiple of 8).
+
+    ``embedding: data_owner`` looks the tokens up in ``table`` (default: the bundle's weights)."""
     cfg = bundle.config
     seqs = tokenize_prompts(bundle, prompts)
     longest = max(len(s) for s in seqs)
     L = seq_len or pad_length(longest)
     if longest > L:
-        raise ValueError(f"a prompt has {longest} tokens, more than the padded length {L}")
+        raise UserError(f"a prompt has {longest} tokens, more than the padded length {L}")
     if L > cfg.max_position_embeddings:
-        raise ValueError(f"padded length {L} exceeds the model's context ({cfg.max_position_embeddings})")
+        raise UserError(f"padded length {L} exceeds the model's context ({cfg.max_position_embeddings})")
     B, V = len(seqs), cfg.vocab_size
     pad = bundle.tokenizer.pad_token_id or 0
     ids = np.full((B, L), pad, np.int32)
@@ -78,7 +82,7 @@ def make_batch(bundle, prompts: list[str], words: list[str], embedding: str = "d
     rows[np.arange(len(words)), verbalizer_ids(bundle.tokenizer, words)] = 1.0
     batch = {"select": select, "rows": rows, "mask": mask}
     if embedding == "data_owner":
-        batch["embeds"] = np.asarray(embedding_table(cfg, bundle.params))[ids]
+        batch["embeds"] = np.asarray(embedding_table(cfg, bundle.params) if table is None else table)[ids]
     else:
         batch["tokens"] = np.eye(V, dtype=np.float32)[ids]
     return {k: batch[k] for k in batch_keys(cfg, embedding)}

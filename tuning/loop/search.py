@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import UserError
+
 
 class Strategy(Protocol):
     name: str
@@ -64,7 +66,7 @@ def _check_tell(name, d, popsize, Z, losses):
 def _check_kind(d: dict, kind: str):
     got = str(np.asarray(d.get("kind", "")))
     if got != kind:
-        raise ValueError(f"state dict is for strategy {got!r}, not {kind!r}")
+        raise UserError(f"state dict is for strategy {got!r}, not {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------- CMA-ES
@@ -144,7 +146,7 @@ class CMAES:
         es = EvoState(**{f.name: (np.array(d["es." + f.name]) if "es." + f.name in d else None)
                          for f in dataclasses.fields(EvoState)})
         if es.mean.shape != (self.d,):
-            raise ValueError(f"state dict has d={es.mean.shape[0]}, strategy has d={self.d}")
+            raise UserError(f"state dict has d={es.mean.shape[0]}, strategy has d={self.d}")
         return CMAState(key=np.array(d["key"]), es=es)
 
 
@@ -173,9 +175,9 @@ class SPSA:
                  bounds=(-5.0, 5.0), seed: int = 0):
         _check_sizes(d, popsize)
         if popsize % 2:
-            raise ValueError(f"SPSA needs an even popsize (popsize/2 +- pairs), got {popsize}")
+            raise UserError(f"SPSA needs an even popsize (popsize/2 +- pairs), got {popsize}")
         if dist not in ("rademacher", "gaussian"):
-            raise ValueError(f"unknown dist {dist!r}; known: 'rademacher', 'gaussian'")
+            raise UserError(f"unknown dist {dist!r}; known: 'rademacher', 'gaussian'")
         self.d, self.popsize, self.seed = int(d), int(popsize), int(seed)
         self.lr, self.c, self.A, self.alpha, self.gamma, self.dist = lr, c, A, alpha, gamma, dist
         self.bounds = (float(bounds[0]), float(bounds[1]))
@@ -231,7 +233,7 @@ class SPSA:
         _check_kind(d, self.name)
         z = np.array(d["z"], np.float32)
         if z.shape != (self.d,):
-            raise ValueError(f"state dict has z of shape {z.shape}, strategy has d={self.d}")
+            raise UserError(f"state dict has z of shape {z.shape}, strategy has d={self.d}")
         return SPSAState(z=z, best_z=np.array(d["best_z"], np.float32),
                          best_loss=float(d["best_loss"]), k=int(d["k"]), seed=int(d["seed"]))
 
@@ -243,13 +245,13 @@ STRATEGIES = {"cma": CMAES, "spsa": SPSA}
 
 def _check_sizes(d, popsize):
     if int(d) < 1:
-        raise ValueError(f"d must be >= 1, got {d}")
+        raise UserError(f"d must be >= 1, got {d}")
     if int(popsize) < 2:
-        raise ValueError(f"popsize must be >= 2, got {popsize}")
+        raise UserError(f"popsize must be >= 2, got {popsize}")
 
 
 def make_strategy(name: str, d: int, popsize: int, seed: int = 0, **kw) -> Strategy:
     """``make_strategy("cma"|"spsa", d, popsize, seed, **strategy_kwargs)``."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+        raise UserError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name](d, popsize, seed=seed, **kw)

@@ -1,0 +1,126 @@
+"""The package layout: who may import whom, no import cycles (deferred imports included), every
+module importable alone, and no module changing the environment on import."""
+import ast
+import concurrent.futures
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("spu_models", "tuning", "bench")
+
+# what each part may import (besides itself, the standard library and third-party packages)
+ALLOWED = {
+    "spu_models": set(),
+    "tuning.errors": set(),
+    "tuning.policy": {"spu_models", "tuning.errors"},
+    "tuning.assets": {"spu_models", "tuning.errors"},
+    "tuning.backends": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets"},
+    "tuning.loop": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets", "tuning.backends"},
+    "tuning": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets", "tuning.backends", "tuning.loop",
+               "bench"},  # tuning/__init__.py and tuning/cli.py: the top
+    "bench": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets", "tuning.backends", "tuning.loop"},
+}
+
+
+def modules() -> dict:
+    """Project module name -> source path."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def part_of(module: str) -> str:
+    """The layer a module belongs to (a key of ALLOWED)."""
+    for key in sorted(ALLOWED, key=len, reverse=True):
+        if module == key or module.startswith(key + "."):
+            return key
+    raise KeyError(module)
+
+
+def imports_of(name: str, path: Path, known: set) -> set:
+    """Project modules ``name`` imports, at module level or inside functions (deferred)."""
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                anchor = base[: len(base) - (node.level - 1)]
+                mod = ".".join(anchor + ([mod] if mod else []))
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        for t in targets:
+            while t and t not in known:  # "from x.y import z": z may be a name, not a module
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    mods = modules()
+    return {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+
+
+def test_every_import_follows_the_layers(graph):
+    bad = [f"{m} imports {t}" for m, ts in graph.items() for t in ts
+           if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)]]
+    assert bad == []
+
+
+def test_no_import_cycles_even_through_deferred_imports(graph):
+    # parent packages are imported on the way to a submodule: not an edge of the code's own
+    edges = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph.items()}
+    state, cycle = {}, []
+
+    def visit(m, path):
+        state[m] = 1
+        for t in sorted(edges.get(m, ())):
+            if state.get(t) == 1:
+                cycle.append(path + [m, t])
+                return
+            if t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+    assert cycle == [], " -> ".join(cycle[0])
+
+
+def test_every_module_imports_alone_and_leaves_the_environment_alone():
+    # third-party packages may set their own variables on import (jax sets TF_CPP_MIN_LOG_LEVEL):
+    # imported first, so that only the project's own changes show
+    third = "jax, jax.numpy, flax.linen, optax, evosax, spu, spu.api, spu.utils.frontend, transformers, grpc, yaml"
+    code = (f"import os, sys, importlib, {third}; before = dict(os.environ); importlib.import_module(sys.argv[1]); "
+            "changed = sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)); "
+            "print(','.join(changed))")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(REPO)
+
+    def run(m):
+        p = subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=300)
+        return m, p.returncode, p.stdout.strip().splitlines()[-1:], p.stderr.strip().splitlines()[-1:]
+
+    names = sorted(m for m in modules() if not m.endswith("__main__"))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, names))
+    failed = [(m, err) for m, rc, _, err in results if rc != 0]
+    assert failed == []
+    changed = [(m, out) for m, _, out, _ in results if out and out[0]]
+    assert changed == [], "modules that change os.environ on import"

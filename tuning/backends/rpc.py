@@ -1,0 +1,148 @@
+"""The client half of a party link: calls from one process into a party's node (``node.py``).
+
+``Peer`` runs a function on a node over gRPC (SPU's ppd ``NodeService``: it runs cloudpickled
+``fn(server, *args)`` there) with a deadline, cancellation and errors that name the party;
+``gather`` runs calls on several nodes at once while pinging the others, so that a dead or hung
+party fails the whole call with a :class:`PartyError` naming it. Used by the data owner's driver
+(``cluster.ClusterBackend``) and by the model owner's node when it sends weight shares.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pickle
+import re
+import threading
+import time
+
+import cloudpickle
+import grpc
+from spu.utils import distributed_pb2, distributed_pb2_grpc
+from spu.utils.distributed_impl import RPC, NodeClient, split_message
+
+from ..errors import UserError
+
+HEARTBEAT_S = 2.0  # ping interval while a call is in flight
+# ppd's channel options, plus a short reconnect back-off (gRPC's default grows to minutes, which
+# would make a node that is still starting look dead for a long time)
+CHANNEL_OPTIONS = [*RPC.OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def ping(server, payload=None) -> dict:
+    """Run on a node: liveness check (``payload`` is ignored: the tests use it to send control bytes)."""
+    return {"party": server.node_id, "role": server.role, "pid": os.getpid()}
+
+
+class PartyError(UserError, RuntimeError):
+    """A party died, is unreachable, stopped answering, or failed; the message names it."""
+
+
+# ------------------------------------------------------------------------------------ the client
+class Peer(NodeClient):
+    """ppd's ``NodeClient`` with a deadline on every call, cancellation, and errors naming the party."""
+
+    def __init__(self, name: str, address: str, timeout_s: float):
+        self.node_id, self.name, self.addr, self.timeout_s = name, name, address, timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = distributed_pb2_grpc.NodeServiceStub(self._channel)
+        self._inflight: set = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"party {self.name} ({self.addr})"
+
+    def call(self, fn, *args, timeout: float | None = -1.0):
+        """Run node function ``fn(server, *args)`` there; ``timeout`` None = no deadline, -1 = timeout_s."""
+        timeout = self.timeout_s if timeout == -1.0 else timeout
+        payload = cloudpickle.dumps((fn, args, {}))
+        reqs = (distributed_pb2.RunRequest(data=chunk) for chunk in split_message(payload))
+        rpc = self._stub.RunReturn(reqs, timeout=timeout)
+        with self._lock:
+            self._inflight.add(rpc)
+        try:
+            data = b"".join(r.data for r in rpc)
+        except grpc.RpcError as e:
+            raise self._error(e, timeout) from None
+        finally:
+            with self._lock:
+                self._inflight.discard(rpc)
+        result = pickle.loads(data)
+        if isinstance(result, Exception):  # ppd sends the remote traceback as Exception(text)
+            text = str(result.args[0] if result.args else result)
+            raise PartyError(f"{self} failed in {getattr(fn, '__name__', fn)}: {_summary(text)}")
+        return result
+
+    def _call(self, stub_method, fn, *args, **kwargs):  # keeps NodeClient.run_return working
+        if kwargs:
+            raise TypeError("Peer calls take positional arguments only")
+        return self.call(fn, *args)
+
+    def _error(self, e: grpc.RpcError, timeout) -> PartyError:
+        code, details = e.code(), " ".join(str(e.details() or "").split())
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return PartyError(f"{self} did not answer within {timeout:g}s")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return PartyError(f"{self} is unreachable or died: {details}")
+        if code == grpc.StatusCode.CANCELLED:
+            return PartyError(f"call to {self} was cancelled: {details}")
+        return PartyError(f"{self} failed: {code.name} {details}")
+
+    def cancel(self):
+        with self._lock:
+            for rpc in list(self._inflight):
+                rpc.cancel()
+
+    def close(self):
+        self.cancel()
+        self._channel.close()
+
+
+def _summary(traceback_text: str) -> str:
+    """The exception line of a remote traceback (SPU's C++ messages included), as one line."""
+    lines = [s.strip() for s in traceback_text.split("stacktrace:")[0].splitlines() if s.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"[\w.]+(Error|Exception|Exit)\b", lines[i]):
+            return " ".join(lines[i:])
+    return lines[-1] if lines else traceback_text
+
+
+def gather(jobs: list, watch: list, heartbeat_s: float = HEARTBEAT_S) -> list:
+    """Run ``jobs`` = [(peer, fn, args)] concurrently (no deadline) and return their results.
+
+    While they run, every peer in ``watch`` is pinged every ``heartbeat_s`` (deadline: its
+    ``timeout_s``), so a dead or hung party fails the whole call with a PartyError naming it.
+    On any failure the other calls are cancelled.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
+    futs = [pool.submit(peer.call, fn, *args, timeout=None) for peer, fn, args in jobs]
+    try:
+        pending, next_beat = set(futs), time.monotonic() + heartbeat_s
+        while pending:
+            done, pending = concurrent.futures.wait(pending, 0.1, concurrent.futures.FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                err = failed[0].exception()
+                check_alive(watch)  # a peer that died is the better culprit than its victims
+                raise err
+            if pending and time.monotonic() >= next_beat:
+                check_alive(watch)
+                next_beat = time.monotonic() + heartbeat_s
+        return [f.result() for f in futs]
+    except BaseException:
+        for peer, _, _ in jobs:
+            peer.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_alive(peers: list) -> None:
+    """Ping ``peers`` concurrently; raise the first PartyError (in ``peers`` order)."""
+    if not peers:
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
+        futs = [pool.submit(p.call, ping) for p in peers]
+        for f in futs:
+            if f.exception() is not None:
+                raise f.exception()
