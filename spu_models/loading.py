@@ -31,6 +31,27 @@ def read_safetensors_dir(path: Path) -> dict:
 
 
 FEATURE_MAPS_FILE = "feature_maps.safetensors"
+# transformers' PyTorch from_pretrained reads the file's metadata and fails on a file without it
+# ('NoneType' object has no attribute 'get'); safetensors' numpy writer adds none by itself
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
+def write_safetensors(tensors: dict, file) -> None:
+    """Write numpy ``tensors`` to ``file`` with the metadata other tools' loaders expect."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(file), metadata=SAFETENSORS_METADATA)
+
+
+def safetensors_metadata(file) -> dict:
+    """The metadata of a safetensors file ({} if it has none); reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
 def _read_safetensors(file: Path) -> dict:

@@ -13,6 +13,11 @@ and the non-linear work is per token (L x features), not per pair. Two feature m
   w ~ N(0, I); E[phi(q).phi(k)] = exp(q.k), unbiased. The query's exp(|q|^2/2) is the same for
   every key and cancels in the ratio, so it is never computed; the key's factor is one exp per
   key and KV head, shared by all features and all query heads of the group (GQA).
+  Accurate only for small q, k: the weights phi(q).phi(k) are signed, so the denominator can
+  reach zero or go negative (floored at ``eps``) and the output explodes. At head dim 64, L=64,
+  q, k ~ N(0, s^2): mean error 0.05-0.006 at s=0.3, 775 (m=8) to 68 (m=128) at s=0.6, worse above;
+  SmolLM2-135M's q, k have RMS 1.2-2.8. Policies refuse it (``tuning/policy.py``); it is kept
+  as a cost baseline (``bench/attention.py``).
 * ``positive`` (FAVOR+, Choromanski et al.): phi(x) = exp(Wx - |x|^2/2) / sqrt(m), also unbiased,
   always positive (a denominator that cannot vanish), at one exp per feature.
 * ``learned`` (Hedgehog, Zhang et al. 2024): phi(x) = softmax over features of (x W + b), with W, b

