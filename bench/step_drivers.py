@@ -76,6 +76,9 @@ def adam_probe(session, bundle, log=print, tag="", n: int = 10000) -> dict:
     return out
 
 
+CHECK = "SFT step 1 under MPC against plaintext (bench step --check)"
+
+
 def check_against_plaintext(session, bundle, policy, sin, n_leaves, hp: dict, log=print) -> dict:
     """After SFT step 1 in MPC: the same step in plaintext, compared leaf by leaf (opens the new
     weights to the data owner: a check only, never part of a measured run)."""
@@ -86,14 +89,16 @@ def check_against_plaintext(session, bundle, policy, sin, n_leaves, hp: dict, lo
     dw = pstep = gmax = dg = 0.0
     num = den_a = den_b = 0.0
     for i in range(n_leaves):
-        mp, pp = session.open(f"sft_p{i}"), plain.open(f"sft_p{i}")
+        mp, pp = session.unsafe_open(f"sft_p{i}", CHECK), plain.unsafe_open(f"sft_p{i}", CHECK)
         um, up = mp - w0[i], pp - w0[i]
         dw = max(dw, float(np.abs(mp - pp).max()))
         pstep = max(pstep, float(np.abs(up).max()))
         num, den_a, den_b = num + float((um * up).sum()), den_a + float((um * um).sum()), den_b + float((up * up).sum())
-        g_m, g_p = (session.open(f"sft_m{i}") / (0.1 * hp["scale"]), plain.open(f"sft_m{i}") / (0.1 * hp["scale"]))
+        g_m = session.unsafe_open(f"sft_m{i}", CHECK) / (0.1 * hp["scale"])
+        g_p = plain.unsafe_open(f"sft_m{i}", CHECK) / (0.1 * hp["scale"])
         gmax, dg = max(gmax, float(np.abs(g_p).max())), max(dg, float(np.abs(g_m - g_p).max()))
-    out = {"loss_mpc": float(session.open("sft_loss")), "loss_plain": float(plain.open("sft_loss")),
+    out = {"loss_mpc": float(session.unsafe_open("sft_loss", CHECK)),
+           "loss_plain": float(plain.unsafe_open("sft_loss", CHECK)),
            "max_abs_diff_new_weights": dw, "max_abs_plain_step": pstep, "max_abs_step_diff_over_lr": dw / hp["lr"],
            "cosine(update_mpc, update_plain)": num / max(np.sqrt(den_a * den_b), 1e-30),
            "max_abs_grad_plain": gmax, "max_abs_grad_diff": dg}

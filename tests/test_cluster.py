@@ -315,7 +315,7 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
         with pytest.raises(PartyError, match="earlier failure"):  # the cluster is marked unusable
             be.forward(batch)
         with pytest.raises(PartyError, match="earlier failure"):
-            be.open("x_embeds")
+            be.reveal("x_embeds")
         be.drop("x_embeds")  # a no-op now: it must not hide the failure in a ``finally``
         # the survivors do not hang on the dead peer: their link gives up (brpc send retries or
         # receive timeout) and yacl aborts the process, or the run returns

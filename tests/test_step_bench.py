@@ -55,9 +55,9 @@ def test_sft_loss_decreases_over_three_steps(setup):
     losses = []
     for step in (1, 2, 3):
         sft_run(plain, bundle.config, n, step, lr=1e-2)
-        losses.append(float(plain.open("sft_loss")))  # loss before this step's update
+        losses.append(float(plain.unsafe_open("sft_loss", "test")))  # loss before this step's update
     assert losses[0] > losses[1] > losses[2], losses
-    changed = [not np.allclose(plain.open(f"sft_p{i}"), w) for i, w in enumerate(_leaves(bundle))]
+    changed = [not np.allclose(plain.unsafe_open(f"sft_p{i}", "test"), w) for i, w in enumerate(_leaves(bundle))]
     assert all(changed), "every weight leaf (tied embedding included) must be trained"
 
 
@@ -75,7 +75,7 @@ def test_pt_changes_only_the_prompt_and_matches_the_scorer(setup):
     # outputs: the prompt, its Adam moments and the loss; nothing else written, weights untouched
     changed = {k for k in plain.vars if k not in before or not np.array_equal(plain.vars[k], before[k])}
     assert changed == {"pt_prompt", "pt_m", "pt_v", "pt_loss"}
-    assert np.abs(plain.open("pt_prompt") - prompt0).max() > 1e-3
+    assert np.abs(plain.unsafe_open("pt_prompt", "test") - prompt0).max() > 1e-3
     for w, w0 in zip(jax.tree_util.tree_leaves(plain.params), _leaves(bundle)):
         np.testing.assert_array_equal(np.asarray(w), w0)
     out = jax.eval_shape(lambda p, a: make_pt_program(bundle.config, bundle.execution, 1)(p, **a), plain._params_shapes,
@@ -86,7 +86,7 @@ def test_pt_changes_only_the_prompt_and_matches_the_scorer(setup):
     # PT's loss is the CE of the forward-only prefix scorer's logits for the same prompt (delta = 0)
     logits = sc.score("ex", np.zeros((1, N_TOKENS, bundle.config.hidden_size), np.float32))[0]
     want = -np.mean(np.sum(labels * jax.nn.log_softmax(logits, axis=-1), axis=-1))
-    assert float(plain.open("pt_loss")) == pytest.approx(float(want), abs=1e-5)
+    assert float(plain.unsafe_open("pt_loss", "test")) == pytest.approx(float(want), abs=1e-5)
 
 
 def test_forward_only_generation_both_placements(setup):
@@ -110,11 +110,11 @@ def test_sim_sft_step_matches_plaintext(setup):
     sft_run(plain, bundle.config, n, 1, lr=1e-3)
     cost = sft_run(sim, bundle.config, n, 1, lr=1e-3)
     assert cost.send_bytes > 0 and cost.rounds > 0
-    assert float(sim.open("sft_loss")) == pytest.approx(float(plain.open("sft_loss")), abs=1e-2)
+    assert float(sim.unsafe_open("sft_loss", "test")) == pytest.approx(float(plain.unsafe_open("sft_loss", "test")), abs=1e-2)
     w0 = _leaves(bundle)
     dots = norms_m = norms_p = 0.0
     for i in range(n):
-        mp, pp = sim.open(f"sft_p{i}"), plain.open(f"sft_p{i}")
+        mp, pp = sim.unsafe_open(f"sft_p{i}", "test"), plain.unsafe_open(f"sft_p{i}", "test")
         assert np.abs(mp - pp).max() < 1e-2
         um, up = mp - w0[i], pp - w0[i]
         dots, norms_m, norms_p = dots + (um * up).sum(), norms_m + (um * um).sum(), norms_p + (up * up).sum()

@@ -166,3 +166,42 @@ def test_compute_parties_never_receive_labels_losses_or_z(toy_csv, tmp_path, mon
     io = spu_api.Io(3, load_policy("aby3").runtime_config())
     clear = pickle.dumps(io.make_shares(big[0], spu_pb2.Visibility.VIS_PUBLIC)[0])
     assert "shared values fxp" in leaks(clear, detectors)
+
+
+def test_reveal_is_the_policys_and_audited(toy_csv, tmp_path):
+    """Only the policy's reveals leave the parties: an unlisted output and a listed one to the wrong
+    recipient are refused in one line; a short run's audit holds exactly its logits reveals."""
+    import dataclasses
+
+    from tuning.assets.models import load_model
+    from tuning.backends import make_backend
+    from tuning.backends.session import RevealError
+    from tuning.policy import load_policy
+
+    pol = load_policy("aby3")
+    with make_backend("plaintext", load_model("tiny-llama"), pol) as s:
+        s.put("x", np.ones((2, 3), np.float32))
+        with pytest.raises(RevealError, match="reveals no 'weights'") as e:
+            s.reveal("x", what="weights")
+        assert "\n" not in str(e.value)
+        with pytest.raises(RevealError, match="only to the data_owner, not to the model_owner"):
+            s.reveal("x", what="verbalizer_logits", to="model_owner")
+        other = dataclasses.replace(pol, reveal={"verbalizer_logits": "model_owner"})
+        s.policy = other
+        with pytest.raises(RevealError, match="cannot reveal to the model_owner"):
+            s.reveal("x", what="verbalizer_logits", to="model_owner")
+        s.policy = pol
+        assert s.reveals == []  # nothing left the parties
+        np.testing.assert_array_equal(s.reveal("x"), np.ones((2, 3)))
+        assert [(r["what"], r["var"], r["shape"], r["to"]) for r in s.reveals] == \
+            [("verbalizer_logits", "x", [2, 3], "data_owner")]
+    summary = tune(_cfg(toy_csv, tmp_path / "a", budget=2, popsize=4), show_progress=False, log=lambda *a: None)
+    P1, n_train, n_dev, n_test = 5, summary["n_train"], summary["n_dev"], summary["n_test"]
+    got = sorted((r["what"], tuple(r["shape"]), r["count"], r["to"]) for r in summary["reveals"])
+    want = sorted([("verbalizer_logits", (P1, n_train, 2), 2, "data_owner"),  # each generation: train,
+                   ("verbalizer_logits", (P1, n_dev, 2), 2, "data_owner"),    # then dev
+                   ("verbalizer_logits", (1, n_test, 2), 2, "data_owner")])   # zero-shot and tuned test
+    if n_train == n_dev:
+        want = sorted([("verbalizer_logits", (P1, n_train, 2), 4, "data_owner"),
+                       ("verbalizer_logits", (1, n_test, 2), 2, "data_owner")])
+    assert got == want

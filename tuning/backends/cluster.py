@@ -3,7 +3,7 @@
     with ClusterBackend(bundle, policy) as be:      # launches the nodes locally (launch=True)
         be.put("x", array)                          # a session (``session.Session``): values
         be.run(program, {"x": "x"}, ["y"])          # stay resident as shares on the parties
-        y = be.open("y")                            # opened here, at the data owner only
+        y = be.reveal("y")                          # opened here, at the data owner only, per policy
         be.drop("x", "y")
         logits = be.forward(be.make_batch(prompts, words))  # the one-shot special case
         be.costs[-1].parties                        # every compute party's traffic, per run
@@ -241,6 +241,7 @@ class ClusterBackend(Session):
     """
 
     name = "cluster"
+    allows_unsafe_open = False  # real party processes: only the policy's reveals leave them
 
     def __init__(self, bundle, policy, model: str | None = None, launch: bool = True, log_dir=None):
         import spu.api as spu_api
@@ -333,7 +334,7 @@ class ClusterBackend(Session):
         parties = {peer.name: cost for peer, (cost, _) in zip(self.peers, outs)}
         return CallCost(time.perf_counter() - t0, parties, outs[0][1])
 
-    def open(self, name: str) -> np.ndarray:
+    def _reconstruct(self, name: str) -> np.ndarray:
         """Reconstruct ``name`` here, at the data owner: the only place anything is opened."""
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")

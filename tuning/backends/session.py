@@ -1,20 +1,26 @@
 """The session contract: what every back end offers the data owner.
 
 A session holds named values as secret shares on the compute parties, runs programs over them,
-and opens results to the data owner alone:
+and reveals results only as its policy allows:
 
     with make_backend("sim", bundle, policy) as s:   # the model owner shares its weights once
         s.put("x", array)                             # the data owner secret-shares an input
         s.run(program, {"x": "x"}, ["y"], key="f")    # y = program(weights, x), stays on the parties
-        s.open("y")                                   # reconstructed for the data owner only
+        s.reveal("y", what="verbalizer_logits")       # to the data owner, if the policy says so
         s.drop("x", "y")
+
+``reveal`` is the only way a value leaves the parties: it checks the policy's ``reveal`` map
+(which output, to whom), refuses anything else in one line, and records every reveal
+(``reveals``: what, which variable, shape, to whom, when). ``unsafe_open`` reconstructs any
+variable for benchmark checks, is recorded as such, and is refused by back ends whose parties
+are real processes (``allows_unsafe_open``).
 
 ``program(params, **inputs) -> dict`` is a pure JAX function; the model owner's weights are
 always its first argument. Programs are compiled once per explicit ``key`` and argument shapes
 and bound to each call's variables. ``forward(batch)`` is the one-shot special case used by
 ``secptune forward``; ``make_batch`` builds its data owner's arrays on every back end.
 
-A back end implements the abstract methods: ``put``, ``open``, ``drop``, ``close``,
+A back end implements the abstract methods: ``put``, ``_reconstruct``, ``drop``, ``close``,
 ``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``.
 The shared parts (``run``, ``forward``, ``make_batch``, what the data owner may learn of the
 weights, and the context manager) live here.
@@ -22,6 +28,7 @@ weights, and the context manager) live here.
 from __future__ import annotations
 
 import abc
+import time
 
 import numpy as np
 
@@ -29,12 +36,18 @@ from spu_models.forward import embedding_table, make_forward
 
 from ..assets.encode import make_batch
 from ..assets.models import EmbeddingStats, ModelBundle
+from ..errors import UserError
+
+
+class RevealError(UserError):
+    """A value the policy does not allow to leave the parties (or not to that recipient)."""
 
 
 class Session(abc.ABC):
     name = "session"
     chunk: int | None = 16  # examples per secure call that bounds the parties' memory (None: any)
     pad_multiple = 16  # cached texts are padded to a multiple of this (coarser: fewer compilations)
+    allows_unsafe_open = True  # in-process back ends; False where the parties are real processes
 
     def __init__(self, bundle, policy):
         """``bundle``: the architecture, execution and tokenizer, and the model owner's weights
@@ -46,6 +59,7 @@ class Session(abc.ABC):
         self.shapes: dict = {}  # resident var name -> shape
         self._programs: dict = {}
         self.costs: list = []
+        self.reveals: list = []  # the audit: one entry per value that left the parties
 
     # ---- the back end's own parts
     @abc.abstractmethod
@@ -53,8 +67,9 @@ class Session(abc.ABC):
         """Secret-share ``value`` (the data owner's) as resident variable ``name``."""
 
     @abc.abstractmethod
-    def open(self, name: str) -> np.ndarray:
-        """Reconstruct resident variable ``name`` for the data owner (and nobody else)."""
+    def _reconstruct(self, name: str) -> np.ndarray:
+        """Reconstruct resident variable ``name`` here, at the data owner (only ``reveal`` and
+        ``unsafe_open`` call it)."""
 
     @abc.abstractmethod
     def drop(self, *names: str) -> None:
@@ -71,6 +86,48 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def _execute(self, compiled, ins: list, outs: list):
         """Run a compiled program on resident vars ``ins``, keeping its outputs as ``outs``; a CallCost."""
+
+    # ---- the one reveal point
+    def reveal(self, name: str, what: str = "verbalizer_logits", to: str = "data_owner") -> np.ndarray:
+        """Reconstruct resident variable ``name`` for recipient role ``to``, if the policy's reveal
+        map lets output kind ``what`` go there; record it. Raises RevealError otherwise."""
+        allowed = self.policy.reveal.get(what)
+        if allowed is None:
+            raise RevealError(f"policy {self.policy.name!r} reveals no {what!r} (it reveals: "
+                              f"{', '.join(f'{k} to the {v}' for k, v in self.policy.reveal.items()) or 'nothing'})")
+        if to != allowed:
+            raise RevealError(f"policy {self.policy.name!r} reveals {what!r} only to the {allowed}, not to the {to}")
+        if to != "data_owner":  # the only recipient this process can hand a value to
+            raise RevealError(f"this process is the data owner's; it cannot reveal to the {to}")
+        return self._audited(name, what, to)
+
+    def unsafe_open(self, name: str, reason: str) -> np.ndarray:
+        """Reconstruct any resident variable, bypassing the reveal policy: for benchmark checks
+        (``reason`` says which), recorded in the audit as unsafe; refused where the parties are
+        real processes."""
+        if not self.allows_unsafe_open:
+            raise RevealError(f"the {self.name} back end refuses unsafe_open ({reason}): only the policy's "
+                              "reveals leave its parties")
+        return self._audited(name, f"UNSAFE: {reason}", "data_owner")
+
+    def _audited(self, name: str, what: str, to: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise UserError(f"no resident variable {name!r} to reveal")
+        value = self._reconstruct(name)
+        self.reveals.append({"what": what, "var": name, "shape": list(value.shape), "to": to,
+                             "party": self.policy.data_owner.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return value
+
+    def reveal_summary(self) -> list:
+        """The audit, grouped: one entry per (what, to, shape) with its count, first and last time."""
+        out: dict = {}
+        for r in self.reveals:
+            key = (r["what"], r["to"], tuple(r["shape"]))
+            e = out.setdefault(key, {"what": r["what"], "to": r["to"], "party": r["party"], "shape": r["shape"],
+                                     "count": 0, "first": r["time"]})
+            e["count"] += 1
+            e["last"] = r["time"]
+        return list(out.values())
 
     def __enter__(self):
         return self
@@ -137,7 +194,7 @@ class Session(abc.ABC):
         self.run(lambda params, **b: {"logits": fwd(params, b)}, {k: f"x_{k}" for k in batch}, ["logits"],
                  key="forward")
         try:
-            return self.open("logits")
+            return self.reveal("logits", "verbalizer_logits")
         finally:
             self.drop("logits", *[f"x_{k}" for k in batch])
 

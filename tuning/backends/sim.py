@@ -90,8 +90,7 @@ class SimBackend(Session):
         parties = {self.policy.compute[0].name: links[-1]} if links else {}
         return CallCost(time.perf_counter() - t0, parties, ops)
 
-    def open(self, name: str) -> np.ndarray:
-        """Reconstruct ``name`` for the data owner (the only party outputs are opened to)."""
+    def _reconstruct(self, name: str) -> np.ndarray:
         return np.asarray(self.io.reconstruct([rt.get_var(name) for rt in self.runtimes]), np.float32)
 
     def drop(self, *names: str) -> None:

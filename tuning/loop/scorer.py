@@ -205,7 +205,7 @@ class SecureScorer:
         if self.deep and not prompted:  # zero-shot logits were computed by the prefill
             if "_zs" not in chunk:
                 raise UserError(f"example set chunk {chunk['_name']!r} was shared without zero_shot=True")
-            return self.s.open(chunk["_zs"])  # opened to the data owner only
+            return self.s.reveal(chunk["_zs"], "verbalizer_logits")  # to the data owner, per policy
         inputs = {"head": "head", **resident}
         if self.deep:
             inputs.update(delta="delta", deep_scale=self.scale_var)
@@ -220,6 +220,6 @@ class SecureScorer:
             prog, key = self.programs["score_full"], f"score_full_{'p' if prompted else '0'}"
         self.s.run(prog, inputs, ["logits"], key=key)
         try:
-            return self.s.open("logits")  # opened to the data owner only
+            return self.s.reveal("logits", "verbalizer_logits")  # to the data owner, per policy
         finally:
             self.s.drop("logits")

@@ -358,6 +358,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                     "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
                     "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
             "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
+            "reveals": session.reveal_summary(),  # every value that left the parties (this process's run)
         }
         summary["projection"] = project_full_budget(summary, len(task.labels))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
