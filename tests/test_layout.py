@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).absolute().parent.parent
 PACKAGES = ("spu_models", "tuning", "bench")
 
 # what each part may import (besides itself, the standard library and third-party packages)

@@ -18,7 +18,7 @@ from spu_models.rfa import RFAConfig
 
 from .errors import UserError
 
-POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+POLICY_DIR = Path(__file__).absolute().parent.parent / "policies"
 PROTOCOL_PARTIES = {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}
 FIELDS = ("FM64", "FM128")
 EMBEDDING = ("data_owner", "secret")

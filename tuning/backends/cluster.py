@@ -52,7 +52,7 @@ from .rpc import ping as rpc_ping
 from .session import Session
 from .spu_common import compile_session_program, param_names
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).absolute().parents[2]
 STARTUP_S = 60.0  # bound on a launched node's start-up (imports jax and spu)
 
 
