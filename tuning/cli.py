@@ -302,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score each generation on a stratified mini-batch of B training examples (default: all)")
     s.add_argument("--dev-eval", dest="dev_eval", choices=["all", "mean"],
                    help="candidates scored on dev each generation: all (default) or only the search mean")
+    s.add_argument("--label-words", dest="label_words", metavar="SPEC",
+                   help="verbalizer words per label, several allowed: 'positive=positive|great,negative=negative|bad' "
+                        "(any task; with --train the default is --verbalizer)")
+    s.add_argument("--combine", choices=["lse", "mean"], help="how a label's words combine (default lse)")
+    s.add_argument("--calibrate", choices=["none", "cf", "batch"],
+                   help="calibration at the data owner: cf = content-free inputs (3 extra rows per secure call), "
+                        "batch = the scored examples' mean (no extra rows); default none")
     s.add_argument("--loss", choices=["ce", "hinge"])
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
     s.add_argument("--seed", type=int)

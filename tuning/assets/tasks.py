@@ -10,6 +10,7 @@ import io
 import json
 import random
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,10 @@ def load_task(name: str, home: Path | None = None, max_words: int | None = -1) -
 
 # -------------------------------------------------------------------------------- user data
 def parse_verbalizer(spec: str) -> dict[str, str]:
-    """``"positive=great,negative=terrible"`` -> ``{"positive": " great", "negative": " terrible"}``."""
+    """``"positive=great,negative=terrible"`` -> ``{"positive": " great", "negative": " terrible"}``.
+
+    A label may have several words, separated by '|': ``"positive=great|good"`` -> ``" great| good"``
+    (each class's logit then combines its words' logits)."""
     if not spec or not spec.strip():
         raise UserError("empty verbalizer: expected label=word[,label=word...]")
     out: dict[str, str] = {}
@@ -109,10 +113,23 @@ def parse_verbalizer(spec: str) -> dict[str, str]:
             raise UserError(f"malformed verbalizer entry {entry!r}: expected label=word")
         if label in out:
             raise UserError(f"duplicate label {label!r} in verbalizer {spec!r}")
-        out[label] = word.rstrip() if word.startswith(" ") else " " + word.strip()
-    if len(set(out.values())) < len(out):
-        raise UserError(f"verbalizer {spec!r} maps two labels to the same word")
+        alts = [w.rstrip() if w.startswith(" ") else " " + w.strip() for w in word.split("|")]
+        if any(not w.strip() for w in alts):
+            raise UserError(f"malformed verbalizer entry {entry!r}: an empty word between '|'")
+        out[label] = "|".join(alts)
+    words = [w for v in out.values() for w in v.split("|")]
+    if len(set(words)) < len(words):
+        raise UserError(f"verbalizer {spec!r} maps two labels (or one twice) to the same word")
     return out
+
+
+def with_label_words(task: Task, spec: str) -> Task:
+    """``task`` with the verbalizer ``spec`` (``parse_verbalizer``) in place of its own; every label
+    of the task must get words, and no other label."""
+    verb = parse_verbalizer(spec)
+    if set(verb) != set(task.labels):
+        raise UserError(f"--label-words names labels {sorted(verb)}, the task has {sorted(task.labels)}")
+    return dataclasses.replace(task, verbalizer=verb)
 
 
 def _read_records(path: Path) -> tuple[list[dict], list[str]]:

@@ -16,6 +16,14 @@ Placements:
 An example set is shared in *chunks* (``groups``): each chunk is one prefill and one call per
 score, compiled once per shape. The trainer uses them as mini-batches; the parties learn only
 which chunk a call reads (public), never which example is in it.
+
+After the reveal, at the data owner and in plaintext (no MPC cost beyond the rows noted):
+- a label may have several verbalizer words (``" positive| great"``): the secret one-hot rows
+  hold all of them, and each class's logit combines its words (``combine``: log-sum-exp or mean);
+- ``calibrate``: ``"cf"`` (contextual calibration, Zhao et al. 2021: the class log-probabilities
+  less those of content-free inputs, ``CONTENT_FREE``, which ride along as a few extra rows of
+  every chunk's call), or ``"batch"`` (the mean class log-probabilities of the scored examples
+  themselves: no extra rows), or ``"none"``.
 """
 from __future__ import annotations
 
@@ -30,6 +38,43 @@ from ..assets.encode import pad_length, verbalizer_ids
 from ..errors import UserError
 
 MODES = ("cached", "prefix")
+CALIBRATIONS = ("none", "cf", "batch")
+COMBINE = ("lse", "mean")
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al.'s content-free inputs
+
+
+def verbalizer_words(task, label) -> list[str]:
+    """The words of ``label``: its verbalizer entry, alternatives separated by '|'."""
+    return [w for w in task.verbalizer[label].split("|") if w.strip()]
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def combine_words(word_logits: np.ndarray, groups: np.ndarray, how: str = "lse") -> np.ndarray:
+    """[..., W] logits of the verbalizer words -> [..., R] class logits; ``groups[w]`` = class of word w."""
+    out = []
+    for r in range(int(groups.max()) + 1):
+        z = word_logits[..., groups == r]
+        if how == "mean":
+            out.append(z.mean(-1))
+        else:
+            m = z.max(-1, keepdims=True)
+            out.append((m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0])
+    return np.stack(out, -1)
+
+
+def calibrated(logits: np.ndarray, how: str, content_free: np.ndarray | None = None) -> np.ndarray:
+    """Class scores [P, E, R] after calibration: log p(y|x) - log p_ref(y), with p_ref the mean
+    class probability of the content-free inputs (``"cf"``, ``content_free`` [P, C, R]) or of the
+    scored examples (``"batch"``); ``"none"``: the logits unchanged."""
+    if how == "none":
+        return logits
+    ref = content_free if how == "cf" else logits
+    p_ref = np.exp(_log_softmax(ref)).mean(1, keepdims=True)  # [P, 1, R]
+    return _log_softmax(logits) - np.log(np.maximum(p_ref, 1e-12))
 
 
 def split_template(template: str) -> tuple[str, str]:
@@ -60,9 +105,13 @@ class ExampleSet:
 
 class SecureScorer:
     def __init__(self, session, bundle, task, mode: str = "cached", n_tokens: int = 5, p0_ids=None,
-                 depth: int | None = None, form: str = "kv"):
+                 depth: int | None = None, form: str = "kv", calibrate: str = "none", combine: str = "lse"):
         if mode not in MODES:
             raise UserError(f"unknown prompt placement {mode!r} (known: {', '.join(MODES)})")
+        if calibrate not in CALIBRATIONS or combine not in COMBINE:
+            raise UserError(f"unknown calibration {calibrate!r} or word combination {combine!r} "
+                            f"(known: {', '.join(CALIBRATIONS)}; {', '.join(COMBINE)})")
+        self.calibrate, self.combine = calibrate, combine
         cfg = bundle.config
         L = cfg.num_hidden_layers
         depth = L if depth is None else depth
@@ -79,8 +128,10 @@ class SecureScorer:
         self.label_index = {l: i for i, l in enumerate(task.labels)}
         self.sets: dict = {}
         self.head_template, self.tail_template = split_template(task.template)
-        # verbalizer rows of the LM head: shared as one-hot rows, reduced to [R, H] once, resident
-        words = [task.verbalizer[l] for l in task.labels]
+        # verbalizer rows of the LM head: shared as one-hot rows, reduced to [W, H] once, resident
+        per_label = [verbalizer_words(task, l) for l in task.labels]
+        words = [w for ws in per_label for w in ws]
+        self.word_groups = np.array([r for r, ws in enumerate(per_label) for _ in ws])
         rows = np.zeros((len(words), cfg.vocab_size), np.float32)
         rows[np.arange(len(words)), verbalizer_ids(self.tok, words)] = 1.0
         self.s.put("rows", rows)
@@ -125,7 +176,11 @@ class SecureScorer:
             groups = [order[c::k] for c in range(k)] if k > 1 else [order]
             groups = [sorted(g, key=lambda i: len(examples[i][0])) for g in groups]
         labels = np.array([self.label_index[examples[i][1]] for g in groups for i in g])
-        chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g], zero_shot) for c, g in enumerate(groups)]
+        extra = list(CONTENT_FREE) if self.calibrate == "cf" else []  # a few rows of every call
+        chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g] + extra, zero_shot) for c, g in
+                  enumerate(groups)]
+        for c, g in zip(chunks, groups):
+            c["_size"] = len(g)  # the real examples; content-free rows follow them
         self.sets[name] = ExampleSet(name, labels, len(labels), chunks)
         return self.sets[name]
 
@@ -188,17 +243,25 @@ class SecureScorer:
 
     # ---------------------------------------------------------------- scoring
     def score(self, name: str, delta: np.ndarray | None, chunks=None) -> np.ndarray:
-        """Opened verbalizer logits [P, E, R] for prompts P0 + delta (``None``: no soft prompt) on
-        the set's ``chunks`` (default: all), one secure call per chunk, concatenated in chunk
-        order (``ExampleSet.chunk_labels`` gives their labels)."""
+        """Class scores [P, E, R] for prompts P0 + delta (``None``: no soft prompt) on the set's
+        ``chunks`` (default: all), one secure call per chunk, in chunk order
+        (``ExampleSet.chunk_labels`` gives their labels): the opened verbalizer logits, each
+        class's words combined and, per ``calibrate``, calibrated (plaintext, here)."""
         which = range(len(self.sets[name].chunks)) if chunks is None else chunks
         if delta is not None:
             self.s.put("delta", np.asarray(delta, np.float32))
         try:
-            return np.concatenate([self._score_chunk(self.sets[name].chunks[c], delta is not None) for c in which], 1)
+            parts = [self._score_chunk(self.sets[name].chunks[c], delta is not None) for c in which]
         finally:
             if delta is not None:
                 self.s.drop("delta")
+        words = np.concatenate([p[:, : self.sets[name].chunks[c]["_size"]] for p, c in zip(parts, which)], 1)
+        logits = combine_words(words, self.word_groups, self.combine)
+        cf = None
+        if self.calibrate == "cf":  # the content-free rows of every chunk called (same texts, same prompts)
+            cf_words = np.concatenate([p[:, self.sets[name].chunks[c]["_size"]:] for p, c in zip(parts, which)], 1)
+            cf = combine_words(cf_words, self.word_groups, self.combine)
+        return calibrated(logits, self.calibrate, cf)
 
     def _score_chunk(self, chunk: dict, prompted: bool) -> np.ndarray:
         resident = {k: v for k, v in chunk.items() if not k.startswith("_")}

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets.tasks import kshot, load_task, load_user_task, split_dev
+from ..assets.tasks import kshot, load_task, load_user_task, split_dev, with_label_words
 from ..backends import open_backend
 from ..errors import UserError
 from ..policy import load_policy
-from .scorer import SecureScorer, delta_shape
+from .scorer import CONTENT_FREE, SecureScorer, delta_shape
 from .search import make_strategy
 from .subspace import subspace_from_stats
 
@@ -63,6 +63,9 @@ class TuneConfig:
     prompt_form: str = "kv"  # deep prompt: "kv" (key/value prefixes) or "hidden" (states entering layer L-K)
     train_batch: int = 0  # training examples scored per generation (a stratified mini-batch; 0: all)
     dev_eval: str = "all"  # candidates scored on dev each generation: "all" or "mean" (the search mean)
+    label_words: str | None = None  # label=word|word,... : several verbalizer words per class (any task)
+    combine: str = "lse"  # how a class's words combine: "lse" (log-sum-exp) or "mean"
+    calibrate: str = "none"  # "cf" (content-free rows), "batch" (the scored examples' mean) or "none"
     loss: str = "ce"
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
     save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
@@ -217,9 +220,11 @@ def _load_task(cfg: TuneConfig):
     if bool(cfg.task) == bool(cfg.train):
         raise UserError("give exactly one of --task NAME or --train FILE")
     if cfg.task:
-        return load_task(cfg.task) if cfg.max_words is None else load_task(cfg.task, max_words=cfg.max_words)
-    return load_user_task(cfg.train, cfg.test, cfg.text_column, cfg.label_column, cfg.verbalizer, cfg.template,
-                          cfg.max_words)
+        task = load_task(cfg.task) if cfg.max_words is None else load_task(cfg.task, max_words=cfg.max_words)
+    else:
+        task = load_user_task(cfg.train, cfg.test, cfg.text_column, cfg.label_column, cfg.verbalizer, cfg.template,
+                              cfg.max_words)
+    return with_label_words(task, cfg.label_words) if cfg.label_words else task
 
 
 def _init_token_ids(cfg: TuneConfig, bundle) -> list[int] | None:
@@ -295,7 +300,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                                  **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
 
         scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
-                              depth=cfg.prompt_depth, form=cfg.prompt_form)
+                              depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate,
+                              combine=cfg.combine)
         scorer.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
                             if cfg.train_batch else None)
         scorer.add_examples("dev", dev)
@@ -348,6 +354,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             "backend": cfg.backend, "placement": cfg.mode, "strategy": cfg.strategy,
             "prompt_depth": scorer.depth, "prompt_form": cfg.prompt_form if scorer.deep else "input",
             "layers": bundle.config.num_hidden_layers, "train_batch": cfg.train_batch, "dev_eval": cfg.dev_eval,
+            "calibrate": cfg.calibrate, "verbalizer": {l: task.verbalizer[l] for l in task.labels},
+            "content_free_rows_per_call": len(CONTENT_FREE) if cfg.calibrate == "cf" else 0,
             "rows_per_generation": rows_per_generation(cfg.popsize, len(train), len(dev), cfg.train_batch,
                                                        cfg.dev_eval),
             "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
