@@ -19,12 +19,16 @@ import numpy as np
 from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 
-def icl_accuracy(bundle, policy, task, train, test, demos_per_class: int, seed: int) -> float:
-    """In-context learning under the run's policy: its attention (RFA, learned maps, hybrids) and
-    approximations, in plaintext, so that a converted model's ICL is not the softmax model's."""
+def prompt_accuracy(bundle, policy, task, train, test, demos_per_class: int, seed: int) -> tuple[float, float]:
+    """Accuracy of a hard prompt with ``demos_per_class`` labelled demonstrations per class before
+    each test text (0: zero-shot; demos drawn per seed from the k-shot train split, shuffled), raw
+    and with contextual calibration (the content-free inputs after the same demos). Under the
+    run's policy (attention, approximations), in plaintext, each class's words combined as the
+    tuning runs combine them (log-sum-exp)."""
     from tuning.assets.encode import make_batch, pad_length, tokenize_prompts
     from tuning.assets.models import with_policy
     from tuning.backends import make_backend
+    from tuning.loop.scorer import CONTENT_FREE, calibrated, combine_words, verbalizer_words
 
     rng = np.random.default_rng(seed)
     demos = []
@@ -32,18 +36,24 @@ def icl_accuracy(bundle, policy, task, train, test, demos_per_class: int, seed: 
         pool = [ex for ex in train if ex[1] == label]
         demos += [pool[i] for i in rng.choice(len(pool), demos_per_class, replace=False)]
     rng.shuffle(demos)
-    head = "".join(task.prompt(t) + task.verbalizer[l] + "\n\n" for t, l in demos)
-    words = [task.verbalizer[l] for l in task.labels]
+    head = "".join(task.prompt(t) + verbalizer_words(task, l)[0] + "\n\n" for t, l in demos)
+    per_label = [verbalizer_words(task, l) for l in task.labels]
+    words = [w for ws in per_label for w in ws]
+    groups = np.array([r for r, ws in enumerate(per_label) for _ in ws])
     plain = make_backend("plaintext", with_policy(bundle, policy), policy)
-    prompts = [head + task.prompt(t) for t, _ in test]
+    prompts = [head + task.prompt(t) for t, _ in test] + [head + task.prompt(t) for t in CONTENT_FREE]
     L = pad_length(max(len(s) for s in tokenize_prompts(bundle, prompts)), 32)  # one shape: one compile
-    correct = 0
-    for i in range(0, len(test), 8):
-        chunk = test[i: i + 8]
-        batch = make_batch(bundle, prompts[i: i + 8] + prompts[:8 - len(chunk)], words, seq_len=L)
-        pred = plain.forward(batch).argmax(-1)[: len(chunk)]
-        correct += sum(int(task.labels[p] == l) for p, (_, l) in zip(pred, chunk))
-    return correct / len(test)
+    out = []
+    for i in range(0, len(prompts), 8):
+        chunk = prompts[i: i + 8]
+        batch = make_batch(bundle, chunk + prompts[:8 - len(chunk)], words, seq_len=L)
+        out.append(plain.forward(batch)[: len(chunk)])
+    logits = combine_words(np.concatenate(out)[None], groups)  # [1, E + C, R]
+    y = np.array([task.labels.index(l) for _, l in test])
+    n = len(test)
+    raw = float((logits[0, :n].argmax(-1) == y).mean())
+    cal = float((calibrated(logits[:, :n], "cf", logits[:, n:])[0].argmax(-1) == y).mean())
+    return raw, cal
 
 
 def main(argv=None):
@@ -67,12 +77,14 @@ def main(argv=None):
     ap.add_argument("--dev-eval", default="all", choices=["all", "mean"])
     ap.add_argument("--sigma0", type=float, default=1.0)
     ap.add_argument("--d", type=int, default=500)
+    ap.add_argument("--calibrate", default="none", choices=["none", "cf", "batch"])
+    ap.add_argument("--label-words", default=None, help="label=word|word,... (several words per class)")
     ap.add_argument("--tag", default="", type=tag_suffix, help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
     from tuning.assets.models import load_model
-    from tuning.loop.trainer import TuneConfig, _examples, _load_task, tune
+    from tuning.loop.trainer import TuneConfig, split_examples, task_of, tune
     from tuning.policy import load_policy
 
     rows = []
@@ -84,7 +96,8 @@ def main(argv=None):
                          shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
                          mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir),
                          prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
-                         dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d)
+                         dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
+                         label_words=args.label_words)
         done = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
         if done is not None and done["generations"] >= args.budget:
             s = done
@@ -94,24 +107,29 @@ def main(argv=None):
             s = tune(cfg)
         if bundle is None:
             bundle = load_model(args.model)
-        task = _load_task(cfg)
-        train, _, test = _examples(cfg, task)
-        icl = (icl_accuracy(bundle, policy, task, train, test, args.icl_demos, seed)
-               if args.icl_demos else float("nan"))
+        task = task_of(cfg)
+        train, _, test = split_examples(cfg, task)
+        zs = prompt_accuracy(bundle, policy, task, train, test, 0, seed)  # the same seed's baselines
+        icl = (prompt_accuracy(bundle, policy, task, train, test, args.icl_demos, seed)
+               if args.icl_demos else (float("nan"), float("nan")))
         rows.append({"task": args.task, "seed": seed, "zero-shot": round(s["zero_shot_test_acc"], 3),
-                     f"ICL ({args.icl_demos}/class)": round(icl, 3), "tuned": round(s["tuned_test_acc"], 3),
+                     "zero-shot raw": round(zs[0], 3), "zero-shot cal": round(zs[1], 3),
+                     f"ICL ({args.icl_demos}/class)": round(icl[0], 3), f"ICL cal ({args.icl_demos}/class)": round(icl[1], 3),
+                     "tuned": round(s["tuned_test_acc"], 3),
                      "best dev": round(s["best_dev_acc"], 3), "generations": s["generations"],
                      "backend": args.backend, "placement": args.mode})
         print(rows[-1], flush=True)
     name = f"accuracy_{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}"
     rows = merge_rows(Path(args.out) / f"{name}.json", rows, vars(args))
-    keys = ["zero-shot", f"ICL ({args.icl_demos}/class)", "tuned", "best dev"]
+    keys = [k for k in rows[0] if k not in ("task", "seed", "generations", "backend", "placement")]
     mean = {"task": args.task, "seed": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys},
             "generations": "", "backend": args.backend, "placement": args.mode}
     table = markdown_table(rows + [mean], list(rows[0]))
     table += (f"\n{args.model}; {args.shots}-shot per class (dev: as many again); popsize {args.popsize}, "
               f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples; "
-              f"seeds {', '.join(str(r['seed']) for r in rows)}.\n")
+              f"seeds {', '.join(str(r['seed']) for r in rows)}. 'zero-shot': the run's own (through its back end, "
+              f"with its calibration: {args.calibrate}); 'zero-shot raw / cal' and 'ICL / ICL cal': the same seed's "
+              "test set in plaintext, uncalibrated and with contextual calibration (content-free inputs).\n")
     args.seeds = ",".join(str(r["seed"]) for r in rows)
     save(name, {"rows": rows, "mean": mean, "args": vars(args)}, table, args.out)
 

@@ -1,7 +1,7 @@
 """`bench accuracy`'s ICL column runs under the run's policy: a converted or RFA model's ICL is its
 own, not the softmax model's (the bug: ICL always ran policy aby3, i.e. softmax attention)."""
 import tuning.backends as backends
-from bench.tune_accuracy import icl_accuracy
+from bench.tune_accuracy import prompt_accuracy
 from tuning.assets.models import load_model
 from tuning.assets.tasks import Task
 from tuning.policy import load_policy
@@ -23,6 +23,6 @@ def test_icl_runs_the_policy_attention(monkeypatch):
     task = Task("toy", EXAMPLES, EXAMPLES, ["positive", "negative"],
                 {"positive": " positive", "negative": " negative"}, "Review: {text}\nSentiment:")
     for name in ("aby3", "aby3-rfa"):
-        acc = icl_accuracy(bundle, load_policy(name), task, EXAMPLES, EXAMPLES, 1, seed=0)
-        assert 0.0 <= acc <= 1.0
+        raw, cal = prompt_accuracy(bundle, load_policy(name), task, EXAMPLES, EXAMPLES, 1, seed=0)
+        assert 0.0 <= raw <= 1.0 and 0.0 <= cal <= 1.0
     assert seen == [("softmax", "aby3"), ("rfa", "aby3-rfa")]

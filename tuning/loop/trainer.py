@@ -149,7 +149,7 @@ def run_generation(st: LoopState, strategy, subspace, scorer, cfg: TuneConfig) -
                "best_dev_so_far": st.best_dev, "best_dev_loss_so_far": st.best_dev_loss, "mpc_s": gen_s,
                "mpc_bytes": gen_bytes, "mpc_rounds": sum(c.rounds for c in costs),
                "mpc_s_total": st.mpc_seconds, "mpc_bytes_total": st.mpc_bytes, "_Z": Zs, "_logits": (tr, dv),
-               "_labels": (tr_labels, dev.labels)}
+               "_labels": (tr_labels, dev.labels), "_rows": (np.asarray(list(batch)), sel)}
     return st, metrics
 
 
@@ -196,7 +196,7 @@ def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
 
 
 # ------------------------------------------------------------------------------------------ tune
-def _examples(cfg: TuneConfig, task):
+def split_examples(cfg: TuneConfig, task):
     """k-shot train and dev (disjoint, stratified, seeded) and a stratified test subset."""
     dev_k = cfg.dev_shots or cfg.shots
     if dev_k == cfg.shots:
@@ -216,7 +216,7 @@ def _examples(cfg: TuneConfig, task):
     return train, dev, [test[i] for i in order]
 
 
-def _load_task(cfg: TuneConfig):
+def task_of(cfg: TuneConfig):
     if bool(cfg.task) == bool(cfg.train):
         raise UserError("give exactly one of --task NAME or --train FILE")
     if cfg.task:
@@ -281,8 +281,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     if cfg.train_batch < 0 or (cfg.prompt_depth is not None and cfg.prompt_depth < 1):
         raise UserError("--train-batch must be >= 0 and --prompt-depth >= 1")
 
-    task = _load_task(cfg)
-    train, dev, test = _examples(cfg, task)
+    task = task_of(cfg)
+    train, dev, test = split_examples(cfg, task)
     policy = load_policy(cfg.policy)
     t0 = time.perf_counter()
     # the back end, and the model as this (the data owner's) process sees it: under the cluster
@@ -330,10 +330,11 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         while st.generation < cfg.budget:
             st, m = run_generation(st, strategy, subspace, scorer, cfg)
             Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
-            if cfg.save_logits:
+            train_chunks, dev_rows = m.pop("_rows")
+            if cfg.save_logits:  # the data owner's own files: what it scored and what was revealed to it
                 (out / "logits").mkdir(exist_ok=True)
                 np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
-                         train_labels=tr_labels, dev_labels=dv_labels)
+                         train_labels=tr_labels, dev_labels=dv_labels, train_chunks=train_chunks, dev_rows=dev_rows)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             save_checkpoint(ckpt, st, strategy, extra)
