@@ -179,7 +179,7 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
         out = {}
         if head is not None:
             zs = apply(params, jnp.broadcast_to(tail[None, None], (1, E) + tail.shape), cache, text_mask, None, shift,
-                       method=model.continue_layers)[0]
+                       None, True, method=model.continue_layers)[0]
             out["zs_logits"] = apply(params, zs[:, :, -1], method=model.final_norm) @ head.T
         h, _ = apply(params, _tokens(p0, tail, E), cache, text_mask, range(L - K), shift,
                      method=model.continue_layers)
@@ -227,7 +227,7 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
             x = jnp.concatenate([deep_h[None, :, :n] + d[:, None],
                                  jnp.broadcast_to(deep_h[None, :, n:], (P, E) + deep_h[:, n:].shape[1:])], axis=2)
             prefix = None
-        h, _ = apply(params, x, cache, text_mask, top, shift, prefix, method=model.continue_layers)
+        h, _ = apply(params, x, cache, text_mask, top, shift, prefix, True, method=model.continue_layers)
         return {"logits": apply(params, h[:, :, -1], method=model.final_norm) @ head.T}
 
     return {"embed": embed, "head": head, "prefill": prefill, "score_cached": score_cached,

@@ -150,6 +150,10 @@ class Attention(nn.Module):
     With ``past=(k, v)`` ([E, Lp, KV, D], one cached prefix per example) the input ``x`` is
     ``[P, E, T, H]``: P prompt candidates for each of E examples, attending to their example's
     cached prefix and causally to themselves. The cache is never tiled P times.
+
+    ``last``: only the last position's output is wanted (the model's last layer when only the
+    scored token matters): keys and values of every position, the query, scores, softmax and
+    output projection of the last position only; the output is [..., 1, H].
     """
 
     config: LlamaConfig
@@ -157,12 +161,18 @@ class Attention(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None, prefix=None):
+    def __call__(self, x, cos, sin, mask, past=None, prefix=None, last=False):
         cfg, ex = self.config, self.execution
         *lead, T, _ = x.shape
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
-        q = apply_rope(dense(H * D, "q_proj")(x).reshape(*lead, T, H, D), cos, sin)
+        last = last and ex.layer_attention(self.layer) == "softmax"
+        if last:  # one query: the last position's
+            q = apply_rope(dense(H * D, "q_proj")(x[..., -1:, :]).reshape(*lead, 1, H, D), cos[..., -1:, :],
+                           sin[..., -1:, :])
+            mask = mask[..., -1:, :]
+        else:
+            q = apply_rope(dense(H * D, "q_proj")(x).reshape(*lead, T, H, D), cos, sin)
         k = apply_rope(dense(KV * D, "k_proj")(x).reshape(*lead, T, KV, D), cos, sin)
         v = dense(KV * D, "v_proj")(x).reshape(*lead, T, KV, D)
         self.sow("intermediates", "qkv", (q, k, v))  # read by convert-attention; free otherwise
@@ -203,7 +213,7 @@ class Attention(nn.Module):
             probs = ex.approx.softmax_fn(scores, mask)
             out = (jnp.einsum("pehtk,ekhd->pethd", probs[..., :Lp], pv)
                    + jnp.einsum("pehtk,pekhd->pethd", probs[..., Lp:], rep(v)))
-        return dense(cfg.hidden_size, "o_proj")(out.reshape(*lead, T, H * D)), own
+        return dense(cfg.hidden_size, "o_proj")(out.reshape(*lead, q.shape[-3], H * D)), own
 
 
 class MLP(nn.Module):
@@ -225,11 +235,11 @@ class DecoderLayer(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None, prefix=None):
+    def __call__(self, x, cos, sin, mask, past=None, prefix=None, last=False):
         cfg, ex = self.config, self.execution
         a, kv = Attention(cfg, ex, self.layer, name="self_attn")(
-            RMSNorm(cfg, ex, name="input_layernorm")(x), cos, sin, mask, past, prefix)
-        x = x + a
+            RMSNorm(cfg, ex, name="input_layernorm")(x), cos, sin, mask, past, prefix, last)
+        x = x[..., -a.shape[-2]:, :] + a  # ``last``: the last position only from here on
         return x + MLP(cfg, ex, name="mlp")(RMSNorm(cfg, ex, name="post_attention_layernorm")(x)), kv
 
 
@@ -243,11 +253,15 @@ class LayerStack(nn.Module):
     execution: Execution = Execution()
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None, layers=None, prefix=None):
+    def __call__(self, x, cos, sin, mask, past=None, layers=None, prefix=None, last=False):
+        """``last``: only the last position's output of the final layer run is wanted (its other
+        positions are computed up to their keys and values)."""
         cache = []
-        for i in (range(self.config.num_hidden_layers) if layers is None else layers):
+        layers = list(range(self.config.num_hidden_layers) if layers is None else layers)
+        for i in layers:
             x, kv = DecoderLayer(self.config, self.execution, i, name=str(i))(
-                x, cos, sin, mask, None if past is None else past[i], None if prefix is None else prefix[i])
+                x, cos, sin, mask, None if past is None else past[i], None if prefix is None else prefix[i],
+                last and i == layers[-1])
             cache.append(kv)
         return x, cache
 
@@ -282,14 +296,14 @@ class LlamaModel(nn.Module):
         moved by the prefill's ``shift`` ([E, 1, D] tables) if it had one."""
         return self.norm(self.continue_layers(inputs_embeds, cache, cache_mask, shift=shift)[0])
 
-    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None):
+    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None, last=False):
         """Run ``layers`` (default: all) over x [P, E, T, H] after the cached prefixes
         (``cache[i]`` = (k, v) [E, Lp, KV, D] of layer i, ``cache_mask`` [E, Lp]). Returns the raw
         hidden states (no final norm) and each run layer's ``(k, v)`` of x.
 
         ``prefix[i]`` = (k, v) [P, E, n, KV, D]: a deep prompt, keys/values that every token of x
         sees in layer i, standing at positions Lp .. Lp+n-1 (x then starts at Lp+n); a mapping with
-        every layer run."""
+        every layer run. ``last``: only the last position comes out of the final layer run."""
         P, E, T, _ = x.shape
         Lp = cache_mask.shape[1]
         n = 0 if not prefix else next(iter(prefix.values()))[0].shape[-3]  # prefix: {layer: (k, v)}
@@ -299,7 +313,7 @@ class LlamaModel(nn.Module):
         if n:
             blocks.append(jnp.ones((1, E, 1, T, n), jnp.float32))
         blocks.append(jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.float32)), (1, E, 1, T, T)))
-        return self.layers(x, cos, sin, jnp.concatenate(blocks, -1), cache, layers, prefix)
+        return self.layers(x, cos, sin, jnp.concatenate(blocks, -1), cache, layers, prefix, last)
 
     def final_norm(self, x):
         return self.norm(x)
@@ -342,8 +356,8 @@ class LlamaForCausalLM(nn.Module):
     def extend(self, inputs_embeds, cache, cache_mask, shift=None):
         return self.model.extend(inputs_embeds, cache, cache_mask, shift)
 
-    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None):
-        return self.model.continue_layers(x, cache, cache_mask, layers, shift, prefix)
+    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None, last=False):
+        return self.model.continue_layers(x, cache, cache_mask, layers, shift, prefix, last)
 
     def final_norm(self, x):
         return self.model.final_norm(x)

@@ -38,3 +38,103 @@ def test_extend_from_cache_equals_full_forward(window):
             seq = np.concatenate([prefix[e, Lp - n:], suffix[p, e]])[None]
             want = np.asarray(m.apply({"params": params}, inputs_embeds=jnp.asarray(seq), method=m.hidden))[0, n:]
             np.testing.assert_allclose(got[p, e], want, atol=2e-5)
+
+
+def _deep_reference(m, params, cfg, text, p0, tail, delta, scale, K, form):
+    """What a deep prompt means, computed the long way: one example (unpadded), the hard prompt P0
+    as tokens, and the candidate's offsets inserted where the prompt enters the top K layers
+    (``kv``: added to the prompt's keys (before RoPE) and values in each top layer, with the
+    prompt's own states left as P0 made them; ``hidden``: added to its hidden states entering
+    layer L-K), then the whole model. Returns the last position's final hidden state."""
+    L, n, l = cfg.num_hidden_layers, len(p0), len(text)
+    top = range(L - K, L)
+    if form == "kv":
+        cache = list(m.apply({"params": params}, jnp.asarray(np.concatenate([text, p0]))[None], jnp.ones((1, l + n)),
+                             method=m.prefill))
+        cos, sin = llama.rope_tables(jnp.arange(l, l + n)[None], cfg.head_dim, cfg.rope_theta)
+        for j, i in enumerate(top):
+            k, v = cache[i]
+            dk = llama.apply_rope((delta[j, 0] * scale[j, 0][None])[None], cos, sin)[0]
+            cache[i] = (k.at[0, l:].add(dk), v.at[0, l:].add(delta[j, 1] * scale[j, 1][None]))
+        return m.apply({"params": params}, jnp.asarray(tail)[None, None], cache, jnp.ones((1, l + n)),
+                       method=m.extend)[0, 0, -1]
+    seq = jnp.asarray(np.concatenate([text, p0, tail]))[None]
+    cos, sin, msk = llama.layer_inputs(cfg, jnp.ones((1, seq.shape[1])))
+    stack, lp = llama.LayerStack(cfg), {"params": params["model"]["layers"]}
+    x, _ = stack.apply(lp, seq, cos, sin, msk, layers=range(L - K))
+    x, _ = stack.apply(lp, x.at[0, l:l + n].add(delta * scale), cos, sin, msk, layers=top)
+    return m.apply({"params": params}, x, method=m.final_norm)[0, -1]
+
+
+@pytest.mark.parametrize("form", ["kv", "hidden"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_deep_prompt_equals_a_full_forward_with_the_inserted_prompt(form, K):
+    """prefill_deep once + score_deep per candidate (top K layers only, last layer for the last
+    token only) == the full forward with the prompt inserted at its depth, for left-padded texts
+    of several lengths; at delta = 0 it is the hard prompt P0; the zero-shot logits come too."""
+    from spu_models.forward import make_tuning_programs
+
+    cfg = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2)
+    params = llama.init_params(cfg, seed=1)
+    m = llama.LlamaForCausalLM(cfg)
+    rng = np.random.default_rng(0)
+    E, Lp, n, t, H, P = 3, 6, 2, 3, 32, 2
+    lens = [6, 3, 1]
+    text = rng.normal(size=(E, Lp, H)).astype(np.float32)
+    mask = np.zeros((E, Lp), np.float32)
+    for e, l in enumerate(lens):
+        mask[e, Lp - l:] = 1
+        text[e, : Lp - l] = 55.0  # junk in the pad slots must not matter
+    p0, tail = rng.normal(size=(n, H)).astype(np.float32), rng.normal(size=(t, H)).astype(np.float32)
+    head = rng.normal(size=(2, H)).astype(np.float32)
+    pr = make_tuning_programs(cfg, depth=K, form=form)
+    res = pr["prefill_deep"](params, text, mask, p0, tail, head)
+    scale = pr["deep_scale"](params, p0, **res)["deep_scale"]
+    shape = (P, K, 2, n, 2, 8) if form == "kv" else (P, n, H)
+    delta = rng.normal(size=shape).astype(np.float32)
+    deep = {k: v for k, v in res.items() if k != "zs_logits"}
+    got = np.asarray(pr["score_deep"](params, head, mask, delta=delta, deep_scale=scale, **deep)["logits"])
+    got0 = np.asarray(pr["score_deep"](params, head, mask, delta=0 * delta, deep_scale=scale, **deep)["logits"])
+    for e, l in enumerate(lens):
+        x = text[e, Lp - l:]
+        for p in range(P):
+            want = _deep_reference(m, params, cfg, x, p0, tail, delta[p], scale, K, form) @ head.T
+            np.testing.assert_allclose(got[p, e], np.asarray(want), atol=5e-5)
+        hard = m.apply({"params": params}, inputs_embeds=jnp.asarray(np.concatenate([x, p0, tail]))[None],
+                       method=m.hidden)[0, -1] @ head.T
+        np.testing.assert_allclose(got0[0, e], np.asarray(hard), atol=5e-5)
+        zs = m.apply({"params": params}, inputs_embeds=jnp.asarray(np.concatenate([x, tail]))[None],
+                     method=m.hidden)[0, -1] @ head.T
+        np.testing.assert_allclose(np.asarray(res["zs_logits"])[0, e], np.asarray(zs), atol=5e-5)
+
+
+def test_deep_scoring_under_spu_reuses_the_cache_and_matches_plaintext(tmp_path):
+    """A deep kv prompt on tiny-llama through the scorer: plaintext and the SPU simulator agree;
+    the prefill runs once per chunk, and every later score of any candidates reads the resident
+    cache (one call per chunk, no prefill), also after other sets were shared."""
+    from tuning.assets.models import load_model, with_policy
+    from tuning.assets.tasks import load_user_task
+    from tuning.backends import make_backend
+    from tuning.loop.scorer import SecureScorer, delta_shape
+    from tuning.policy import load_policy
+
+    csv = tmp_path / "toy.csv"
+    csv.write_text("text,label\n" + "".join(f"{w} {i},{l}\n" for i in range(4) for w, l in
+                                           (("good fun", "positive"), ("a dull and slow film", "negative"))))
+    task = load_user_task(csv, verbalizer="positive=g,negative=b")
+    pol = load_policy("aby3")
+    bundle = with_policy(load_model("tiny-llama"), pol)
+    delta = 0.5 * np.random.default_rng(0).normal(size=(3, *delta_shape(bundle.config, 2, 1, "kv")))
+    got, keys = {}, {}
+    for backend in ("plaintext", "sim"):
+        with make_backend(backend, bundle, pol) as s:
+            sc = SecureScorer(s, bundle, task, n_tokens=2, p0_ids=[40, 50], depth=1, form="kv")
+            sc.add_examples("ex", task.train, zero_shot=True)
+            n0 = len(s.costs)
+            got[backend] = [sc.score("ex", delta), sc.score("ex", delta[:1]), sc.score("ex", None)]
+            keys[backend] = [k for (k, *_) in s._programs]
+            assert len(s.costs) - n0 == 2  # two scores, one call each (zero-shot: from the prefill)
+    assert keys["sim"].count("prefill_deep_zs") == 1 and "score_deep" in keys["sim"]
+    for g, r in zip(got["sim"], got["plaintext"]):
+        assert g.shape == r.shape and np.abs(g - r).max() < 2e-2
