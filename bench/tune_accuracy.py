@@ -72,7 +72,7 @@ def main(argv=None):
     ap.add_argument("--icl-demos", type=int, default=2)
     ap.add_argument("--init", default="vocab", help="P0: vocab or text:<words>")
     ap.add_argument("--prompt-depth", type=int, default=None, help="deep prompt in the top K layers (default: input)")
-    ap.add_argument("--prompt-form", default="kv", choices=["kv", "hidden"])
+    ap.add_argument("--prompt-form", default="kv", choices=["kv", "hidden", "virtual"])
     ap.add_argument("--train-batch", type=int, default=0, help="training examples per generation (0: all)")
     ap.add_argument("--dev-eval", default="all", choices=["all", "mean"])
     ap.add_argument("--sigma0", type=float, default=1.0)

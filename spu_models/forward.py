@@ -78,7 +78,7 @@ def make_forward(config, execution: Execution = Execution(), embedding: str = "d
 # Shapes: P candidates, E examples, n prompt tokens, t template-tail tokens, R verbalizer words.
 # ``delta`` [P, n, H] is the data owner's A.z; the prompt is P0 + delta with P0 resident.
 
-PROMPT_FORMS = ("kv", "hidden")
+PROMPT_FORMS = ("kv", "hidden", "virtual")
 
 
 def make_tuning_programs(config, execution: Execution = Execution(), depth: int | None = None, form: str = "kv"):
@@ -162,21 +162,34 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
     # the hidden states entering layer L-K. Form ``kv`` (P-tuning v2 / BBTv2): the prompt's K/V in
     # each top layer (from P0) are perturbed per candidate; only the t tail tokens run per
     # candidate. Form ``hidden``: the prompt's hidden states entering layer L-K are perturbed, and
-    # n + t tokens run per candidate. A candidate's work scales with K, not with L. With delta = 0
-    # either form is the hard prompt P0 exactly.
+    # n + t tokens run per candidate. With delta = 0 either form is the hard prompt P0 exactly.
+    # Form ``virtual`` (prefix tuning in the top K layers only): no prompt token exists below layer
+    # L-K, where the tail follows the text as in the zero-shot forward; in each top layer the tail
+    # also attends to n key/value pairs that are the candidate's offsets alone (zero at delta = 0,
+    # keys placed just before the tail). A candidate's work scales with K, not with L.
     def _tokens(p0, tail, E):
         x = jnp.concatenate([p0, tail], axis=0)
         return jnp.broadcast_to(x[None, None], (1, E) + x.shape)
 
-    def prefill_deep(params, text, text_mask, p0, tail, head=None, shift_c=None, shift_s=None):
+    def prefill_deep(params, text, text_mask, tail, p0=None, head=None, shift_c=None, shift_s=None):
         """Once per example set: the top K layers' text cache, the prompt's deep state (form
         ``kv``: its K/V in the top layers, ``prompt_k{i}``; always: the hidden states of prompt +
-        tail entering layer L-K, ``deep_h`` [E, n + t, H]) and, given the verbalizer ``head``, the
-        zero-shot logits (text -> tail, no prompt) ``zs_logits`` [1, E, R]."""
+        tail entering layer L-K, ``deep_h`` [E, n + t, H]; ``virtual``: the tail's alone, [E, t, H]) and,
+        given the verbalizer ``head``, the zero-shot logits (text -> tail, no prompt) ``zs_logits``
+        [1, E, R]."""
         shift = None if shift_c is None else (shift_c, shift_s)
         cache = apply(params, text, text_mask, shift, method=model.prefill)
-        E, n = text.shape[0], p0.shape[0]
-        out = {}
+        E = text.shape[0]
+        out = {f"cache_{kv}{i}": cache[i][j] for i in top for j, kv in enumerate("kv")}
+        if form == "virtual":  # below L-K the zero-shot forward; its states entering L-K are kept
+            h, _ = apply(params, jnp.broadcast_to(tail[None, None], (1, E) + tail.shape), cache, text_mask,
+                         range(L - K), shift, method=model.continue_layers)
+            out["deep_h"] = h[0]
+            if head is not None:
+                zs = apply(params, h, cache, text_mask, top, shift, None, True, method=model.continue_layers)[0]
+                out["zs_logits"] = apply(params, zs[:, :, -1], method=model.final_norm) @ head.T
+            return out
+        n = p0.shape[0]
         if head is not None:
             zs = apply(params, jnp.broadcast_to(tail[None, None], (1, E) + tail.shape), cache, text_mask, None, shift,
                        None, True, method=model.continue_layers)[0]
@@ -188,18 +201,26 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
             _, kv = apply(params, h, cache, text_mask, top, shift, method=model.continue_layers)
             for i, (k, v) in zip(top, kv):
                 out[f"prompt_k{i}"], out[f"prompt_v{i}"] = k[0, :, :n], v[0, :, :n]
-        for i in top:
-            out[f"cache_k{i}"], out[f"cache_v{i}"] = cache[i]
         return out
 
     def _std(x, axes):
         mu = jnp.mean(x, axis=axes, keepdims=True)
         return jnp.sqrt(jnp.mean(jnp.square(x - mu), axis=axes) + 1e-6)
 
-    def deep_scale(params, p0, deep_h=None, **prompt):
+    def deep_scale(params, p0=None, deep_h=None, text_mask=None, **prompt):
         """Per-channel scale of what a deep prompt perturbs (its spread over the examples and the
-        prompt's tokens), computed once inside MPC: the data owner's offsets are in these units,
-        so it never needs a statistic of the model. ``kv``: [K, 2, KV, D]; ``hidden``: [H]."""
+        prompt's tokens; ``virtual``: over the examples' text keys and values in each top layer),
+        computed once inside MPC: the data owner's offsets are in these units, so it never needs
+        a statistic of the model. ``kv``, ``virtual``: [K, 2, KV, D]; ``hidden``: [H]."""
+        if form == "virtual":
+            w = text_mask[:, :, None, None] / jnp.sum(text_mask)  # the real text positions, equally
+
+            def spread(x):
+                mu = jnp.sum(x * w, axis=(0, 1), keepdims=True)
+                return jnp.sqrt(jnp.sum(jnp.square(x - mu) * w, axis=(0, 1)) + 1e-6)
+
+            return {"deep_scale": jnp.stack([jnp.stack([spread(prompt[f"cache_{kv}{i}"]) for kv in "kv"])
+                                             for i in top])}
         if form == "kv":
             return {"deep_scale": jnp.stack([jnp.stack([_std(prompt[f"prompt_{kv}{i}"], (0, 1)) for kv in "kv"])
                                              for i in top])}
@@ -211,23 +232,31 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
         shift = None if shift_c is None else (shift_c, shift_s)
         E, P = text_mask.shape[0], delta.shape[0]
         cache = {i: (resident[f"cache_k{i}"], resident[f"cache_v{i}"]) for i in top}
-        if form == "kv":
+        if form in ("kv", "virtual"):
             d = delta * deep_scale[None, :, :, None]
             n, Lp = d.shape[3], text_mask.shape[1]
             # key offsets are taken before RoPE, i.e. rotated to the prompt's positions, so that a z
             # means the same for every example whatever its padding (softmax sees offsets only)
-            cos, sin = llama.shift_tables(*llama.rope_tables(jnp.arange(Lp, Lp + n)[None], config.head_dim,
+            at = Lp if form == "kv" else Lp - n  # virtual keys stand just before the tail
+            cos, sin = llama.shift_tables(*llama.rope_tables(jnp.arange(at, at + n)[None], config.head_dim,
                                                              config.rope_theta), shift)  # [1 or E, n, D]
-            prefix = {i: (resident[f"prompt_k{i}"][None] + llama.apply_rope(d[:, j, 0][:, None], cos, sin),
-                          resident[f"prompt_v{i}"][None] + d[:, j, 1][:, None]) for j, i in enumerate(top)}
-            x = jnp.broadcast_to(deep_h[None, :, n:], (P, E) + deep_h[:, n:].shape[1:])
+            if form == "kv":
+                prefix = {i: (resident[f"prompt_k{i}"][None] + llama.apply_rope(d[:, j, 0][:, None], cos, sin),
+                              resident[f"prompt_v{i}"][None] + d[:, j, 1][:, None]) for j, i in enumerate(top)}
+                x = jnp.broadcast_to(deep_h[None, :, n:], (P, E) + deep_h[:, n:].shape[1:])
+            else:
+                full = (P, E) + d.shape[3:]
+                prefix = {i: (jnp.broadcast_to(llama.apply_rope(d[:, j, 0][:, None], cos, sin), full),
+                              jnp.broadcast_to(d[:, j, 1][:, None], full)) for j, i in enumerate(top)}
+                x = jnp.broadcast_to(deep_h[None], (P,) + deep_h.shape)
         else:
             d = delta * deep_scale
             n = d.shape[1]
             x = jnp.concatenate([deep_h[None, :, :n] + d[:, None],
                                  jnp.broadcast_to(deep_h[None, :, n:], (P, E) + deep_h[:, n:].shape[1:])], axis=2)
             prefix = None
-        h, _ = apply(params, x, cache, text_mask, top, shift, prefix, True, method=model.continue_layers)
+        h, _ = apply(params, x, cache, text_mask, top, shift, prefix, True, form != "virtual",
+                     method=model.continue_layers)
         return {"logits": apply(params, h[:, :, -1], method=model.final_norm) @ head.T}
 
     return {"embed": embed, "head": head, "prefill": prefill, "score_cached": score_cached,

@@ -296,18 +296,22 @@ class LlamaModel(nn.Module):
         moved by the prefill's ``shift`` ([E, 1, D] tables) if it had one."""
         return self.norm(self.continue_layers(inputs_embeds, cache, cache_mask, shift=shift)[0])
 
-    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None, last=False):
+    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None, last=False,
+                        prefix_takes_positions=True):
         """Run ``layers`` (default: all) over x [P, E, T, H] after the cached prefixes
         (``cache[i]`` = (k, v) [E, Lp, KV, D] of layer i, ``cache_mask`` [E, Lp]). Returns the raw
         hidden states (no final norm) and each run layer's ``(k, v)`` of x.
 
         ``prefix[i]`` = (k, v) [P, E, n, KV, D]: a deep prompt, keys/values that every token of x
         sees in layer i, standing at positions Lp .. Lp+n-1 (x then starts at Lp+n); a mapping with
-        every layer run. ``last``: only the last position comes out of the final layer run."""
+        every layer run (``prefix_takes_positions=False``: x keeps positions Lp.., as below the
+        layers a virtual prefix enters). ``last``: only the last position comes out of the final
+        layer run."""
         P, E, T, _ = x.shape
         Lp = cache_mask.shape[1]
         n = 0 if not prefix else next(iter(prefix.values()))[0].shape[-3]  # prefix: {layer: (k, v)}
-        cos, sin = shift_tables(*rope_tables(jnp.arange(Lp + n, Lp + n + T)[None], self.config.head_dim,
+        at = Lp + (n if prefix_takes_positions else 0)
+        cos, sin = shift_tables(*rope_tables(jnp.arange(at, at + T)[None], self.config.head_dim,
                                              self.config.rope_theta), shift)  # [1 or E, T, D]
         blocks = [jnp.broadcast_to(cache_mask.astype(jnp.float32)[None, :, None, None, :], (1, E, 1, T, Lp))]
         if n:
@@ -356,8 +360,9 @@ class LlamaForCausalLM(nn.Module):
     def extend(self, inputs_embeds, cache, cache_mask, shift=None):
         return self.model.extend(inputs_embeds, cache, cache_mask, shift)
 
-    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None, last=False):
-        return self.model.continue_layers(x, cache, cache_mask, layers, shift, prefix, last)
+    def continue_layers(self, x, cache, cache_mask, layers=None, shift=None, prefix=None, last=False,
+                        prefix_takes_positions=True):
+        return self.model.continue_layers(x, cache, cache_mask, layers, shift, prefix, last, prefix_takes_positions)
 
     def final_norm(self, x):
         return self.model.final_norm(x)

@@ -89,7 +89,7 @@ def test_deep_prompt_equals_a_full_forward_with_the_inserted_prompt(form, K):
     p0, tail = rng.normal(size=(n, H)).astype(np.float32), rng.normal(size=(t, H)).astype(np.float32)
     head = rng.normal(size=(2, H)).astype(np.float32)
     pr = make_tuning_programs(cfg, depth=K, form=form)
-    res = pr["prefill_deep"](params, text, mask, p0, tail, head)
+    res = pr["prefill_deep"](params, text, mask, tail, p0, head)
     scale = pr["deep_scale"](params, p0, **res)["deep_scale"]
     shape = (P, K, 2, n, 2, 8) if form == "kv" else (P, n, H)
     delta = rng.normal(size=shape).astype(np.float32)
@@ -138,3 +138,39 @@ def test_deep_scoring_under_spu_reuses_the_cache_and_matches_plaintext(tmp_path)
     assert keys["sim"].count("prefill_deep_zs") == 1 and "score_deep" in keys["sim"]
     for g, r in zip(got["sim"], got["plaintext"]):
         assert g.shape == r.shape and np.abs(g - r).max() < 2e-2
+
+
+def test_virtual_deep_prompt_is_padding_invariant():
+    """Form ``virtual``: below layer L-K the zero-shot forward, in the top K layers n key/value pairs
+    that are the offsets alone. A left-padded batch scores each text as it scores alone (the
+    prefix's keys stand at the same place relative to the tail whatever the padding)."""
+    from spu_models.forward import make_tuning_programs
+
+    cfg = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2)
+    params = llama.init_params(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    E, Lp, t, H, n, K = 3, 6, 3, 32, 2, 2
+    lens = [6, 3, 1]
+    text = rng.normal(size=(E, Lp, H)).astype(np.float32)
+    mask = np.zeros((E, Lp), np.float32)
+    for e, l in enumerate(lens):
+        mask[e, Lp - l:] = 1
+        text[e, : Lp - l] = 55.0
+    tail, head = rng.normal(size=(t, H)).astype(np.float32), rng.normal(size=(2, H)).astype(np.float32)
+    pr = make_tuning_programs(cfg, depth=K, form="virtual")
+    res = pr["prefill_deep"](params, text, mask, tail, head=head)
+    scale = pr["deep_scale"](params, text_mask=mask, **res)["deep_scale"]
+    assert scale.shape == (K, 2, 2, 8) and np.all(np.asarray(scale) > 0)
+    delta = rng.normal(size=(2, K, 2, n, 2, 8)).astype(np.float32)
+    deep = {k: v for k, v in res.items() if k != "zs_logits"}
+    got = np.asarray(pr["score_deep"](params, head, mask, delta=delta, deep_scale=scale, **deep)["logits"])
+    zero = np.asarray(pr["score_deep"](params, head, mask, delta=0 * delta, deep_scale=scale, **deep)["logits"])
+    for e, l in enumerate(lens):  # the same text alone, unpadded, with the same scale
+        one = pr["prefill_deep"](params, text[e:e + 1, Lp - l:], mask[e:e + 1, Lp - l:], tail, head=head)
+        alone = {k: v for k, v in one.items() if k != "zs_logits"}
+        want = np.asarray(pr["score_deep"](params, head, mask[e:e + 1, Lp - l:], delta=delta, deep_scale=scale,
+                                           **alone)["logits"])
+        np.testing.assert_allclose(got[:, e], want[:, 0], atol=5e-5)
+        np.testing.assert_allclose(np.asarray(res["zs_logits"])[0, e], np.asarray(one["zs_logits"])[0, 0], atol=5e-5)
+    np.testing.assert_array_equal(zero[0], zero[1])  # delta = 0: the same (zero) prefix for every candidate

@@ -295,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-depth", dest="prompt_depth", type=int, metavar="K",
                    help="the prompt enters the top K layers only; below them everything is computed once "
                         "per example (default: all layers, the prompt at the input)")
-    s.add_argument("--prompt-form", dest="prompt_form", choices=["kv", "hidden"],
-                   help="how a deep prompt enters its layers: kv = key/value prefixes (default), "
-                        "hidden = hidden states entering layer L-K")
+    s.add_argument("--prompt-form", dest="prompt_form", choices=["kv", "hidden", "virtual"],
+                   help="how a deep prompt enters its layers: kv = key/value offsets of P0's tokens (default), "
+                        "hidden = offsets of their hidden states entering layer L-K, virtual = key/value "
+                        "prefixes in the top layers only (no prompt token below them)")
     s.add_argument("--train-batch", dest="train_batch", type=int, metavar="B",
                    help="score each generation on a stratified mini-batch of B training examples (default: all)")
     s.add_argument("--dev-eval", dest="dev_eval", choices=["all", "mean"],

@@ -86,7 +86,7 @@ def split_template(template: str) -> tuple[str, str]:
 def delta_shape(config, n_tokens: int, depth: int | None = None, form: str = "kv") -> tuple:
     """The shape of one candidate's offset, what the subspace maps z to: [n, H] at the input or
     for a deep ``hidden`` prompt, [K, 2, n, KV, D] (keys and values per top layer) for ``kv``."""
-    if depth is not None and depth < config.num_hidden_layers and form == "kv":
+    if depth is not None and depth < config.num_hidden_layers and form in ("kv", "virtual"):
         return (depth, 2, n_tokens, config.num_key_value_heads, config.head_dim)
     return (n_tokens, config.hidden_size)
 
@@ -117,8 +117,8 @@ class SecureScorer:
         depth = L if depth is None else depth
         if depth != L and mode != "cached":
             raise UserError(f"--prompt-depth {depth} needs the cached placement (--mode cached)")
-        if depth != L and p0_ids is None:
-            raise UserError("a deep prompt starts from P0's tokens: give p0_ids")
+        if depth != L and p0_ids is None and form != "virtual":
+            raise UserError("a deep prompt of this form starts from P0's tokens: give p0_ids")
         self.s, self.bundle, self.task, self.mode = session, bundle, task, mode
         self.n_tokens, self.depth, self.form = n_tokens, depth, form
         self.deep = depth < L
@@ -219,13 +219,14 @@ class SecureScorer:
         if self.form == "kv":
             deep.update({f"prompt_{kv}{i}": f"{name}_prompt_{kv}{i}" for i in layers for kv in "kv"})
         zs = {"zs_logits": f"{name}_zs"} if zero_shot else {}
-        self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", "p0": "p0",
+        p0 = {} if self.form == "virtual" else {"p0": "p0"}
+        self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **p0,
                                                    "tail": "tail", **({"head": "head"} if zero_shot else {}), **shift},
                    {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep")
         self.s.drop(f"{name}_text")
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
-            self.s.run(self.programs["deep_scale"], {"p0": "p0", **deep}, {"deep_scale": self.scale_var},
-                       key="deep_scale")
+            stats = {"text_mask": f"{name}_mask", **cache} if self.form == "virtual" else {**p0, **deep}
+            self.s.run(self.programs["deep_scale"], stats, {"deep_scale": self.scale_var}, key="deep_scale")
         return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_size": len(texts), "_name": name,
                 **({"_zs": f"{name}_zs"} if zero_shot else {})}
 
