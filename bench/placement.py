@@ -40,8 +40,8 @@ def parse_configs(text: str, layers: int) -> list[tuple[str, int]]:
             out.append(("input", layers))
             continue
         form, _, k = c.partition(":")
-        if form not in ("kv", "hidden") or not k.isdigit() or not 1 <= int(k) < layers:
-            raise ValueError(f"--configs: {c!r} is not input, kv:K or hidden:K with 1 <= K < {layers}")
+        if form not in ("kv", "hidden", "virtual") or not k.isdigit() or not 1 <= int(k) < layers:
+            raise ValueError(f"--configs: {c!r} is not input, kv:K, hidden:K or virtual:K with 1 <= K < {layers}")
         out.append((form, int(k)))
     if not out:
         raise ValueError("--configs is empty")
