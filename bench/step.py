@@ -121,10 +121,11 @@ def measure_policy(policy_name: str, args, task, log=print) -> dict:
             res["prefill"] = {"wall_s": sum(c.wall_s for c in setup), "send_bytes": sum(c.send_bytes for c in setup),
                               "rounds": sum(c.rounds for c in setup),
                               "estimate_s": {k: sum(c.estimate(k) for c in setup) for k in setup[0].to_json()["estimate_s"]}}
-            res["shapes"]["cached"] = {"prefix_len": session.shapes[f"ex_{mode}_mask"][1],
+            res["shapes"]["cached"] = {"prefix_len": session.shapes[f"ex_{mode}0_mask"][1],
                                        "tokens_per_candidate": n + session.shapes["tail"][0]}
         else:
-            res["shapes"]["prefix"] = {"text_len": session.shapes["ex_prefix_text"][1], "seq_len": n + session.shapes["ex_prefix_text"][1]}
+            text_len = session.shapes["ex_prefix0_text"][1]
+            res["shapes"]["prefix"] = {"text_len": text_len, "seq_len": n + text_len}
         t = time.perf_counter()
         sc.score(f"ex_{mode}", delta)
         first_s = time.perf_counter() - t
@@ -141,8 +142,9 @@ def measure_policy(policy_name: str, args, task, log=print) -> dict:
     res["pt_loss"] = float(session.unsafe_open("pt_loss", "PT loss, a check of the step"))  # a real run keeps it
 
     res["peak_rss_gb"] = _peak_rss_gb()
+    res["adam_probe"] = adam_probe(session, bundle, log, policy.name)  # Adam's per-weight cost (bench e2e)
     if policy.name in args.no_sft or "all" in args.no_sft:
-        res["sft_skipped"] = adam_probe(session, bundle, log, policy.name)
+        res["sft_skipped"] = res["adam_probe"]
         session.close()
         return res
     # SFT

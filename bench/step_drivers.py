@@ -70,7 +70,7 @@ def adam_probe(session, bundle, log=print, tag="", n: int = 10000) -> dict:
     out = {"probe_elements": n, "probe_wall_s": cost.wall_s, "probe_send_bytes": cost.send_bytes,
            "n_params": n_params, "lower_bound_wall_s": cost.wall_s * n_params / n,
            "lower_bound_send_bytes": cost.send_bytes * n_params / n}
-    log(f"[{tag}] SFT skipped; Adam's sqrt+divide: {cost.wall_s / n * 1e6:.0f} us and "
+    log(f"[{tag}] Adam's sqrt+divide alone: {cost.wall_s / n * 1e6:.0f} us and "
         f"{cost.send_bytes / n:.0f} B per weight -> >= {out['lower_bound_wall_s'] / 3600:.1f} h and "
         f">= {out['lower_bound_send_bytes'] / 1e9:.0f} GB per SFT step ({n_params / 1e6:.1f}M weights)")
     return out
