@@ -212,9 +212,14 @@ def _cmd_tune(args):
     else:
         m, pr = summary["mpc"], summary["projection"]
         gen = m["per_generation_median"]
+        sig = summary["test_significance"]
         print(f"zero-shot test accuracy {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f} "
               f"on {summary['n_test']} test examples ({summary['generations']} generations, "
               f"{summary['backend']}, {summary['policy']})")
+        print(f"95% intervals: zero-shot [{sig['zero_shot_ci95'][0]:.2f}, {sig['zero_shot_ci95'][1]:.2f}], tuned "
+              f"[{sig['tuned_ci95'][0]:.2f}, {sig['tuned_ci95'][1]:.2f}]; tuning got {sig['gained']} test examples right "
+              f"that zero-shot got wrong and {sig['lost']} the other way (exact McNemar p = {sig['mcnemar_p']:.3g}"
+              f"{': a real gain' if sig['mcnemar_p'] < 0.05 and sig['gained'] > sig['lost'] else ': not significant'})")
         if summary["backend"] != "plaintext":
             print(f"MPC cost: set-up {m['setup']['seconds']:.0f}s / {m['setup']['bytes'] / 1e9:.2f} GB; per generation "
                   f"{gen['mpc_s']:.0f}s / {gen['mpc_bytes'] / 1e9:.2f} GB / {gen['mpc_rounds']:.0f} rounds (busiest party)")

@@ -248,6 +248,29 @@ def build_subspace(cfg: TuneConfig, bundle, stats):
                                shape=delta_shape(bundle.config, n, cfg.prompt_depth, cfg.prompt_form))
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> list:
+    """95% Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(c - h), 4), round(float(c + h), 4)]
+
+
+def paired_test(before: np.ndarray, after: np.ndarray) -> dict:
+    """Zero-shot vs tuned on the same test examples: each accuracy's 95% Wilson interval, and the
+    exact two-sided McNemar test on the examples only one of them gets right."""
+    from math import comb
+
+    n = len(after)
+    gained, lost = int(((after == 1) & (before == 0)).sum()), int(((after == 0) & (before == 1)).sum())
+    m, k = gained + lost, min(gained, lost)
+    p = min(1.0, 2 * sum(comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"n": n, "zero_shot_ci95": wilson(int(before.sum()), n), "tuned_ci95": wilson(int(after.sum()), n),
+            "gained": gained, "lost": lost, "mcnemar_p": round(p, 4)}
+
+
 def _cost_sum(costs) -> dict:
     return {"seconds": round(sum(c.wall_s for c in costs), 2), "bytes": int(sum(c.send_bytes for c in costs)),
             "rounds": int(sum(c.rounds for c in costs))}
@@ -320,6 +343,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             n0 = len(session.costs)
             zs_logits = scorer.score("test", None)
             extra = {"zero_shot_test_acc": float(accuracy(zs_logits, test_set.labels)[0]),
+                     "zero_shot_correct": (zs_logits[0].argmax(-1) == test_set.labels).astype(int).tolist(),
                      "zero_shot_cost": _cost_sum(session.costs[n0:])}
             log(f"zero-shot test accuracy (through {cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
             st = LoopState(strategy.init(cfg.seed))
@@ -347,6 +371,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         n0 = len(session.costs)
         tuned_logits = scorer.score("test", subspace.offsets(z[None]))
         test_acc = float(accuracy(tuned_logits, test_set.labels)[0])
+        tuned_correct = (tuned_logits[0].argmax(-1) == test_set.labels).astype(int)
         gen_costs = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
         per_gen = {k: float(np.median([g[k] for g in gen_costs])) if gen_costs else 0.0
                    for k in ("mpc_s", "mpc_bytes", "mpc_rounds")}
@@ -362,6 +387,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
             "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
             "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
+            "test_significance": paired_test(np.asarray(extra["zero_shot_correct"]), tuned_correct),
             "best_dev_acc": st.best_dev, "best_dev_loss": st.best_dev_loss, "best_train_loss": st.best_train_loss,
             "mpc": {"setup": setup_cost, "zero_shot_eval": extra["zero_shot_cost"],
                     "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
@@ -441,20 +467,24 @@ def plot_run(metrics: list, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     g = [m["generation"] for m in metrics]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.8))
     ax[0].plot(g, [m["loss_best"] for m in metrics], label="best")
     ax[0].plot(g, [m["loss_mean"] for m in metrics], label="mean")
     ax[0].set(title="train loss", xlabel="generation")
     ax[0].legend()
-    ax[1].plot(g, [m["dev_acc_of_best_loss"] for m in metrics], label="dev acc (best-loss candidate)")
-    ax[1].plot(g, [m["best_dev_so_far"] for m in metrics], label="dev acc of the kept prompt (lowest dev loss so far)")
-    ax[1].set(title="dev accuracy", xlabel="generation", ylim=(0, 1))
-    ax[1].legend(fontsize=8)
+    if metrics[0].get("dev_acc_of_best_loss") is not None:
+        ax[1].plot(g, [m["dev_acc_of_best_loss"] for m in metrics], label="best-loss candidate")
+    ax[1].plot(g, [m["dev_acc_of_mean"] for m in metrics], label="search mean")
+    ax[1].plot(g, [m["best_dev_so_far"] for m in metrics], label="kept prompt (lowest dev loss)")
+    ax[1].set(title="dev accuracy", xlabel="generation", ylim=(0, 1.05))
+    ax[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax[2].bar(g, [m["mpc_s"] for m in metrics])
     ax2 = ax[2].twinx()
     ax2.plot(g, [m["mpc_bytes"] / 1e6 for m in metrics], color="C1")
     ax[2].set(title="MPC cost per generation", xlabel="generation", ylabel="seconds")
     ax2.set_ylabel("MB sent", color="C1")
+    ax2.set_ylim(bottom=0)
+    ax[2].set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
