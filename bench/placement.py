@@ -33,6 +33,17 @@ INIT = "text: Is this review positive or negative?"
 JOBS = {"all": dict(train_batch=0, dev_eval="all"), "batch16-mean": dict(train_batch=16, dev_eval="mean")}
 
 
+def _merge_ops(costs) -> dict:
+    """One per-op table (count, seconds, bytes) over several calls."""
+    out: dict = {}
+    for c in costs:
+        for k, v in (c.ops or {}).items():
+            o = out.setdefault(k, {"count": 0, "seconds": 0.0, "send_bytes": 0})
+            for f in o:
+                o[f] += v.get(f, 0)
+    return out
+
+
 def parse_configs(text: str, layers: int) -> list[tuple[str, int]]:
     out = []
     for c in [c.strip() for c in text.split(",") if c.strip()]:
@@ -67,6 +78,7 @@ def main(argv=None):
     from tuning.assets.models import load_model, with_policy
     from tuning.assets.tasks import kshot, load_task
     from tuning.backends import make_backend
+    from tuning.backends.cost import top_ops
     from tuning.loop.scorer import SecureScorer, delta_shape
     from tuning.loop.trainer import FULL_BUDGET, rows_per_generation
     from tuning.policy import load_policy
@@ -83,7 +95,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     k = FULL_BUDGET["shots_per_class"] * len(task.labels)
     job_rows = {j: rows_per_generation(FULL_BUDGET["popsize"], k, k, **kw) for j, kw in JOBS.items()}
-    rows = []
+    rows, ops = [], {}
     session = make_backend("sim", bundle, policy)
     try:
         for form, depth in configs:
@@ -106,6 +118,7 @@ def main(argv=None):
                        "prefill s / example": round(sum(c.wall_s for c in setup) / args.examples, 1),
                        "prefill MB / example": round(sum(c.send_bytes for c in setup) / 1e6 / args.examples, 1)}
                 rows.append(row)
+                ops[name] = {"generation": dict(top_ops(gen.ops, 8)), "prefill": dict(top_ops(_merge_ops(setup), 8))}
                 print(row, flush=True)
             session.drop(*[v for c in sc.sets[set_name].chunks for k_, v in c.items() if not k_.startswith("_")])
     finally:
@@ -135,7 +148,8 @@ def main(argv=None):
               f"{FULL_BUDGET['popsize']} + mean, {FULL_BUDGET['shots_per_class']}-shot MR) = measured per-row cost x "
               f"its rows: 'all' = 21 x 64, 'batch16-mean' = 21 x 16 train + 32 dev (the mean only).\n")
     name = f"placement_{policy.name}{args.tag}"
-    save(name, {"rows": rows, "derived": derived, "job_rows": job_rows, "args": vars(args)}, table, args.out)
+    save(name, {"rows": rows, "derived": derived, "job_rows": job_rows, "top_ops": ops, "args": vars(args)}, table,
+         args.out)
     _plot(rows, derived, f"{args.out}/{name}.png")
 
 
