@@ -441,7 +441,8 @@ def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) 
 
 
 def _progress(total: int, start: int, enabled: bool):
-    """tqdm bar: best/mean loss of this generation, dev accuracy of its lowest-loss candidate, and
+    """tqdm bar: best/mean loss of this generation, dev accuracy of its lowest-loss candidate (of the
+    search mean under --dev-eval mean), and
     "kept": the dev accuracy of the prompt kept so far (selected by dev loss, so it can read lower
     than this generation's), then MPC time and bytes so far."""
     from tqdm import tqdm
@@ -449,7 +450,8 @@ def _progress(total: int, start: int, enabled: bool):
     bar = tqdm(total=total, initial=start, disable=not enabled, unit="gen", dynamic_ncols=True)
 
     def update(m):
-        bar.set_postfix_str(f"loss {m['loss_best']:.3f}/{m['loss_mean']:.3f} dev {m['dev_acc_of_best_loss']:.2f} "
+        dev = m["dev_acc_of_best_loss"] if m["dev_acc_of_best_loss"] is not None else m["dev_acc_of_mean"]
+        bar.set_postfix_str(f"loss {m['loss_best']:.3f}/{m['loss_mean']:.3f} dev {dev:.2f} "
                             f"(kept {m['best_dev_so_far']:.2f}) MPC {m['mpc_s_total']:.0f}s "
                             f"{m['mpc_bytes_total'] / 1e6:.0f}MB")
         bar.update(1)
