@@ -205,3 +205,27 @@ def test_reveal_is_the_policys_and_audited(toy_csv, tmp_path):
         want = sorted([("verbalizer_logits", (P1, n_train, 2), 4, "data_owner"),
                        ("verbalizer_logits", (1, n_test, 2), 2, "data_owner")])
     assert got == want
+
+
+def test_deep_prompt_minibatches_and_dev_mean_run_and_resume(toy_csv, tmp_path):
+    """The cheap configuration end to end (virtual deep prompt in the top layer, mini-batches of
+    the training set, dev scored for the search mean only, batch calibration): it learns, its
+    summary says what it ran, it scores the rows it claims, and a resumed run continues exactly."""
+    kw = dict(prompt_depth=1, prompt_form="virtual", train_batch=4, dev_eval="mean", calibrate="batch",
+              shots=4, popsize=6)
+    ref = tune(_cfg(toy_csv, tmp_path / "ref", budget=6, **kw), show_progress=False, log=lambda *a: None)
+    assert (ref["prompt_depth"], ref["prompt_form"], ref["train_batch"], ref["dev_eval"], ref["calibrate"]) == \
+        (1, "virtual", 4, "mean", "batch")
+    assert ref["rows_per_generation"] == (6 + 1) * 4 + 1 * ref["n_dev"]
+    m = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["dev_acc_of_best_loss"] is None for x in m)  # only the mean is scored on dev
+    assert min(x["loss_best"] for x in m[-3:]) < m[0]["loss_best"]
+    reveals = {tuple(r["shape"]): r["count"] for r in ref["reveals"]}
+    same_shape_tests = 2 if ref["n_test"] == ref["n_dev"] else 0  # zero-shot and tuned test look alike
+    assert reveals[(7, 4, 2)] == 6 and reveals[(1, ref["n_dev"], 2)] == 6 + same_shape_tests  # mini-batch; dev: the mean
+    short = tune(_cfg(toy_csv, tmp_path / "ext", budget=3, **kw), show_progress=False, log=lambda *a: None)
+    assert short["generations"] == 3
+    again = tune(TuneConfig(out=str(tmp_path / "ext")), resume=True, budget=6, show_progress=False, log=lambda *a: None)
+    a = [json.loads(x)["loss_best"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss_best"] for x in (tmp_path / "ext" / "metrics.jsonl").read_text().splitlines()]
+    assert a == b and again["tuned_test_acc"] == ref["tuned_test_acc"]
