@@ -348,7 +348,12 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             log(f"zero-shot test accuracy (through {cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
             st = LoopState(strategy.init(cfg.seed))
             metrics_path.write_text("")
-            save_checkpoint(ckpt, st, strategy, extra)
+        # wall time and set-up cost over every session of this run (a resumed run prefills again)
+        before = extra.get("elapsed_s", 0.0)
+        extra["setups"] = extra.get("setups", []) + [setup_cost]
+        elapsed = lambda: round(before + time.perf_counter() - t0, 1)  # noqa: E731
+        extra["elapsed_s"] = elapsed()
+        save_checkpoint(ckpt, st, strategy, extra)
 
         bar = _progress(cfg.budget, st.generation, show_progress)
         while st.generation < cfg.budget:
@@ -361,6 +366,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                          train_labels=tr_labels, dev_labels=dv_labels, train_chunks=train_chunks, dev_rows=dev_rows)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
+            extra["elapsed_s"] = elapsed()
             save_checkpoint(ckpt, st, strategy, extra)
             bar(m)
             if cfg.patience and st.since_best >= cfg.patience:
@@ -389,7 +395,10 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
             "test_significance": paired_test(np.asarray(extra["zero_shot_correct"]), tuned_correct),
             "best_dev_acc": st.best_dev, "best_dev_loss": st.best_dev_loss, "best_train_loss": st.best_train_loss,
-            "mpc": {"setup": setup_cost, "zero_shot_eval": extra["zero_shot_cost"],
+            "wall_s": {"elapsed_all_sessions": elapsed(), "sessions": len(extra["setups"])},
+            "mpc": {"setup": setup_cost, "setup_all_sessions": {k: sum(c[k] for c in extra["setups"])
+                                                                 for k in ("seconds", "bytes", "rounds")},
+                    "zero_shot_eval": extra["zero_shot_cost"],
                     "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
                     "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
             "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
