@@ -170,17 +170,16 @@ class SecureScorer:
         default: the session's ``chunk`` texts of similar length, or one chunk); in cached mode
         also prefill each. ``zero_shot``: a deep prefill also computes the set's zero-shot logits
         (``score(name, None)``); other placements compute them on demand."""
-        if groups is None:
+        if groups is None:  # consecutive by length (each chunk pads to its own longest), near-equal sizes
             order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-            k = -(-len(order) // (self.s.chunk or len(order)))  # chunks of near-equal size: few shapes
-            groups = [order[c::k] for c in range(k)] if k > 1 else [order]
-            groups = [sorted(g, key=lambda i: len(examples[i][0])) for g in groups]
+            k = -(-len(order) // (self.s.chunk or len(order)))
+            groups = [[int(i) for i in g] for g in np.array_split(order, k)]
         labels = np.array([self.label_index[examples[i][1]] for g in groups for i in g])
         extra = list(CONTENT_FREE) if self.calibrate == "cf" else []  # a few rows of every call
         chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g] + extra, zero_shot) for c, g in
                   enumerate(groups)]
         for c, g in zip(chunks, groups):
-            c["_size"] = len(g)  # the real examples; content-free rows follow them
+            c["_size"] = len(g)  # the real examples (content-free rows follow them)
         self.sets[name] = ExampleSet(name, labels, len(labels), chunks)
         return self.sets[name]
 
@@ -198,7 +197,7 @@ class SecureScorer:
                 sel = np.zeros((len(seqs), n + Lt), np.float32)
                 sel[np.arange(len(seqs)), [n + len(s) - 1 for s in seqs]] = 1.0
                 self.s.put(f"{name}_{key}", sel)
-            return {"text": f"{name}_text", "_size": len(texts), "_name": name}
+            return {"text": f"{name}_text", "_name": name}
         seqs = [self._ids(self.head_template.replace("{text}", t)) for t in texts]
         Lp = pad_length(max(len(s) for s in seqs), self.s.pad_multiple)  # coarse: few shapes to compile
         ids = np.zeros((len(seqs), Lp), np.int64)
@@ -214,7 +213,7 @@ class SecureScorer:
             self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache,
                        key="prefill")
             self.s.drop(f"{name}_text")
-            return {"text_mask": f"{name}_mask", **shift, **cache, "_size": len(texts), "_name": name}
+            return {"text_mask": f"{name}_mask", **shift, **cache, "_name": name}
         deep = {"deep_h": f"{name}_deep_h"}
         if self.form == "kv":
             deep.update({f"prompt_{kv}{i}": f"{name}_prompt_{kv}{i}" for i in layers for kv in "kv"})
@@ -227,7 +226,7 @@ class SecureScorer:
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
             stats = {"text_mask": f"{name}_mask", **cache} if self.form == "virtual" else {**p0, **deep}
             self.s.run(self.programs["deep_scale"], stats, {"deep_scale": self.scale_var}, key="deep_scale")
-        return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_size": len(texts), "_name": name,
+        return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_name": name,
                 **({"_zs": f"{name}_zs"} if zero_shot else {})}
 
     def _shift(self, name: str, seqs, Lp: int) -> dict:
