@@ -1,0 +1,99 @@
+"""The real job, measured: one tuning run through SPU beside the plaintext run of the same seed.
+
+    secptune bench job --spu runs/real_mr --plain runs/real_mr_plain [--tag _mr]
+
+Both are ordinary ``secptune tune`` run directories with the same settings except the back end
+(the SPU one usually ``--backend sim``, resumed as often as needed). The table gives the SPU run's
+wall time (all sessions), its MPC time, bytes and rounds by phase (set-up of every session,
+zero-shot evaluation, generations, final evaluation), and both runs' zero-shot and tuned test
+accuracy, their agreement per test example, and the search path: the generation-by-generation
+training losses of the two runs, which differ only by fixed-point noise in the opened logits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, markdown_table, save, tag_suffix
+
+SAME = ("task", "model", "policy", "shots", "popsize", "budget", "n_test", "seed", "prompt_depth", "prompt_form",
+        "train_batch", "dev_eval", "calibrate", "init", "d", "strategy")
+
+
+def _load(run: Path):
+    cfg = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return cfg, summary, metrics
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="secptune bench job")
+    ap.add_argument("--spu", required=True, help="the run through SPU (sim or cluster back end)")
+    ap.add_argument("--plain", required=True, help="the same run on the plaintext back end")
+    ap.add_argument("--tag", default="", type=tag_suffix)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    (cs, ss, ms), (cp, sp, mp) = _load(Path(args.spu)), _load(Path(args.plain))
+    differ = [k for k in SAME if cs.get(k) != cp.get(k)]
+    if differ:
+        raise ValueError(f"the runs differ in {', '.join(differ)}: not the same job")
+    mpc = ss["mpc"]
+    gen = mpc["generations_total"]
+    rows = [
+        {"phase": "set-up (prefill), all sessions", "MPC s": mpc["setup_all_sessions"]["seconds"],
+         "GB": round(mpc["setup_all_sessions"]["bytes"] / 1e9, 2), "rounds": mpc["setup_all_sessions"]["rounds"]},
+        {"phase": "zero-shot test evaluation", "MPC s": mpc["zero_shot_eval"]["seconds"],
+         "GB": round(mpc["zero_shot_eval"]["bytes"] / 1e9, 2), "rounds": mpc["zero_shot_eval"]["rounds"]},
+        {"phase": f"{ss['generations']} generations", "MPC s": gen["seconds"], "GB": round(gen["bytes"] / 1e9, 2),
+         "rounds": int(sum(m["mpc_rounds"] for m in ms))},
+        {"phase": "tuned test evaluation", "MPC s": mpc["final_eval"]["seconds"],
+         "GB": round(mpc["final_eval"]["bytes"] / 1e9, 2), "rounds": mpc["final_eval"]["rounds"]},
+    ]
+    total = {"phase": "total MPC", "MPC s": round(sum(r["MPC s"] for r in rows), 1),
+             "GB": round(sum(r["GB"] for r in rows), 2), "rounds": int(sum(r["rounds"] for r in rows))}
+    rows.append(total)
+    path = np.array([m["loss_best"] for m in ms]), np.array([m["loss_best"] for m in mp])
+    n = min(len(path[0]), len(path[1]))
+    acc = [{"run": "SPU (" + ss["backend"] + ")", "zero-shot": ss["zero_shot_test_acc"], "tuned": ss["tuned_test_acc"],
+            "McNemar p (tuned vs zero-shot)": ss["test_significance"]["mcnemar_p"]},
+           {"run": "plaintext", "zero-shot": sp["zero_shot_test_acc"], "tuned": sp["tuned_test_acc"],
+            "McNemar p (tuned vs zero-shot)": sp["test_significance"]["mcnemar_p"]}]
+    table = markdown_table(rows, list(rows[0])) + "\n" + markdown_table(acc, list(acc[0]))
+    wall = ss["wall_s"]["elapsed_all_sessions"]
+    table += (f"\nSPU run {args.spu}: {cs['task']}, {cs['shots']}-shot per class ({ss['n_train']} train + {ss['n_dev']} dev), "
+              f"{ss['n_test']} test examples, policy {ss['policy']}, prompt depth {ss['prompt_depth']} "
+              f"({ss['prompt_form']}), mini-batch {ss['train_batch'] or 'all'}, dev: {ss['dev_eval']}, popsize "
+              f"{ss['popsize']}, {ss['generations']} generations ({ss['rows_per_generation']} rows each). Wall time "
+              f"of the whole job here: {wall / 3600:.2f} h over {ss['wall_s']['sessions']} session(s) "
+              f"(compilation included). Test accuracy: SPU {ss['tuned_test_acc']:.3f} vs plaintext "
+              f"{sp['tuned_test_acc']:.3f} ({100 * (ss['tuned_test_acc'] - sp['tuned_test_acc']):+.1f} points). "
+              f"Search path: best training loss per generation agrees to "
+              f"{np.abs(path[0][:n] - path[1][:n]).max():.2e} over {n} generations.\n")
+    name = f"job{args.tag}"
+    save(name, {"rows": rows, "accuracy": acc, "wall_s": wall, "spu_summary": ss, "plain_summary": sp,
+                "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()}, "args": vars(args)}, table, args.out)
+    _plot(ms, mp, Path(args.out) / f"{name}.png")
+
+
+def _plot(ms, mp, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    for m, label in ((ms, "SPU"), (mp, "plaintext")):
+        g = [x["generation"] for x in m]
+        ax[0].plot(g, [x["loss_best"] for x in m], label=label)
+        ax[1].plot(g, [x["dev_acc_of_mean"] for x in m], label=label)
+    ax[0].set(xlabel="generation", ylabel="best training loss")
+    ax[1].set(xlabel="generation", ylabel="dev accuracy of the search mean", ylim=(0, 1.05))
+    for a in ax:
+        a.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
