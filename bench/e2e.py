@@ -16,12 +16,13 @@ Dev accuracy on the 32 dev examples after every step. Learning rates: ``--sft-lr
 
 ``bill``: the target is the highest dev accuracy (seed-mean curve) that all three methods reach;
 each method's steps to reach it, times its per-step MPC cost under ABY3 on all 30 layers:
-- SFT and PT steps: ``bench step`` measured at 1, 2 and 4 layers (``--steps``); cost is fitted
-  as a + b * layers (the fit's error at the measured points is reported) and taken at 30 layers;
-  SFT adds Adam on the embedding rows ``bench step`` cut away (its measured per-weight Adam cost);
-  both are scaled from the measured E examples per step to the 32 of a full-batch step
-  (per-example parts linear in E, Adam not). Dev evaluations are not charged to SFT or PT
-  (conservative: it only makes them cheaper).
+- SFT and PT steps: ``bench step`` measured at 1, 2 and 4 layers (``--steps``, the first rows of
+  the embedding only); cost is fitted as a + b * layers (the fit's error at the measured points is
+  reported) and taken at 30 layers; SFT adds the cost of the full vocabulary's rows, measured per
+  row from one more ``bench step`` run with a wider vocabulary at the same layers; both are scaled
+  from the measured E examples per step to the 32 of a full-batch step (linearly: it overstates
+  the per-weight Adam part, which does not grow with E, and is stated). Dev evaluations are not
+  charged to SFT or PT (conservative: it only makes them cheaper).
 - forward-only: ``bench placement`` (``--placement``, all 30 layers) gives the per-row cost of a
   generation and the per-example prefill; a generation scores the rows of the run's settings
   (``tune``'s ``rows_per_generation``); the 64 train + dev examples are prefilled once.
@@ -222,29 +223,27 @@ def bill_main(args):
         r = next(x for x in d["results"] if x["policy"] == args.policy)
         step_runs.append({**r, "examples": d["args"]["examples"]})
     E = step_runs[0]["examples"]
-    full_layers = 30
+    if any(r["examples"] != E for r in step_runs):
+        raise ValueError("the bench step runs differ in --examples")
+    base_vocab = min(r["vocab"] for r in step_runs)
+    by_layers = [r for r in step_runs if r["vocab"] == base_vocab]
+    wide = [r for r in step_runs if r["vocab"] != base_vocab]  # the same layers with more embedding rows
+    full_layers, full_vocab = 30, step_runs[0]["full_vocab"]
     k = FULL_BUDGET["shots_per_class"] * 2  # 32 training examples per full-batch step
-    per_step = {}
-    fits = {}
+    per_step, fits, per_row = {}, {}, {}
     for method, key in (("SFT", "sft"), ("PT", "pt")):
         cost = {}
         for unit in ("wall_s", "send_bytes", "rounds"):
-            fit = fit_layers(step_runs, key, unit)
+            fit = fit_layers(by_layers, key, unit)
             fits[f"{method} {unit}"] = fit
             cost[unit] = fit["a"] + fit["b"] * full_layers
-        # examples: per-example work scales with E; SFT's Adam (one update per weight) does not
-        adam = {}
-        if method == "SFT":
-            probe = step_runs[0].get("adam_probe")
-            r0 = step_runs[0]
-            extra_weights = (r0["full_vocab"] - r0["vocab"]) * 576
-            adam = {"wall_s": probe["probe_wall_s"] / probe["probe_elements"] * extra_weights,
-                    "send_bytes": probe["probe_send_bytes"] / probe["probe_elements"] * extra_weights,
-                    "rounds": 0.0} if probe else {}
-        for unit in cost:
-            cost[unit] = cost[unit] * (k / E) if unit != "rounds" else cost[unit]
-            cost[unit] += adam.get(unit, 0.0)
-        per_step[method] = cost
+            if wide and method == "SFT":  # every op on the trained table (lookup, its gradient, Adam) grows with it
+                w = wide[0]
+                same = next(r for r in by_layers if r["layers"] == w["layers"])
+                per_row[unit] = (w["methods"][key][unit] - same["methods"][key][unit]) / (w["vocab"] - same["vocab"])
+                cost[unit] += per_row[unit] * (full_vocab - base_vocab)
+        # a full-batch step: the measured E examples scaled to 32 (rounds do not grow with the batch)
+        per_step[method] = {u: v * (k / E) if u != "rounds" else v for u, v in cost.items()}
     pl = load(args.placement)
     row = next(r for r in pl["rows"] if r["placement"] == args.fo_config.replace(":", ":"))
     n_rows = rows_per_generation(fo_args["popsize"], k, k, fo_args.get("train_batch", 0), fo_args.get("dev_eval", "all"))
@@ -272,12 +271,15 @@ def bill_main(args):
               f"SFT and PT fitted as a + b x layers from bench step at {[r['layers'] for r in step_runs]} layers "
               f"(E={E}, max relative fit error at those points "
               f"{max(f['max_rel_err_at_measured'] for f in fits.values()):.1%}), taken at 30 layers and scaled to "
-              f"{k} examples; SFT adds Adam on the full vocabulary's embedding rows. Forward-only: "
+              f"{k} examples; SFT adds the cost of the full vocabulary's embedding rows "
+              f"({'measured per row from a wider bench step run' if per_row else 'NOT measured: no wider run given'}). "
+              f"Forward-only: "
               f"{args.fo_config} from bench placement (30 layers, measured per row) x {n_rows} rows per generation "
               f"({fo_args.get('train_batch') or 'all'} train / dev: {fo_args.get('dev_eval', 'all')}), plus the "
               f"one-off prefill of {2 * k} examples. Policy {args.policy}. Dev evaluations of SFT/PT are not charged.\n")
     name = f"e2e_{args.policy}{args.tag}"
     save(name, {"rows": rows, "target": target, "steps": steps, "per_step": per_step, "fits": fits,
+                "sft_cost_per_embedding_row": per_row,
                 "curves_mean": {m: c.tolist() for m, c in mean.items()}, "args": vars(args)}, table, args.out)
     _plot(mean, target, rows, Path(args.out) / f"{name}.png")
 
