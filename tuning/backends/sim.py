@@ -77,6 +77,7 @@ class SimBackend(Session):
         value = np.asarray(value, np.float32)
         self._set(name, value)
         self.shapes[name] = value.shape
+        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
         return compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
@@ -98,6 +99,7 @@ class SimBackend(Session):
             for rt in self.runtimes:
                 rt.del_var(name)
             self.shapes.pop(name, None)
+        self._unmark(*names)
 
     def close(self):
         self.runtimes = []

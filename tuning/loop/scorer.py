@@ -166,7 +166,8 @@ class SecureScorer:
         zs = {"zs_logits": f"{name}_zs"} if zero_shot else {}
         self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", "p0": "p0",
                                                    "tail": "tail", **({"head": "head"} if zero_shot else {}), **shift},
-                   {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep")
+                   {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep",
+                   reveal={"zs_logits": "verbalizer_logits"} if zero_shot else None)
         self.s.drop(f"{name}_text")
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
             self.s.run(self.programs["deep_scale"], {"p0": "p0", **deep}, {"deep_scale": self.scale_var},
@@ -218,7 +219,7 @@ class SecureScorer:
             inputs.update(select=f"{name}_select" if prompted else f"{name}_select0",
                           **({"p0": "p0", "delta": "delta"} if prompted else {}))
             prog, key = self.programs["score_full"], f"score_full_{'p' if prompted else '0'}"
-        self.s.run(prog, inputs, ["logits"], key=key)
+        self.s.run(prog, inputs, ["logits"], key=key, reveal={"logits": "verbalizer_logits"})
         try:
             return self.s.reveal("logits", "verbalizer_logits")  # to the data owner, per policy
         finally:
