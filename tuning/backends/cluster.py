@@ -58,7 +58,7 @@ from .cost import CallCost
 from . import tls
 from .rpc import PartyError, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
-from .session import Session
+from .session import Session, finite
 from .spu_common import compile_session_program, param_names
 
 REPO = Path(__file__).absolute().parents[2]
@@ -341,10 +341,10 @@ class ClusterBackend(Session):
         check_alive(self._all)
         # every party drops the previous session's link before any builds a new one: a new link
         # could otherwise handshake with a peer's old link, still listening on the same port
-        gather([(peer, node.reset, ()) for peer in self.peers], self._all)
+        view = node.cluster_view(self.policy)
+        gather([(peer, node.reset, (view,)) for peer in self.peers], self._all)
         rc = self._rc.SerializeToString()
         links = [p.link for p in self.policy.compute]
-        view = node.cluster_view(self.policy)
         gather([(peer, node.init_runtime, (r, links, rc, self.policy.timeout_s, view))
                 for r, peer in enumerate(self.peers)], self._all)
         compute = [(p.name, p.address) for p in self.policy.compute]
@@ -391,7 +391,7 @@ class ClusterBackend(Session):
 
     def put(self, name: str, value) -> None:
         """Secret-share ``value`` here (the data owner) and send share i to compute party i."""
-        value = np.asarray(value, np.float32)
+        value = finite(name, value)
         shares = self.io.make_shares(value, self._vis)
         self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
         self.shapes[name] = value.shape

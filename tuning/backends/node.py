@@ -94,10 +94,11 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
                                          "drop": 0, "refused": 0},
                             "outputs": set(), "revealable": {}}
 
-        def _refuse(self, ctx, caller, what: str):
+        def _refuse(self, ctx, caller, what: str, why: str = ""):
             self._locals["counters"]["refused"] += 1
-            _log(f"node {party}: refused {what} from {caller or 'an unknown client'}")
-            ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{party} refuses {what} from {caller or 'you'}")
+            why = f" ({why})" if why else ""
+            _log(f"node {party}: refused {what} from {caller or 'an unknown client'}{why}")
+            ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{party} refuses {what} from {caller or 'you'}{why}")
 
         def RunReturn(self, req_itr, ctx):
             caller = tls.caller_of(ctx, self.ident)
@@ -112,15 +113,15 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
                 if not isinstance(fname, str) or not isinstance(args, tuple):
                     raise ValueError("not a (function, args) request")
             except Exception as e:  # noqa: BLE001
-                self._refuse(ctx, caller, f"a request that is not plain data ({type(e).__name__}: {e})")
+                self._refuse(ctx, caller, "a request that is not plain data", f"{type(e).__name__}: {e}")
             entry = FUNCTIONS.get(fname)
             if entry is None:
                 self._refuse(ctx, caller, f"unknown call {fname[:40]!r}")
             fn, node_role, callers = entry
             if node_role not in ("any", self.role):
-                self._refuse(ctx, caller, f"{fname} (this is a {self.role} node)")
+                self._refuse(ctx, caller, fname, f"this is a {self.role} node")
             if roles.get(caller) not in callers:
-                self._refuse(ctx, caller, f"{fname} (only the {' or '.join(callers)} may call it)")
+                self._refuse(ctx, caller, fname, f"only the {' or '.join(callers)} may call it")
             try:
                 reply = ("ok", fn(self, *args))
             except Exception as e:  # noqa: BLE001  (the caller gets the error line, the log the traceback)
@@ -256,9 +257,12 @@ def info(server) -> dict:
     return {**ping(server), **server._locals["counters"], "busy": server.run_lock.locked()}
 
 
-def reset(server) -> None:
-    """Drop this compute party's runtime, link and executables (the weight shares go with them)."""
+def reset(server, view: dict | None = None) -> None:
+    """Drop this compute party's runtime, link and executables (the weight shares go with them).
+    ``view``: the driver's :func:`cluster_view`, refused (before anything is dropped) if it differs."""
     _require(server, "compute")
+    if view is not None:
+        check_view(server, view)
     with server.run_lock:
         for key in ("rt", "link", "exes"):
             server._locals.pop(key, None)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from .cost import CallCost
-from .session import Session
+from .session import Session, finite
 
 
 class PlaintextBackend(Session):
@@ -21,7 +21,7 @@ class PlaintextBackend(Session):
         self.vars: dict = {}
 
     def put(self, name, value):
-        self.vars[name] = np.asarray(value, np.float32)
+        self.vars[name] = finite(name, value)
         self.shapes[name] = self.vars[name].shape
         self._unmark(name)
 

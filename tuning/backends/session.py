@@ -220,6 +220,17 @@ class Session(abc.ABC):
             self.drop("logits", *[f"x_{k}" for k in batch])
 
 
+def finite(name: str, value) -> np.ndarray:
+    """``value`` as float32, refused (one line) if it holds NaN or Inf: fixed point has no such
+    values, and SPU would share garbage in their place."""
+    value = np.asarray(value, np.float32)
+    if not np.isfinite(value).all():
+        bad = int((~np.isfinite(value)).sum())
+        raise UserError(f"refusing to share {name!r}: {bad} of its {value.size} values are NaN or Inf "
+                        "(fixed point cannot hold them)")
+    return value
+
+
 def _shapes(params):
     import jax
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from .cost import CallCost, capture_fd_stdout, parse_profile
-from .session import Session
+from .session import Session, finite
 from .spu_common import bind, compile_session_program, param_names
 
 
@@ -74,7 +74,7 @@ class SimBackend(Session):
             rt.set_var(name, share)
 
     def put(self, name: str, value) -> None:
-        value = np.asarray(value, np.float32)
+        value = finite(name, value)
         self._set(name, value)
         self.shapes[name] = value.shape
         self._unmark(name)

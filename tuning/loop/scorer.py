@@ -125,9 +125,22 @@ class SecureScorer:
             groups = [order[c::k] for c in range(k)] if k > 1 else [order]
             groups = [sorted(g, key=lambda i: len(examples[i][0])) for g in groups]
         labels = np.array([self.label_index[examples[i][1]] for g in groups for i in g])
+        self._check_lengths(name, examples)  # before any of the set is shared
         chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g], zero_shot) for c, g in enumerate(groups)]
         self.sets[name] = ExampleSet(name, labels, len(labels), chunks)
         return self.sets[name]
+
+    def _check_lengths(self, name: str, examples: list) -> None:
+        """Every example's prompt, padded, plus the soft prompt must fit the model's positions."""
+        limit = getattr(self.bundle.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        for i, (text, _) in enumerate(examples):
+            n = pad_length(len(self._ids(self.task.prompt(text))), self.s.pad_multiple) + self.n_tokens
+            if n > limit:
+                raise UserError(f"example {i + 1} of the {name} set needs {n} positions (prompt padded, plus "
+                                f"{self.n_tokens} soft tokens) but the model has {limit}; cut the texts "
+                                "(--max-words) or drop that example")
 
     def _add_chunk(self, name: str, texts: list, zero_shot: bool = False) -> dict:
         """Share (and prefill) one chunk; returns what every score of it reads."""
