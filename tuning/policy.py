@@ -214,10 +214,25 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < 86400:
         raise PolicyError(f"{source}: timeout_s must be a number of seconds in (0, 86400)")
     execution = Execution(approx, attention, rfa, softmax_layers)
+    _check_fixed_point(execution, field, fxp, source)
     pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), execution,
                  embedding, compute, downer, mowner, dict(reveal), float(timeout), source)
     pol.runtime_config()  # validates the runtime knobs now, not at first use
     return pol
+
+
+def _check_fixed_point(execution, field: str, fxp: int, source: str) -> None:
+    """Refuse, at load (before anything is shared), a configuration that would leave an
+    approximation's valid input range or the field (``approx.fixed_point_problems``)."""
+    from spu_models.approx import fixed_point_problems
+    from spu_models.rfa import CLIP
+
+    # softmax subtracts the row max and sigmoid takes -|x|: their exp arguments are <= 0; linear
+    # attention's "mean" stabilizer caps them at CLIP instead, "max" keeps them <= 0
+    rfa_mean = execution.attention == "rfa" and execution.rfa.stabilizer == "mean"
+    problems = fixed_point_problems(execution.approx, field, fxp, max_exp_arg=CLIP if rfa_mean else 0.0)
+    if problems:
+        raise PolicyError(f"{source}: {problems[0]}")
 
 
 def _attention(a, source: str):

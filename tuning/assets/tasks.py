@@ -169,6 +169,8 @@ def _read_user_rows(path: Path, text_column: str, label_column: str, verbalizer:
         if not text.strip():
             raise UserError(f"record {n} of {path} has an empty {text_column!r} text")
         label = str(label).strip()
+        if not label:
+            raise UserError(f"record {n} of {path} has no {label_column!r} label")
         if label not in verbalizer:
             raise UserError(f"label {label!r} in {path} is not in the verbalizer map "
                              f"(known: {', '.join(verbalizer)})")
