@@ -164,6 +164,9 @@ def check_ports_free(policy) -> None:
                 continue
             host, _, port = a.rpartition(":")
             s = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+            # as the servers bind: connections of a previous cluster in TIME_WAIT do not count,
+            # a listener does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host.strip("[]"), int(port)))
             except OSError as e:

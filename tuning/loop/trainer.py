@@ -368,20 +368,24 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
 
         bar = _progress(cfg.budget, st.generation, show_progress)
-        while st.generation < cfg.budget:
-            st, m = run_generation(st, strategy, subspace, scorer, cfg)
-            Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
-            if cfg.save_logits:
-                (out / "logits").mkdir(exist_ok=True)
-                np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
-                         train_labels=tr_labels, dev_labels=dv_labels)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
-            bar(m)
-            if cfg.patience and st.since_best >= cfg.patience:
-                log(f"early stop: no dev improvement for {cfg.patience} generations")
-                break
+        try:
+            while st.generation < cfg.budget:
+                st, m = run_generation(st, strategy, subspace, scorer, cfg)
+                Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
+                if cfg.save_logits:
+                    (out / "logits").mkdir(exist_ok=True)
+                    np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
+                             train_labels=tr_labels, dev_labels=dv_labels)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
+                bar(m)
+                if cfg.patience and st.since_best >= cfg.patience:
+                    log(f"early stop: no dev improvement for {cfg.patience} generations")
+                    break
+        except BaseException:
+            bar.close()  # the error line then starts a line of its own
+            raise
 
         z = st.best_z if st.best_z is not None else strategy.mean(st.search)
         n0 = len(session.costs)
@@ -467,6 +471,7 @@ def _progress(total: int, start: int, enabled: bool):
         bar.update(1)
         if m["generation"] >= total:
             bar.close()
+    update.close = bar.close  # on failure too: the error line then starts a line of its own
     return update
 
 
