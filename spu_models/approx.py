@@ -145,6 +145,66 @@ def masked_softmax(scores, mask=None, mode: str = "exact", axis: int = -1):
     return e * (1.0 / jnp.maximum(denom, 1e-6))
 
 
+# ---------------------------------------------------------------- valid input ranges
+# Fixed point in a ring of ``ring`` bits with ``f`` fraction bits holds |x| < 2^(ring-2-f); a
+# product of two such values carries 2f fraction bits before it is truncated, so it wraps around
+# unless |x*y| < 2^(ring-2-2f). The model side must keep its values inside those limits:
+ACTIVATION_BOUND = 2.0 ** 15  # design bound of |activations| that meet a secret product:
+                              # SmolLM2-135M's massive activations reach |x| ~ 2.2e4 (README)
+EXP_LIMIT_RANGE = (-14.0, 0.0)  # exp_limit: accurate on [lower, 0]; 0 below lower; not for x > 0
+SIGMOID_POLY_RANGE = (-8.0, 8.0)  # polynomial inside, exact 0 / 1 outside: valid everywhere
+GELU_POLY_RANGE = (-4.0, 3.0)  # piecewise: 0 below, x above: valid everywhere
+SILU_RELU_POLY_RANGE = (-8.0, 8.0)  # polynomial inside, relu outside: valid everywhere
+
+
+def ring_bits(field: str) -> int:
+    return {"FM32": 32, "FM64": 64, "FM128": 128}[field]
+
+
+def fixed_point_ranges(field: str, fxp_bits: int) -> dict:
+    """What this field and fraction-bit count can hold: ``value`` (largest |x|), ``product``
+    (largest |x*y| of two secret values before truncation), ``exp_arg`` (largest x whose exp
+    is representable), ``resolution`` (smallest step)."""
+    import math
+
+    ring = ring_bits(field)
+    return {"value": 2.0 ** (ring - 2 - fxp_bits), "product": 2.0 ** (ring - 2 - 2 * fxp_bits),
+            "exp_arg": (ring - 2 - fxp_bits) * math.log(2.0), "resolution": 2.0 ** -fxp_bits}
+
+
+def approx_ranges(approx: "Approx") -> dict:
+    """Each approximation's valid input range (None: all reals the field holds)."""
+    return {"exp": EXP_LIMIT_RANGE if approx.exp == "limit" else None,
+            "softmax": EXP_LIMIT_RANGE if approx.softmax == "limit" else None,
+            "silu": None, "gelu": None, "rsqrt": (0.0, None)}
+
+
+def fixed_point_problems(approx: "Approx", field: str, fxp_bits: int, max_exp_arg: float = 0.0,
+                         activation_bound: float = ACTIVATION_BOUND) -> list[str]:
+    """Why this configuration would leave an approximation's valid range or the field (empty: it
+    does not). ``max_exp_arg``: the largest argument the model exponentiates (0 for softmax and
+    sigmoid, which subtract the max / take -|x|; an attention stabilizer may allow more)."""
+    r = fixed_point_ranges(field, fxp_bits)
+    out = []
+    need = max(activation_bound, abs(MASK_BIAS))
+    if r["product"] < need:
+        import math
+
+        top = int((ring_bits(field) - 2 - math.log2(need)) // 2)
+        out.append(f"fxp_fraction_bits {fxp_bits} under {field}: a product wraps above {r['product']:.3g}, below "
+                   f"activations of {need:.3g} (massive activations, the mask bias); use at most {top}")
+    if max_exp_arg > 0 and approx.exp == "limit":
+        out.append(f"approx.exp limit is valid on {list(EXP_LIMIT_RANGE)} but this attention exponentiates "
+                   f"arguments up to {max_exp_arg:g}; use exp exact")
+    if max_exp_arg >= r["exp_arg"]:
+        out.append(f"exp of arguments up to {max_exp_arg:g} overflows {field} with {fxp_bits} fraction bits "
+                   f"(largest representable exp argument {r['exp_arg']:.3g})")
+    if r["resolution"] > 2.0 ** -8:
+        out.append(f"fxp_fraction_bits {fxp_bits} resolves only {r['resolution']:g}: exp_limit's first step "
+                   "x/256 and the softmax normalisation need at least 8")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Approx:
     """Which approximation each non-linear op uses. Selected by the model config / policy."""

@@ -79,13 +79,37 @@ def load_hf_dir(path, **config_overrides):
         state.update(_read_safetensors(path / FEATURE_MAPS_FILE))
     if kind == "llama":
         cfg = llama.LlamaConfig.from_hf(d, **config_overrides)
-        return cfg, llama.params_from_hf_state(state, cfg)
+        return cfg, check_params(cfg, llama.params_from_hf_state(state, cfg), path)
     if kind in ("bert", "roberta"):
         from . import bert
 
         cfg = bert.BertConfig.from_hf(d, **config_overrides)
-        return cfg, bert.params_from_hf_state(state, cfg)
+        return cfg, check_params(cfg, bert.params_from_hf_state(state, cfg), path)
     raise CheckpointError(f"{path}: model_type {kind!r} is not supported (llama, bert, roberta)")
+
+
+def check_params(config, params, source) -> dict:
+    """``params`` as the architecture ``config`` expects them: every tensor of the shape the model
+    builds (from the config, without computing anything) and finite. CheckpointError naming the
+    first tensor that is not (a checkpoint whose config and tensors disagree, or a corrupt one)."""
+    import jax
+
+    from . import bert
+
+    if isinstance(config, llama.LlamaConfig):
+        want = jax.eval_shape(lambda: llama.init_params(config))
+    else:
+        want = jax.eval_shape(lambda: bert.init_params(config))
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    for k, w in jax.tree_util.tree_leaves_with_path(want):
+        name = jax.tree_util.keystr(k)
+        if name in got and tuple(np.shape(got[name])) != tuple(w.shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(np.shape(got[name]))}, the config "
+                                  f"needs {tuple(w.shape)}")
+    for name, v in got.items():
+        if not np.isfinite(np.asarray(v)).all():
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf")
+    return params
 
 
 # ------------------------------------------------------------------------------------- GGUF
@@ -207,4 +231,4 @@ def load_gguf(path, **config_overrides):
     """Load a GGUF directly into ``(config, params)`` (the tokenizer metadata is dropped)."""
     hf_cfg, state, _ = read_gguf(path)
     cfg = llama.LlamaConfig.from_hf(hf_cfg, **config_overrides)
-    return cfg, llama.params_from_hf_state(state, cfg)
+    return cfg, check_params(cfg, llama.params_from_hf_state(state, cfg), path)

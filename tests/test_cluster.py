@@ -18,8 +18,10 @@ from tuning.assets.encode import make_batch, tokenize_prompts
 from tuning.assets.models import load_model
 from tuning.backends import cluster as clustermod
 from tuning.backends import make_backend, node
-from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy
+from tuning.backends import tls
+from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy, with_local_keys
 from tuning.backends.rpc import ping
+from tuning.errors import UserError
 from tuning.policy import dump_policy, load_policy
 
 PROMPTS = ["Qzv!x", "Kp?yw"]  # byte tokenizer: L = 8 for both families
@@ -138,7 +140,7 @@ def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_pat
         io = spu_api.Io(policy.world_size, policy.runtime_config())
         public = [io.make_shares(w, spu_pb2.Visibility.VIS_PUBLIC)[0] for w in weights]
         p0 = policy.compute[0]
-        peer = Peer(p0.name, p0.address, policy.timeout_s)
+        peer = Peer(p0.name, p0.address, policy.timeout_s, tls.identity(be.policy, policy.data_owner.name))
         try:
             kinds = {"weights f32": weights[0], "weights fxp": public, "embeds f32": batch["embeds"],
                      "text": PROMPTS[0], "ids": ids[0].astype(np.int32)}
@@ -314,8 +316,8 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
         assert "\n" not in str(err.value)
         with pytest.raises(PartyError, match="earlier failure"):  # the cluster is marked unusable
             be.forward(batch)
-        with pytest.raises(PartyError, match="earlier failure"):
-            be.reveal("x_embeds")
+        with pytest.raises(ValueError, match="earlier failure|not a program output marked"):
+            be.reveal("x_embeds")  # an input: refused in any case
         be.drop("x_embeds")  # a no-op now: it must not hide the failure in a ``finally``
         # the survivors do not hang on the dead peer: their link gives up (brpc send retries or
         # receive timeout) and yacl aborts the process, or the run returns
@@ -340,8 +342,8 @@ def _busy(be, name):
         return False
 
 
-def test_unreachable_party_fails_fast():
-    policy = small_policy("semi2k", timeout_s=5)  # free ports: nothing listens there
+def test_unreachable_party_fails_fast(tmp_path):
+    policy = with_local_keys(small_policy("semi2k", timeout_s=5), tmp_path)  # free ports: nothing listens
     bundle = load_model("tiny-llama")
     t0 = time.monotonic()
     with pytest.raises(PartyError, match=rf"party p0 \({policy.compute[0].address}\)"):
@@ -355,10 +357,101 @@ def test_node_that_cannot_start_is_named(tmp_path):
     blocker = socket.socket()
     blocker.bind((host, int(port)))
     blocker.listen()
-    try:
-        with pytest.raises(PartyError, match=r"party p1 .* (exited|did not come up)") as err:
+    try:  # refused before any node starts, in one line naming the port and the party
+        with pytest.raises(UserError, match=rf"port {port} \(p1's address .*\) is not available") as err:
             LocalCluster(policy, tmp_path)
-        assert "cannot listen" in str(err.value)
+        assert "\n" not in str(err.value)
     finally:
         blocker.close()
     assert node_pids(str(tmp_path)) == []
+
+
+# ------------------------------------------------------------------------------ authenticated links
+def _raw_call(address: str, payload: bytes, credentials=None, name: str = "p1"):
+    """One RunReturn call with our own channel: (reply bytes received, grpc error or None)."""
+    import grpc
+    from spu.utils import distributed_pb2, distributed_pb2_grpc
+
+    opts = [("grpc.ssl_target_name_override", name)]
+    ch = grpc.secure_channel(address, credentials, options=opts) if credentials else grpc.insecure_channel(address)
+    got = b""
+    try:
+        stub = distributed_pb2_grpc.NodeServiceStub(ch)
+        for r in stub.RunReturn(iter([distributed_pb2.RunRequest(data=payload)]), timeout=10):
+            got += r.data
+        return got, None
+    except grpc.RpcError as e:
+        return got, e
+    finally:
+        ch.close()
+
+
+def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
+    """A stranger on loopback (no certificate, or its own certificate under a party's name) gets no
+    reply bytes at all; a compute party or the model owner asking a node for its share of an
+    output is refused, and so is the data owner for anything but an output it marked as the
+    policy's revealable kind; a request carrying code is refused; a driver whose cluster file
+    differs from the nodes' is refused in one line naming the difference."""
+    import cloudpickle
+    import grpc
+
+    from tuning.backends.rpc import dumps
+
+    policy = small_policy("semi2k")
+    bundle = load_model("tiny-llama")
+    with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
+        cluster, keyed = be.cluster, be.policy
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        be.put("x", x)
+        be.run(lambda params, x: {"y": x + 1.0, "c": x * 2.0}, {"x": "x"}, ["y", "c"], key="t",
+               reveal={"y": "verbalizer_logits"})
+        p1 = keyed.compute[1]
+        request = dumps(("get_share", ("y", "verbalizer_logits")))
+
+        # 1. strangers: plaintext, and TLS with a self-made certificate for the data owner's name
+        got, err = _raw_call(p1.address, request)
+        assert err is not None and got == b"", "a plaintext stranger got an answer"
+        tls.generate_keys([keyed.data_owner.name], tmp_path / "stranger")
+        fake = (tmp_path / "stranger" / f"{keyed.data_owner.name}.key").read_bytes()
+        fake_cert = (tmp_path / "stranger" / f"{keyed.data_owner.name}.pem").read_bytes()
+        real_p1 = open(p1.cert, "rb").read()
+        creds = grpc.ssl_channel_credentials(real_p1, fake, fake_cert)
+        got, err = _raw_call(p1.address, request, creds)
+        assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE and got == b"", err
+
+        # 2. parties that may not ask for shares: another compute party, the model owner
+        for who in (keyed.compute[0].name, keyed.model_owner.name):
+            peer = Peer(p1.name, p1.address, 10, tls.identity(keyed, who))
+            try:
+                with pytest.raises(PartyError, match=rf"refused the call: .*refuses get_share from {who}"):
+                    peer.call("get_share", "y", "verbalizer_logits")
+                assert peer.call(ping)["party"] == p1.name  # while a ping is fine
+            finally:
+                peer.close()
+
+        # 3. the data owner: only the marked output, never an input, a weight or another output
+        do = Peer(p1.name, p1.address, 10, tls.identity(keyed, keyed.data_owner.name))
+        try:
+            for var, what in (("x", "verbalizer_logits"), ("c", "verbalizer_logits"), ("w0", "verbalizer_logits"),
+                              ("y", "weights")):
+                with pytest.raises(PartyError, match="PermissionError"):
+                    do.call("get_share", var, what)
+            with pytest.raises(PartyError, match="refuses set_share from alice"):
+                do.call("set_share", "w0", None)
+            # code is not plain data: refused before it is unpickled
+            code = cloudpickle.dumps((lambda server: server._locals, ()))
+            got, err = _raw_call(p1.address, code, tls.identity(keyed, keyed.data_owner.name).channel_credentials(p1.name))
+            assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED and got == b""
+            assert do.call("info")["refused"] >= 4
+        finally:
+            do.close()
+        np.testing.assert_allclose(be.reveal("y"), x + 1.0, atol=1e-3)  # the marked output opens
+        log = cluster.log_path(p1.name).read_text()
+        assert "refused get_share from p0" in log and "refused get_share from bob" in log
+
+        # 4. a driver with another cluster file (here: other fixed-point bits) is refused by name
+        other = dataclasses.replace(keyed, fxp_fraction_bits=keyed.fxp_fraction_bits + 1)
+        with pytest.raises(PartyError, match="cluster file differs from the driver's at fxp_fraction_bits") as e:
+            make_backend("cluster", bundle, other, launch=False)
+        assert "\n" not in str(e.value)
+    assert_cleaned_up(cluster, policy)

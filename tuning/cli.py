@@ -194,6 +194,36 @@ def add_forward_args(s: argparse.ArgumentParser) -> None:
 
 
 def _cmd_tune(args):
+    """``--retries N``: a supervisor for the local cluster the run launches. When a party is lost
+    (PartyError: the cluster has been torn down by then), it starts a new cluster and resumes from
+    the last checkpoint, up to N times; without a checkpoint yet it starts the run again."""
+    from pathlib import Path
+
+    from .backends.rpc import PartyError
+
+    retries = args.retries or 0
+    if retries < 0:
+        raise UserError("--retries must be >= 0")
+    attempt = 0
+    while True:
+        try:
+            return _tune_once(args)
+        except PartyError as e:
+            out = Path(args.resume or args.out or "runs/tune")
+            if attempt >= retries:
+                raise
+            attempt += 1
+            msg = " ".join(str(e).split())
+            if (out / "ckpt.npz").exists():
+                args.resume = str(out)
+                print(f"secptune: {msg}; restarting the local cluster and resuming {out} "
+                      f"(retry {attempt} of {retries})", file=sys.stderr, flush=True)
+            else:
+                print(f"secptune: {msg}; restarting the local cluster and the run (retry {attempt} of {retries})",
+                      file=sys.stderr, flush=True)
+
+
+def _tune_once(args):
     import dataclasses
 
     from .loop.trainer import TuneConfig, tune
@@ -244,10 +274,48 @@ def _cmd_cluster(args):
     from .policy import load_policy
 
     policy = load_policy(args.policy)
+    if args.action == "keys":
+        return _cluster_keys(policy, args)
     with start_local_cluster(policy, args.log_dir) as cluster:
         names = ", ".join(f"{p.name}@{p.address}" for p in (*policy.compute, policy.model_owner))
-        print(f"cluster up ({policy.protocol}): {names}; logs in {cluster.log_dir}. Ctrl-C stops it.", flush=True)
+        print(f"cluster up ({policy.protocol}): {names}; logs in {cluster.log_dir}; cluster file (with the keys) "
+              f"{cluster.policy_path}. Ctrl-C stops it.", flush=True)
         cluster.wait()
+
+
+def _cluster_keys(policy, args):
+    """``secptune cluster keys``: a key and a pinned certificate per party, and the cluster file
+    naming them (OUT/<policy>.yaml, paths relative to it); ``--party`` makes only that party's."""
+    import dataclasses
+    from pathlib import Path
+
+    from .backends import tls
+    from .policy import dump_policy
+
+    if not args.out:
+        raise UserError("cluster keys needs --out DIR")
+    out = Path(args.out)
+    names = [p.name for p in tls.all_parties(policy)]
+    if args.party:
+        if args.party not in names:
+            raise UserError(f"party {args.party!r} is not in policy {policy.name!r} ({', '.join(names)})")
+        cert, key = tls.generate_keys([args.party], out)[args.party]
+        print(f"{args.party}: key {key} (keep it on this machine), certificate {cert} (send it to the other "
+              f"parties; the cluster file names it as parties...{args.party}.cert)")
+        return
+    target = out / f"{policy.name}.yaml"
+    if target.exists():
+        raise UserError(f"{target} already exists; choose another --out")
+    tls.generate_keys(names, out)
+
+    def keyed(p):
+        return dataclasses.replace(p, cert=f"{p.name}.pem", key=f"{p.name}.key")
+
+    keyed_policy = policy.with_parties([keyed(p) for p in policy.compute], keyed(policy.data_owner),
+                                       keyed(policy.model_owner))
+    dump_policy(keyed_policy, target)
+    print(f"keys for {', '.join(names)} in {out}; cluster file {target}\n"
+          f"use it as --policy {target} (each party needs only its own .key; every .pem is public)")
 
 
 def _cmd_bench(args):
@@ -321,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default runs/tune)")
     s.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR exactly where it stopped (with --budget: up to that many generations)")
+    s.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="--backend cluster: when a party is lost, restart the local cluster and resume from the "
+                        "last checkpoint, up to N times")
     s.add_argument("--save-logits", dest="save_logits", action="store_true", default=None,
                    help="keep each generation's candidates and opened logits in OUT/logits/")
     s.add_argument("--json", action="store_true")
@@ -332,10 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", dest="log_dir", help="where the party's log goes (default: a temp dir)")
     s.set_defaults(fn=_cmd_node)
 
-    s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C")
-    s.add_argument("action", choices=["up"])
+    s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C; "
+                                       "`cluster keys`: generate the parties' keys and a cluster file naming them")
+    s.add_argument("action", choices=["up", "keys"])
     s.add_argument("--policy", default="aby3")
     s.add_argument("--log-dir", dest="log_dir")
+    s.add_argument("--out", help="keys: directory for the keys and the cluster file")
+    s.add_argument("--party", help="keys: only this party's key and certificate")
     s.set_defaults(fn=_cmd_cluster)
 
     s = sub.add_parser("convert-attention", help="model owner, offline: fit learned linear-attention feature "

@@ -41,6 +41,8 @@ class Party:
     name: str
     address: str  # node control address (gRPC), host:port
     link: str = ""  # SPU link address (brpc), compute parties only
+    cert: str = ""  # its certificate (PEM), pinned by every party (``secptune cluster keys``)
+    key: str = ""  # its private key: read only by this party's own process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +104,45 @@ def _require(d: dict, key: str, source: str, where: str = ""):
 def _party(d: Any, source: str, where: str, compute: bool) -> Party:
     if not isinstance(d, dict):
         raise PolicyError(f"{source}: {where} must be a mapping with name and address")
-    allowed = {"name", "address", "link"} if compute else {"name", "address"}
+    allowed = {"name", "address", "link", "cert", "key"} if compute else {"name", "address", "cert", "key"}
     extra = set(d) - allowed
     if extra:
-        raise PolicyError(f"{source}: unknown key {where}.{sorted(extra)[0]}")
-    addr = str(_require(d, "address", source, where + "."))
-    for a, k in ((addr, "address"), (str(d.get("link", "127.0.0.1:1")), "link")):
-        host, _, port = a.rpartition(":")
-        if not host or not port.isdigit():
-            raise PolicyError(f"{source}: {where}.{k} {a!r} is not host:port")
+        raise PolicyError(f"{source}: unknown key {where}.{sorted(extra, key=str)[0]}")
+    name = _require(d, "name", source, where + ".")
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise PolicyError(f"{source}: {where}.name must be a non-empty string without surrounding spaces")
+    addr = _require(d, "address", source, where + ".")
+    for a, k in ((addr, "address"), (d.get("link", "127.0.0.1:1"), "link")):
+        host, _, port = str(a).rpartition(":")
+        if not isinstance(a, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise PolicyError(f"{source}: {where}.{k} {a!r} is not host:port (port 1-65535)")
     if compute and "link" not in d:
         raise PolicyError(f"{source}: missing key {where}.link")
-    return Party(str(_require(d, "name", source, where + ".")), addr, str(d.get("link", "")))
+    files = {}
+    for k in ("cert", "key"):
+        v = d.get(k, "")
+        if not isinstance(v, str):
+            raise PolicyError(f"{source}: {where}.{k} must be a file path")
+        # relative paths are the cluster file's own: resolve them against its directory
+        files[k] = str(Path(source).absolute().parent / v) if v and not Path(v).is_absolute() else v
+    if files["key"] and not files["cert"]:
+        raise PolicyError(f"{source}: {where} names a key but no cert")
+    return Party(name, addr, str(d.get("link", "")), files["cert"], files["key"])
+
+
+def _check_ports(parties: list, source: str) -> None:
+    """Every node address and link is a distinct port (two parties on one host:port cannot both listen)."""
+    seen: dict = {}
+    for where, p in parties:
+        for k, a in (("address", p.address), ("link", p.link)):
+            if not a:
+                continue
+            host, _, port = a.rpartition(":")
+            key = (host.lower().replace("localhost", "127.0.0.1"), int(port))
+            if key in seen:
+                raise PolicyError(f"{source}: {where}.{k} {a} is also {seen[key]}: every address and link needs "
+                                  "its own port")
+            seen[key] = f"{where}.{k}"
 
 
 def parse_policy(d: Any, source: str = "<policy>") -> Policy:
@@ -121,7 +150,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source}: a policy must be a YAML mapping")
     extra = set(d) - TOP_KEYS
     if extra:
-        raise PolicyError(f"{source}: unknown key {sorted(extra)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+        raise PolicyError(f"{source}: unknown key {sorted(extra, key=str)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
     protocol = str(_require(d, "protocol", source)).upper()
     if protocol not in PROTOCOL_PARTIES:
         raise PolicyError(f"{source}: protocol {protocol!r} is unknown (known: {', '.join(PROTOCOL_PARTIES)})")
@@ -130,7 +159,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source}: field {field!r} is unknown (known: {', '.join(FIELDS)})")
     fxp = d.get("fxp_fraction_bits", 18)
     limit = 30 if field == "FM64" else 60
-    if not isinstance(fxp, int) or not 8 <= fxp <= limit:
+    if not isinstance(fxp, int) or isinstance(fxp, bool) or not 8 <= fxp <= limit:
         raise PolicyError(f"{source}: fxp_fraction_bits must be an integer in [8, {limit}] for {field}")
     runtime = d.get("runtime") or {}
     if not isinstance(runtime, dict):
@@ -154,7 +183,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source}: parties must be a mapping with compute, data_owner, model_owner")
     extra = set(parties) - PARTY_KEYS
     if extra:
-        raise PolicyError(f"{source}: unknown key parties.{sorted(extra)[0]}")
+        raise PolicyError(f"{source}: unknown key parties.{sorted(extra, key=str)[0]}")
     compute = _require(parties, "compute", source, "parties.")
     if not isinstance(compute, list):
         raise PolicyError(f"{source}: parties.compute must be a list")
@@ -167,6 +196,12 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     names = [p.name for p in compute] + [downer.name, mowner.name]
     if len(set(names)) != len(names):
         raise PolicyError(f"{source}: parties: names must be distinct, got {names}")
+    wheres = [f"parties.compute[{i}]" for i in range(len(compute))] + ["parties.data_owner", "parties.model_owner"]
+    _check_ports(list(zip(wheres, [*compute, downer, mowner])), source)
+    with_cert = [p.name for p in (*compute, downer, mowner) if p.cert]
+    if with_cert and len(with_cert) != len(names):
+        raise PolicyError(f"{source}: parties: {', '.join(n for n in names if n not in with_cert)} name no cert "
+                          "while others do: every party needs its certificate (secptune cluster keys)")
     reveal = d.get("reveal") or {"verbalizer_logits": "data_owner"}
     if not isinstance(reveal, dict):
         raise PolicyError(f"{source}: reveal must be a mapping output -> party role")
@@ -176,13 +211,28 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
         if v not in REVEAL_TARGETS:
             raise PolicyError(f"{source}: reveal.{k}={v!r}: outputs are opened only to the data_owner")
     timeout = d.get("timeout_s", 60)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise PolicyError(f"{source}: timeout_s must be a positive number of seconds")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < 86400:
+        raise PolicyError(f"{source}: timeout_s must be a number of seconds in (0, 86400)")
     execution = Execution(approx, attention, rfa, softmax_layers)
+    _check_fixed_point(execution, field, fxp, source)
     pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), execution,
                  embedding, compute, downer, mowner, dict(reveal), float(timeout), source)
     pol.runtime_config()  # validates the runtime knobs now, not at first use
     return pol
+
+
+def _check_fixed_point(execution, field: str, fxp: int, source: str) -> None:
+    """Refuse, at load (before anything is shared), a configuration that would leave an
+    approximation's valid input range or the field (``approx.fixed_point_problems``)."""
+    from spu_models.approx import fixed_point_problems
+    from spu_models.rfa import CLIP
+
+    # softmax subtracts the row max and sigmoid takes -|x|: their exp arguments are <= 0; linear
+    # attention's "mean" stabilizer caps them at CLIP instead, "max" keeps them <= 0
+    rfa_mean = execution.attention == "rfa" and execution.rfa.stabilizer == "mean"
+    problems = fixed_point_problems(execution.approx, field, fxp, max_exp_arg=CLIP if rfa_mean else 0.0)
+    if problems:
+        raise PolicyError(f"{source}: {problems[0]}")
 
 
 def _attention(a, source: str):
@@ -199,7 +249,7 @@ def _attention(a, source: str):
         raise PolicyError(f"{source}: attention must be a kind name or a mapping")
     extra = set(a) - RFA_KEYS
     if extra:
-        raise PolicyError(f"{source}: unknown key attention.{sorted(extra)[0]} (known: {', '.join(sorted(RFA_KEYS))})")
+        raise PolicyError(f"{source}: unknown key attention.{sorted(extra, key=str)[0]} (known: {', '.join(sorted(RFA_KEYS))})")
     kind = a.get("kind", "softmax")
     if kind not in ATTENTION:
         raise PolicyError(f"{source}: attention {kind!r} is unknown (known: {', '.join(ATTENTION)})")
@@ -242,7 +292,8 @@ def load_policy(name_or_path: str) -> Policy:
 def policy_dict(policy) -> dict:
     """The YAML mapping that :func:`parse_policy` reads back as ``policy`` (a cluster's nodes read it)."""
     def party(p, compute):
-        return {"name": p.name, "address": p.address, **({"link": p.link} if compute else {})}
+        return {"name": p.name, "address": p.address, **({"link": p.link} if compute else {}),
+                **({"cert": p.cert} if p.cert else {}), **({"key": p.key} if p.key else {})}
 
     ex = policy.execution
     attention = {"kind": ex.attention, "softmax_layers": list(ex.softmax_layers),

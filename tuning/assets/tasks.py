@@ -136,11 +136,22 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
     """Rows of a .csv/.tsv (header) or .jsonl/.json (JSON lines, or one JSON array) file, and its columns."""
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8: byte 0x{raw[e.start]:02x} on line {line} (offset {e.start}); "
+                        "save it as UTF-8") from None
+    if "\x00" in text:
+        raise UserError(f"{path} holds NUL bytes: not a text file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        records, columns = list(reader), list(reader.fieldnames or [])
+        try:
+            records, columns = list(reader), list(reader.fieldnames or [])
+        except csv.Error as e:
+            raise UserError(f"{path} is not valid CSV (line {reader.line_num}: {e})") from None
     elif suffix in (".jsonl", ".json"):
         try:
             if text.lstrip().startswith("["):
@@ -149,7 +160,7 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
                 records = [json.loads(line) for line in text.split("\n") if line.strip()]
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON lines: {e}") from None
-        if not all(isinstance(r, dict) for r in records):
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise UserError(f"{path}: every JSON record must be an object")
         columns = list(dict.fromkeys(k for r in records for k in r))
     else:
@@ -167,9 +178,16 @@ def _read_user_rows(path: Path, text_column: str, label_column: str, verbalizer:
     rows = []
     for n, r in enumerate(records, start=1):
         text, label = r.get(text_column), r.get(label_column)
-        if text is None or label is None or not str(text).strip():
-            raise UserError(f"record {n} of {path} has no {text_column!r} text or no {label_column!r} label")
+        if not isinstance(text, str) or not isinstance(label, (str, int)) or isinstance(label, bool):
+            if text is None or label is None:
+                raise UserError(f"record {n} of {path} has no {text_column!r} text or no {label_column!r} label")
+            raise UserError(f"record {n} of {path}: the text must be a string and the label a string or an "
+                            f"integer (got {type(text).__name__} and {type(label).__name__})")
+        if not text.strip():
+            raise UserError(f"record {n} of {path} has an empty {text_column!r} text")
         label = str(label).strip()
+        if not label:
+            raise UserError(f"record {n} of {path} has no {label_column!r} label")
         if label not in verbalizer:
             raise UserError(f"label {label!r} in {path} is not in the verbalizer map "
                              f"(known: {', '.join(verbalizer)})")
@@ -183,6 +201,9 @@ def load_user_task(train_path, test_path=None, text_column: str = "text", label_
     """A task from the user's own CSV/TSV/JSONL files. Without ``test_path`` a stratified 20% of
     the training file (seed 0) is held out as the test set."""
     verb = parse_verbalizer(verbalizer) if isinstance(verbalizer, str) else dict(verbalizer)
+    if len(verb) < 2:
+        raise UserError(f"the verbalizer names one label ({', '.join(verb)}): a classification task needs at "
+                        "least two classes")
     template = template or DEFAULT_USER_TEMPLATE
     if "{text}" not in template:
         raise UserError(f"template {template!r} has no {{text}} placeholder")
@@ -197,6 +218,11 @@ def load_user_task(train_path, test_path=None, text_column: str = "text", label_
         split = stratified_split(rows)
         train = [r for r, s in zip(rows, split) if s == "train"]
         test = [r for r, s in zip(rows, split) if s == "test"]
+        for label in verb:
+            if not any(l == label for _, l in test):
+                n = sum(1 for _, l in rows if l == label)
+                raise UserError(f"{train_path} has {n} example(s) of class {label!r}, so the held-out 20% test split "
+                                "has none; give --test FILE or at least 3 examples per class")
     else:
         train, test = rows, _read_user_rows(Path(test_path), text_column, label_column, verb)
     return Task(train_path.stem, _truncated(train, max_words), _truncated(test, max_words),

@@ -19,17 +19,24 @@ the outputs resident and returning only its own traffic (read from its own log);
 every party return its share of one variable and reconstructs it here; ``drop`` deletes. Only
 the driver ever reconstructs, and only what it opens; no compute node receives another party's share.
 
-Failure: a party that dies or stops answering makes the call raise :class:`PartyError` naming it,
-within about ``policy.timeout_s`` plus a few seconds (the driver pings every node while a call
-is in flight). The surviving compute parties give up on their own: their run fails after the
-brpc receive timeout (``timeout_s``), or, when their link's send retries run out first (~9 s),
-yacl aborts the process. Either way the cluster must be restarted; the back end refuses further
-calls. Trust model: ppd's, semi-honest; nodes and driver exchange pickles, so run nodes only
-for parties you trust to follow the protocol.
+Links: every call to a node is mutual TLS with the pinned party certificates of the cluster
+file (``tls``); a local cluster without them gets a fresh set in its log directory. A node runs
+only its own named functions, and only for the roles that may call them (``node.FUNCTIONS``);
+the data owner marks, when it runs a program, which outputs it will open as which kind, and a
+node hands out its share of nothing else.
+
+Failure: a party that dies or stops answering (a compute party or the model owner, whose presence
+the session needs) makes the call raise :class:`PartyError` naming it, within about
+``policy.timeout_s`` plus a few seconds (the driver pings every node while a call is in flight).
+The driver then tells every surviving node why (``node.shutdown``: one log line naming the lost
+party); launched nodes exit, and the launcher reaps them. The back end refuses further calls;
+``secptune tune --resume`` (or ``--retries``) starts a new cluster and continues from the last
+checkpoint. Trust model: semi-honest; see the README's threat model.
 """
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import hashlib
 import os
 import signal
@@ -44,12 +51,14 @@ from pathlib import Path
 import numpy as np
 
 from ..assets.models import ModelBundle, policy_execution
-from ..policy import Party, dump_policy
+from ..errors import UserError
+from ..policy import dump_policy
 from . import node
 from .cost import CallCost
+from . import tls
 from .rpc import PartyError, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
-from .session import Session
+from .session import Session, finite
 from .spu_common import compile_session_program, param_names
 
 REPO = Path(__file__).absolute().parents[2]
@@ -100,13 +109,25 @@ def free_policy(policy, host: str = "127.0.0.1"):
         socks.append(s)
         return f"{host}:{s.getsockname()[1]}"
 
+    import dataclasses
+
     try:
-        compute = [Party(p.name, addr(), addr()) for p in policy.compute]
-        return policy.with_parties(compute, Party(policy.data_owner.name, addr()),
-                                   Party(policy.model_owner.name, addr()))
+        compute = [dataclasses.replace(p, address=addr(), link=addr()) for p in policy.compute]
+        return policy.with_parties(compute, dataclasses.replace(policy.data_owner, address=addr()),
+                                   dataclasses.replace(policy.model_owner, address=addr()))
     finally:
         for s in socks:
             s.close()
+
+
+def _accepts(address: str) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -118,6 +139,43 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n".join("    " + s for s in lines[-n:]) or "(empty log)"
 
 
+def with_local_keys(policy, key_dir):
+    """``policy`` with a fresh key and certificate for every party in ``key_dir`` (a throwaway
+    local cluster's), unless it names certificates already."""
+    import dataclasses
+
+    if tls.has_keys(policy):
+        return policy
+    paths = tls.generate_keys([p.name for p in tls.all_parties(policy)], key_dir)
+
+    def keyed(p):
+        return dataclasses.replace(p, cert=str(paths[p.name][0]), key=str(paths[p.name][1]))
+
+    return policy.with_parties([keyed(p) for p in policy.compute], keyed(policy.data_owner), keyed(policy.model_owner))
+
+
+def check_ports_free(policy) -> None:
+    """UserError naming the first address or link of a launched node that something already
+    listens on (before any node starts)."""
+    nodes = [*policy.compute, policy.model_owner]
+    for p in nodes:
+        for what, a in (("address", p.address), ("link", p.link)):
+            if not a:
+                continue
+            host, _, port = a.rpartition(":")
+            s = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+            # as the servers bind: connections of a previous cluster in TIME_WAIT do not count,
+            # a listener does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host.strip("[]"), int(port)))
+            except OSError as e:
+                raise UserError(f"port {port} ({p.name}'s {what} {a}) is not available: {e.strerror or e}; stop "
+                                "what holds it or choose other ports in the cluster file") from None
+            finally:
+                s.close()
+
+
 class LocalCluster:
     """Every node of ``policy`` (compute parties + model owner) as a child process of this one.
 
@@ -127,9 +185,12 @@ class LocalCluster:
     """
 
     def __init__(self, policy, log_dir=None, startup_s: float = STARTUP_S):
-        self.policy = policy
+        check_ports_free(policy)
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # a throwaway local cluster gets throwaway keys (a new directory per launch)
+        self.policy = policy = with_local_keys(policy, Path(tempfile.mkdtemp(prefix="keys-", dir=self.log_dir)))
+        self.ident = tls.identity(policy, policy.data_owner.name)  # the launcher speaks as the data owner
         self.policy_path = dump_policy(policy, self.log_dir / "cluster.yaml")
         self.parties = [*policy.compute, policy.model_owner]
         self.procs: dict = {}
@@ -156,29 +217,32 @@ class LocalCluster:
         return self.log_dir / f"{party}.log"
 
     def wait_ready(self, bound_s: float) -> None:
-        """Return when every node answers a ping; PartyError (with the log tail) otherwise."""
-        waiting = {p.name: Peer(p.name, p.address, 2.0) for p in self.parties}
+        """Return when every node answers a ping; PartyError (with the log tail) otherwise.
+
+        A node is dialled only once its port accepts TCP connections, and then pinged with one
+        call that keeps driving the TLS handshake (short pings on a channel that had dialled too
+        early left gRPC's handshake stalled until its 20 s connect timeout, over and over)."""
         deadline = time.monotonic() + bound_s
-        try:
-            while waiting:
-                for name, peer in list(waiting.items()):
-                    code = self.procs[name].poll()
-                    if code is not None:
-                        raise PartyError(f"party {name} ({peer.addr}) exited with code {code} during start-up; "
-                                         f"log {self.log_path(name)}:\n{_tail(self.log_path(name))}")
-                    try:
-                        peer.call(rpc_ping, timeout=1.0)
-                        waiting.pop(name).close()
-                    except PartyError:
-                        pass
-                if waiting and time.monotonic() > deadline:
-                    name = next(iter(waiting))
-                    raise PartyError(f"party {name} ({waiting[name].addr}) did not come up within {bound_s:g}s; "
-                                     f"log {self.log_path(name)}:\n{_tail(self.log_path(name))}")
-                if waiting:
-                    time.sleep(0.2)
-        finally:
-            for peer in waiting.values():
+        for p in self.parties:
+            while True:
+                code = self.procs[p.name].poll()
+                if code is not None:
+                    raise PartyError(f"party {p.name} ({p.address}) exited with code {code} during start-up; "
+                                     f"log {self.log_path(p.name)}:\n{_tail(self.log_path(p.name))}")
+                if _accepts(p.address):
+                    break
+                if time.monotonic() > deadline:
+                    raise PartyError(f"party {p.name} ({p.address}) did not come up within {bound_s:g}s; "
+                                     f"log {self.log_path(p.name)}:\n{_tail(self.log_path(p.name))}")
+                time.sleep(0.2)
+            peer = Peer(p.name, p.address, 2.0, self.ident)
+            try:
+                peer.call(rpc_ping, timeout=max(5.0, deadline - time.monotonic()))
+            except PartyError as e:
+                code = self.procs[p.name].poll()
+                raise PartyError(f"{e} (during start-up{f', exit code {code}' if code is not None else ''}); "
+                                 f"log {self.log_path(p.name)}:\n{_tail(self.log_path(p.name))}") from None
+            finally:
                 peer.close()
 
     def wait(self) -> None:
@@ -250,6 +314,7 @@ class ClusterBackend(Session):
         self.policy, self.bundle, self.model = policy, bundle, model or bundle.name
         self.costs: list = []
         self.shapes: dict = {}
+        self._marks: dict = {}
         self._vis = spu_pb2.Visibility.VIS_SECRET
         self._rc = policy.runtime_config(profile=True)
         self.io = spu_api.Io(policy.world_size, self._rc)
@@ -260,9 +325,11 @@ class ClusterBackend(Session):
         try:
             if launch:
                 self.cluster = start_local_cluster(policy, log_dir)
+                self.policy = policy = self.cluster.policy  # with the local cluster's keys
             t = policy.timeout_s
-            self.peers = [Peer(p.name, p.address, t) for p in policy.compute]
-            self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t)
+            ident = tls.identity(policy, policy.data_owner.name)  # we are the data owner
+            self.peers = [Peer(p.name, p.address, t, ident) for p in policy.compute]
+            self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t, ident)
             self._all = [*self.peers, self.owner]
             config, shapes = self._setup()
             # the session compiles from the model owner's public metadata (config, weight shapes),
@@ -277,11 +344,12 @@ class ClusterBackend(Session):
         check_alive(self._all)
         # every party drops the previous session's link before any builds a new one: a new link
         # could otherwise handshake with a peer's old link, still listening on the same port
-        gather([(peer, node.reset, ()) for peer in self.peers], self._all)
+        view = node.cluster_view(self.policy)
+        gather([(peer, node.reset, (view,)) for peer in self.peers], self._all)
         rc = self._rc.SerializeToString()
         links = [p.link for p in self.policy.compute]
-        gather([(peer, node.init_runtime, (r, links, rc, self.policy.timeout_s)) for r, peer in enumerate(self.peers)],
-               self._all)
+        gather([(peer, node.init_runtime, (r, links, rc, self.policy.timeout_s, view))
+                for r, peer in enumerate(self.peers)], self._all)
         compute = [(p.name, p.address) for p in self.policy.compute]
         (meta,) = gather([(self.owner, node.share_weights, (self.model, rc, compute, self.policy.timeout_s))],
                          self._all)
@@ -306,17 +374,31 @@ class ClusterBackend(Session):
         if not self.peers:
             raise RuntimeError("the cluster back end is closed")
         try:
-            return gather(jobs, self.peers)
+            return gather(jobs, self._all)  # the model owner's presence is part of the session
         except PartyError as e:
             self._broken = str(e)
+            self._tell_survivors(str(e))
             raise
+
+    def _tell_survivors(self, reason: str) -> None:
+        """Best effort, after a failure: every node that still answers logs ``reason`` (naming the
+        lost party) and, if launched, exits."""
+        def tell(peer):
+            try:
+                peer.call(node.shutdown, reason, timeout=2.0)
+            except PartyError:
+                pass
+
+        with concurrent.futures.ThreadPoolExecutor(len(self._all)) as pool:
+            list(pool.map(tell, self._all))
 
     def put(self, name: str, value) -> None:
         """Secret-share ``value`` here (the data owner) and send share i to compute party i."""
-        value = np.asarray(value, np.float32)
+        value = finite(name, value)
         shares = self.io.make_shares(value, self._vis)
         self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
         self.shapes[name] = value.shape
+        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
         exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys).SerializeToString()
@@ -328,17 +410,20 @@ class ClusterBackend(Session):
         exe, digest = compiled
         names = (param_names(self._params_shapes) + list(ins), list(outs))
         t0 = time.perf_counter()
-        outs = self._gather([(peer, node.run, (digest if (peer.name, digest) in self._sent else exe, *names))
+        marks = getattr(self, "_call_marks", {})  # Session.run: outputs the data owner will open, by kind
+        outs = self._gather([(peer, node.run, (digest if (peer.name, digest) in self._sent else exe, *names, marks))
                              for peer in self.peers])
         self._sent.update((peer.name, digest) for peer in self.peers)
         parties = {peer.name: cost for peer, (cost, _) in zip(self.peers, outs)}
         return CallCost(time.perf_counter() - t0, parties, outs[0][1])
 
     def _reconstruct(self, name: str) -> np.ndarray:
-        """Reconstruct ``name`` here, at the data owner: the only place anything is opened."""
+        """Reconstruct ``name`` here, at the data owner: the only place anything is opened. Each
+        node checks that ``name`` is an output marked as the kind revealed (its policy's)."""
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")
-        shares = self._gather([(peer, node.get_share, (name,)) for peer in self.peers])
+        what = self._marks.get(name, "")
+        shares = self._gather([(peer, node.get_share, (name, what)) for peer in self.peers])
         return np.asarray(self.io.reconstruct(shares), np.float32)
 
     def drop(self, *names: str) -> None:
@@ -347,6 +432,7 @@ class ClusterBackend(Session):
         not hide the failure."""
         for n in names:
             self.shapes.pop(n, None)
+        self._unmark(*names)
         if names and not self._broken and self.peers:
             self._gather([(peer, node.drop, (list(names),)) for peer in self.peers])
 

@@ -2,8 +2,12 @@
 
     python -m tuning.backends.node --policy aby3 --party p0 [--log-dir DIR]
 
-serves a gRPC node (SPU's ppd ``NodeServicer``: it runs cloudpickled ``fn(server, *args)``) at
-the party's ``address``. Two kinds of node, by the party's role in the policy:
+serves a gRPC node (SPU's ppd ``NodeService`` messages) at the party's ``address``, with mutual
+TLS: only clients holding the key of a party certificate pinned in the cluster file get through,
+and each may call only the functions its role may call (``FUNCTIONS``: the data owner drives
+sessions, the model owner sends weight shares, compute parties may only ping); a request names a
+function of this module and carries plain data (``rpc.safe_loads``), never code. Two kinds of
+node, by the party's role in the policy:
 
 - a **compute party** holds one SPU runtime, linked to the other compute parties over brpc
   (``init_runtime``). The model owner puts its weight shares there once (``set_share``). The
@@ -59,32 +63,78 @@ def _flush_c_stdout():
     ctypes.CDLL(None).fflush(None)
 
 
-def _make_servicer(party: str, address: str, role: str, rank: int, log_path: Path, record_path):
-    from spu.utils import distributed_pb2
-    from spu.utils.distributed_impl import NodeServicer
+def _log(msg: str) -> None:
+    print(msg, flush=True)
 
-    class PartyServicer(NodeServicer):
-        """ppd's servicer plus this party's identity, a run lock and optional payload recording."""
 
+def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident, log_path: Path, record_path):
+    """The node service: authenticated callers only, and each only for the calls its role may make.
+
+    gRPC has already checked (mutual TLS) that the client holds the key of one of the pinned party
+    certificates; here the caller is that party (``tls.caller_of``), the request is a node
+    function's name and plain-data arguments (``rpc.safe_loads``: no code travels), and
+    ``FUNCTIONS`` says which role may call it on which kind of node. Everything else is refused
+    with PERMISSION_DENIED and a log line."""
+    import grpc
+    from spu.utils import distributed_pb2, distributed_pb2_grpc
+    from spu.utils.distributed_impl import split_message
+
+    from . import tls
+    from .rpc import dumps, safe_loads
+
+    roles = {p.name: "compute" for p in policy.compute}
+    roles.update({policy.data_owner.name: "data_owner", policy.model_owner.name: "model_owner"})
+
+    class PartyServicer(distributed_pb2_grpc.NodeServiceServicer):
         def __init__(self):
-            super().__init__(party, {party: address})
+            self.node_id, self.address, self.policy, self.ident = party, address, policy, ident
             self.role, self.rank, self.log_path, self.record_path = role, rank, log_path, record_path
             self.run_lock, self._record_lock = threading.Lock(), threading.Lock()
-            self._locals["counters"] = {"share_weights": 0, "set_share": 0, "put": 0, "run": 0, "open": 0,
-                                        "drop": 0}
+            self._locals = {"counters": {"share_weights": 0, "set_share": 0, "put": 0, "run": 0, "open": 0,
+                                         "drop": 0, "refused": 0},
+                            "outputs": set(), "revealable": {}}
 
-        def _recorded(self, req_itr):
+        def _refuse(self, ctx, caller, what: str, why: str = ""):
+            self._locals["counters"]["refused"] += 1
+            why = f" ({why})" if why else ""
+            _log(f"node {party}: refused {what} from {caller or 'an unknown client'}{why}")
+            ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{party} refuses {what} from {caller or 'you'}{why}")
+
+        def RunReturn(self, req_itr, ctx):
+            caller = tls.caller_of(ctx, self.ident)
+            if caller is None:  # require_client_auth makes this unreachable; kept as a second lock
+                self._refuse(ctx, None, "a call")
             payload = b"".join(r.data for r in req_itr)
             if self.record_path:
                 with self._record_lock, open(self.record_path, "ab") as f:
                     f.write(payload)
-            return iter([distributed_pb2.RunRequest(data=payload)])
+            try:
+                fname, args = safe_loads(payload)
+                if not isinstance(fname, str) or not isinstance(args, tuple):
+                    raise ValueError("not a (function, args) request")
+            except Exception as e:  # noqa: BLE001
+                self._refuse(ctx, caller, "a request that is not plain data", f"{type(e).__name__}: {e}")
+            entry = FUNCTIONS.get(fname)
+            if entry is None:
+                self._refuse(ctx, caller, f"unknown call {fname[:40]!r}")
+            fn, node_role, callers = entry
+            if node_role not in ("any", self.role):
+                self._refuse(ctx, caller, fname, f"this is a {self.role} node")
+            if roles.get(caller) not in callers:
+                self._refuse(ctx, caller, fname, f"only the {' or '.join(callers)} may call it")
+            try:
+                reply = ("ok", fn(self, *args))
+            except Exception as e:  # noqa: BLE001  (the caller gets the error line, the log the traceback)
+                import traceback
 
-        def Run(self, req_itr, ctx):
-            return super().Run(self._recorded(req_itr), ctx)
+                _log(f"node {party}: {fname} from {caller} failed:\n{traceback.format_exc()}")
+                reply = ("error", f"{type(e).__name__}: {e}")
+            for chunk in split_message(dumps(reply)):
+                yield distributed_pb2.RunResponse(data=chunk)
 
-        def RunReturn(self, req_itr, ctx):
-            return super().RunReturn(self._recorded(req_itr), ctx)
+        def Run(self, req_itr, ctx):  # ppd's object-reference variant: not offered
+            self._refuse(ctx, tls.caller_of(ctx, self.ident), "Run")
+            yield from ()
 
     return PartyServicer()
 
@@ -110,15 +160,61 @@ def _find_party(policy, name: str):
                      f"the data owner {policy.data_owner.name!r} is the driver)")
 
 
-def run_node(policy, party_name: str, log_dir=None) -> None:
-    """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log."""
+def cluster_view(policy) -> dict:
+    """What every node and the driver must agree on: the parties, their addresses and links, and
+    the settings that shape the protocol and what leaves it. (Certificates are checked by TLS.)"""
+    return {"protocol": policy.protocol, "field": policy.field, "fxp_fraction_bits": policy.fxp_fraction_bits,
+            "embedding": policy.embedding, "reveal": dict(policy.reveal),
+            **{f"parties.compute[{i}]": f"{p.name} {p.address} link {p.link}" for i, p in enumerate(policy.compute)},
+            "parties.data_owner": policy.data_owner.name,
+            "parties.model_owner": f"{policy.model_owner.name} {policy.model_owner.address}"}
+
+
+def check_view(server, view: dict) -> None:
+    """Refuse a driver whose cluster file differs from this node's (one line naming the key)."""
+    mine = cluster_view(server.policy)
+    for k in sorted(set(mine) | set(view)):
+        if mine.get(k) != view.get(k):
+            raise UserError(f"{server.node_id}'s cluster file differs from the driver's at {k}: "
+                            f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
+
+
+def serve(policy, party_name: str, log_path: Path, record_path=None):
+    """Start ``party_name``'s node server (mutual TLS) and return it (and its servicer)."""
     import grpc
     from spu.utils import distributed_impl as ppd
     from spu.utils import distributed_pb2_grpc
 
+    from . import tls
+
+    party, role, rank = _find_party(policy, party_name)
+    ident = tls.identity(policy, party.name)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
+    servicer = _make_servicer(policy, party.name, party.address, role, rank, ident, log_path, record_path)
+    distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
+    # any party's pinned certificate passes the handshake; FUNCTIONS then decides per call
+    creds = ident.server_credentials([p.name for p in tls.all_parties(policy)])
+    try:
+        bound = server.add_secure_port(party.address, creds)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise UserError(f"node {party.name}: cannot listen on {party.address} (in use, or not an address of "
+                        "this machine)")
+    server.start()
+    return server, servicer
+
+
+def run_node(policy, party_name: str, log_dir=None) -> None:
+    """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log."""
+    from spu.utils import distributed_impl as ppd
+
+    from . import tls
+
     if isinstance(policy, (str, Path)):
         policy = load_policy(str(policy))
     party, role, rank = _find_party(policy, party_name)
+    tls.identity(policy, party.name)  # refuse to start without keys, before anything else
     _die_with_launcher()
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-node-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -139,17 +235,14 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
     # ppd's logger formats a field that only its own RPC.serve fills in
     ppd.logger = logging.LoggerAdapter(logging.getLogger(ppd.__name__), {"processNameCorrected": party.name})
 
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
-    servicer = _make_servicer(party.name, party.address, role, rank, log_path, record_path)
-    distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
-    try:
-        bound = server.add_insecure_port(party.address)
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise SystemExit(f"node {party.name}: cannot listen on {party.address}")
-    server.start()
-    print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.address}", flush=True)
+    def _stop(signum, frame):  # a launcher's SIGTERM: one line, then out (no teardown that could hang)
+        _log(f"node {party.name}: stopped by signal {signal.Signals(signum).name}")
+        _flush_c_stdout()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    server, _ = serve(policy, party.name, log_path, record_path)
+    print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.address} (mutual TLS)", flush=True)
     server.wait_for_termination()
 
 
@@ -164,17 +257,22 @@ def info(server) -> dict:
     return {**ping(server), **server._locals["counters"], "busy": server.run_lock.locked()}
 
 
-def reset(server) -> None:
-    """Drop this compute party's runtime, link and executables (the weight shares go with them)."""
+def reset(server, view: dict | None = None) -> None:
+    """Drop this compute party's runtime, link and executables (the weight shares go with them).
+    ``view``: the driver's :func:`cluster_view`, refused (before anything is dropped) if it differs."""
     _require(server, "compute")
+    if view is not None:
+        check_view(server, view)
     with server.run_lock:
         for key in ("rt", "link", "exes"):
             server._locals.pop(key, None)
 
 
-def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_s: float) -> None:
+def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_s: float, view: dict) -> None:
     """Build this compute party's brpc-linked SPU runtime (a fresh link per driver session).
 
+    ``view`` is the driver's :func:`cluster_view`; a driver whose cluster file differs from this
+    node's is refused. The link uses TLS between the compute parties (``tls.link_ssl``).
     Blocks until every compute party's link is up, so the driver calls all parties at once (after
     ``reset`` on all of them).
     A peer that stops answering makes ``run`` fail after ``timeout_s`` (brpc recv timeout).
@@ -182,9 +280,13 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
     import spu.api as spu_api
     from spu import libspu, spu_pb2
 
+    from . import tls
+
     _require(server, "compute")
-    if rank != server.rank:
-        raise ValueError(f"{server.node_id} is rank {server.rank}, the driver thinks {rank}")
+    check_view(server, view)
+    if rank != server.rank or list(links) != [p.link for p in server.policy.compute]:
+        raise ValueError(f"{server.node_id} is rank {server.rank} with links {[p.link for p in server.policy.compute]}, "
+                         f"the driver thinks rank {rank} with {links}")
     reset(server)
     with server.run_lock:
         server._locals["exes"] = {}
@@ -196,6 +298,7 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
         desc.http_max_payload_size = 32 * 1024 * 1024
         for r, addr in enumerate(links):
             desc.add_party(f"r{r}", addr)
+        tls.link_ssl(desc, server.policy, server.node_id, server.log_path.parent)
         link = libspu.link.create_brpc(desc, rank)
         rc = spu_pb2.RuntimeConfig()
         rc.ParseFromString(runtime_config)
@@ -211,11 +314,18 @@ def _runtime(server):
     return server._locals["rt"]
 
 
+def _forget(server, name: str) -> None:
+    """``name`` is no longer a program output (nor revealable): it was overwritten or dropped."""
+    server._locals["outputs"].discard(name)
+    server._locals["revealable"].pop(name, None)
+
+
 def set_share(server, name: str, share) -> None:
     """Model owner -> compute party: store one weight share as runtime variable ``name`` (resident)."""
     rt = _runtime(server)
     with server.run_lock:
         rt.set_var(name, share)
+        _forget(server, name)
     server._locals["counters"]["set_share"] += 1
 
 
@@ -226,11 +336,16 @@ def put(server, name: str, share) -> None:
     rt = _runtime(server)
     with server.run_lock:
         rt.set_var(name, share)
+        _forget(server, name)
     server._locals["counters"]["put"] += 1
 
 
-def run(server, executable, input_names=None, output_names=None):
+def run(server, executable, input_names=None, output_names=None, marks=None):
     """Run one program on this party's resident variables; return (its PartyCost, per-op table).
+
+    ``marks`` maps output variables to the output kind the data owner will open them as (the
+    policy's ``reveal`` keys); only marked outputs of kinds this node's policy reveals to the
+    data owner are ever handed out by ``get_share``.
 
     ``executable`` is the serialized ExecutableProto, or the sha256 hex digest of one sent before;
     ``input_names`` / ``output_names`` bind it to this call's variables (default: its own names).
@@ -241,6 +356,14 @@ def run(server, executable, input_names=None, output_names=None):
     from spu import spu_pb2
 
     rt = _runtime(server)
+    marks = dict(marks or {})
+    outs = list(output_names) if output_names is not None else None
+    for var, kind in marks.items():
+        if outs is None or var not in outs:
+            raise PermissionError(f"{server.node_id}: {var!r} is not an output of this run; only outputs can be marked")
+        if server.policy.reveal.get(kind) != "data_owner":
+            raise PermissionError(f"{server.node_id}: policy {server.policy.name!r} does not reveal {kind!r} "
+                                  "to the data owner")
     with server.run_lock:
         exes = server._locals["exes"]
         if isinstance(executable, bytes):
@@ -255,7 +378,11 @@ def run(server, executable, input_names=None, output_names=None):
                                           output_names=list(output_names))
         _flush_c_stdout()
         start = server.log_path.stat().st_size
+        for name in exe.output_names:
+            _forget(server, name)
         rt.run(exe)
+        server._locals["outputs"].update(exe.output_names)
+        server._locals["revealable"].update(marks)
         _flush_c_stdout()
         with open(server.log_path, "rb") as f:
             f.seek(start)
@@ -264,9 +391,20 @@ def run(server, executable, input_names=None, output_names=None):
         return (links[-1] if links else PartyCost()), ops
 
 
-def get_share(server, name: str):
-    """This party's share of variable ``name``, for the data owner to reconstruct (``open``)."""
+def get_share(server, name: str, what: str):
+    """This party's share of variable ``name``, for the data owner to reconstruct (``reveal``).
+
+    Only the data owner may call it (``FUNCTIONS``), and only for a program output it marked as
+    kind ``what`` when it ran the program (``run``'s ``marks``), of a kind this node's own policy
+    reveals to the data owner. Weight shares, the data owner's own inputs, caches and every
+    unmarked output are refused."""
     rt = _runtime(server)
+    if server.policy.reveal.get(what) != "data_owner":
+        raise PermissionError(f"{server.node_id}: policy {server.policy.name!r} does not reveal {what!r} "
+                              "to the data owner")
+    if server._locals["revealable"].get(name) != what:
+        raise PermissionError(f"{server.node_id}: {name!r} is not a program output marked as {what!r}; "
+                              "its share stays here")
     with server.run_lock:
         share = rt.get_var(name)
     server._locals["counters"]["open"] += 1
@@ -278,6 +416,7 @@ def drop(server, names: list) -> None:
     rt = _runtime(server)
     with server.run_lock:
         for name in names:
+            _forget(server, name)
             try:
                 rt.del_var(name)
             except Exception:  # noqa: BLE001  (absent, e.g. the output of a failed run)
@@ -309,7 +448,9 @@ def share_weights(server, model_name: str, runtime_config: bytes, compute: list,
     rc = spu_pb2.RuntimeConfig()
     rc.ParseFromString(runtime_config)
     io = spu_api.Io(len(compute), rc)
-    peers = [Peer(name, addr, timeout_s) for name, addr in compute]
+    if [(p.name, p.address) for p in server.policy.compute] != [tuple(c) for c in compute]:
+        raise ValueError(f"{server.node_id}: the driver's compute parties {compute} are not this cluster file's")
+    peers = [Peer(name, addr, timeout_s, server.ident) for name, addr in compute]
     leaves = jax.tree_util.tree_leaves(bundle.params)
     try:
         with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
@@ -335,6 +476,9 @@ def embedding_table(server, model_name: str) -> np.ndarray:
     from spu_models.forward import embedding_table as table
 
     _require(server, "model_owner")
+    if server.policy.embedding != "data_owner":  # this node's own policy decides, not the caller
+        raise PermissionError(f"{server.node_id}: policy {server.policy.name!r} keeps the embedding table secret "
+                              f"(embedding: {server.policy.embedding})")
     bundle = _bundle(server, model_name)
     return np.asarray(table(bundle.config, bundle.params), np.float32)
 
@@ -349,6 +493,44 @@ def embedding_stats(server, model_name: str):
     return EmbeddingStats.of(np.asarray(table(bundle.config, bundle.params), np.float32))
 
 
+def shutdown(server, reason: str) -> None:
+    """Data owner -> any node, after a party failed: log ``reason`` in one line and, under a
+    launcher (``secptune tune/forward --backend cluster``, ``cluster up``), exit; a node started
+    by hand drops its runtime and waits for the next session instead."""
+    reason = " ".join(str(reason).split())[:300]
+    if os.environ.get(ENV_PARENT):
+        _log(f"node {server.node_id}: error: {reason}; exiting")
+        _flush_c_stdout()
+        threading.Timer(0.2, os._exit, (3,)).start()  # after the reply has gone out
+        return
+    _log(f"node {server.node_id}: error: {reason}; dropping this session")
+    if server.role == "compute" and server.run_lock.acquire(timeout=1.0):
+        try:
+            for key in ("rt", "link", "exes"):
+                server._locals.pop(key, None)
+        finally:
+            server.run_lock.release()
+
+
+# name -> (function, the kind of node it runs on, the roles that may call it). Nothing else runs.
+ANYONE = ("data_owner", "model_owner", "compute")
+FUNCTIONS = {
+    "ping": (ping, "any", ANYONE),
+    "info": (info, "any", ("data_owner",)),
+    "shutdown": (shutdown, "any", ("data_owner",)),
+    "reset": (reset, "compute", ("data_owner",)),
+    "init_runtime": (init_runtime, "compute", ("data_owner",)),
+    "put": (put, "compute", ("data_owner",)),
+    "run": (run, "compute", ("data_owner",)),
+    "get_share": (get_share, "compute", ("data_owner",)),
+    "drop": (drop, "compute", ("data_owner",)),
+    "set_share": (set_share, "compute", ("model_owner",)),
+    "share_weights": (share_weights, "model_owner", ("data_owner",)),
+    "embedding_table": (embedding_table, "model_owner", ("data_owner",)),
+    "embedding_stats": (embedding_stats, "model_owner", ("data_owner",)),
+}
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tuning.backends.node", description=__doc__.split("\n\n")[0])
@@ -360,7 +542,7 @@ def main(argv=None) -> None:
     try:
         run_node(args.policy, args.party, args.log_dir)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 
 if __name__ == "__main__":

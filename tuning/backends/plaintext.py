@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from .cost import CallCost
-from .session import Session
+from .session import Session, finite
 
 
 class PlaintextBackend(Session):
@@ -21,8 +21,9 @@ class PlaintextBackend(Session):
         self.vars: dict = {}
 
     def put(self, name, value):
-        self.vars[name] = np.asarray(value, np.float32)
+        self.vars[name] = finite(name, value)
         self.shapes[name] = self.vars[name].shape
+        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
         names = list(arg_shapes)
@@ -46,6 +47,7 @@ class PlaintextBackend(Session):
         for n in names:
             self.vars.pop(n, None)
             self.shapes.pop(n, None)
+        self._unmark(*names)
 
     def close(self):
         self.vars = {}

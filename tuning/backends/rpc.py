@@ -1,32 +1,70 @@
 """The client half of a party link: calls from one process into a party's node (``node.py``).
 
-``Peer`` runs a function on a node over gRPC (SPU's ppd ``NodeService``: it runs cloudpickled
-``fn(server, *args)`` there) with a deadline, cancellation and errors that name the party;
-``gather`` runs calls on several nodes at once while pinging the others, so that a dead or hung
-party fails the whole call with a :class:`PartyError` naming it. Used by the data owner's driver
-(``cluster.ClusterBackend``) and by the model owner's node when it sends weight shares.
+``Peer`` runs a *named* node function on a node over gRPC (SPU's ppd ``NodeService`` messages)
+with mutual TLS (``tls.Identity``: this process's party and the pinned certificates), a deadline,
+cancellation and errors that name the party; ``gather`` runs calls on several nodes at once while
+pinging the others, so that a dead or hung party fails the whole call with a :class:`PartyError`
+naming it. Used by the data owner's driver (``cluster.ClusterBackend``) and by the model owner's
+node when it sends weight shares.
+
+Wire format (both directions): a pickle read back by :func:`safe_loads`, which admits only plain
+data (numbers, strings, bytes, lists, tuples, dicts, numpy arrays, SPU shares) and the few
+project classes listed in ``SAFE_CLASSES``; a request is ``(function name, args)``, and a node
+runs only its own functions of that name (never code it is sent), a reply is ``("ok", value)``
+or ``("error", message)``.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 import pickle
 import re
 import threading
 import time
 
-import cloudpickle
 import grpc
 from spu.utils import distributed_pb2, distributed_pb2_grpc
-from spu.utils.distributed_impl import RPC, NodeClient, split_message
+from spu.utils.distributed_impl import RPC, split_message
 
 from ..errors import UserError
 
 HEARTBEAT_S = 2.0  # ping interval while a call is in flight
 # ppd's channel options, plus a short reconnect back-off (gRPC's default grows to minutes, which
-# would make a node that is still starting look dead for a long time)
+# would make a node that is still starting look dead for a long time). Not "min_reconnect_backoff":
+# gRPC takes it as the deadline of one connection attempt, and with TLS a channel that had dialled
+# a node before it listened never completed a handshake once that was short
 CHANNEL_OPTIONS = [*RPC.OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+
+# (module, name) a pickle on a party link may name: numpy's array and scalar reconstruction, SPU's
+# share, and the project's plain result types (dataclasses of numbers and strings)
+SAFE_CLASSES = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy", "float32"), ("numpy", "float64"), ("numpy", "int64"),
+    ("numpy", "int32"), ("numpy", "bool_"),
+    ("spu.libspu", "Share"),
+    ("tuning.backends.cost", "PartyCost"), ("tuning.assets.models", "EmbeddingStats"),
+    ("spu_models.llama", "LlamaConfig"), ("spu_models.bert", "BertConfig"),
+    ("jax._src.api", "ShapeDtypeStruct"), ("builtins", "slice"), ("builtins", "frozenset"), ("builtins", "set"),
+    ("builtins", "complex"), ("collections", "OrderedDict"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in SAFE_CLASSES:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed on a party link")
+        return super().find_class(module, name)
+
+
+def safe_loads(data: bytes):
+    """Unpickle ``data`` admitting only ``SAFE_CLASSES`` (pickle.UnpicklingError otherwise)."""
+    return _SafeUnpickler(io.BytesIO(data)).load()
+
+
+def dumps(obj) -> bytes:
+    return pickle.dumps(obj, protocol=4)
 
 
 def ping(server, payload=None) -> dict:
@@ -39,12 +77,15 @@ class PartyError(UserError, RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ the client
-class Peer(NodeClient):
-    """ppd's ``NodeClient`` with a deadline on every call, cancellation, and errors naming the party."""
+class Peer:
+    """A link to one party's node: mutual TLS as ``ident``, a deadline on every call,
+    cancellation, and errors naming the party."""
 
-    def __init__(self, name: str, address: str, timeout_s: float):
+    def __init__(self, name: str, address: str, timeout_s: float, ident):
         self.node_id, self.name, self.addr, self.timeout_s = name, name, address, timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # the party's name is the TLS name checked against its pinned certificate
+        opts = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
+        self._channel = grpc.secure_channel(address, ident.channel_credentials(name), options=opts)
         self._stub = distributed_pb2_grpc.NodeServiceStub(self._channel)
         self._inflight: set = set()
         self._lock = threading.Lock()
@@ -53,10 +94,11 @@ class Peer(NodeClient):
         return f"party {self.name} ({self.addr})"
 
     def call(self, fn, *args, timeout: float | None = -1.0):
-        """Run node function ``fn(server, *args)`` there; ``timeout`` None = no deadline, -1 = timeout_s."""
+        """Run node function ``fn`` (by its name) there with ``args``; ``timeout`` None = no
+        deadline, -1 = timeout_s."""
         timeout = self.timeout_s if timeout == -1.0 else timeout
-        payload = cloudpickle.dumps((fn, args, {}))
-        reqs = (distributed_pb2.RunRequest(data=chunk) for chunk in split_message(payload))
+        fname = fn if isinstance(fn, str) else fn.__name__
+        reqs = (distributed_pb2.RunRequest(data=chunk) for chunk in split_message(dumps((fname, args))))
         rpc = self._stub.RunReturn(reqs, timeout=timeout)
         with self._lock:
             self._inflight.add(rpc)
@@ -67,23 +109,25 @@ class Peer(NodeClient):
         finally:
             with self._lock:
                 self._inflight.discard(rpc)
-        result = pickle.loads(data)
-        if isinstance(result, Exception):  # ppd sends the remote traceback as Exception(text)
-            text = str(result.args[0] if result.args else result)
-            raise PartyError(f"{self} failed in {getattr(fn, '__name__', fn)}: {_summary(text)}")
+        try:
+            status, result = safe_loads(data)
+        except Exception as e:  # noqa: BLE001  (a reply that is not ours)
+            raise PartyError(f"{self} sent a reply that is not a result ({type(e).__name__}: {e})") from None
+        if status != "ok":
+            raise PartyError(f"{self} failed in {fname}: {_summary(str(result))}")
         return result
-
-    def _call(self, stub_method, fn, *args, **kwargs):  # keeps NodeClient.run_return working
-        if kwargs:
-            raise TypeError("Peer calls take positional arguments only")
-        return self.call(fn, *args)
 
     def _error(self, e: grpc.RpcError, timeout) -> PartyError:
         code, details = e.code(), " ".join(str(e.details() or "").split())
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return PartyError(f"{self} did not answer within {timeout:g}s")
         if code == grpc.StatusCode.UNAVAILABLE:
+            if "ssl" in details.lower() or "handshake" in details.lower() or "certificate" in details.lower():
+                return PartyError(f"{self} failed the TLS handshake (not the pinned certificate of {self.name}, "
+                                  f"or it refused ours): {details}")
             return PartyError(f"{self} is unreachable or died: {details}")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return PartyError(f"{self} refused the call: {details}")
         if code == grpc.StatusCode.CANCELLED:
             return PartyError(f"call to {self} was cancelled: {details}")
         return PartyError(f"{self} failed: {code.name} {details}")

@@ -5,12 +5,15 @@ and reveals results only as its policy allows:
 
     with make_backend("sim", bundle, policy) as s:   # the model owner shares its weights once
         s.put("x", array)                             # the data owner secret-shares an input
-        s.run(program, {"x": "x"}, ["y"], key="f")    # y = program(weights, x), stays on the parties
+        s.run(program, {"x": "x"}, ["y"], key="f",    # y = program(weights, x), stays on the parties,
+              reveal={"y": "verbalizer_logits"})      # marked as the output kind it will be opened as
         s.reveal("y", what="verbalizer_logits")       # to the data owner, if the policy says so
         s.drop("x", "y")
 
 ``reveal`` is the only way a value leaves the parties: it checks the policy's ``reveal`` map
-(which output, to whom), refuses anything else in one line, and records every reveal
+(which output, to whom) and that the variable is a program output marked as that kind when it
+was computed (``run(..., reveal=...)``; the cluster's nodes check the same mark and their own
+policy before they hand out a share), refuses anything else in one line, and records every reveal
 (``reveals``: what, which variable, shape, to whom, when). ``unsafe_open`` reconstructs any
 variable for benchmark checks, is recorded as such, and is refused by back ends whose parties
 are real processes (``allows_unsafe_open``).
@@ -60,6 +63,7 @@ class Session(abc.ABC):
         self._programs: dict = {}
         self.costs: list = []
         self.reveals: list = []  # the audit: one entry per value that left the parties
+        self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
 
     # ---- the back end's own parts
     @abc.abstractmethod
@@ -99,6 +103,9 @@ class Session(abc.ABC):
             raise RevealError(f"policy {self.policy.name!r} reveals {what!r} only to the {allowed}, not to the {to}")
         if to != "data_owner":  # the only recipient this process can hand a value to
             raise RevealError(f"this process is the data owner's; it cannot reveal to the {to}")
+        if name in self.shapes and self._marks.get(name) != what:
+            raise RevealError(f"{name!r} is not a program output marked as {what!r} when it was computed "
+                              "(run(..., reveal={...})); it stays on the parties")
         return self._audited(name, what, to)
 
     def unsafe_open(self, name: str, reason: str) -> np.ndarray:
@@ -109,6 +116,11 @@ class Session(abc.ABC):
             raise RevealError(f"the {self.name} back end refuses unsafe_open ({reason}): only the policy's "
                               "reveals leave its parties")
         return self._audited(name, f"UNSAFE: {reason}", "data_owner")
+
+    def _unmark(self, *names: str) -> None:
+        """Back ends call this from ``put`` and ``drop``: the names no longer hold marked outputs."""
+        for n in names:
+            self._marks.pop(n, None)
 
     def _audited(self, name: str, what: str, to: str) -> np.ndarray:
         if name not in self.shapes:
@@ -157,9 +169,11 @@ class Session(abc.ABC):
                           self.policy.embedding, seq_len, table=table)
 
     # ---- running programs
-    def run(self, program, inputs: dict, outputs, key: str):
+    def run(self, program, inputs: dict, outputs, key: str, reveal: dict | None = None):
         """Run ``program`` on resident vars. ``inputs`` maps argument name -> var name; ``outputs``
         lists the result keys to keep, or maps result key -> var name. Returns the CallCost.
+        ``reveal`` maps result keys to the output kind (a policy ``reveal`` key) they will be
+        opened as; only such marked outputs can be revealed.
 
         A program is compiled once per ``key`` (its explicit name) and argument shapes, then bound
         to whatever vars a call names: the same program over another example chunk of the same
@@ -174,7 +188,14 @@ class Session(abc.ABC):
             self._programs[sig] = (self._compile(program, arg_shapes, list(outmap)),
                                    self._output_shapes(program, arg_shapes, list(outmap)))
         compiled, out_shapes = self._programs[sig]
+        marks = {outmap[k]: kind for k, kind in (reveal or {}).items()}
+        if set(reveal or {}) - set(outmap):
+            raise ValueError(f"reveal marks {sorted(set(reveal) - set(outmap))} are not outputs of this run")
+        for v in outmap.values():
+            self._marks.pop(v, None)
+        self._call_marks = marks  # the cluster's _execute sends them to the nodes
         cost = self._execute(compiled, [inputs[a] for a in args], [outmap[k] for k in outmap])
+        self._marks.update(marks)
         self.costs.append(cost)
         self.shapes.update({outmap[k]: shape for k, shape in out_shapes.items()})  # public: from the program
         return cost
@@ -192,11 +213,22 @@ class Session(abc.ABC):
         for k, v in batch.items():
             self.put(f"x_{k}", v)
         self.run(lambda params, **b: {"logits": fwd(params, b)}, {k: f"x_{k}" for k in batch}, ["logits"],
-                 key="forward")
+                 key="forward", reveal={"logits": "verbalizer_logits"})
         try:
             return self.reveal("logits", "verbalizer_logits")
         finally:
             self.drop("logits", *[f"x_{k}" for k in batch])
+
+
+def finite(name: str, value) -> np.ndarray:
+    """``value`` as float32, refused (one line) if it holds NaN or Inf: fixed point has no such
+    values, and SPU would share garbage in their place."""
+    value = np.asarray(value, np.float32)
+    if not np.isfinite(value).all():
+        bad = int((~np.isfinite(value)).sum())
+        raise UserError(f"refusing to share {name!r}: {bad} of its {value.size} values are NaN or Inf "
+                        "(fixed point cannot hold them)")
+    return value
 
 
 def _shapes(params):

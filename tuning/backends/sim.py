@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from .cost import CallCost, capture_fd_stdout, parse_profile
-from .session import Session
+from .session import Session, finite
 from .spu_common import bind, compile_session_program, param_names
 
 
@@ -74,9 +74,10 @@ class SimBackend(Session):
             rt.set_var(name, share)
 
     def put(self, name: str, value) -> None:
-        value = np.asarray(value, np.float32)
+        value = finite(name, value)
         self._set(name, value)
         self.shapes[name] = value.shape
+        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
         return compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
@@ -98,6 +99,7 @@ class SimBackend(Session):
             for rt in self.runtimes:
                 rt.del_var(name)
             self.shapes.pop(name, None)
+        self._unmark(*names)
 
     def close(self):
         self.runtimes = []

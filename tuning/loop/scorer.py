@@ -175,6 +175,7 @@ class SecureScorer:
             k = -(-len(order) // (self.s.chunk or len(order)))
             groups = [[int(i) for i in g] for g in np.array_split(order, k)]
         labels = np.array([self.label_index[examples[i][1]] for g in groups for i in g])
+        self._check_lengths(name, examples)  # before any of the set is shared
         extra = list(CONTENT_FREE) if self.calibrate == "cf" else []  # a few rows of every call
         chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g] + extra, zero_shot) for c, g in
                   enumerate(groups)]
@@ -182,6 +183,18 @@ class SecureScorer:
             c["_size"] = len(g)  # the real examples (content-free rows follow them)
         self.sets[name] = ExampleSet(name, labels, len(labels), chunks)
         return self.sets[name]
+
+    def _check_lengths(self, name: str, examples: list) -> None:
+        """Every example's prompt, padded, plus the soft prompt must fit the model's positions."""
+        limit = getattr(self.bundle.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        for i, (text, _) in enumerate(examples):
+            n = pad_length(len(self._ids(self.task.prompt(text))), self.s.pad_multiple) + self.n_tokens
+            if n > limit:
+                raise UserError(f"example {i + 1} of the {name} set needs {n} positions (prompt padded, plus "
+                                f"{self.n_tokens} soft tokens) but the model has {limit}; cut the texts "
+                                "(--max-words) or drop that example")
 
     def _add_chunk(self, name: str, texts: list, zero_shot: bool = False) -> dict:
         """Share (and prefill) one chunk; returns what every score of it reads."""
@@ -221,7 +234,8 @@ class SecureScorer:
         p0 = {} if self.form == "virtual" else {"p0": "p0"}
         self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **p0,
                                                    "tail": "tail", **({"head": "head"} if zero_shot else {}), **shift},
-                   {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep")
+                   {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep",
+                   reveal={"zs_logits": "verbalizer_logits"} if zero_shot else None)
         self.s.drop(f"{name}_text")
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
             stats = {"text_mask": f"{name}_mask", **cache} if self.form == "virtual" else {**p0, **deep}
@@ -281,7 +295,7 @@ class SecureScorer:
             inputs.update(select=f"{name}_select" if prompted else f"{name}_select0",
                           **({"p0": "p0", "delta": "delta"} if prompted else {}))
             prog, key = self.programs["score_full"], f"score_full_{'p' if prompted else '0'}"
-        self.s.run(prog, inputs, ["logits"], key=key)
+        self.s.run(prog, inputs, ["logits"], key=key, reveal={"logits": "verbalizer_logits"})
         try:
             return self.s.reveal("logits", "verbalizer_logits")  # to the data owner, per policy
         finally:

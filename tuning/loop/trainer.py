@@ -169,11 +169,19 @@ def minibatches(labels: list, size: int, seed: int) -> list[list[int]]:
 _SCALARS = ("generation", "best_dev", "best_dev_loss", "best_train_loss", "since_best", "mpc_seconds", "mpc_bytes")
 
 
-def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
+def run_id(cfg: TuneConfig) -> str:
+    """What makes a checkpoint this run's: its settings but the budget and where it lives."""
+    import hashlib
+
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("budget", "out", "n_tokens")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict, run: str = "") -> None:
     """Atomic: write to a temp file, then rename. A killed run loses at most one generation."""
     flat = {f"search/{k}": np.asarray(v) for k, v in strategy.state_to_dict(st.search).items()}
     flat.update({k: getattr(st, k) for k in _SCALARS})
-    flat.update({"has_best": st.best_z is not None, "extra": json.dumps(extra)})
+    flat.update({"has_best": st.best_z is not None, "extra": json.dumps(extra), "run": run})
     if st.best_z is not None:
         flat["best_z"] = st.best_z
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -181,18 +189,47 @@ def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, strategy) -> tuple[LoopState, dict]:
-    with np.load(path, allow_pickle=False) as f:
-        d = {k: f[k] for k in f.files}
-    missing = {*_SCALARS, "has_best", "extra"} - set(d)
+def load_checkpoint(path: Path, strategy, run: str | None = None, d: int | None = None) -> tuple[LoopState, dict]:
+    """The loop state in ``path``, checked: a readable checkpoint of this version, of this run
+    (``run``: :func:`run_id`, when the checkpoint records one), with a search state of this
+    strategy and dimension ``d``, and finite numbers. UserError (one line) otherwise; the file is
+    never modified."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no checkpoint there") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}); restore it or start a new run") from None
+    missing = {*_SCALARS, "has_best", "extra"} - set(data)
     if missing:
         raise UserError(f"{path}: checkpoint from an older version (no {', '.join(sorted(missing))}); "
                          f"it cannot be resumed, start a new run")
-    search = strategy.state_from_dict({k[len("search/"):]: v for k, v in d.items() if k.startswith("search/")})
-    st = LoopState(search, int(d["generation"]), d["best_z"] if bool(d["has_best"]) else None,
-                   float(d["best_dev"]), float(d["best_dev_loss"]), float(d["best_train_loss"]), int(d["since_best"]),
-                   float(d["mpc_seconds"]), int(d["mpc_bytes"]))
-    return st, json.loads(str(d["extra"]))
+    if run is not None and "run" in data and str(data["run"]) not in ("", run):
+        raise UserError(f"{path} is another run's checkpoint (its settings differ from {path.parent / 'config.json'})")
+    for k, v in data.items():
+        if k in ("extra", "run") or v.dtype.kind not in "fc":
+            continue
+        ok = np.isfinite(v) | ((v == np.inf) & any(t in k for t in ("loss", "fitness")))  # "no best yet" is +inf
+        if not ok.all():
+            raise UserError(f"{path}: {k} holds NaN or Inf; the checkpoint is corrupt, start a new run")
+    try:
+        search = strategy.state_from_dict({k[len("search/"):]: v for k, v in data.items() if k.startswith("search/")})
+        best = data["best_z"] if bool(data["has_best"]) else None
+        extra = json.loads(str(data["extra"]))
+        st = LoopState(search, int(data["generation"]), best, float(data["best_dev"]), float(data["best_dev_loss"]),
+                       float(data["best_train_loss"]), int(data["since_best"]), float(data["mpc_seconds"]),
+                       int(data["mpc_bytes"]))
+    except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a checkpoint of this strategy ({type(e).__name__}: {e})") from None
+    if d is not None and (np.shape(strategy.mean(st.search)) != (d,) or (best is not None and best.shape != (d,))):
+        raise UserError(f"{path}: its search vectors do not have the run's dimension d={d}")
+    if st.generation < 0 or not isinstance(extra, dict) or "zero_shot_test_acc" not in extra:
+        raise UserError(f"{path}: not a checkpoint of a tuning run (generation {st.generation}, extra {extra!r:.60})")
+    return st, extra
 
 
 # ------------------------------------------------------------------------------------------ tune
@@ -288,7 +325,12 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     if resume:
         if not ckpt.exists():
             raise UserError(f"--resume {out}: no checkpoint there")
-        cfg = TuneConfig(**{**json.loads((out / "config.json").read_text()), "out": str(out)})
+        try:
+            stored = json.loads((out / "config.json").read_text())
+            cfg = TuneConfig(**{**stored, "out": str(out)})
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"--resume {out}: its config.json is missing or not a run's settings "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
         if budget is not None:
             cfg = dataclasses.replace(cfg, budget=budget)
     elif ckpt.exists():
@@ -297,6 +339,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         raise UserError(f"unknown loss {cfg.loss!r} (known: {', '.join(LOSSES)})")
     if cfg.budget < 1 or cfg.popsize < 2 or cfg.shots < 1:
         raise UserError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
+    if not (np.isfinite(cfg.sigma0) and cfg.sigma0 > 0) or cfg.d < 1 or cfg.n_tokens < 1:
+        raise UserError(f"sigma0 ({cfg.sigma0}) must be a finite positive number, d and n_tokens >= 1")
     if cfg.init != "vocab" and not cfg.init.startswith("text:"):
         raise UserError(f"unknown --init {cfg.init!r}: use 'vocab' or 'text:<words>'")
     if cfg.dev_eval not in DEV_EVAL:
@@ -307,6 +351,10 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy = load_policy(cfg.policy)
+    strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
+                             **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
+    if resume:  # checked before anything is shared or written: a bad checkpoint costs nothing
+        load_checkpoint(ckpt, strategy, run_id(cfg), cfg.d)
     t0 = time.perf_counter()
     # the back end, and the model as this (the data owner's) process sees it: under the cluster
     # back end, the tokenizer and public config only; the weights stay with the model owner
@@ -314,13 +362,9 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     try:
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         log(task.describe())
         log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
             f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
-        strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
-                                 **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
 
         scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
                               depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate,
@@ -333,9 +377,12 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
             f"{time.perf_counter() - t0:.1f}s, MPC {setup_cost['bytes'] / 1e6:.1f} MB")
 
+        # nothing is written before the set-up succeeded (a bad input leaves no partial run behind)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics_path = out / "metrics.jsonl"
         if resume:
-            st, extra = load_checkpoint(ckpt, strategy)
+            st, extra = load_checkpoint(ckpt, strategy, run_id(cfg), cfg.d)
             lines = metrics_path.read_text().splitlines()[: st.generation] if metrics_path.exists() else []
             metrics_path.write_text("".join(ln + "\n" for ln in lines))
             log(f"resumed at generation {st.generation}")
@@ -353,25 +400,30 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         extra["setups"] = extra.get("setups", []) + [setup_cost]
         elapsed = lambda: round(before + time.perf_counter() - t0, 1)  # noqa: E731
         extra["elapsed_s"] = elapsed()
-        save_checkpoint(ckpt, st, strategy, extra)
+        save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
 
         bar = _progress(cfg.budget, st.generation, show_progress)
-        while st.generation < cfg.budget:
-            st, m = run_generation(st, strategy, subspace, scorer, cfg)
-            Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
-            train_chunks, dev_rows = m.pop("_rows")
-            if cfg.save_logits:  # the data owner's own files: what it scored and what was revealed to it
-                (out / "logits").mkdir(exist_ok=True)
-                np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
-                         train_labels=tr_labels, dev_labels=dv_labels, train_chunks=train_chunks, dev_rows=dev_rows)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            extra["elapsed_s"] = elapsed()
-            save_checkpoint(ckpt, st, strategy, extra)
-            bar(m)
-            if cfg.patience and st.since_best >= cfg.patience:
-                log(f"early stop: no dev improvement for {cfg.patience} generations")
-                break
+        try:
+            while st.generation < cfg.budget:
+                st, m = run_generation(st, strategy, subspace, scorer, cfg)
+                Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
+                train_chunks, dev_rows = m.pop("_rows")
+                if cfg.save_logits:  # the data owner's own files: what it scored and what was revealed to it
+                    (out / "logits").mkdir(exist_ok=True)
+                    np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
+                             train_labels=tr_labels, dev_labels=dv_labels, train_chunks=train_chunks,
+                             dev_rows=dev_rows)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                extra["elapsed_s"] = elapsed()
+                save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
+                bar(m)
+                if cfg.patience and st.since_best >= cfg.patience:
+                    log(f"early stop: no dev improvement for {cfg.patience} generations")
+                    break
+        except BaseException:
+            bar.close()  # the error line then starts a line of its own
+            raise
 
         z = st.best_z if st.best_z is not None else strategy.mean(st.search)
         n0 = len(session.costs)
@@ -466,6 +518,7 @@ def _progress(total: int, start: int, enabled: bool):
         bar.update(1)
         if m["generation"] >= total:
             bar.close()
+    update.close = bar.close  # on failure too: the error line then starts a line of its own
     return update
 
 
