@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -69,6 +69,7 @@ from .session import Session
 from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
 from .spu_common import compile_session_program
 
+ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every message a party receives over SecretFlow's link (tests)
 PROTOCOL = 1  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
 
@@ -180,6 +181,24 @@ def job_error(e: BaseException):
     return None
 
 
+class _RecordingLink:
+    """SecretFlow's cross-silo link of this party, appending every message it receives to a file
+    (``SECPTUNE_RECORD_DIR``: the privacy tests search those bytes for secrets)."""
+
+    def __init__(self, link, path: Path):
+        self._link, self._path = link, path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def recv(self, rank):
+        data = self._link.recv(rank)
+        with open(self._path, "ab") as f:
+            f.write(bytes(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._link, name)
+
+
 # ----------------------------------------------------------------------------------- the party
 class SFJob:
     """This process's party in a SecretFlow job: the devices, the resident SPU values, and the
@@ -218,6 +237,12 @@ class SFJob:
                 cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
                 logging_level="info")
         self.sf = sf
+        record = os.environ.get(ENV_RECORD)
+        if record:
+            from secretflow.distributed.fed.global_context import get_global_context
+
+            proxy = get_global_context()._proxy
+            proxy._linker = _RecordingLink(proxy._linker, Path(record) / f"{self.me.name}.bin")
         self.alice = sf.PYU(self.cluster.data_owner.name)
         self.bob = sf.PYU(self.cluster.model_owner.name)
         self.pyus = {p.name: sf.PYU(p.name) for p in self.cluster.parties}
@@ -360,41 +385,22 @@ class SFJob:
         return got.data.get_object() if self.leader else None
 
     def _end(self, desc: dict) -> None:
-        """The orderly end: every party stops treating closed heartbeats as failures, tells the
-        data owner so, and leaves only once the data owner has heard from all (so nobody takes
-        an early leaver for a lost party)."""
-        import secretflow.distributed as sfd
+        """The job's end: no SecretFlow call (its last messages could be dropped by a process that
+        leaves right after sending them); the parties leave through the watchdog's goodbye."""
 
-        self.watchdog.ending()
-        others = [p.name for p in self.cluster.parties if p.name != self.cluster.data_owner.name]
-        acks = self.alice(_collect)(*[self.pyus[p](_ack)().to(self.alice) for p in others])
-        if self.leader:
-            acks.data.get_object()
-        sfd.get(self.alice(_ident)(True).data)  # the release
+    def finish(self, ok: bool) -> list:
+        """Data owner: end the job (``ok``: it finished without error) and wait until every other
+        party has received the end (its goodbye); returns the parties that did not confirm."""
+        if self.broken:
+            return []
+        self.lead({"op": "end", "ok": bool(ok)})
+        others = [p.name for p in self.cluster.parties if p.name != self.me.name]
+        return self.watchdog.wait_done(others, self.cluster.timeout_s)
 
-    def finish(self, ok: bool) -> None:
-        """Data owner: end the job (``ok``: it finished without error)."""
-        if not self.broken:
-            self.lead({"op": "end", "ok": bool(ok)})
-
-    def shutdown(self, bound_s: float | None = None) -> None:
-        """Flush what is still being sent and stop SecretFlow; bounded (its links can hang at
-        exit), so the caller can ``os._exit`` right after."""
-        import secretflow.distributed as sfd
-
-        done = threading.Event()
-
-        def stop():
-            try:
-                sfd.shutdown(on_error=bool(self.broken))
-            except BaseException:  # noqa: BLE001  (best effort at exit)
-                pass
-            done.set()
-
-        self.watchdog.ending()
-        threading.Thread(target=stop, daemon=True).start()
-        done.wait(self.cluster.timeout_s if bound_s is None else bound_s)
-        self.watchdog.stop()
+    def leave(self) -> None:
+        """Leave in order (the caller then ends the process with ``os._exit``: SecretFlow's links
+        can hang at interpreter exit, and nothing is left to send)."""
+        self.watchdog.goodbye()
 
 
 # -------------------------------------------------------------------------------- the session

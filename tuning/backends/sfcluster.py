@@ -248,9 +248,12 @@ class Watchdog:
 
     ``on_fatal(kind, peer, message)`` is called once, from a watchdog thread, when a peer does not
     come up within ``startup_s`` (``missing``), its process ended (``lost``) or it stopped
-    answering (``stalled``); it is expected to end the process. After :meth:`ending` (the job's
-    orderly end) a closed connection is no longer an error.
-    """
+    answering (``stalled``); it is expected to end the process.
+
+    The orderly end: :meth:`goodbye` tells every party watching this one that it is leaving (a
+    ``.`` before its connections close), so that a party that leaves first is never taken for a
+    lost one; :meth:`wait_done` waits for the others' goodbyes (the data owner's proof that every
+    party received the end of the job)."""
 
     def __init__(self, me: SFParty, peers: list, timeout_s: float, on_fatal, startup_s: float = STARTUP_S):
         self.me, self.peers, self.on_fatal = me, list(peers), on_fatal
@@ -258,9 +261,12 @@ class Watchdog:
         self.interval = min(1.0, self.timeout_s / 10)
         self.stall_s = max(1.0, self.timeout_s - 2 * self.interval)
         self.up: dict = {p.name: threading.Event() for p in self.peers}
-        self._ending = threading.Event()
+        self.done: dict = {p.name: threading.Event() for p in self.peers}  # said goodbye
+        self._leaving = threading.Event()
         self._stopped = threading.Event()
         self._fired = threading.Lock()
+        self._conns: list = []
+        self._conns_lock = threading.Lock()
         self._server = None
 
     def start(self) -> "Watchdog":
@@ -279,36 +285,52 @@ class Watchdog:
             threading.Thread(target=self._watch, args=(p,), daemon=True, name=f"watch-{p.name}").start()
         return self
 
-    def ending(self) -> None:
-        self._ending.set()
-
-    def stop(self) -> None:
-        self._ending.set()
-        self._stopped.set()
-        if self._server is not None:
-            self._server.close()
-
     def wait_up(self, bound_s: float) -> bool:
         deadline = time.monotonic() + bound_s
         return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self.up.values())
 
-    # -- the server half: echo every ping
+    def wait_done(self, names: list, bound_s: float) -> list:
+        """Wait until the parties ``names`` said goodbye (or ``bound_s``); the ones that did not."""
+        deadline = time.monotonic() + bound_s
+        return [n for n in names if not self.done[n].wait(max(0.0, deadline - time.monotonic()))]
+
+    def goodbye(self) -> None:
+        """This party leaves in order: every party watching it hears so before the connection
+        closes. Stops watching the others too."""
+        self._leaving.set()
+        self._stopped.set()
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.sendall(b".")
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if self._server is not None:
+            self._server.close()
+
+    def stop(self) -> None:
+        """Stop watching (the process is about to end anyway)."""
+        self._stopped.set()
+
+    # -- the server half: answer every ping ("!", or "." once leaving)
     def _serve(self):
-        while not self._stopped.is_set():
+        while not self._leaving.is_set():
             try:
                 conn, _ = self._server.accept()
             except OSError:
                 return
+            with self._conns_lock:
+                self._conns.append(conn)
             threading.Thread(target=self._echo, args=(conn,), daemon=True, name="watch-echo").start()
 
-    @staticmethod
-    def _echo(conn):
-        with conn:
-            try:
-                while conn.recv(1):
-                    conn.sendall(b"!")
-            except OSError:
-                pass
+    def _echo(self, conn):
+        try:
+            while conn.recv(1):
+                conn.sendall(b"." if self._leaving.is_set() else b"!")
+        except OSError:
+            pass
 
     # -- the client half: ping one peer
     def _fire(self, kind: str, peer: SFParty, message: str):
@@ -338,17 +360,18 @@ class Watchdog:
                     sock.sendall(b"?")
                     data = sock.recv(1)
                 except socket.timeout:
-                    if not self._stopped.is_set():
-                        self._fire("stalled", peer, f"party {peer.name} ({peer.watch}) stopped answering for "
-                                                    f"{self.stall_s:g}s")
+                    self._fire("stalled", peer, f"party {peer.name} ({peer.watch}) stopped answering for "
+                                                f"{self.stall_s:g}s")
                     return
                 except OSError as e:
-                    data, err = None, e.strerror or type(e).__name__
+                    data, err = b"", e.strerror or type(e).__name__
                 else:
                     err = "its process ended (connection closed)"
+                if data == b".":  # it left in order
+                    self.done[peer.name].set()
+                    return
                 if not data:
-                    if not self._ending.is_set():
-                        self._fire("lost", peer, f"party {peer.name} ({peer.watch}) was lost: {err}")
+                    self._fire("lost", peer, f"party {peer.name} ({peer.watch}) was lost: {err}")
                     return
                 self._stopped.wait(self.interval)
 
@@ -490,7 +513,10 @@ class Supervisor:
             ended = [w for w in self.workers.values() if w.ended is not None]
             if ended and first_end is None:
                 first_end = min(w.ended for w in ended)
-            if first_end is not None and now - first_end > bound:
+            stalled = {(read_status(self.log_dir, w.party.name) or {}).get("peer") for w in ended
+                       if (read_status(self.log_dir, w.party.name) or {}).get("kind") == "stalled"}
+            if (first_end is not None and now - first_end > bound) or {w.party.name for w in live} <= stalled:
+                # past the bound, or only parties that others found stalled are left: kill them
                 for w in live:
                     w.killed = True
                 self._kill([w.proc for w in live])
@@ -587,21 +613,20 @@ def explain(parties: dict, cluster: SFCluster) -> str:
     elif st.get("kind") == "ok" and p["returncode"] == 0:
         cause = f"{who} ended normally, the others did not"
     elif p["killed"] and p["returncode"] is not None:
-        cause = f"{who} stopped answering and was killed after {cluster.timeout_s + GRACE_S:g}s"
+        cause = f"{who} stopped answering (the launcher killed it once the others had ended)"
     elif p["returncode"] is None:
         cause = f"{who} is still running but stopped answering"
     else:
         cause = f"{who} {_describe_exit(p['returncode'])}"
     reporters = sorted(n for n, b in blame.items() if b == root)
-    others = [n for n in parties if n != root]
+    others = [n for n in parties if n != root and not parties[n]["killed"]]
     if reporters:
-        msg = parties[reporters[0]]["status"]["message"]
+        t0 = parties[root]["ended"] if not p["killed"] else None
         ends = [parties[n]["ended"] for n in others if parties[n]["ended"] is not None]
-        t0 = parties[root]["ended"] if parties[root]["ended"] is not None else None
-        when = (f" {max(0.0, max(ends) - t0):.1f}s after it ended" if ends and t0 is not None and not p["killed"]
-                else "")
-        cause += f"; {', '.join(reporters)} stopped{when} ({msg})"
-    killed = [n for n in others if parties[n]["killed"]]
+        when = f" within {max(0.0, max(ends) - t0):.1f}s" if ends and t0 is not None else ""
+        cause += (f"; {', '.join(others)} stopped{when} ({reporters[0]}: "
+                  f"{parties[reporters[0]]['status']['message']})")
+    killed = [n for n in parties if n != root and parties[n]["killed"]]
     if killed:
         cause += f"; killed after {cluster.timeout_s + GRACE_S:g}s: {', '.join(killed)}"
     return cause

@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 
 from ..backends import secretflow as sfb
-from ..backends.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, JobError, load_cluster, write_status
+from ..backends.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, load_cluster, write_status
 from ..errors import UserError
 
 ENV_PARENT = "SECPTUNE_LAUNCHER_PID"
@@ -143,10 +143,13 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
         if not job.broken and not isinstance(e, KeyboardInterrupt):
             try:
                 job.finish(ok=False)
+                job.leave()
             except BaseException:  # noqa: BLE001
                 pass
         raise
-    job.finish(ok=True)
+    missing = job.finish(ok=True)
+    if missing:
+        print(f"warning: {', '.join(missing)} did not confirm the end of the job", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> None:
@@ -178,15 +181,11 @@ def main(argv=None) -> None:
             run_data_owner(job, spec, party)
             ok, msg = True, "done"
         else:
-            model = spec.get("tune", {}).get("model")
             end = job.follow()
-            if me.role == "model_owner" and model and job.meta.get("model") not in (None, model):
-                raise JobError(f"the data owner asked for model {job.meta.get('model')!r}, this party was started "
-                               f"with --model {model}")
             ok = bool(end.get("ok"))
             msg = f"done ({job.ops} operations)" if ok else \
                 f"the data owner ({cluster.data_owner.name}) ended the job with an error"
-        job.shutdown()
+        job.leave()
     except BaseException as e:  # noqa: BLE001  (every end is recorded)
         party.failed(e)
     if ok:
