@@ -8,6 +8,7 @@ BENCHES = {
     "forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
     "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
     "compare": "bench.compare", "placement": "bench.placement", "approx": "bench.approx",
+    "sfjob": "bench.sfjob",
 }
 
 
