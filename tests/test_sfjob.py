@@ -143,8 +143,11 @@ def test_the_secretflow_session_needs_a_job():
     from tuning.backends import make_backend
     from tuning.errors import UserError
 
+    from tuning.backends.secretflow import SecretFlowBackend
+
     with pytest.raises(UserError, match="runs inside a SecretFlow job"):
         make_backend("secretflow", None, load_policy("aby3"))
+    assert SecretFlowBackend.allows_unsafe_open is False  # only the policy's reveals leave the parties
 
 
 # ------------------------------------------------------------------------------------ liveness
@@ -214,8 +217,11 @@ def test_the_report_follows_the_blame_to_the_lost_party():
     parties["p1"] = dict(base["p1"], returncode=-9, ended=10.0, status=None)
     msg = sc.explain(parties, c)
     assert msg.startswith("party p1 (compute) was killed (SIGKILL); alice, bob, p0, p2 stopped within 0.5s"), msg
+    parties["p0"] = dict(base["p0"], returncode=-11, status=None)  # a survivor that SPU's link crashed
+    msg = sc.explain(parties, c)
+    assert msg.startswith("party p1 (compute) was killed (SIGKILL)") and msg.endswith("; p0 crashed (SIGSEGV)"), msg
     parties["p1"].update(returncode=-11)
-    assert "crashed (SIGSEGV; SPU's link aborts" in sc.explain(parties, c)
+    assert "party p1 (compute) crashed (SIGSEGV; SPU's link aborts" in sc.explain(parties, c)
     # the data owner's own error is the message, whatever the others report
     own = {n: dict(v, returncode=2, status=st("ended", "alice", "the data owner ended the job", 1.0))
            for n, v in base.items()}
@@ -345,6 +351,27 @@ def _start_job(tmp_path, policy, budget, log_dir, out):
     return proc, json.loads((log_dir / "parties.json").read_text())
 
 
+def test_one_command_per_party_as_on_separate_hosts(tmp_path):
+    """`sf-job --cluster FILE --party NAME`, one command per party (what each host runs): the data
+    owner's command prints the result, every other party's prints that it is up and done."""
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    cluster = sc.local_cluster(str(policy_file(tmp_path, "semi2k", 20)))
+    path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
+    tune = ["--train", str(csv), *TOY_ARGS, "--budget", "1", "--out", str(tmp_path / "run")]
+    procs = {p.name: subprocess.Popen([sys.executable, "-m", "tuning.cli", "sf-job", "--cluster", str(path), "--party",
+                                       p.name, "--log-dir", str(tmp_path / p.name), "--", *tune],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+             for p in reversed(cluster.parties)}  # any start order: they wait for each other
+    outs = {n: p.communicate(timeout=600) for n, p in procs.items()}
+    for n, p in procs.items():
+        assert p.returncode == 0, (n, outs[n][1][-2000:])
+    assert "zero-shot test accuracy" in outs["alice"][0] and "results in" in outs["alice"][0]
+    for n in ("bob", "p0", "p1"):
+        assert outs[n][0] == "" and f"{n}: up" in outs[n][1] and f"{n}: done" in outs[n][1]
+        assert json.loads((tmp_path / n / "job.json").read_text())["ok"]
+        assert party_pids(str(tmp_path / n)) == []
+
+
 def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
@@ -397,4 +424,31 @@ def test_stalled_party_ends_every_party_in_time(tmp_path):
             assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)
             assert p["ended"] - t_stop < timeout + 1, (name, p["ended"] - t_stop)
     assert report["parties"]["p0"]["killed"]  # the launcher reaped the stopped one
+    assert party_pids(str(logs)) == []
+
+
+def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
+    p = run_sf_job(policy_file(tmp_path, "semi2k", 20), tmp_path / "logs", ["--resume", str(tmp_path / "nope")])
+    assert p.returncode == 2
+    assert error_lines(p.stderr) == [f"secptune: error: --resume {tmp_path / 'nope'}: no checkpoint there"], p.stderr
+    report = json.loads((tmp_path / "logs" / "job.json").read_text())
+    assert {n: q["status"]["kind"] for n, q in report["parties"].items()} == \
+        {"alice": "error", "bob": "ended", "p0": "ended", "p1": "ended"}
+    assert party_pids(str(tmp_path / "logs")) == []
+
+
+def test_ctrl_c_reaps_every_party(tmp_path):
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen(sf_job_cmd(policy_file(tmp_path, "semi2k", 20), logs,
+                                       ["--train", str(csv), *TOY_ARGS, "--budget", "50", "--out", str(tmp_path / "r")]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+    deadline = time.monotonic() + 120
+    while not (logs / "parties.json").exists() or len(party_pids(str(logs))) < 4:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "secptune: interrupted" in stderr
     assert party_pids(str(logs)) == []

@@ -439,8 +439,7 @@ class Supervisor:
     """Runs one worker process per party here, streams their output, reaps every process group
     on exit (or Ctrl-C) and explains the job's end (:meth:`report`)."""
 
-    def __init__(self, cluster: SFCluster, cluster_path, parties: list, job: dict, log_dir, out=None,
-                 echo_followers: bool = True):
+    def __init__(self, cluster: SFCluster, cluster_path, parties: list, job: dict, log_dir, out=None):
         self.cluster, self.log_dir, self.out = cluster, Path(log_dir), out or sys.stdout
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workers: dict = {}
@@ -463,8 +462,8 @@ class Supervisor:
                         start_new_session=True)
                 w = Worker(party, proc, log, time.time())
                 self.workers[name] = w
-                prefix = "" if party.role == "data_owner" or not echo_followers else f"[{name}] "
-                t = threading.Thread(target=self._pump, args=(w, prefix, echo_followers or not prefix), daemon=True)
+                prefix = f"[{name}] " if len(parties) > 1 and party.role != "data_owner" else ""
+                t = threading.Thread(target=self._pump, args=(w, prefix), daemon=True)
                 t.start()
                 self._threads.append(t)
             (self.log_dir / "parties.json").write_text(json.dumps(
@@ -474,17 +473,15 @@ class Supervisor:
             self.close()
             raise
 
-    def _pump(self, w: Worker, prefix: str, echo: bool):
+    def _pump(self, w: Worker, prefix: str):
         """Copy a worker's output here: the data owner's as it comes (its progress bar included),
-        the others' line by line with their name."""
+        the others' with their name in front when several parties run here."""
         stream = w.proc.stdout
         at_line_start = True
         while True:
             chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
             if not chunk:
                 return
-            if not echo:
-                continue
             text = chunk.decode("utf-8", errors="replace")
             if prefix:
                 parts = text.split("\n")
@@ -626,6 +623,11 @@ def explain(parties: dict, cluster: SFCluster) -> str:
         when = f" within {max(0.0, max(ends) - t0):.1f}s" if ends and t0 is not None else ""
         cause += (f"; {', '.join(others)} stopped{when} ({reporters[0]}: "
                   f"{parties[reporters[0]]['status']['message']})")
+    crashed = [f"{n} {_describe_exit(parties[n]['returncode']).split(';')[0]})" for n in parties
+               if n != root and not parties[n]["status"] and (parties[n]["returncode"] or 0) < 0
+               and not parties[n]["killed"]]
+    if crashed:
+        cause += f"; {', '.join(crashed)}"
     killed = [n for n in parties if n != root and parties[n]["killed"]]
     if killed:
         cause += f"; killed after {cluster.timeout_s + GRACE_S:g}s: {', '.join(killed)}"
