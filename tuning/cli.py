@@ -237,30 +237,98 @@ def _tune_once(args):
         if args.train:  # your own files replace the default task
             kw["task"] = None
         summary = tune(TuneConfig(**kw), show_progress=not args.json, log=(lambda *a: None) if args.json else print)
-    if args.json:
+    _print_tune_summary(summary, args.json, args.out or args.resume)
+
+
+def _print_tune_summary(summary: dict, as_json: bool, out) -> None:
+    """What `secptune tune` prints at the end (``sf-job`` prints the same for its data owner)."""
+    if as_json:
         print(json.dumps(summary))
-    else:
-        m, pr = summary["mpc"], summary["projection"]
-        gen = m["per_generation_median"]
-        sig = summary["test_significance"]
-        print(f"zero-shot test accuracy {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f} "
-              f"on {summary['n_test']} test examples ({summary['generations']} generations, "
-              f"{summary['backend']}, {summary['policy']})")
+        return
+    m, pr = summary["mpc"], summary["projection"]
+    gen = m["per_generation_median"]
+    print(f"zero-shot test accuracy {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f} "
+          f"on {summary['n_test']} test examples ({summary['generations']} generations, "
+          f"{summary['backend']}, {summary['policy']})")
+    sig = summary.get("test_significance")
+    if sig:
         print(f"95% intervals: zero-shot [{sig['zero_shot_ci95'][0]:.2f}, {sig['zero_shot_ci95'][1]:.2f}], tuned "
               f"[{sig['tuned_ci95'][0]:.2f}, {sig['tuned_ci95'][1]:.2f}]; tuning got {sig['gained']} test examples right "
               f"that zero-shot got wrong and {sig['lost']} the other way (exact McNemar p = {sig['mcnemar_p']:.3g}"
               f"{': a real gain' if sig['mcnemar_p'] < 0.05 and sig['gained'] > sig['lost'] else ': not significant'})")
-        if summary["backend"] != "plaintext":
-            print(f"MPC cost: set-up {m['setup']['seconds']:.0f}s / {m['setup']['bytes'] / 1e9:.2f} GB; per generation "
-                  f"{gen['mpc_s']:.0f}s / {gen['mpc_bytes'] / 1e9:.2f} GB / {gen['mpc_rounds']:.0f} rounds (busiest party)")
-            print(f"at full budget (popsize {pr['assumes']['popsize']}, {pr['assumes']['shots_per_class']}-shot, "
-                  f"{pr['assumes']['generations']} generations) the tuning would take ~{pr['seconds'] / 3600:.1f} h and "
-                  f"{pr['bytes'] / 1e12:.2f} TB on this machine (linear projection)")
-        if summary["generations"] < 20 or summary["n_train"] < 8 or summary["n_test"] < 50:
-            print(f"note: {summary['generations']} generations on {summary['n_train']} training examples and "
-                  f"{summary['n_test']} test examples is far too small a budget to tune or to measure accuracy; "
-                  "it shows the pipeline and its cost. bench/ holds the real accuracy runs.")
-        print(f"results in {args.out or args.resume}")
+    if summary["backend"] != "plaintext":
+        print(f"MPC cost: set-up {m['setup']['seconds']:.0f}s / {m['setup']['bytes'] / 1e9:.2f} GB; per generation "
+              f"{gen['mpc_s']:.0f}s / {gen['mpc_bytes'] / 1e9:.2f} GB / {gen['mpc_rounds']:.0f} rounds (busiest party)")
+        print(f"at full budget (popsize {pr['assumes']['popsize']}, {pr['assumes']['shots_per_class']}-shot, "
+              f"{pr['assumes']['generations']} generations) the tuning would take ~{pr['seconds'] / 3600:.1f} h and "
+              f"{pr['bytes'] / 1e12:.2f} TB on this machine (linear projection)")
+    if summary["generations"] < 20 or summary["n_train"] < 8 or summary["n_test"] < 50:
+        print(f"note: {summary['generations']} generations on {summary['n_train']} training examples and "
+              f"{summary['n_test']} test examples is far too small a budget to tune or to measure accuracy; "
+              "it shows the pipeline and its cost. bench/ holds the real accuracy runs.")
+    print(f"results in {out}")
+
+
+def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
+    """``sf-job``'s tune arguments, parsed as `secptune tune` parses them: the job's spec (what every
+    party's process receives) and the run's output directory."""
+    import dataclasses
+
+    from .loop.trainer import TuneConfig
+
+    tune_args = tune_args[1:] if tune_args[:1] == ["--"] else tune_args
+    for opt in ("--backend", "--policy"):
+        if any(t == opt or t.startswith(opt + "=") for t in tune_args):
+            raise UserError(f"sf-job: {opt} is not a tune argument here: the job runs on the secretflow back end, "
+                            "under the policy of its cluster (sf-job --cluster FILE, or sf-job local --policy NAME)")
+    a = build_parser().parse_args(["tune", *tune_args])
+    fields = {f.name for f in dataclasses.fields(TuneConfig)} - {"backend", "policy"}
+    kw = {k: v for k, v in vars(a).items() if k in fields and v is not None}
+    if a.train:  # your own files replace the default task
+        kw["task"] = None
+    spec = {"tune": kw, "resume": a.resume, "budget": a.budget if a.resume else None, "json": bool(a.json)}
+    return spec, a.resume or kw.get("out") or TuneConfig.out
+
+
+def _cmd_sf_job(args):
+    import tempfile
+    from pathlib import Path
+
+    from .backends import sfcluster as sc
+
+    spec, out = _sf_job_spec(args.tune_args)
+    if args.mode == "local":
+        if bool(args.policy) == bool(args.cluster):
+            raise UserError("sf-job local: give --policy NAME (every party on free local ports) or --cluster FILE")
+        if args.party:
+            raise UserError("sf-job local runs every party; --party is for `sf-job --cluster FILE --party NAME`")
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="secptune-sfjob-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        cluster = sc.local_cluster(args.policy) if args.policy else sc.load_cluster(args.cluster)
+        path = sc.dump_cluster(cluster, log_dir / "cluster.yaml")
+        parties = [p.name for p in cluster.parties]
+    else:
+        if not args.cluster or not args.party or args.policy:
+            raise UserError("sf-job: give --cluster FILE --party NAME (run one party; every party runs the same "
+                            "command), or `sf-job local --policy NAME` (every party here)")
+        path = sc.cluster_path(args.cluster)
+        cluster = sc.load_cluster(path)
+        cluster.party(args.party)
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"secptune-sfjob-{args.party}-"))
+        parties = [args.party]
+    names = ", ".join(f"{cluster.party(n).name} ({cluster.party(n).role.replace('_', ' ')})" for n in parties)
+    print(f"sf-job {cluster.job_name} ({cluster.policy.name}, {cluster.policy.protocol}): {names}; logs in {log_dir}",
+          file=sys.stderr, flush=True)
+    sup = sc.Supervisor(cluster, path, parties, spec, log_dir, out=sys.stderr)  # stdout: the result
+    try:
+        report = sup.wait()
+    finally:
+        sup.close()
+    if report["error"]:
+        raise sc.JobError(report["error"])
+    summary = Path(out) / "summary.json"
+    if cluster.data_owner.name in parties and summary.exists():
+        _print_tune_summary(json.loads(summary.read_text()), spec["json"], out)
 
 
 def _cmd_node(args):
@@ -412,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--party", help="keys: only this party's key and certificate")
     s.set_defaults(fn=_cmd_cluster)
 
+    s = sub.add_parser("sf-job", help="the tuning job as a SecretFlow application: one process per party "
+                                      "(`sf-job --cluster FILE --party NAME -- <tune args>` on each host, or "
+                                      "`sf-job local --policy NAME -- <tune args>`)")
+    s.add_argument("mode", nargs="?", choices=["local"], help="local: start every party on this machine")
+    s.add_argument("--cluster", help="cluster file (policies/clusters/NAME.yaml, or a path): the policy and "
+                                     "every party's ports")
+    s.add_argument("--party", help="the party this command runs (with --cluster)")
+    s.add_argument("--policy", help="with local: run this policy's parties on free local ports")
+    s.add_argument("--log-dir", dest="log_dir", help="each party's log and status (default: a temp dir)")
+    s.set_defaults(fn=_cmd_sf_job, tune_args=[])  # after "--": the arguments of `secptune tune` (main)
+
     s = sub.add_parser("convert-attention", help="model owner, offline: fit learned linear-attention feature "
                                                  "maps to a pretrained decoder (attention transfer)")
     s.add_argument("--model", default="smollm2-135m")
@@ -468,7 +547,12 @@ def _keep_stdout_for_results() -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv, tail = list(sys.argv[1:] if argv is None else argv), []
+    if argv[:1] == ["sf-job"] and "--" in argv:  # sf-job's own options, then "--" and the tune arguments
+        argv, tail = argv[: argv.index("--")], argv[argv.index("--") + 1:]
     args = parser.parse_args(argv)
+    if args.cmd == "sf-job":
+        args.tune_args = tail
     from . import configure_jax
 
     configure_jax(cache_dir=False if args.cmd == "node" else None)

@@ -14,6 +14,8 @@ Back ends that run ``spu_models.forward`` and the tuning programs for the data o
 - ``plaintext``: the same function under ``jax.jit``.
 - ``sim``: SPU's protocols in one process, one runtime per party over in-memory links.
 - ``cluster``: one OS process per party, SPU runtimes over brpc links (``tuning.backends.cluster``).
+- ``secretflow``: the job as a SecretFlow application, one process per party, SecretFlow's PYU and
+  SPU devices (``tuning.backends.secretflow``; inside ``secptune sf-job`` only).
 
 ``open_backend`` also gives the data owner's view of the model: under ``cluster`` that is the
 tokenizer and the model owner's public config, never the weights.
@@ -23,7 +25,7 @@ from __future__ import annotations
 from ..assets.models import ModelBundle, load_model, load_tokenizer, with_policy
 from ..errors import UserError
 
-BACKENDS = ("plaintext", "sim", "cluster")
+BACKENDS = ("plaintext", "sim", "cluster", "secretflow")
 
 
 def make_backend(name: str, bundle, policy, **kw):
@@ -39,6 +41,10 @@ def make_backend(name: str, bundle, policy, **kw):
         from .cluster import ClusterBackend
 
         return ClusterBackend(bundle, policy, **kw)
+    if name == "secretflow":
+        from .secretflow import SecretFlowBackend
+
+        return SecretFlowBackend(bundle, policy, **kw)
     raise UserError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
 
 
@@ -51,7 +57,7 @@ def open_backend(name: str, model: str, policy, **kw):
     (``models.load_tokenizer``), takes the config the model owner publishes, and its bundle has
     ``params=None``. Everything the data owner may learn of the weights it asks the back end for
     (``embedding_stats()``; ``embedding_table()`` under ``embedding: data_owner``)."""
-    if name == "cluster":
+    if name in ("cluster", "secretflow"):  # the weights stay with the model owner
         tok = load_tokenizer(model)
         backend = make_backend(name, ModelBundle(model, None, None, tok), policy, **kw)
         return backend, ModelBundle(model, backend.config, None, tok, backend.execution)

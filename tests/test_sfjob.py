@@ -1,0 +1,454 @@
+"""SecretFlow jobs (`secptune sf-job`, tuning.backends.secretflow): cluster files, the watchdog, the
+one-line report of a failed job; a short tuning job on tiny-llama through SecretFlow under 3-party
+ABY3 and 2-party SEMI2K against the same job on the cluster back end (same search path, opened
+logits within fixed-point noise, the same traffic) and what every party but the data owner
+receives; a killed party and a stalled one (every other party ends within the policy's timeout,
+with a line naming it, and no process is left), and --resume after the restart.
+
+Each job test starts one real process per party (5 under ABY3) on free local ports; on 2 busy
+cores one takes 1-2 minutes."""
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from leakcheck import WindowDetector, leaks
+
+from tuning.backends import sfcluster as sc
+from tuning.backends.cluster import free_policy
+from tuning.policy import available_policies, dump_policy, load_policy
+
+REPO = Path(__file__).absolute().parent.parent
+TOY_ARGS = ["--model", "tiny-llama", "--verbalizer", "positive=g,negative=b", "--shots", "2", "--n-test", "4",
+            "--popsize", "4", "--d", "8", "--n-tokens", "2", "--seed", "0"]
+
+
+def toy_csv(path):
+    """Two clearly separable classes (disjoint word sets), as in test_cluster."""
+    pos = ["great fun", "wonderful", "loved it", "brilliant", "superb"]
+    neg = ["terrible", "awful", "hated it", "boring", "dull mess"]
+    rows = [(f"{pos[i % 5]} {i}", "positive") for i in range(10)] + [(f"{neg[i % 5]} {i}", "negative")
+                                                                      for i in range(10)]
+    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    return path, [t for t, _ in rows]
+
+
+def policy_file(tmp_path, name: str, timeout_s: float) -> Path:
+    return dump_policy(dataclasses.replace(load_policy(name), timeout_s=timeout_s), tmp_path / f"{name}-t.yaml")
+
+
+def sf_job_cmd(policy: Path, log_dir: Path, tune_args: list) -> list:
+    return [sys.executable, "-m", "tuning.cli", "sf-job", "local", "--policy", str(policy), "--log-dir",
+            str(log_dir), "--", *tune_args]
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if k != "SECPTUNE_RECORD_DIR"}
+    return {**e, "PYTHONPATH": str(REPO), **extra}
+
+
+def run_sf_job(policy, log_dir, tune_args, timeout=600, **extra_env):
+    return subprocess.run(sf_job_cmd(policy, log_dir, tune_args), capture_output=True, text=True, cwd=REPO,
+                          env=env(**extra_env), timeout=timeout)
+
+
+def party_pids(marker: str) -> list:
+    """Live worker processes of a job (their command line names its log dir)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "tuning.loop.sfjob" in cmd and marker in cmd:
+                pids.append(int(d))
+    return pids
+
+
+def error_lines(stderr: str) -> list:
+    return [ln for ln in stderr.splitlines() if ln.startswith("secptune: error:")]
+
+
+# ------------------------------------------------------------------------------- cluster files
+def test_shipped_cluster_files_load_and_keep_out_of_the_policies():
+    for name, n_compute in (("aby3", 3), ("semi2k", 2), ("cheetah", 2), ("aby3-3hosts", 3)):
+        c = sc.load_cluster(name)
+        assert len(c.compute) == n_compute == c.policy.world_size
+        assert c.data_owner.name == c.policy.data_owner.name and c.model_owner.name == c.policy.model_owner.name
+        ports = [a for p in c.parties for a in p.ports.values()]
+        assert len(ports) == len(set(ports))
+        assert all(("spu" in p.ports) == (p.role == "compute") for p in c.parties)
+    assert not any(n.startswith("clusters") for n in available_policies())  # the policy loader ignores them
+    hosts = sc.load_cluster("aby3-3hosts")
+    assert {p.address.rpartition(":")[0] for p in hosts.parties} == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
+    assert hosts.party("p0").ports["secretflow"] == "0.0.0.0:63000"
+
+
+def _cluster_dict():
+    return yaml.safe_load((sc.CLUSTER_DIR / "semi2k.yaml").read_text())
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["parties"].pop("bob"), "has party 'bob', which parties does not list"),
+    (lambda d: d["parties"].update(carol={"address": "127.0.0.1:1", "watch": "127.0.0.1:2"}), "has no party 'carol'"),
+    (lambda d: d["parties"]["alice"].update(spu="127.0.0.1:3"), "parties.alice.spu: only compute parties"),
+    (lambda d: d["parties"]["p0"].pop("watch"), "missing key parties.p0.watch"),
+    (lambda d: d["parties"]["p1"].pop("spu"), "missing key parties.p1.spu"),
+    (lambda d: d["parties"]["p0"].update(address="nohost"), "parties.p0.address 'nohost' is not host:port"),
+    (lambda d: d["parties"]["p1"].update(watch=d["parties"]["p0"]["address"]), "is also p0's secretflow port"),
+    (lambda d: d["parties"]["p0"].update(port=1), "unknown key parties.p0.port"),
+    (lambda d: d.update(hosts=[]), "unknown key 'hosts'"),
+    (lambda d: d.pop("policy"), "missing key policy"),
+])
+def test_bad_cluster_files_rejected_naming_the_key(edit, needle):
+    d = _cluster_dict()
+    edit(d)
+    with pytest.raises(sc.ClusterFileError, match=needle.replace("(", r"\(").replace(")", r"\)")) as err:
+        sc.parse_cluster(d, "c.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_local_cluster_round_trips_through_its_file(tmp_path):
+    c = sc.local_cluster("aby3")
+    back = sc.load_cluster(sc.dump_cluster(c, tmp_path / "c.yaml"))
+    assert back.parties == c.parties and back.job_name == c.job_name and back.policy == c.policy
+
+
+def test_sf_job_usage_errors_are_one_line(capsys):
+    from tuning.cli import main
+
+    cases = [(["sf-job", "local", "--policy", "aby3", "--", "--backend", "sim"], "--backend is not a tune argument"),
+             (["sf-job", "local", "--policy", "aby3", "--", "--policy", "semi2k"], "--policy is not a tune argument"),
+             (["sf-job", "local", "--", "--task", "mr"], "give --policy NAME"),
+             (["sf-job", "--cluster", "aby3", "--", "--task", "mr"], "give --cluster FILE --party NAME"),
+             (["sf-job", "--cluster", "nope", "--party", "p0"], "cluster file nope not found"),
+             (["sf-job", "--cluster", "aby3", "--party", "carol"], "no party 'carol'")]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("secptune: error:") and needle in err[0], (argv, err)
+
+
+def test_the_secretflow_session_needs_a_job():
+    from tuning.backends import make_backend
+    from tuning.errors import UserError
+
+    from tuning.backends.secretflow import SecretFlowBackend
+
+    with pytest.raises(UserError, match="runs inside a SecretFlow job"):
+        make_backend("secretflow", None, load_policy("aby3"))
+    assert SecretFlowBackend.allows_unsafe_open is False  # only the policy's reveals leave the parties
+
+
+# ------------------------------------------------------------------------------------ liveness
+def _free_addr():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    addr = f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    return addr
+
+
+def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go():
+    fired = []
+    mk = lambda name: sc.SFParty(name, "compute", _free_addr(), _free_addr())  # noqa: E731
+    me, lost, stalled, leaver = mk("me"), mk("lost"), mk("stalled"), mk("leaver")
+
+    def server(party, behaviour):  # a peer's watch port: answers, then closes / never answers
+        srv = socket.socket()
+        host, port = sc._split(party.watch)
+        srv.bind((host, port))
+        srv.listen()
+
+        def run():
+            conn, _ = srv.accept()
+            if behaviour == "close":
+                conn.recv(1)
+                conn.sendall(b"!")
+                time.sleep(0.5)
+                conn.close()
+            else:
+                time.sleep(30)
+        import threading
+
+        threading.Thread(target=run, daemon=True).start()
+        return srv
+
+    servers = [server(lost, "close"), server(stalled, "hang")]
+    peer = sc.Watchdog(leaver, [me], 3.0, lambda *a: fired.append(("leaver",) + a)).start()
+    wd = sc.Watchdog(me, [lost, stalled, leaver], 3.0, lambda *a: fired.append(a)).start()
+    assert wd.wait_up(10)
+    peer.goodbye()  # leaves in order: never reported
+    assert wd.wait_done(["leaver"], 5) == []
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fired and fired[0][:2] == ("lost", "lost") and "was lost" in fired[0][2], fired
+    time.sleep(0.2)
+    assert len(fired) == 1  # one report per process: it ends right after
+    wd2 = sc.Watchdog(mk("me2"), [stalled], 3.0, lambda *a: fired.append(a)).start()
+    t0 = time.monotonic()
+    while len(fired) < 2 and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert fired[1][:2] == ("stalled", "stalled") and time.monotonic() - t0 <= 3.5, fired
+    for w in (wd, wd2):
+        w.stop()
+    for s in servers:
+        s.close()
+
+
+def test_the_report_follows_the_blame_to_the_lost_party():
+    c = sc.local_cluster("aby3")
+    st = lambda kind, peer="", msg="", t=0.0: {"kind": kind, "peer": peer, "message": msg, "time": t}  # noqa: E731
+    base = {n: {"role": c.party(n).role, "returncode": 3, "ended": 10.5, "killed": False, "log": f"{n}.log"}
+            for n in ("alice", "bob", "p0", "p1", "p2")}
+    parties = {n: dict(v, status=st("lost", "p2", f"party p2 was lost (seen by {n})", 10.2)) for n, v in base.items()}
+    parties["p2"] = dict(base["p2"], status=st("lost", "p1", "party p1 (x) was lost: its process ended", 10.1))
+    parties["p1"] = dict(base["p1"], returncode=-9, ended=10.0, status=None)
+    msg = sc.explain(parties, c)
+    assert msg.startswith("party p1 (compute) was killed (SIGKILL); alice, bob, p0, p2 stopped within 0.5s"), msg
+    parties["p0"] = dict(base["p0"], returncode=-11, status=None)  # a survivor that SPU's link crashed
+    msg = sc.explain(parties, c)
+    assert msg.startswith("party p1 (compute) was killed (SIGKILL)") and msg.endswith("; p0 crashed (SIGSEGV)"), msg
+    parties["p1"].update(returncode=-11)
+    assert "party p1 (compute) crashed (SIGSEGV; SPU's link aborts" in sc.explain(parties, c)
+    # the data owner's own error is the message, whatever the others report
+    own = {n: dict(v, returncode=2, status=st("ended", "alice", "the data owner ended the job", 1.0))
+           for n, v in base.items()}
+    own["alice"] = dict(base["alice"], returncode=2, status=st("error", "", "--resume x: no checkpoint there", 2.0))
+    assert sc.explain(own, c) == "--resume x: no checkpoint there"
+    ok = {n: dict(v, returncode=0, status=st("ok")) for n, v in base.items()}
+    assert sc.explain(ok, c) == ""
+
+
+# ---------------------------------------------------------------------------------- the jobs
+def _cluster_run(tmp_path, name, csv, out):
+    """The same job on the cluster back end, in this process (the data owner's driver)."""
+    from tuning.loop.trainer import TuneConfig, tune
+
+    policy = dump_policy(dataclasses.replace(free_policy(load_policy(name)), timeout_s=30), tmp_path / "cl.yaml")
+    return tune(TuneConfig(model="tiny-llama", policy=str(policy), backend="cluster", task=None, train=str(csv),
+                           verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=2, d=8,
+                           n_tokens=2, seed=0, out=str(out), save_logits=True),
+                show_progress=False, log=lambda *a: None)
+
+
+def _secrets(csv_texts, zs, deltas, labels, fxp_bits):
+    from tuning.assets.models import load_model
+    from spu_models.forward import embedding_table
+
+    bundle = load_model("tiny-llama")
+    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
+    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
+    table = np.asarray(embedding_table(bundle.config, bundle.params), np.float32)
+    fxp = 2.0 ** fxp_bits
+    data = {  # what no party but the data owner may receive
+        "labels": lambda blob: any(lb.astype(t).tobytes() in blob for lb in labels
+                                   for t in (np.int64, np.int32, np.float32, np.float64)),
+        "z f32": WindowDetector([z.astype(np.float32) for z in zs]),
+        "z f64": WindowDetector([z.astype(np.float64) for z in zs]),
+        "delta f32": WindowDetector(deltas),
+        "delta fxp": WindowDetector([np.trunc(d.astype(np.float64) * fxp).astype(np.int64) for d in deltas]),
+        "text": lambda blob: any(t.encode() in blob for t in csv_texts),
+    }
+    model = {"weights f32": WindowDetector(weights), "embeddings f32": WindowDetector([table])}
+    clear = {"labels": labels[0], "z f32": zs[0], "z f64": zs[0].astype(np.float64), "delta f32": deltas[0],
+             "delta fxp": np.trunc(deltas[0].astype(np.float64) * fxp).astype(np.int64), "text": csv_texts[3],
+             "weights f32": weights[0], "embeddings f32": table[40:50]}
+    return data, model, clear
+
+
+@pytest.mark.parametrize("name", ["aby3", "semi2k"])
+def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
+    csv, texts = toy_csv(tmp_path / "toy.csv")
+    ref = _cluster_run(tmp_path, name, csv, tmp_path / "cluster")
+    record = tmp_path / "record"
+    t0 = time.monotonic()
+    p = run_sf_job(policy_file(tmp_path, name, 30), tmp_path / "logs",
+                   ["--train", str(csv), *TOY_ARGS, "--budget", "2", "--out", str(tmp_path / "sf"), "--save-logits",
+                    "--json"], SECPTUNE_RECORD_DIR=str(record))
+    wall = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])  # stdout: the result alone
+    assert summary["backend"] == "secretflow" and summary["protocol"] == ref["protocol"] and summary["generations"] == 2
+    assert party_pids(str(tmp_path / "logs")) == []
+    report = json.loads((tmp_path / "logs" / "job.json").read_text())
+    assert report["ok"] and all(p_["status"]["kind"] == "ok" for p_ in report["parties"].values())
+
+    # the same search path, the same opened logits within fixed-point noise, the same secure work
+    zs, deltas, labels = [], [], []
+    for g in (1, 2):
+        a = np.load(tmp_path / "sf" / "logits" / f"gen{g:04d}.npz")
+        b = np.load(tmp_path / "cluster" / "logits" / f"gen{g:04d}.npz")
+        assert np.array_equal(a["Z"], b["Z"])
+        for k in ("train_logits", "dev_logits"):
+            assert a[k].shape == b[k].shape and np.abs(a[k] - b[k]).max() < 2e-2, (k, np.abs(a[k] - b[k]).max())
+            margin = np.abs(np.diff(b[k], axis=-1)).squeeze(-1)
+            assert (a[k].argmax(-1) == b[k].argmax(-1))[margin > 0.04].all()
+        zs += list(a["Z"])
+        labels += [a["train_labels"], a["dev_labels"]]
+    for k in ("zero_shot_test_acc", "tuned_test_acc", "best_dev_acc", "n_train", "n_dev", "n_test"):
+        assert summary[k] == ref[k], k
+    # the same programs on the same shapes: the same traffic (ABY3's varies by ~0.5% from run to run
+    # of the very same job, on either back end; SEMI2K's not at all)
+    for part in ("setup", "zero_shot_eval", "final_eval"):
+        for k in ("bytes", "rounds"):
+            assert summary["mpc"][part][k] == pytest.approx(ref["mpc"][part][k], rel=0.02), (part, k)
+    per_gen = lambda s: s["mpc"]["per_generation_median"]["mpc_bytes"]  # noqa: E731
+    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.02)
+    assert [(r["what"], r["to"], r["party"]) for r in summary["reveals"]] == \
+        [("verbalizer_logits", "data_owner", "alice")] * len(summary["reveals"])
+    print(f"{name}: sf-job {wall:.0f}s; per generation sf {summary['mpc']['per_generation_median']['mpc_s']:.1f}s "
+          f"cluster {ref['mpc']['per_generation_median']['mpc_s']:.1f}s")
+    if name != "aby3":
+        return
+
+    # privacy: what every party but the data owner received over SecretFlow's link
+    from tuning.assets.models import EmbeddingStats, load_model, with_policy
+    from tuning.loop.trainer import TuneConfig, build_subspace
+    from spu_models.forward import embedding_table
+
+    bundle = with_policy(load_model("tiny-llama"), load_policy(name))
+    stats = EmbeddingStats.of(np.asarray(embedding_table(bundle.config, bundle.params), np.float32))
+    sub = build_subspace(TuneConfig(model="tiny-llama", d=8, n_tokens=2, seed=0), bundle, stats)
+    deltas = [sub.offsets(z) for z in zs]
+    data, model, clear = _secrets(texts, zs, deltas, labels, load_policy(name).fxp_fraction_bits)
+    for party in ("bob", "p0", "p1", "p2"):
+        blob = (record / f"{party}.bin").read_bytes()
+        assert len(blob) > (1000 if party == "bob" else 100_000), party  # bob: descriptors and counts
+        detectors = {**data, **(model if party != "bob" else {})}  # the model owner holds its model
+        assert leaks(blob, detectors) == [], f"{party} received secrets"
+    assert len((record / "alice.bin").read_bytes()) > 1000  # the logits and costs it receives
+    # control: each detector finds its secret framed as SecretFlow sends a value
+    from secretflow.utils import secure_pickle
+
+    for kind, value in clear.items():
+        framed = secure_pickle.dumps({"seq_id": 7, "payload": value, "job": "j"})
+        assert kind in leaks(framed, {**data, **model}), f"detector missed {kind}"
+
+
+def _start_job(tmp_path, policy, budget, log_dir, out):
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    proc = subprocess.Popen(sf_job_cmd(policy, log_dir, ["--train", str(csv), *TOY_ARGS, "--budget", str(budget),
+                                                         "--out", str(out)]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no generation within 300s"
+        time.sleep(0.3)
+    return proc, json.loads((log_dir / "parties.json").read_text())
+
+
+def test_one_command_per_party_as_on_separate_hosts(tmp_path):
+    """`sf-job --cluster FILE --party NAME`, one command per party (what each host runs): the data
+    owner's command prints the result, every other party's prints that it is up and done."""
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    cluster = sc.local_cluster(str(policy_file(tmp_path, "semi2k", 20)))
+    path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
+    tune = ["--train", str(csv), *TOY_ARGS, "--budget", "1", "--out", str(tmp_path / "run")]
+    procs = {p.name: subprocess.Popen([sys.executable, "-m", "tuning.cli", "sf-job", "--cluster", str(path), "--party",
+                                       p.name, "--log-dir", str(tmp_path / p.name), "--", *tune],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+             for p in reversed(cluster.parties)}  # any start order: they wait for each other
+    outs = {n: p.communicate(timeout=600) for n, p in procs.items()}
+    for n, p in procs.items():
+        assert p.returncode == 0, (n, outs[n][1][-2000:])
+    assert "zero-shot test accuracy" in outs["alice"][0] and "results in" in outs["alice"][0]
+    for n in ("bob", "p0", "p1"):
+        assert outs[n][0] == "" and f"{n}: up" in outs[n][1] and f"{n}: done" in outs[n][1]
+        assert json.loads((tmp_path / n / "job.json").read_text())["ok"]
+        assert party_pids(str(tmp_path / n)) == []
+
+
+def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
+    timeout = 10
+    policy = policy_file(tmp_path, "aby3", timeout)
+    logs, out = tmp_path / "logs", tmp_path / "run"
+    proc, pids = _start_job(tmp_path, policy, 4, logs, out)
+    os.kill(pids["p1"]["pid"], signal.SIGKILL)  # a compute party, mid-job
+    t_kill = time.time()
+    _, stderr = proc.communicate(timeout=timeout + 60)
+    assert proc.returncode == 2
+    err = error_lines(stderr)
+    assert len(err) == 1 and err[0].startswith("secptune: error: party p1 (compute) was killed (SIGKILL); "), err
+    assert "stopped within" in err[0]
+    report = json.loads((logs / "job.json").read_text())
+    for name, p in report["parties"].items():
+        if name == "p1":
+            continue
+        assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)  # they ended by themselves
+        assert p["status"]["kind"] == "lost" and p["status"]["peer"] in report["parties"]
+        assert p["ended"] - t_kill < timeout, (name, p["ended"] - t_kill)
+    assert party_pids(str(logs)) == []
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 4
+
+    # the parties restart; the data owner continues from its checkpoint
+    p = run_sf_job(policy, tmp_path / "logs2", ["--resume", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed at generation {done}" in p.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "summary.json").read_text())["generations"] == 4
+    assert party_pids(str(tmp_path / "logs2")) == []
+
+
+def test_stalled_party_ends_every_party_in_time(tmp_path):
+    timeout = 8
+    policy = policy_file(tmp_path, "semi2k", timeout)
+    logs, out = tmp_path / "logs", tmp_path / "run"
+    proc, pids = _start_job(tmp_path, policy, 6, logs, out)
+    os.kill(pids["p0"]["pid"], signal.SIGSTOP)  # alive, silent
+    t_stop = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=timeout + 60)
+    finally:
+        os.kill(pids["p0"]["pid"], signal.SIGCONT) if pids["p0"]["pid"] in party_pids(str(logs)) else None
+    assert proc.returncode == 2
+    err = error_lines(stderr)
+    assert len(err) == 1 and err[0].startswith("secptune: error: party p0 (compute) stopped answering"), err
+    report = json.loads((logs / "job.json").read_text())
+    for name, p in report["parties"].items():
+        if name != "p0":
+            assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)
+            assert p["ended"] - t_stop < timeout + 1, (name, p["ended"] - t_stop)
+    assert report["parties"]["p0"]["killed"]  # the launcher reaped the stopped one
+    assert party_pids(str(logs)) == []
+
+
+def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
+    p = run_sf_job(policy_file(tmp_path, "semi2k", 20), tmp_path / "logs", ["--resume", str(tmp_path / "nope")])
+    assert p.returncode == 2
+    assert error_lines(p.stderr) == [f"secptune: error: --resume {tmp_path / 'nope'}: no checkpoint there"], p.stderr
+    report = json.loads((tmp_path / "logs" / "job.json").read_text())
+    assert {n: q["status"]["kind"] for n, q in report["parties"].items()} == \
+        {"alice": "error", "bob": "ended", "p0": "ended", "p1": "ended"}
+    assert party_pids(str(tmp_path / "logs")) == []
+
+
+def test_ctrl_c_reaps_every_party(tmp_path):
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen(sf_job_cmd(policy_file(tmp_path, "semi2k", 20), logs,
+                                       ["--train", str(csv), *TOY_ARGS, "--budget", "50", "--out", str(tmp_path / "r")]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+    deadline = time.monotonic() + 120
+    while not (logs / "parties.json").exists() or len(party_pids(str(logs))) < 4:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "secptune: interrupted" in stderr
+    assert party_pids(str(logs)) == []

@@ -1,0 +1,479 @@
+"""SecretFlow back end: the tuning job as a SecretFlow application, one OS process per party.
+
+    secptune sf-job local --policy aby3 -- --task mr --model tiny-llama ...        # all parties here
+    secptune sf-job --cluster policies/clusters/aby3.yaml --party p0 -- <same>    # one party, any host
+
+Devices (SecretFlow 1.11 production mode, ``brpc_link``, no Ray): a PYU for the data owner
+(its data, labels, search and losses), a PYU for the model owner (its weights), and an SPU device
+over the policy's compute parties, with the policy's runtime config. Each party is a process
+(``tuning.loop.sfjob``) that calls :class:`SFJob`; the cluster file (``sfcluster``) says where
+each listens.
+
+**The SPMD constraint.** SecretFlow matches messages by sequence number, so every party must
+make the same sequence of ``sf`` calls. Here the data owner's process drives the job: it runs
+``tuning.loop.trainer.tune`` unchanged over :class:`SecretFlowBackend` (a ``Session``), and every
+session operation is *announced* first: the data owner's PYU broadcasts a public descriptor (the
+operation, variable names, shapes, an executable's digest), and then every party makes that
+operation's ``sf`` calls (:meth:`SFJob.lead` at the data owner, :meth:`SFJob.follow` everywhere
+else, both through one dispatcher, so the sequences cannot drift). The other parties never run
+``tune``: they do not know the data, so they cannot know the next shape, the number of chunks
+or when the search stops; they learn it from the descriptors, as the cluster back end's nodes
+learn it from the driver's calls.
+
+**Who computes and sees what**
+
+- data owner (``alice`` in the shipped files): reads the task, tokenizes, chooses examples,
+  draws the subspace A, runs CMA-ES / SPSA, computes the losses and the dev selection, in
+  plaintext, in its own process only. It compiles each program once per name and shape (SPU IR
+  from public shapes) and sends the executable to the compute parties once. It puts its values
+  (embeddings, masks, one-hot rows, ``A z``) on the SPU as shares (``PYU -> SPU``: shares are
+  made in its process; compute party i gets share i only). It alone receives plaintext: the
+  verbalizer logits it reveals (``SPU -> data owner PYU``: only its process gets the shares of a
+  revealed value; never ``sf.reveal``, which would send them to every party), the embedding
+  table under ``embedding: data_owner``, and each compute party's traffic counters.
+- model owner (``bob``): loads its model, publishes the public metadata (architecture config,
+  weight shapes, the embedding table's shape and std: everybody receives these), and puts each
+  weight on the SPU once (shares made in its process). The weights stay resident on the SPU
+  for the whole job.
+- compute parties (``p0``..): run SPU's runtime on shares: the weights, the data owner's
+  inputs, the resident prefix caches, every intermediate. They send shares of a revealed value
+  to the data owner only.
+- every party receives the descriptors (operation kinds, variable names such as
+  ``train0_text``, shapes, executable digests) and SecretFlow's own public counts (share chunk
+  counts); none but the data owner ever holds a label, a loss, z, A, a text or a plaintext prompt.
+
+Costs: each compute party reads its own traffic from SPU's profile log after each run and sends
+it to the data owner (``CallCost`` per run, every party measured, as in the cluster back end).
+
+Failure: a party whose process ends or stops answering makes every other end within the
+policy's ``timeout_s`` (``sfcluster.Watchdog``), each writing a status record that names it;
+a failed operation at a party (an exception in its SecretFlow task) reaches the data owner as
+SecretFlow's ``FedRemoteError`` and is reported naming that party. The job is then over: the
+parties must be restarted, and ``--resume`` continues from the data owner's last checkpoint.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..assets.models import EmbeddingStats, ModelBundle, load_model, policy_execution
+from ..errors import UserError
+from .cost import CallCost, PartyCost, parse_profile
+from .session import Session
+from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
+from .spu_common import compile_session_program
+
+ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every message a party receives over SecretFlow's link (tests)
+PROTOCOL = 1  # version of the descriptors: a follower refuses a data owner that speaks another
+BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
+
+_JOB = None  # this process's party, when it runs one (tuning.loop.sfjob sets it)
+
+
+def current_job():
+    return _JOB
+
+
+def set_current_job(job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def _ident(x):
+    return x
+
+
+def _collect(*xs):
+    return list(xs)
+
+
+def _ack():
+    return True
+
+
+# ------------------------------------------------------------- what runs inside one party's process
+_OWNER: dict = {}  # model owner: the loaded model
+_PROFILE: dict = {}  # compute party: its log and how far its profile has been read
+
+
+def _owner_bundle(model: str):
+    if _OWNER.get("name") != model:
+        _OWNER.clear()
+        _OWNER.update(name=model, bundle=load_model(model))
+    return _OWNER["bundle"]
+
+
+def _owner_meta(model: str) -> dict:
+    """Model owner: load ``model``; return what every party may know of it (public)."""
+    import jax
+
+    from spu_models.forward import embedding_table
+
+    b = _owner_bundle(model)
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), b.params)
+    stats = EmbeddingStats.of(np.asarray(embedding_table(b.config, b.params), np.float32))
+    return {"model": model, "config": b.config, "shapes": shapes, "stats": stats,
+            "n_leaves": len(jax.tree_util.tree_leaves(b.params))}
+
+
+def _owner_leaf(i: int) -> np.ndarray:
+    """Model owner: weight ``i`` (jax tree order, the executables' w<i>), to be shared."""
+    import jax
+
+    return np.asarray(jax.tree_util.tree_leaves(_OWNER["bundle"].params)[i], np.float32)
+
+
+def _owner_table() -> np.ndarray:
+    """Model owner -> data owner, policy ``embedding: data_owner`` only: the embedding table."""
+    from spu_models.forward import embedding_table
+
+    b = _OWNER["bundle"]
+    return np.asarray(embedding_table(b.config, b.params), np.float32)
+
+
+def _flush_c_stdout():
+    sys.stdout.flush()
+    ctypes.CDLL(None).fflush(None)
+
+
+def _read_profile(_after):
+    """Compute party, after a run (``_after``: one of its outputs, so this waits for it): its
+    traffic and per-op table from the new part of its SPU log."""
+    _flush_c_stdout()
+    with open(_PROFILE["path"], "rb") as f:
+        f.seek(_PROFILE["offset"])
+        text = f.read()
+    _PROFILE["offset"] += len(text)
+    links, ops = parse_profile(text.decode("utf-8", errors="replace"))
+    return (links[-1] if links else PartyCost()), ops
+
+
+def _first_line(e) -> str:
+    text = str(e).strip() or type(e).__name__
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("stacktrace", "#")):
+            return line[:400]
+    return text.splitlines()[0][:400]
+
+
+def job_error(e: BaseException):
+    """An exception from SecretFlow's calls as a :class:`JobError` naming the party it came from
+    (``peer``), or None when it is not one of SecretFlow's."""
+    from secretflow.distributed.fed.exception import FedLocalError, FedRemoteError
+
+    if isinstance(e, JobError):
+        return e
+    if isinstance(e, FedRemoteError):
+        err = JobError(f"party {e._src_party} failed: {_first_line(e._cause)}")
+        err.peer = e._src_party
+        return err
+    if isinstance(e, FedLocalError):
+        return job_error(e.cause()) or JobError(_first_line(e.cause()))
+    if isinstance(e, RuntimeError) and "timeout" in str(e).lower():
+        return JobError(f"no message within SecretFlow's {BACKSTOP_S:g}s receive timeout: {_first_line(e)}")
+    return None
+
+
+class _RecordingLink:
+    """SecretFlow's cross-silo link of this party, appending every message it receives to a file
+    (``SECPTUNE_RECORD_DIR``: the privacy tests search those bytes for secrets)."""
+
+    def __init__(self, link, path: Path):
+        self._link, self._path = link, path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def recv(self, rank):
+        data = self._link.recv(rank)
+        with open(self._path, "ab") as f:
+            f.write(bytes(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._link, name)
+
+
+# ----------------------------------------------------------------------------------- the party
+class SFJob:
+    """This process's party in a SecretFlow job: the devices, the resident SPU values, and the
+    operations every party performs in the same order (see the module doc).
+
+    ``on_fatal(kind, peer, message)`` ends the process when the watchdog finds a peer missing,
+    lost or stalled. The constructor starts the watchdog, then ``sf.init`` (which waits for the
+    other parties) and the SPU device."""
+
+    def __init__(self, cluster: SFCluster, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S):
+        self.cluster, self.me, self.policy = cluster, cluster.party(party), cluster.policy
+        self.leader = self.me.role == "data_owner"
+        self.log_dir = Path(log_dir)
+        self.vars: dict = {}  # resident variable name -> SPUObject
+        self.weights: list = []  # SPUObject per weight leaf, resident for the job
+        self.exes: dict = {}  # executable digest -> the data owner's PYUObject holding it
+        self.meta: dict = {}
+        self.broken = ""  # set when an operation failed half-way: the parties are out of step
+        self.ops = 0
+        peers = [p for p in cluster.parties if p.name != party]
+        self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s).start()
+        self._init_sf(startup_s)
+
+    def _init_sf(self, startup_s: float) -> None:
+        import secretflow as sf
+        import spu.libspu.logging as spu_logging
+        from google.protobuf import json_format
+
+        t_ms = int(self.cluster.timeout_s * 1000)
+        parties = {p.name: {"address": p.address, **({"listen_addr": p.listen} if p.listen else {})}
+                   for p in self.cluster.parties}
+        comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": 2 * t_ms,
+                "connect_retry_times": int(startup_s), "connect_retry_interval_ms": 1000,
+                "exit_on_sending_failure": True}
+        sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
+                cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
+                logging_level="info")
+        self.sf = sf
+        record = os.environ.get(ENV_RECORD)
+        if record:
+            from secretflow.distributed.fed.global_context import get_global_context
+
+            proxy = get_global_context()._proxy
+            proxy._linker = _RecordingLink(proxy._linker, Path(record) / f"{self.me.name}.bin")
+        self.alice = sf.PYU(self.cluster.data_owner.name)
+        self.bob = sf.PYU(self.cluster.model_owner.name)
+        self.pyus = {p.name: sf.PYU(p.name) for p in self.cluster.parties}
+        log_opts = spu_logging.LogOptions()
+        log_opts.enable_console_logger = True  # SPU's profile lines go to stdout: this party's log
+        log_opts.system_log_path = str(self.log_dir / f"{self.me.name}.spu.log")
+        nodes = [{"party": p.name, "address": p.spu, "listen_address": p.spu_listen or p.spu}
+                 for p in self.cluster.compute]
+        rc = json_format.MessageToDict(self.policy.runtime_config(profile=True), preserving_proto_field_name=True)
+        link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": 2 * t_ms, "connect_retry_interval_ms": 500,
+                "connect_retry_times": int(startup_s * 2)}
+        self.spu = sf.SPU({"nodes": nodes, "runtime_config": rc}, link_desc=link, log_options=log_opts)
+        assert [p.name for p in self.cluster.compute] == list(self.spu.actors), "SPU node order"
+        if self.me.role == "compute":
+            log = self.log_dir / f"{self.me.name}.log"
+            _PROFILE.update(path=log, offset=log.stat().st_size if log.exists() else 0)
+
+    # --------------------------------------------------------------------- the control plane
+    def lead(self, desc: dict, **payload):
+        """Data owner: announce ``desc`` to every party, then perform it (with ``payload``: the
+        values only this process holds). A failure half-way leaves the parties out of step: the
+        job refuses further operations (``broken``)."""
+        if self.broken:
+            raise JobError(f"the job is unusable after an earlier failure: {self.broken}")
+        import secretflow.distributed as sfd
+
+        try:
+            sfd.get(self.alice(_ident)(desc).data)  # the data owner's PYU sends it to every party
+            return self._dispatch(desc, payload)
+        except BaseException as e:  # noqa: BLE001  (re-raised, as a JobError when it is SecretFlow's)
+            err = job_error(e) if not isinstance(e, KeyboardInterrupt) else None
+            self.broken = str(err or _first_line(e))
+            if err is not None and err is not e:
+                raise err from None
+            raise
+
+    def follow(self) -> dict:
+        """Every party but the data owner: perform the announced operations until ``end``;
+        returns the end descriptor (``ok``: whether the data owner finished without error)."""
+        import secretflow.distributed as sfd
+
+        while True:
+            desc = sfd.get(self.alice(_ident)(None).data)
+            try:
+                self._dispatch(desc, {})
+            except BaseException as e:  # noqa: BLE001
+                err = job_error(e)
+                if err is not None and err is not e:
+                    raise err from None
+                raise
+            if desc["op"] == "end":
+                return desc
+
+    def _dispatch(self, desc: dict, payload: dict):
+        op = desc.get("op")
+        self.ops += 1
+        if op == "setup":
+            return self._setup(desc)
+        if op == "put":
+            return self._put(desc["name"], payload.get("value"))
+        if op == "run":
+            return self._run(desc, payload.get("exe"))
+        if op == "open":
+            return self._open(desc["name"])
+        if op == "drop":
+            return self._drop(desc["names"])
+        if op == "table":
+            return self._table()
+        if op == "end":
+            return self._end(desc)
+        raise JobError(f"the data owner sent an unknown operation {op!r} (different versions of secptune?)")
+
+    # -------------------------------------------------------------------------- operations
+    def _setup(self, desc: dict) -> dict:
+        """The model owner loads its model, publishes the public metadata to every party, and
+        puts every weight on the SPU (once: resident for the job)."""
+        import secretflow.distributed as sfd
+
+        if desc.get("version") != PROTOCOL:
+            raise JobError(f"the data owner speaks protocol {desc.get('version')}, this party {PROTOCOL} "
+                           "(run the same secptune everywhere)")
+        self.meta = sfd.get(self.bob(_owner_meta)(desc["model"]).data)
+        self.weights = [self.bob(_owner_leaf)(i).to(self.spu) for i in range(self.meta["n_leaves"])]
+        return self.meta
+
+    def _delete(self, name: str) -> None:
+        obj = self.vars.pop(name)
+        for i, actor in enumerate(self.spu.actors.values()):
+            actor.del_share.remote(obj.shares_name[i])
+        del obj.shares_name  # deleted here; SPUObject.__del__ would delete it again
+
+    def _put(self, name: str, value) -> None:
+        """The data owner's value (None elsewhere) as shares on the SPU, resident as ``name``."""
+        if name in self.vars:
+            self._delete(name)
+        self.vars[name] = self.alice(_ident)(value).to(self.spu)
+
+    def _run(self, desc: dict, exe):
+        """Every SPU node runs the executable on the weights and the named resident values; the
+        outputs stay resident. The executable reaches each node once (SecretFlow sends an object
+        to a party once); each node then reads its own traffic and sends it to the data owner."""
+        from secretflow.device.device.spu import SPUCompilerNumReturnsPolicy, SPUObject
+
+        t0 = time.perf_counter()
+        digest, ins, outs = desc["exe"], desc["ins"], desc["outs"]
+        if desc.get("new"):
+            self.exes[digest] = self.alice(_ident)(exe)
+        exe_obj = self.exes[digest]
+        n = len(outs)
+        results = []
+        for i, actor in enumerate(self.spu.actors.values()):
+            args = [w.shares_name[i] for w in self.weights] + [self.vars[v].shares_name[i] for v in ins]
+            results.append(actor.run.options(num_returns=2 * n).remote(
+                SPUCompilerNumReturnsPolicy.FROM_COMPILER, None, exe_obj.data, *args))
+        for k, name in enumerate(outs):
+            if name in self.vars:
+                self._delete(name)
+            self.vars[name] = SPUObject(self.spu, results[0][k], [r[n + k] for r in results])
+        costs = [self.pyus[p](_read_profile)(r[n]) for p, r in zip(self.spu.actors, results)]
+        got = self.alice(_collect)(*[c.to(self.alice) for c in costs])
+        if not self.leader:
+            return None
+        per_party = got.data.get_object()
+        parties = {p: cost for p, (cost, _) in zip(self.spu.actors, per_party)}
+        return CallCost(time.perf_counter() - t0, parties, per_party[0][1])
+
+    def _open(self, name: str):
+        """Shares of ``name`` go to the data owner's PYU only; only its process reconstructs."""
+        obj = self.vars[name].to(self.alice)
+        return np.asarray(obj.data.get_object(), np.float32) if self.leader else None
+
+    def _drop(self, names: list) -> None:
+        for name in names:
+            if name in self.vars:
+                self._delete(name)
+
+    def _table(self):
+        """Model owner -> data owner only (``embedding: data_owner``)."""
+        got = self.alice(_ident)(self.bob(_owner_table)().to(self.alice))
+        return got.data.get_object() if self.leader else None
+
+    def _end(self, desc: dict) -> None:
+        """The job's end: no SecretFlow call (its last messages could be dropped by a process that
+        leaves right after sending them); the parties leave through the watchdog's goodbye."""
+
+    def finish(self, ok: bool) -> list:
+        """Data owner: end the job (``ok``: it finished without error) and wait until every other
+        party has received the end (its goodbye); returns the parties that did not confirm."""
+        if self.broken:
+            return []
+        self.lead({"op": "end", "ok": bool(ok)})
+        others = [p.name for p in self.cluster.parties if p.name != self.me.name]
+        return self.watchdog.wait_done(others, self.cluster.timeout_s)
+
+    def leave(self) -> None:
+        """Leave in order (the caller then ends the process with ``os._exit``: SecretFlow's links
+        can hang at interpreter exit, and nothing is left to send)."""
+        self.watchdog.goodbye()
+
+
+# -------------------------------------------------------------------------------- the session
+class SecretFlowBackend(Session):
+    """The data owner's session over a SecretFlow job (this process's :class:`SFJob`, set by
+    ``tuning.loop.sfjob``). ``bundle`` gives the model's name and tokenizer; the config and the
+    weights' shapes come from the model owner, the weights stay on the SPU."""
+
+    name = "secretflow"
+    allows_unsafe_open = False  # real party processes: only the policy's reveals leave them
+
+    def __init__(self, bundle, policy, job: SFJob | None = None):
+        job = job or current_job()
+        if job is None:
+            raise UserError("the secretflow back end runs inside a SecretFlow job: start it with `secptune sf-job`")
+        if not job.leader:
+            raise UserError(f"party {job.me.name} is not the data owner; only the data owner's process drives a session")
+        _check_same_policy(policy, job.policy)
+        self.job, self.closed = job, False
+        self.costs, self.shapes, self.reveals = [], {}, []
+        self.policy = policy
+        meta = job.lead({"op": "setup", "model": bundle.name, "version": PROTOCOL})
+        Session.__init__(self, ModelBundle(bundle.name, meta["config"], meta["shapes"], bundle.tokenizer,
+                                           policy_execution(meta["config"], policy)), policy)
+        self._stats, self._table = meta["stats"], None
+
+    def embedding_stats(self):
+        return self._stats
+
+    def embedding_table(self) -> np.ndarray:
+        if self.policy.embedding != "data_owner":
+            return Session.embedding_table(self)  # raises: the policy keeps the table secret
+        if self._table is None:
+            self._table = self.job.lead({"op": "table"})
+        return self._table
+
+    def put(self, name: str, value) -> None:
+        value = np.asarray(value, np.float32)
+        self.job.lead({"op": "put", "name": name, "shape": list(value.shape)}, value=value)
+        self.shapes[name] = value.shape
+
+    def _compile(self, program, arg_shapes, out_keys):
+        exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
+        return exe, hashlib.sha256(exe.SerializeToString()).hexdigest()
+
+    def _execute(self, compiled, ins, outs):
+        exe, digest = compiled
+        new = digest not in self.job.exes
+        return self.job.lead({"op": "run", "exe": digest, "new": new, "ins": list(ins), "outs": list(outs)},
+                             exe=exe if new else None)
+
+    def _reconstruct(self, name: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(f"no resident variable {name!r}")
+        return self.job.lead({"op": "open", "name": name})
+
+    def drop(self, *names: str) -> None:
+        """The parties delete ``names``; a no-op once the job failed (its values are gone)."""
+        for n in names:
+            self.shapes.pop(n, None)
+        if names and not self.job.broken and not self.closed:
+            self.job.lead({"op": "drop", "names": list(names)})
+
+    def close(self) -> None:
+        """The session ends; the job's end (``SFJob.finish``) is the party process's."""
+        self.closed = True
+
+
+def _check_same_policy(policy, job_policy) -> None:
+    """The session's policy (the run's) must compute as the job's (its cluster file's)."""
+    keys = ("protocol", "field", "fxp_fraction_bits", "runtime", "execution", "embedding", "reveal")
+    diff = [k for k in keys if getattr(policy, k) != getattr(job_policy, k)]
+    if diff:
+        raise UserError(f"the run's policy {policy.name!r} differs from the job's {job_policy.name!r} in "
+                        f"{', '.join(diff)}: resume a run under the policy it started with")
+
