@@ -111,8 +111,8 @@ def measure_policy(policy_name: str, args, task, log=print) -> dict:
         log(f"[{policy.name}] {name}: first run {first.wall_s:.1f}s, measured {measured.wall_s:.1f}s, "
             f"{measured.send_bytes / 1e6:.1f} MB, {measured.rounds} rounds (compile ~{res['compile_s'][name]:.0f}s)")
 
-    # forward-only, both placements
-    for mode in ("prefix", "cached"):
+    # forward-only, both placements (--no-forward: the prefix placement's texts are shared, for PT, unscored)
+    for mode in ("prefix",) if args.no_forward else ("prefix", "cached"):
         sc = SecureScorer(session, bundle, task, mode, n, p0_ids=p0_ids)
         n0 = len(session.costs)
         sc.add_examples(f"ex_{mode}", examples)
@@ -126,6 +126,8 @@ def measure_policy(policy_name: str, args, task, log=print) -> dict:
         else:
             text_len = session.shapes["ex_prefix0_text"][1]
             res["shapes"]["prefix"] = {"text_len": text_len, "seq_len": n + text_len}
+            if args.no_forward:
+                continue
         t = time.perf_counter()
         sc.score(f"ex_{mode}", delta)
         first_s = time.perf_counter() - t
@@ -183,6 +185,8 @@ def main(argv=None):
                     help="1: measure the run after a warm-up run; 0: measure the first run (compile excluded)")
     ap.add_argument("--no-sft", default="", type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
                     help="comma list of policies (or 'all') under which the SFT step is skipped (too slow)")
+    ap.add_argument("--no-forward", action="store_true",
+                    help="measure SFT and PT only (bench e2e prices forward-only from bench placement)")
     ap.add_argument("--check", action="store_true",
                     help="compare SFT step 1 in MPC against plaintext (opens the new weights; not timed)")
     ap.add_argument("--tag", default="", type=tag_suffix, help="suffix of the output name")

@@ -36,7 +36,9 @@ def build_rows(results: list, P: int) -> list:
                    "rounds": _fmt(c["rounds"] / div)}
             row.update({f"{n} s": _fmt(c["estimate_s"][n] / div) for n in NETWORKS})
             rows.append(row)
-        pf = r["prefill"]
+        pf = r.get("prefill")  # absent under --no-forward
+        if pf is None:
+            continue
         row = {"policy": r["policy"], "method": "cached: one-off prefill", "one iteration": "once per example set",
                "wall s": _fmt(pf["wall_s"]), "MB (busiest party)": _fmt(pf["send_bytes"] / 1e6),
                "rounds": _fmt(pf["rounds"])}
@@ -62,6 +64,8 @@ def build_ratios(results: list, P: int) -> list:
                 continue
             row = {"policy": r["policy"], "method": label}
             for ref in ("cached", "prefix"):
+                if f"gen_{ref}" not in m:  # --no-forward
+                    continue
                 g = m[f"gen_{ref}"]
                 for unit, div in (("gen", 1), ("cand", P)):
                     row[f"time / {ref} {unit}"] = _fmt(m[key]["wall_s"] / (g["wall_s"] / div))
@@ -140,9 +144,10 @@ def render(results: list, args, total: float, environment=None):
             + (f"SFT {sh['sft']['seq_len']} tokens per example (one-hot [E, L, V] shared; the lookup is a matmul "
                "in MPC because the table is trained); " if "sft" in sh else "")
             + f"PT and forward-only prefix {sh['prefix']['seq_len']} tokens (prompt + the same right-padded text); "
-            f"forward-only cached: text prefilled once ({sh['cached']['prefix_len']} tokens), "
-            f"{sh['cached']['tokens_per_candidate']} tokens per candidate. PT and forward-only share text "
-            "embeddings (policy embedding: data_owner).\n\n"
+            + (f"forward-only cached: text prefilled once ({sh['cached']['prefix_len']} tokens), "
+               f"{sh['cached']['tokens_per_candidate']} tokens per candidate. " if "cached" in sh else
+               "forward-only not measured (--no-forward). ")
+            + "PT and forward-only share text embeddings (policy embedding: data_owner).\n\n"
             f"One iteration: SFT = one Adam step (optax.adam's update, bias correction of v after the sqrt; lr "
             f"{args.lr:g}, eps {args.eps:g}, loss scale {args.loss_scale:g} for fixed point) of all weights on the "
             "E examples (forward, CE over the verbalizer logits against secret one-hot labels, jax.grad, update; "
