@@ -76,8 +76,10 @@ def graph():
 
 
 def test_every_import_follows_the_layers(graph):
+    # the package ``tuning`` itself (its __init__: configure_jax, nothing else) is open to every
+    # process entry point, e.g. a SecretFlow party's process (tuning.loop.sfjob)
     bad = [f"{m} imports {t}" for m, ts in graph.items() for t in ts
-           if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)]]
+           if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)] and t != "tuning"]
     assert bad == []
 
 
