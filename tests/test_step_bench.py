@@ -120,3 +120,18 @@ def test_sim_sft_step_matches_plaintext(setup):
         dots, norms_m, norms_p = dots + (um * up).sum(), norms_m + (um * um).sum(), norms_p + (up * up).sum()
     assert dots / np.sqrt(norms_m * norms_p) > 0.95  # the MPC step points where the plaintext step does
     sim.close()
+
+
+def test_no_forward_measures_sft_and_pt_only(mini_home, tmp_path):
+    """`bench step --no-forward` (what bench e2e's step runs use): SFT and PT measured under SPU,
+    no forward-only generation, and the table says so."""
+    import json
+
+    from bench.step import main
+
+    main(["--model", "tiny-llama", "--policy", "aby3", "--layers", "1", "--no-forward", "--warmup", "0",
+          "--vocab", "256", "--seq", "8", "--examples", "2", "--popsize", "4", "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "step_aby3.json").read_text())["results"][0]
+    assert set(r["methods"]) == {"sft", "pt"} and "prefill" not in r
+    assert all(r["methods"][k]["send_bytes"] > 0 for k in ("sft", "pt"))
+    assert "forward-only not measured (--no-forward)" in (tmp_path / "step_aby3.md").read_text()
