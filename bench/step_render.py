@@ -160,8 +160,10 @@ def render(results: list, args, total: float, environment=None):
             f"and rounds are not). "
             + (f"Measured in {len(environment)} runs (one process per policy), {total / 60:.1f} min in all.\n"
                if isinstance(environment, list) and len(environment) > 1 else f"Whole run {total / 60:.1f} min.\n"))
-    table = (markdown_table(rows, cols) + "\nRatios (SFT or PT step over forward-only; gen = one generation of P, "
-             "cand = per candidate):\n\n" + markdown_table(ratios, rcols) + note)
+    measured_ratios = any(len(r) > 2 for r in ratios)  # none under --no-forward
+    table = markdown_table(rows, cols) + (("\nRatios (SFT or PT step over forward-only; gen = one generation of P, "
+                                           "cand = per candidate):\n\n" + markdown_table(ratios, rcols))
+                                          if measured_ratios else "") + note
     config = {"model": args.model, "layers": r0["layers"], "vocab": r0["vocab"], "seq": args.seq,
               "examples": args.examples, "popsize": args.popsize, "n_tokens": args.n_tokens, "policy": policies,
               "lr": args.lr, "eps": args.eps, "loss_scale": args.loss_scale, "warmup": args.warmup, "shapes": sh}
