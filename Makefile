@@ -22,7 +22,7 @@ prepare: setup
 # 2. the full 16-shot job on the plaintext back end (the same programs, in plaintext): tuned
 #    against zero-shot on 1000 test examples, with Wilson intervals and McNemar's test.
 DEMO_SPU_ARGS ?= --task mr --model smollm2-135m --policy aby3-fast --backend sim --prompt-form virtual \
-	--prompt-depth 4 --init "text: Is this review positive or negative?" --dev-eval mean --shots 1 --n-test 2 \
+	--prompt-depth 4 --init "text: Is this review positive or negative?" --train-batch 16 --dev-eval mean --shots 1 --n-test 2 \
 	--max-words 8 --popsize 4 --budget 2
 DEMO_FULL_ARGS ?= --task mr --model smollm2-135m --policy aby3-fast --backend plaintext --prompt-form virtual \
 	--prompt-depth 4 --init "text: Is this review positive or negative?" --train-batch 16 --dev-eval mean \
