@@ -309,7 +309,8 @@ def test_cached_scoring_with_linear_attention_equals_the_uncached_forward(tmp_pa
 
     csv = tmp_path / "toy.csv"
     rows = ["text,label", "good fun,positive", "a long and rather dull film,negative",
-            "ok,positive", "not for me at all,negative"]
+            "ok,positive", "not for me at all,negative", "great stuff,positive", "boring,negative"]  # 3 per class:
+    # the held-out 20% test split needs one of each
     csv.write_text("\n".join(rows) + "\n")
     task = load_user_task(csv, verbalizer="positive=g,negative=b")
     pol = load_policy("aby3-rfa")
