@@ -442,7 +442,10 @@ def test_ctrl_c_reaps_every_party(tmp_path):
     logs = tmp_path / "logs"
     proc = subprocess.Popen(sf_job_cmd(policy_file(tmp_path, "semi2k", 20), logs,
                                        ["--train", str(csv), *TOY_ARGS, "--budget", "50", "--out", str(tmp_path / "r")]),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env(),
+                            # as from a terminal: a child inherits an ignored SIGINT, and the pytest process can
+                            # have had SIGINT set to ignored by a library by the time this test runs
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (logs / "parties.json").exists() or len(party_pids(str(logs))) < 4:
         assert time.monotonic() < deadline and proc.poll() is None
