@@ -55,6 +55,7 @@ from ..errors import UserError
 from ..policy import dump_policy
 from . import node
 from .cost import CallCost
+from .procs import kill_groups
 from . import tls
 from .rpc import PartyError, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
@@ -258,22 +259,7 @@ class LocalCluster:
         """SIGTERM every node's process group, SIGKILL what is left after ``grace_s``, reap all."""
         _LIVE.discard(self)
         self.closed = True
-        procs = list(self.procs.values())
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            for proc in procs:
-                for s in (sig, signal.SIGCONT):  # SIGCONT: a stopped node handles SIGTERM too
-                    try:
-                        os.killpg(proc.pid, s)  # start_new_session: pgid == pid
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            deadline = time.monotonic() + wait_s
-            for proc in procs:
-                try:
-                    proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            if all(p.poll() is not None for p in procs):
-                break
+        kill_groups(list(self.procs.values()), grace_s)
 
     def __enter__(self):
         return self

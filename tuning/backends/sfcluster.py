@@ -51,6 +51,7 @@ import yaml
 
 from ..errors import UserError
 from ..policy import load_policy
+from .procs import kill_groups
 
 REPO = Path(__file__).absolute().parents[2]
 CLUSTER_DIR = REPO / "policies" / "clusters"
@@ -516,7 +517,7 @@ class Supervisor:
                 # past the bound, or only parties that others found stalled are left: kill them
                 for w in live:
                     w.killed = True
-                self._kill([w.proc for w in live])
+                kill_groups([w.proc for w in live], 3.0)
                 continue
             time.sleep(0.1)
         for t in self._threads:
@@ -536,27 +537,10 @@ class Supervisor:
         return {"ok": all(p["returncode"] == 0 and (p["status"] or {}).get("kind") == "ok" for p in parties.values()),
                 "error": explain(parties, self.cluster), "parties": parties}
 
-    def _kill(self, procs, grace_s: float = 3.0):
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            for proc in procs:
-                for s in (sig, signal.SIGCONT):  # a stopped worker handles SIGTERM too
-                    try:
-                        os.killpg(proc.pid, s)  # start_new_session: pgid == pid
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            deadline = time.monotonic() + wait_s
-            for proc in procs:
-                try:
-                    proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            if all(p.poll() is not None for p in procs):
-                return
-
     def close(self) -> None:
         """Kill whatever is left (every worker's process group) and reap it."""
         live = [w.proc for w in self.workers.values() if w.proc.poll() is None]
-        self._kill(live)
+        kill_groups(live, 3.0)
         for w in self.workers.values():
             if w.ended is None and w.proc.poll() is not None:
                 w.ended = time.time()
