@@ -79,6 +79,9 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=500)
     ap.add_argument("--calibrate", default="none", choices=["none", "cf", "batch"])
     ap.add_argument("--label-words", default=None, help="label=word|word,... (several words per class)")
+    ap.add_argument("--head", default="words", choices=["words", "fit"])
+    ap.add_argument("--probe-words", default=None)
+    ap.add_argument("--select", default="dev-loss", choices=["dev-loss", "final-mean"])
     ap.add_argument("--tag", default="", type=tag_suffix, help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -97,7 +100,8 @@ def main(argv=None):
                          mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir),
                          prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
                          dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
-                         label_words=args.label_words)
+                         label_words=args.label_words, head=args.head, probe_words=args.probe_words,
+                         select=args.select)
         done = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
         if done is not None and done["generations"] >= args.budget:
             s = done
@@ -116,6 +120,8 @@ def main(argv=None):
                      "zero-shot raw": round(zs[0], 3), "zero-shot cal": round(zs[1], 3),
                      f"ICL ({args.icl_demos}/class)": round(icl[0], 3), f"ICL cal ({args.icl_demos}/class)": round(icl[1], 3),
                      "tuned": round(s["tuned_test_acc"], 3),
+                     **({"zero-shot head": round(s["fitted_head"]["zero_shot_head_test_acc"], 3),
+                         "tuned words": round(s["tuned_words_test_acc"], 3)} if s.get("fitted_head") else {}),
                      "best dev": round(s["best_dev_acc"], 3), "generations": s["generations"],
                      "backend": args.backend, "placement": args.mode})
         print(rows[-1], flush=True)
@@ -129,19 +135,24 @@ def main(argv=None):
               f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples; "
               f"seeds {', '.join(str(r['seed']) for r in rows)}. 'zero-shot': the run's own (through its back end, "
               f"with its calibration: {args.calibrate}); 'zero-shot raw / cal' and 'ICL / ICL cal': the same seed's "
-              "test set in plaintext, uncalibrated and with contextual calibration (content-free inputs).\n")
+              "test set in plaintext, uncalibrated and with contextual calibration (content-free inputs); "
+              f"head {args.head}, selection {args.select}"
+              + ("; 'tuned' reads the fitted head, 'tuned words' the same prompt's verbalizer alone, 'zero-shot head' "
+                 "the head fitted at P0" if args.head == "fit" else "") + ".\n")
     args.seeds = ",".join(str(r["seed"]) for r in rows)
     save(name, {"rows": rows, "mean": mean, "args": vars(args)}, table, args.out)
 
 
 # what makes two invocations' rows one table (the seeds and the output place may differ)
 SAME_RUN = ("task", "model", "shots", "popsize", "budget", "n_test", "backend", "policy", "mode", "strategy",
-            "icl_demos", "init", "tag", "prompt_depth", "prompt_form", "train_batch", "dev_eval", "sigma0", "d")
+            "icl_demos", "init", "tag", "prompt_depth", "prompt_form", "train_batch", "dev_eval", "sigma0", "d",
+            "calibrate", "label_words", "head", "probe_words", "select")
 
 
 # settings added after tables were written: a table without them ran with these
 NEW_DEFAULTS = {"prompt_depth": None, "prompt_form": "kv", "train_batch": 0, "dev_eval": "all", "sigma0": 1.0,
-                "d": 500}
+                "d": 500, "calibrate": "none", "label_words": None, "head": "words", "probe_words": None,
+                "select": "dev-loss"}
 
 
 def merge_rows(path: Path, rows: list, args: dict) -> list:

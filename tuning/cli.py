@@ -250,6 +250,11 @@ def _print_tune_summary(summary: dict, as_json: bool, out) -> None:
     print(f"zero-shot test accuracy {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f} "
           f"on {summary['n_test']} test examples ({summary['generations']} generations, "
           f"{summary['backend']}, {summary['policy']})")
+    h = summary.get("fitted_head")
+    if h:
+        print(f"fitted head over {h['words']} words ({h['probe_words']} probe words): the tuned prompt's verbalizer "
+              f"alone {summary['tuned_words_test_acc']:.3f}; the head at P0 (zero-shot) "
+              f"{h['zero_shot_head_test_acc']:.3f}")
     sig = summary.get("test_significance")
     if sig:
         print(f"95% intervals: zero-shot [{sig['zero_shot_ci95'][0]:.2f}, {sig['zero_shot_ci95'][1]:.2f}], tuned "
@@ -452,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration at the data owner: cf = content-free inputs (3 extra rows per secure call), "
                         "batch = the scored examples' mean (no extra rows); default none")
     s.add_argument("--loss", choices=["ce", "hinge"])
+    s.add_argument("--head", choices=["words", "fit"],
+                   help="the classifier over the opened logits: words = the verbalizer's (default); fit = a "
+                        "logistic regression over them and probe words, fitted on train + dev at the data owner "
+                        "(W logits opened per row instead of one per class; train + dev scored once more)")
+    s.add_argument("--probe-words", dest="probe_words", metavar="W1,W2,...",
+                   help="--head fit: the probe words (default: the task's pool)")
+    s.add_argument("--select", choices=["dev-loss", "final-mean"],
+                   help="the prompt kept: the lowest dev loss seen (default) or the search's final mean")
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", help="output directory (default runs/tune)")

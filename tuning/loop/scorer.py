@@ -105,7 +105,8 @@ class ExampleSet:
 
 class SecureScorer:
     def __init__(self, session, bundle, task, mode: str = "cached", n_tokens: int = 5, p0_ids=None,
-                 depth: int | None = None, form: str = "kv", calibrate: str = "none", combine: str = "lse"):
+                 depth: int | None = None, form: str = "kv", calibrate: str = "none", combine: str = "lse",
+                 probe_words: tuple = ()):
         if mode not in MODES:
             raise UserError(f"unknown prompt placement {mode!r} (known: {', '.join(MODES)})")
         if calibrate not in CALIBRATIONS or combine not in COMBINE:
@@ -129,11 +130,14 @@ class SecureScorer:
         self.sets: dict = {}
         self.head_template, self.tail_template = split_template(task.template)
         # verbalizer rows of the LM head: shared as one-hot rows, reduced to [W, H] once, resident
+        # (probe words: extra rows whose logits are opened for a head fitted at the data owner, group -1)
         per_label = [verbalizer_words(task, l) for l in task.labels]
         words = [w for ws in per_label for w in ws]
-        self.word_groups = np.array([r for r, ws in enumerate(per_label) for _ in ws])
-        rows = np.zeros((len(words), cfg.vocab_size), np.float32)
-        rows[np.arange(len(words)), verbalizer_ids(self.tok, words)] = 1.0
+        ids = verbalizer_ids(self.tok, words)
+        probe_ids = [i for i in dict.fromkeys(verbalizer_ids(self.tok, [w])[0] for w in probe_words) if i not in ids]
+        self.word_groups = np.array([r for r, ws in enumerate(per_label) for _ in ws] + [-1] * len(probe_ids))
+        rows = np.zeros((len(ids) + len(probe_ids), cfg.vocab_size), np.float32)
+        rows[np.arange(len(rows)), ids + probe_ids] = 1.0
         self.s.put("rows", rows)
         self.s.run(self.programs["head"], {"rows": "rows"}, ["head"], key="head")
         self.s.drop("rows")
@@ -261,6 +265,11 @@ class SecureScorer:
         ``chunks`` (default: all), one secure call per chunk, in chunk order
         (``ExampleSet.chunk_labels`` gives their labels): the opened verbalizer logits, each
         class's words combined and, per ``calibrate``, calibrated (plaintext, here)."""
+        return self.class_scores(*self.score_words(name, delta, chunks))
+
+    def score_words(self, name: str, delta: np.ndarray | None, chunks=None) -> tuple:
+        """The opened logits of every head word, [P, E, W] (verbalizer words, then probe words),
+        and those of the content-free rows ([P, C, W] under ``calibrate="cf"``, else None)."""
         which = range(len(self.sets[name].chunks)) if chunks is None else chunks
         if delta is not None:
             self.s.put("delta", np.asarray(delta, np.float32))
@@ -269,12 +278,16 @@ class SecureScorer:
         finally:
             if delta is not None:
                 self.s.drop("delta")
-        words = np.concatenate([p[:, : self.sets[name].chunks[c]["_size"]] for p, c in zip(parts, which)], 1)
+        sizes = [self.sets[name].chunks[c]["_size"] for c in which]
+        words = np.concatenate([p[:, :n] for p, n in zip(parts, sizes)], 1)
+        cf = np.concatenate([p[:, n:] for p, n in zip(parts, sizes)], 1) if self.calibrate == "cf" else None
+        return words, cf
+
+    def class_scores(self, words: np.ndarray, cf_words: np.ndarray | None = None) -> np.ndarray:
+        """[P, E, W] word logits -> [P, E, R] class scores: each class's verbalizer words combined
+        (probe words take no part), then calibrated."""
         logits = combine_words(words, self.word_groups, self.combine)
-        cf = None
-        if self.calibrate == "cf":  # the content-free rows of every chunk called (same texts, same prompts)
-            cf_words = np.concatenate([p[:, self.sets[name].chunks[c]["_size"]:] for p, c in zip(parts, which)], 1)
-            cf = combine_words(cf_words, self.word_groups, self.combine)
+        cf = None if cf_words is None else combine_words(cf_words, self.word_groups, self.combine)
         return calibrated(logits, self.calibrate, cf)
 
     def _score_chunk(self, chunk: dict, prompted: bool) -> np.ndarray:

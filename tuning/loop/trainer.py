@@ -27,12 +27,15 @@ from ..assets.tasks import kshot, load_task, load_user_task, split_dev, with_lab
 from ..backends import open_backend
 from ..errors import UserError
 from ..policy import load_policy
+from . import head as fitted
 from .scorer import CONTENT_FREE, SecureScorer, delta_shape
 from .search import make_strategy
 from .subspace import subspace_from_stats
 
 LOSSES = ("ce", "hinge")
 DEV_EVAL = ("all", "mean")
+HEADS = ("words", "fit")
+SELECT = ("dev-loss", "final-mean")
 
 
 @dataclasses.dataclass
@@ -67,6 +70,9 @@ class TuneConfig:
     combine: str = "lse"  # how a class's words combine: "lse" (log-sum-exp) or "mean"
     calibrate: str = "none"  # "cf" (content-free rows), "batch" (the scored examples' mean) or "none"
     loss: str = "ce"
+    head: str = "words"  # "words": the verbalizer's words; "fit": a head fitted over them and probe words
+    probe_words: str | None = None  # comma-separated words for --head fit (default: the task's pool)
+    select: str = "dev-loss"  # the prompt kept: "dev-loss" (lowest dev CE seen) or "final-mean" (the search's)
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
     save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
     seed: int = 0
@@ -164,6 +170,9 @@ def minibatches(labels: list, size: int, seed: int) -> list[list[int]]:
 
 
 # -------------------------------------------------------------------------------- checkpointing
+# settings added after runs were checkpointed: at these values they leave a run's id as it was
+LATER_DEFAULTS = {"head": "words", "probe_words": None, "select": "dev-loss"}
+
 # LoopState's scalar fields, stored under their own names; with "has_best" and "extra", every
 # checkpoint holds all of them (load_checkpoint names any that an older version did not write)
 _SCALARS = ("generation", "best_dev", "best_dev_loss", "best_train_loss", "since_best", "mpc_seconds", "mpc_bytes")
@@ -173,7 +182,8 @@ def run_id(cfg: TuneConfig) -> str:
     """What makes a checkpoint this run's: its settings but the budget and where it lives."""
     import hashlib
 
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("budget", "out", "n_tokens")}
+    d = {k: v for k, v in dataclasses.asdict(cfg).items()
+         if k not in ("budget", "out", "n_tokens") and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -285,6 +295,32 @@ def build_subspace(cfg: TuneConfig, bundle, stats):
                                shape=delta_shape(bundle.config, n, cfg.prompt_depth, cfg.prompt_form))
 
 
+def probe_words(cfg: TuneConfig, task) -> tuple:
+    """--head fit's probe words: --probe-words (comma-separated) or the task's own pool."""
+    if cfg.probe_words is None:
+        if not task.probe_words:
+            raise UserError("--head fit needs probe words: this task has no pool, give --probe-words w1,w2,...")
+        return tuple(task.probe_words)
+    words = tuple(" " + w.strip() for w in cfg.probe_words.split(",") if w.strip())
+    if not words:
+        raise UserError(f"--probe-words {cfg.probe_words!r} names no word")
+    return words
+
+
+def fit_head(scorer, delta, seed: int) -> fitted.Head:
+    """--head fit at prompt ``delta`` (None: P0, no soft prompt): the opened word logits of train
+    and dev, a head fitted on both, its regularisation by k-fold over them (plaintext, here)."""
+    X = np.concatenate([fitted.features(scorer.score_words(n, delta)[0][0]) for n in ("train", "dev")])
+    y = np.concatenate([scorer.sets[n].labels for n in ("train", "dev")])
+    R = len(scorer.task.labels)
+    return fitted.fit(X, y, R, fitted.choose_c(X, y, R, seed=seed))
+
+
+def head_predictions(head: fitted.Head, words: np.ndarray) -> np.ndarray:
+    """[E, W] opened word logits -> [E] predicted classes."""
+    return fitted.apply(head, fitted.features(words)).argmax(-1)
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> list:
     """95% Wilson score interval of a binomial proportion k / n."""
     if n == 0:
@@ -347,6 +383,9 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         raise UserError(f"unknown --dev-eval {cfg.dev_eval!r} (known: {', '.join(DEV_EVAL)})")
     if cfg.train_batch < 0 or (cfg.prompt_depth is not None and cfg.prompt_depth < 1):
         raise UserError("--train-batch must be >= 0 and --prompt-depth >= 1")
+    if cfg.head not in HEADS or cfg.select not in SELECT:
+        raise UserError(f"unknown --head {cfg.head!r} or --select {cfg.select!r} "
+                        f"(known: {', '.join(HEADS)}; {', '.join(SELECT)})")
 
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
@@ -366,12 +405,13 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
             f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
 
+        fit = cfg.head == "fit"
         scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
                               depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate,
-                              combine=cfg.combine)
+                              combine=cfg.combine, probe_words=probe_words(cfg, task) if fit else ())
         scorer.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
-                            if cfg.train_batch else None)
-        scorer.add_examples("dev", dev)
+                            if cfg.train_batch else None, zero_shot=fit)
+        scorer.add_examples("dev", dev, zero_shot=fit)
         test_set = scorer.add_examples("test", test, zero_shot=True)
         setup_cost = _cost_sum(session.costs)
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
@@ -388,11 +428,18 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             log(f"resumed at generation {st.generation}")
         else:
             n0 = len(session.costs)
-            zs_logits = scorer.score("test", None)
+            zs_words = scorer.score_words("test", None)
+            zs_logits = scorer.class_scores(*zs_words)
             extra = {"zero_shot_test_acc": float(accuracy(zs_logits, test_set.labels)[0]),
-                     "zero_shot_correct": (zs_logits[0].argmax(-1) == test_set.labels).astype(int).tolist(),
-                     "zero_shot_cost": _cost_sum(session.costs[n0:])}
+                     "zero_shot_correct": (zs_logits[0].argmax(-1) == test_set.labels).astype(int).tolist()}
             log(f"zero-shot test accuracy (through {cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
+            if fit:  # the fitted head at P0, on the same test examples: the baseline a tuned head must beat
+                head0 = fit_head(scorer, None, cfg.seed)
+                correct = head_predictions(head0, zs_words[0][0]) == test_set.labels
+                extra.update(zero_shot_head_test_acc=float(correct.mean()),
+                             zero_shot_head_correct=correct.astype(int).tolist(), zero_shot_head_c=head0.c)
+                log(f"zero-shot test accuracy with a fitted head: {extra['zero_shot_head_test_acc']:.3f}")
+            extra["zero_shot_cost"] = _cost_sum(session.costs[n0:])
             st = LoopState(strategy.init(cfg.seed))
             metrics_path.write_text("")
         # wall time and set-up cost over every session of this run (a resumed run prefills again)
@@ -425,11 +472,24 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             bar.close()  # the error line then starts a line of its own
             raise
 
-        z = st.best_z if st.best_z is not None else strategy.mean(st.search)
+        z = st.best_z if st.best_z is not None and cfg.select == "dev-loss" else strategy.mean(st.search)
         n0 = len(session.costs)
-        tuned_logits = scorer.score("test", subspace.offsets(z[None]))
-        test_acc = float(accuracy(tuned_logits, test_set.labels)[0])
-        tuned_correct = (tuned_logits[0].argmax(-1) == test_set.labels).astype(int)
+        delta = subspace.offsets(z[None])
+        te_words = scorer.score_words("test", delta)
+        words_correct = (scorer.class_scores(*te_words)[0].argmax(-1) == test_set.labels).astype(int)
+        tuned_correct, head_info = words_correct, None
+        if fit:  # train and dev once more at the kept prompt (their rows are the head's only extra cost)
+            head = fit_head(scorer, delta, cfg.seed)
+            tuned_correct = (head_predictions(head, te_words[0][0]) == test_set.labels).astype(int)
+            np.savez(out / "head.npz", mean=head.mean, scale=head.scale, weight=head.weight, bias=head.bias,
+                     c=head.c, word_groups=scorer.word_groups)
+            head_info = {"words": int(len(scorer.word_groups)), "probe_words": int((scorer.word_groups < 0).sum()),
+                         "c": head.c, "zero_shot_c": extra["zero_shot_head_c"],
+                         "extra_rows_final": len(train) + len(dev),
+                         "zero_shot_head_test_acc": extra["zero_shot_head_test_acc"],
+                         "test_significance_vs_zero_shot_head": paired_test(
+                             np.asarray(extra["zero_shot_head_correct"]), tuned_correct)}
+        test_acc = float(tuned_correct.mean())
         gen_costs = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
         per_gen = {k: float(np.median([g[k] for g in gen_costs])) if gen_costs else 0.0
                    for k in ("mpc_s", "mpc_bytes", "mpc_rounds")}
@@ -445,6 +505,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
             "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
             "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
+            "tuned_words_test_acc": float(words_correct.mean()), "select": cfg.select, "head": cfg.head,
+            "fitted_head": head_info,
             "test_significance": paired_test(np.asarray(extra["zero_shot_correct"]), tuned_correct),
             "best_dev_acc": st.best_dev, "best_dev_loss": st.best_dev_loss, "best_train_loss": st.best_train_loss,
             "wall_s": {"elapsed_all_sessions": elapsed(), "sessions": len(extra["setups"])},

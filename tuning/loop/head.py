@@ -1,0 +1,98 @@
+"""A verbalizer fitted at the data owner: a small logistic regression over opened word logits.
+
+With ``--head fit`` the secure head opens the logits of a word *pool* (the task's verbalizer
+words and its probe words, ``assets.tasks.PROBE_WORDS``) instead of one word per class. The
+parties compute the same program, with a few more rows in the final [W, H] product, and open W
+numbers per example instead of R. Everything below runs in plaintext, at the data owner:
+
+    X = features(word_logits)                    # log-probabilities within the pool, [E, W]
+    C = choose_c(X_trdev, y_trdev, n_classes)    # k-fold over train + dev: no dev overfit
+    head = fit(X_trdev, y_trdev, n_classes, C)   # a Head: standardisation and weights
+    scores = apply(head, X_test)                 # [E, R] class scores
+
+Small pure functions over explicit state (a frozen ``Head``), numpy and scipy only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    mean: np.ndarray  # [W] feature standardisation (from the fitting examples)
+    scale: np.ndarray  # [W]
+    weight: np.ndarray  # [W, R]
+    bias: np.ndarray  # [R]
+    c: float  # inverse L2 strength it was fitted with
+
+
+def features(word_logits: np.ndarray) -> np.ndarray:
+    """[..., W] opened word logits -> log-probabilities renormalised over the pool (shift-free:
+    a constant added to every word's logit, e.g. by the rest of the vocabulary, changes nothing)."""
+    z = word_logits - word_logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def fit(X: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> Head:
+    """Multinomial logistic regression on standardised ``X`` [E, W], labels ``y`` [E]: minimises
+    c * sum_e CE_e + |weight|^2 / 2 (bias unpenalised), by L-BFGS."""
+    from scipy.optimize import minimize
+
+    X = np.asarray(X, np.float64)
+    y = np.asarray(y, np.int64)
+    mean, scale = X.mean(0), X.std(0) + 1e-6
+    Xs = (X - mean) / scale
+    E, W = Xs.shape
+    onehot = np.eye(n_classes)[y]
+
+    def loss_grad(theta):
+        w, b = theta[: W * n_classes].reshape(W, n_classes), theta[W * n_classes:]
+        logp = _log_softmax(Xs @ w + b)
+        err = np.exp(logp) - onehot  # d CE / d logits
+        loss = -c * (logp * onehot).sum() + 0.5 * (w * w).sum()
+        return loss, np.concatenate([(c * Xs.T @ err + w).ravel(), c * err.sum(0)])
+
+    res = minimize(loss_grad, np.zeros(W * n_classes + n_classes), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 500})
+    w, b = res.x[: W * n_classes].reshape(W, n_classes), res.x[W * n_classes:]
+    return Head(mean, scale, w, b, float(c))
+
+
+def apply(head: Head, X: np.ndarray) -> np.ndarray:
+    """Class scores [..., R] (log-probabilities) for features ``X`` [..., W]."""
+    return _log_softmax(((np.asarray(X, np.float64) - head.mean) / head.scale) @ head.weight + head.bias)
+
+
+def folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Stratified fold index per example: each class's examples, shuffled, dealt round-robin."""
+    rng = np.random.default_rng([seed, 11])
+    fold = np.zeros(len(y), np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = np.arange(len(idx)) % k
+    return [np.flatnonzero(fold == f) for f in range(k)]
+
+
+def cv_loss(X: np.ndarray, y: np.ndarray, n_classes: int, c: float, k: int = 4, seed: int = 0) -> float:
+    """Mean held-out cross-entropy of ``fit(c)`` over ``k`` stratified folds."""
+    total = 0.0
+    for held in folds(y, k, seed):
+        keep = np.setdiff1d(np.arange(len(y)), held)
+        logp = apply(fit(X[keep], y[keep], n_classes, c), X[held])
+        total -= logp[np.arange(len(held)), y[held]].sum()
+    return total / len(y)
+
+
+def choose_c(X: np.ndarray, y: np.ndarray, n_classes: int, grid=C_GRID, k: int = 4, seed: int = 0) -> float:
+    """The regularisation with the lowest k-fold cross-entropy over the fitting examples (train and
+    dev together: no example is used to pick C and then to judge the same fit)."""
+    return min(grid, key=lambda c: cv_loss(X, y, n_classes, c, k, seed))
