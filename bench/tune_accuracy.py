@@ -82,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--head", default="words", choices=["words", "fit"])
     ap.add_argument("--probe-words", default=None)
     ap.add_argument("--select", default="dev-loss", choices=["dev-loss", "final-mean"])
+    ap.add_argument("--objective", default="words", choices=["words", "head"])
     ap.add_argument("--tag", default="", type=tag_suffix, help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -101,7 +102,7 @@ def main(argv=None):
                          prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
                          dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
                          label_words=args.label_words, head=args.head, probe_words=args.probe_words,
-                         select=args.select)
+                         select=args.select, objective=args.objective)
         done = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
         if done is not None and done["generations"] >= args.budget:
             s = done
@@ -136,7 +137,7 @@ def main(argv=None):
               f"seeds {', '.join(str(r['seed']) for r in rows)}. 'zero-shot': the run's own (through its back end, "
               f"with its calibration: {args.calibrate}); 'zero-shot raw / cal' and 'ICL / ICL cal': the same seed's "
               "test set in plaintext, uncalibrated and with contextual calibration (content-free inputs); "
-              f"head {args.head}, selection {args.select}"
+              f"head {args.head}, selection {args.select}, search objective {args.objective}"
               + ("; 'tuned' reads the fitted head, 'tuned words' the same prompt's verbalizer alone, 'zero-shot head' "
                  "the head fitted at P0" if args.head == "fit" else "") + ".\n")
     args.seeds = ",".join(str(r["seed"]) for r in rows)
@@ -146,13 +147,13 @@ def main(argv=None):
 # what makes two invocations' rows one table (the seeds and the output place may differ)
 SAME_RUN = ("task", "model", "shots", "popsize", "budget", "n_test", "backend", "policy", "mode", "strategy",
             "icl_demos", "init", "tag", "prompt_depth", "prompt_form", "train_batch", "dev_eval", "sigma0", "d",
-            "calibrate", "label_words", "head", "probe_words", "select")
+            "calibrate", "label_words", "head", "probe_words", "select", "objective")
 
 
 # settings added after tables were written: a table without them ran with these
 NEW_DEFAULTS = {"prompt_depth": None, "prompt_form": "kv", "train_batch": 0, "dev_eval": "all", "sigma0": 1.0,
                 "d": 500, "calibrate": "none", "label_words": None, "head": "words", "probe_words": None,
-                "select": "dev-loss"}
+                "select": "dev-loss", "objective": "words"}
 
 
 def merge_rows(path: Path, rows: list, args: dict) -> list:

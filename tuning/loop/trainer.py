@@ -35,6 +35,7 @@ from .subspace import subspace_from_stats
 LOSSES = ("ce", "hinge")
 DEV_EVAL = ("all", "mean")
 HEADS = ("words", "fit")
+OBJECTIVES = ("words", "head")
 SELECT = ("dev-loss", "final-mean")
 
 
@@ -72,6 +73,7 @@ class TuneConfig:
     loss: str = "ce"
     head: str = "words"  # "words": the verbalizer's words; "fit": a head fitted over them and probe words
     probe_words: str | None = None  # comma-separated words for --head fit (default: the task's pool)
+    objective: str = "words"  # the search minimises the CE of: "words" (the verbalizer) or "head" (the P0 head)
     select: str = "dev-loss"  # the prompt kept: "dev-loss" (lowest dev CE seen) or "final-mean" (the search's)
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
     save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
@@ -171,7 +173,7 @@ def minibatches(labels: list, size: int, seed: int) -> list[list[int]]:
 
 # -------------------------------------------------------------------------------- checkpointing
 # settings added after runs were checkpointed: at these values they leave a run's id as it was
-LATER_DEFAULTS = {"head": "words", "probe_words": None, "select": "dev-loss"}
+LATER_DEFAULTS = {"head": "words", "probe_words": None, "select": "dev-loss", "objective": "words"}
 
 # LoopState's scalar fields, stored under their own names; with "has_best" and "extra", every
 # checkpoint holds all of them (load_checkpoint names any that an older version did not write)
@@ -383,9 +385,11 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         raise UserError(f"unknown --dev-eval {cfg.dev_eval!r} (known: {', '.join(DEV_EVAL)})")
     if cfg.train_batch < 0 or (cfg.prompt_depth is not None and cfg.prompt_depth < 1):
         raise UserError("--train-batch must be >= 0 and --prompt-depth >= 1")
-    if cfg.head not in HEADS or cfg.select not in SELECT:
-        raise UserError(f"unknown --head {cfg.head!r} or --select {cfg.select!r} "
-                        f"(known: {', '.join(HEADS)}; {', '.join(SELECT)})")
+    if cfg.head not in HEADS or cfg.select not in SELECT or cfg.objective not in OBJECTIVES:
+        raise UserError(f"unknown --head {cfg.head!r}, --select {cfg.select!r} or --objective {cfg.objective!r} "
+                        f"(known: {', '.join(HEADS)}; {', '.join(SELECT)}; {', '.join(OBJECTIVES)})")
+    if cfg.objective == "head" and cfg.head != "fit":
+        raise UserError("--objective head searches against the head fitted at P0: it needs --head fit")
 
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
@@ -437,11 +441,15 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                 head0 = fit_head(scorer, None, cfg.seed)
                 correct = head_predictions(head0, zs_words[0][0]) == test_set.labels
                 extra.update(zero_shot_head_test_acc=float(correct.mean()),
-                             zero_shot_head_correct=correct.astype(int).tolist(), zero_shot_head_c=head0.c)
+                             zero_shot_head_correct=correct.astype(int).tolist(), zero_shot_head_c=head0.c,
+                             zero_shot_head={k: np.asarray(v).tolist() for k, v in dataclasses.asdict(head0).items()})
                 log(f"zero-shot test accuracy with a fitted head: {extra['zero_shot_head_test_acc']:.3f}")
             extra["zero_shot_cost"] = _cost_sum(session.costs[n0:])
             st = LoopState(strategy.init(cfg.seed))
             metrics_path.write_text("")
+        if cfg.objective == "head":  # every score from here on reads the P0 head (the final one refits)
+            head0 = fitted.Head(**{k: np.asarray(v) if k != "c" else v for k, v in extra["zero_shot_head"].items()})
+            scorer.classify = lambda words: fitted.apply(head0, fitted.features(words))
         # wall time and set-up cost over every session of this run (a resumed run prefills again)
         before = extra.get("elapsed_s", 0.0)
         extra["setups"] = extra.get("setups", []) + [setup_cost]
@@ -506,6 +514,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
             "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
             "tuned_words_test_acc": float(words_correct.mean()), "select": cfg.select, "head": cfg.head,
+            "objective": cfg.objective,
             "fitted_head": head_info,
             "test_significance": paired_test(np.asarray(extra["zero_shot_correct"]), tuned_correct),
             "best_dev_acc": st.best_dev, "best_dev_loss": st.best_dev_loss, "best_train_loss": st.best_train_loss,

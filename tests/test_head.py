@@ -1,0 +1,152 @@
+"""The head fitted at the data owner (--head fit) and the prompt selection (--select): the
+arithmetic on hand-made logits, and a real run on the tiny model where the probe words change
+nothing the parties compute for the search, and only verbalizer logits leave them."""
+import json
+
+import numpy as np
+import pytest
+
+from tuning.loop import head as fitted
+
+
+def _toy(n, w, informative, seed=0, noise=1.0):
+    """Word logits [n, w] whose word ``informative`` carries the label (+-2), the rest pure noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(0, noise, (n, w))
+    X[:, informative] += np.where(y == 1, 2.0, -2.0)
+    return X, y
+
+
+def test_features_ignore_a_shift_common_to_all_words():
+    z = np.array([[1.0, 2.0, -0.5], [0.0, 3.0, 1.0]])
+    np.testing.assert_allclose(fitted.features(z), fitted.features(z + 7.5))
+    np.testing.assert_allclose(np.exp(fitted.features(z)).sum(-1), 1.0)
+
+
+def test_fit_finds_the_informative_word_and_apply_gives_log_probabilities():
+    X, y = _toy(64, 10, informative=7)
+    head = fitted.fit(X, y, 2, c=1.0)
+    assert int(np.argmax(np.abs(head.weight[:, 1] - head.weight[:, 0]))) == 7
+    Xt, yt = _toy(200, 10, informative=7, seed=1)
+    logp = fitted.apply(head, Xt)
+    np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, rtol=1e-9)
+    assert (logp.argmax(-1) == yt).mean() > 0.9
+
+
+def test_stronger_regularisation_shrinks_the_weights():
+    X, y = _toy(32, 6, informative=0)
+    small, large = fitted.fit(X, y, 2, c=0.003), fitted.fit(X, y, 2, c=1.0)
+    assert np.abs(small.weight).sum() < 0.5 * np.abs(large.weight).sum()
+
+
+def test_folds_are_stratified_and_partition_the_examples():
+    y = np.array([0] * 10 + [1] * 6)
+    folds = fitted.folds(y, 4, seed=3)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(16))
+    for f in folds:
+        assert 2 <= (y[f] == 0).sum() <= 3 and 1 <= (y[f] == 1).sum() <= 2
+
+
+def test_choose_c_by_cross_validation():
+    """Pure noise: the k-fold loss prefers the strongest regularisation (a flat head); a clean
+    signal: a weaker one."""
+    rng = np.random.default_rng(0)
+    noise, y = rng.normal(size=(48, 12)), np.arange(48) % 2
+    assert fitted.choose_c(noise, y, 2) == min(fitted.C_GRID)
+    X, y = _toy(48, 12, informative=3, noise=0.3)
+    assert fitted.choose_c(X, y, 2) > min(fitted.C_GRID)
+    with pytest.raises(ValueError):
+        fitted.choose_c(X, y, 2, grid=())
+
+
+def test_run_id_of_older_runs_unchanged_by_the_new_settings():
+    import dataclasses
+
+    from tuning.loop.trainer import LATER_DEFAULTS, TuneConfig, run_id
+
+    cfg = TuneConfig(model="tiny-llama", seed=3)
+    assert {k: getattr(cfg, k) for k in LATER_DEFAULTS} == LATER_DEFAULTS
+    # an older run's config.json has none of them: it loads with the defaults, and keeps its id
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LATER_DEFAULTS}
+    assert run_id(TuneConfig(**old)) == run_id(cfg)
+    assert run_id(dataclasses.replace(cfg, head="fit")) != run_id(cfg)
+
+
+def _toy_csv(tmp_path):
+    rows = ["text,label"] + [f"good fun great film {i},positive" for i in range(10)] + \
+        [f"dull bad boring mess {i},negative" for i in range(10)]
+    path = tmp_path / "toy.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_fitted_head_run_keeps_the_search_and_reveals_only_verbalizer_logits(tmp_path):
+    """--head fit on the tiny model under SPU's simulator: the probe words are extra head rows,
+    so the search (losses, dev) is exactly the --head words run's; the summary reports both
+    classifiers and the zero-shot head; the only values opened are verbalizer logits."""
+    from tuning.loop.trainer import TuneConfig, tune
+
+    kw = dict(model="tiny-llama", backend="sim", task=None, train=_toy_csv(tmp_path),
+              verbalizer="positive=g,negative=b", shots=3, n_test=6, popsize=4, budget=2, d=8,
+              prompt_depth=1, prompt_form="virtual", train_batch=4, dev_eval="mean")
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    words = tune(TuneConfig(**kw, out=str(tmp_path / "words")), **quiet)
+    fit = tune(TuneConfig(**kw, head="fit", probe_words="d,m,f,x", out=str(tmp_path / "fit")), **quiet)
+
+    def losses(d):
+        return [(m["loss_best"], m["loss_mean"], m["dev_loss_of_mean"]) for m in
+                map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+
+    np.testing.assert_allclose(losses("fit"), losses("words"), atol=2e-3)  # SPU noise only
+    assert words["fitted_head"] is None and words["tuned_words_test_acc"] == words["tuned_test_acc"]
+    h = fit["fitted_head"]
+    assert h["words"] == 2 + h["probe_words"] and h["probe_words"] >= 2
+    assert h["extra_rows_final"] == fit["n_train"] + fit["n_dev"]
+    assert 0 <= h["zero_shot_head_test_acc"] <= 1 and h["c"] in fitted.C_GRID
+    assert abs(fit["tuned_words_test_acc"] - words["tuned_test_acc"]) <= 1 / fit["n_test"] + 1e-9
+    saved = np.load(tmp_path / "fit" / "head.npz")
+    assert saved["weight"].shape == (h["words"], 2)
+    assert {r["what"] for r in fit["reveals"]} == {"verbalizer_logits"}
+    assert all(r["shape"][-1] == h["words"] for r in fit["reveals"])  # W logits per row, each to the data owner
+
+
+def test_probe_words_need_a_pool(tmp_path):
+    from tuning.errors import UserError
+    from tuning.loop.trainer import TuneConfig, tune
+
+    with pytest.raises(UserError, match="probe words"):
+        tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
+                        head="fit", shots=2, n_test=4, popsize=2, budget=1, d=4, out=str(tmp_path / "r")),
+             show_progress=False, log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(UserError, match="--head"):
+        tune(TuneConfig(model="tiny-llama", backend="plaintext", task="mr", head="linear", out=str(tmp_path / "r")),
+             show_progress=False, log=lambda *a: None)
+
+
+def test_head_objective_resumes_exactly(tmp_path):
+    """--objective head: the search reads the head fitted at P0, which a resumed run restores from
+    its checkpoint (not refitted): 2 + 1 generations replay 3 exactly, and differ from the
+    verbalizer objective's search."""
+    from tuning.errors import UserError
+    from tuning.loop.trainer import TuneConfig, tune
+
+    kw = dict(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
+              verbalizer="positive=g,negative=b", probe_words="d,m,f,x", head="fit", shots=3, n_test=6,
+              popsize=4, d=8, prompt_depth=1, prompt_form="virtual")
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    with pytest.raises(UserError, match="needs --head fit"):
+        tune(TuneConfig(**{**kw, "head": "words"}, objective="head", budget=1, out=str(tmp_path / "x")), **quiet)
+    full = tune(TuneConfig(**kw, objective="head", budget=3, out=str(tmp_path / "full")), **quiet)
+    tune(TuneConfig(**kw, objective="head", budget=2, out=str(tmp_path / "part")), **quiet)
+    part = tune(TuneConfig(out=str(tmp_path / "part")), resume=True, budget=3, **quiet)
+    words = tune(TuneConfig(**kw, budget=3, out=str(tmp_path / "words")), **quiet)
+
+    def lines(d):
+        return [{k: v for k, v in json.loads(ln).items() if not k.startswith("mpc")}
+                for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines("part") == lines("full") and full["objective"] == "head"
+    assert part["tuned_test_acc"] == full["tuned_test_acc"]
+    assert [m["loss_mean"] for m in lines("words")] != [m["loss_mean"] for m in lines("full")]
