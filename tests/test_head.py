@@ -141,7 +141,7 @@ def test_head_objective_resumes_exactly(tmp_path):
     full = tune(TuneConfig(**kw, objective="head", budget=3, out=str(tmp_path / "full")), **quiet)
     tune(TuneConfig(**kw, objective="head", budget=2, out=str(tmp_path / "part")), **quiet)
     part = tune(TuneConfig(out=str(tmp_path / "part")), resume=True, budget=3, **quiet)
-    words = tune(TuneConfig(**kw, budget=3, out=str(tmp_path / "words")), **quiet)
+    tune(TuneConfig(**kw, budget=3, out=str(tmp_path / "words")), **quiet)
 
     def lines(d):
         return [{k: v for k, v in json.loads(ln).items() if not k.startswith("mpc")}
