@@ -11,14 +11,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import pids_with, toy_csv
 from leakcheck import WindowDetector, leaks
 
 from spu_models.forward import embedding_table, make_forward
 from tuning.assets.encode import make_batch, tokenize_prompts
 from tuning.assets.models import load_model
 from tuning.backends import cluster as clustermod
-from tuning.backends import make_backend, node
-from tuning.backends import tls
+from tuning.backends import make_backend, node, tls
 from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy, with_local_keys
 from tuning.backends.rpc import ping
 from tuning.errors import UserError
@@ -52,21 +52,6 @@ def secrets_of(bundle, batch, fxp_bits: int):
 
 
 # ----------------------------------------------------------------------------------- processes
-def node_pids(marker: str) -> list:
-    """Live processes running tuning.backends.node whose command line contains ``marker``."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "tuning.backends.node" in cmd and marker in cmd:
-                pids.append(int(d))
-    return pids
-
-
 def port_free(addr: str) -> bool:
     host, _, port = addr.rpartition(":")
     s = socket.socket()
@@ -83,7 +68,7 @@ def port_free(addr: str) -> bool:
 
 def assert_cleaned_up(cluster: LocalCluster, policy):
     assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
-    assert node_pids(str(cluster.log_dir)) == []
+    assert pids_with(str(cluster.log_dir), "tuning.backends.node") == []
     addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
     assert all(port_free(a) for a in addrs), addrs
 
@@ -152,16 +137,6 @@ def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_pat
         finally:
             peer.close()
     assert_cleaned_up(cluster, policy)
-
-
-def toy_csv(path):
-    """Two clearly separable classes (disjoint word sets)."""
-    pos = ["great fun", "wonderful", "loved it", "brilliant", "superb"]
-    neg = ["terrible", "awful", "hated it", "boring", "dull mess"]
-    rows = [(f"{pos[i % 5]} {i}", "positive") for i in range(10)] + [(f"{neg[i % 5]} {i}", "negative")
-                                                                      for i in range(10)]
-    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
-    return path, [t for t, _ in rows]
 
 
 def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, monkeypatch):
@@ -363,7 +338,7 @@ def test_node_that_cannot_start_is_named(tmp_path):
         assert "\n" not in str(err.value)
     finally:
         blocker.close()
-    assert node_pids(str(tmp_path)) == []
+    assert pids_with(str(tmp_path), "tuning.backends.node") == []
 
 
 # ------------------------------------------------------------------------------ authenticated links

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import pids_with, toy_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -177,15 +178,6 @@ def test_data_loader_property(tmp_path_factory, rows, junk, kind):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def toy_csv(path):
-    pos = ["great fun", "wonderful", "loved it", "brilliant", "superb"]
-    neg = ["terrible", "awful", "hated it", "boring", "dull mess"]
-    rows = [(f"{pos[i % 5]} {i}", "positive") for i in range(10)] + [(f"{neg[i % 5]} {i}", "negative")
-                                                                      for i in range(10)]
-    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
-    return path
-
-
 TUNE = ["--model", "tiny-llama", "--verbalizer", "positive=g,negative=b", "--shots", "2", "--n-test", "4",
         "--popsize", "4", "--d", "8", "--n-tokens", "2", "--seed", "0"]
 
@@ -193,7 +185,7 @@ TUNE = ["--model", "tiny-llama", "--verbalizer", "positive=g,negative=b", "--sho
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    csv = toy_csv(d / "toy.csv")
+    csv, _ = toy_csv(d / "toy.csv")
     rc, _, err = cli("tune", "--backend", "plaintext", "--train", csv, *TUNE, "--budget", "2", "--out", d / "r")
     assert rc == 0, err
     return d / "r", csv
@@ -308,7 +300,7 @@ def test_nan_is_never_shared_and_overlong_texts_are_refused_before_sharing(tmp_p
         with pytest.raises(UserError, match="refusing to share 'x': 1 of its 3 values are NaN or Inf"):
             s.put("x", np.array([1.0, np.nan, 2.0]))
         assert "x" not in s.shapes
-    f = toy_csv(tmp_path / "long.csv")
+    f, _ = toy_csv(tmp_path / "long.csv")
     rows = f.read_text().splitlines()
     rows[1] = "positive " * 0 + ("word " * 300).strip() + ",positive"
     f.write_text("\n".join(rows) + "\n")
@@ -346,19 +338,6 @@ def test_cluster_keys_writes_pinned_keys_and_a_cluster_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------ faults (slow)
-def _pids_with(marker: str, what: str = "tuning") -> list:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if what in cmd and marker in cmd:
-                out.append(int(d))
-    return out
-
-
 def _cluster_policy(tmp_path, timeout_s=20):
     import dataclasses
 
@@ -373,7 +352,7 @@ def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
     """Start ``secptune tune --backend cluster`` (logs under tmp_path), kill ``victim``'s node once a
     generation is done; return (proc result, seconds from the kill until every process was gone,
     the run dir)."""
-    csv = toy_csv(tmp_path / "toy.csv")
+    csv, _ = toy_csv(tmp_path / "toy.csv")
     policy = _cluster_policy(tmp_path)
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -388,7 +367,7 @@ def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    pids = [p for p in _pids_with(str(tmp_path), "tuning.backends.node") if f"--party {victim}" in
+    pids = [p for p in pids_with(str(tmp_path), "tuning.backends.node") if f"--party {victim}" in
             Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
@@ -406,13 +385,13 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     proc, t0, out, policy = _tune_and_kill(tmp_path, victim, extra=("--save-logits",))
     stdout, stderr = proc.communicate(timeout=120)
     t_driver = time.monotonic() - t0
-    while _pids_with(str(tmp_path), "tuning.backends.node") and time.monotonic() - t0 < 60:
+    while pids_with(str(tmp_path), "tuning.backends.node") and time.monotonic() - t0 < 60:
         time.sleep(0.2)
     t_all = time.monotonic() - t0
     pol = load_policy(str(policy))
     assert proc.returncode == 2, stderr[-3000:]
     one_line_error(stderr, f"party {victim}")
-    assert _pids_with(str(tmp_path), "tuning.backends.node") == []
+    assert pids_with(str(tmp_path), "tuning.backends.node") == []
     assert t_all < pol.timeout_s, (t_driver, t_all)
     logs = list(tmp_path.glob("secptune-cluster-*/*.log"))
     survivors = [p for p in logs if p.stem not in (victim,)]
@@ -475,4 +454,4 @@ def test_retries_supervisor_restarts_and_finishes(tmp_path):
     assert "restarting the local cluster and resuming" in stderr and "retry 1 of 1" in stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "summary.json").read_text())["generations"] == 3
-    assert _pids_with(str(tmp_path), "tuning.backends.node") == []
+    assert pids_with(str(tmp_path), "tuning.backends.node") == []

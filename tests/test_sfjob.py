@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from helpers import pids_with, toy_csv
 from leakcheck import WindowDetector, leaks
 
 from tuning.backends import sfcluster as sc
@@ -30,16 +31,6 @@ from tuning.policy import available_policies, dump_policy, load_policy
 REPO = Path(__file__).absolute().parent.parent
 TOY_ARGS = ["--model", "tiny-llama", "--verbalizer", "positive=g,negative=b", "--shots", "2", "--n-test", "4",
             "--popsize", "4", "--d", "8", "--n-tokens", "2", "--seed", "0"]
-
-
-def toy_csv(path):
-    """Two clearly separable classes (disjoint word sets), as in test_cluster."""
-    pos = ["great fun", "wonderful", "loved it", "brilliant", "superb"]
-    neg = ["terrible", "awful", "hated it", "boring", "dull mess"]
-    rows = [(f"{pos[i % 5]} {i}", "positive") for i in range(10)] + [(f"{neg[i % 5]} {i}", "negative")
-                                                                      for i in range(10)]
-    path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
-    return path, [t for t, _ in rows]
 
 
 def policy_file(tmp_path, name: str, timeout_s: float) -> Path:
@@ -59,20 +50,6 @@ def env(**extra):
 def run_sf_job(policy, log_dir, tune_args, timeout=600, **extra_env):
     return subprocess.run(sf_job_cmd(policy, log_dir, tune_args), capture_output=True, text=True, cwd=REPO,
                           env=env(**extra_env), timeout=timeout)
-
-
-def party_pids(marker: str) -> list:
-    """Live worker processes of a job (their command line names its log dir)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "tuning.loop.sfjob" in cmd and marker in cmd:
-                pids.append(int(d))
-    return pids
 
 
 def error_lines(stderr: str) -> list:
@@ -141,9 +118,8 @@ def test_sf_job_usage_errors_are_one_line(capsys):
 
 def test_the_secretflow_session_needs_a_job():
     from tuning.backends import make_backend
-    from tuning.errors import UserError
-
     from tuning.backends.secretflow import SecretFlowBackend
+    from tuning.errors import UserError
 
     with pytest.raises(UserError, match="runs inside a SecretFlow job"):
         make_backend("secretflow", None, load_policy("aby3"))
@@ -244,8 +220,8 @@ def _cluster_run(tmp_path, name, csv, out):
 
 
 def _secrets(csv_texts, zs, deltas, labels, fxp_bits):
-    from tuning.assets.models import load_model
     from spu_models.forward import embedding_table
+    from tuning.assets.models import load_model
 
     bundle = load_model("tiny-llama")
     leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
@@ -281,7 +257,7 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])  # stdout: the result alone
     assert summary["backend"] == "secretflow" and summary["protocol"] == ref["protocol"] and summary["generations"] == 2
-    assert party_pids(str(tmp_path / "logs")) == []
+    assert pids_with(str(tmp_path / "logs"), "tuning.loop.sfjob") == []
     report = json.loads((tmp_path / "logs" / "job.json").read_text())
     assert report["ok"] and all(p_["status"]["kind"] == "ok" for p_ in report["parties"].values())
 
@@ -314,9 +290,9 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
         return
 
     # privacy: what every party but the data owner received over SecretFlow's link
+    from spu_models.forward import embedding_table
     from tuning.assets.models import EmbeddingStats, load_model, with_policy
     from tuning.loop.trainer import TuneConfig, build_subspace
-    from spu_models.forward import embedding_table
 
     bundle = with_policy(load_model("tiny-llama"), load_policy(name))
     stats = EmbeddingStats.of(np.asarray(embedding_table(bundle.config, bundle.params), np.float32))
@@ -369,7 +345,7 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
     for n in ("bob", "p0", "p1"):
         assert outs[n][0] == "" and f"{n}: up" in outs[n][1] and f"{n}: done" in outs[n][1]
         assert json.loads((tmp_path / n / "job.json").read_text())["ok"]
-        assert party_pids(str(tmp_path / n)) == []
+        assert pids_with(str(tmp_path / n), "tuning.loop.sfjob") == []
 
 
 def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
@@ -391,7 +367,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
         assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)  # they ended by themselves
         assert p["status"]["kind"] == "lost" and p["status"]["peer"] in report["parties"]
         assert p["ended"] - t_kill < timeout, (name, p["ended"] - t_kill)
-    assert party_pids(str(logs)) == []
+    assert pids_with(str(logs), "tuning.loop.sfjob") == []
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert 1 <= done < 4
 
@@ -401,7 +377,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     assert f"resumed at generation {done}" in p.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
     assert json.loads((out / "summary.json").read_text())["generations"] == 4
-    assert party_pids(str(tmp_path / "logs2")) == []
+    assert pids_with(str(tmp_path / "logs2"), "tuning.loop.sfjob") == []
 
 
 def test_stalled_party_ends_every_party_in_time(tmp_path):
@@ -414,7 +390,7 @@ def test_stalled_party_ends_every_party_in_time(tmp_path):
     try:
         _, stderr = proc.communicate(timeout=timeout + 60)
     finally:
-        os.kill(pids["p0"]["pid"], signal.SIGCONT) if pids["p0"]["pid"] in party_pids(str(logs)) else None
+        os.kill(pids["p0"]["pid"], signal.SIGCONT) if pids["p0"]["pid"] in pids_with(str(logs), "tuning.loop.sfjob") else None
     assert proc.returncode == 2
     err = error_lines(stderr)
     assert len(err) == 1 and err[0].startswith("secptune: error: party p0 (compute) stopped answering"), err
@@ -424,7 +400,7 @@ def test_stalled_party_ends_every_party_in_time(tmp_path):
             assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)
             assert p["ended"] - t_stop < timeout + 1, (name, p["ended"] - t_stop)
     assert report["parties"]["p0"]["killed"]  # the launcher reaped the stopped one
-    assert party_pids(str(logs)) == []
+    assert pids_with(str(logs), "tuning.loop.sfjob") == []
 
 
 def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
@@ -434,7 +410,7 @@ def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
     report = json.loads((tmp_path / "logs" / "job.json").read_text())
     assert {n: q["status"]["kind"] for n, q in report["parties"].items()} == \
         {"alice": "error", "bob": "ended", "p0": "ended", "p1": "ended"}
-    assert party_pids(str(tmp_path / "logs")) == []
+    assert pids_with(str(tmp_path / "logs"), "tuning.loop.sfjob") == []
 
 
 def test_ctrl_c_reaps_every_party(tmp_path):
@@ -447,11 +423,11 @@ def test_ctrl_c_reaps_every_party(tmp_path):
                             # have had SIGINT set to ignored by a library by the time this test runs
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not (logs / "parties.json").exists() or len(party_pids(str(logs))) < 4:
+    while not (logs / "parties.json").exists() or len(pids_with(str(logs), "tuning.loop.sfjob")) < 4:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.2)
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)  # a bound on Ctrl-C to exit on a loaded 2-core machine
     assert proc.returncode == 130 and "secptune: interrupted" in stderr
-    assert party_pids(str(logs)) == []
+    assert pids_with(str(logs), "tuning.loop.sfjob") == []
