@@ -9,7 +9,9 @@ tables of one variant are merged by seed (a seed in two of them is an error). Se
 variants are paired: each seed fixes the data split, the subspace A and the search's randomness,
 so B - A per seed removes the split's difficulty from the comparison.
 
-For each metric (tuned and zero-shot test accuracy) it reports the per-seed differences, their
+For each metric (tuned and zero-shot test accuracy; ``--pairs`` pairs other columns, e.g.
+``--pairs "tuned:tuned,zero-shot:zero-shot head"`` reads A's zero-shot against B's zero-shot
+with a fitted head) it reports the per-seed differences, their
 mean, standard deviation and 95% t interval, and reads the interval against ``--margin``:
 ``within`` (the whole interval is above -margin: B loses less than the margin),
 ``worse`` (the whole interval is below -margin) or ``unresolved``; with the observed spread, the
@@ -27,7 +29,22 @@ import numpy as np
 
 from bench.common import RESULTS, markdown_table, save, tag_suffix
 
-METRICS = ("tuned", "zero-shot")
+PAIRS = "tuned:tuned,zero-shot:zero-shot"
+
+
+def parse_pairs(spec: str) -> list:
+    """'a:b,c:d' -> [(a, b), (c, d)]: the column of A read against the column of B."""
+    out = []
+    for item in [x for x in spec.split(",") if x.strip()]:
+        a, sep, b = item.partition(":")
+        if not sep or not a.strip() or not b.strip():
+            raise ValueError(f"--pairs entry {item!r}: expected A_COLUMN:B_COLUMN")
+        out.append((a.strip(), b.strip()))
+    return out
+
+
+def label(pair: tuple) -> str:
+    return pair[0] if pair[0] == pair[1] else f"{pair[0]} / {pair[1]}"
 
 
 def load_rows(names: str, results: Path = RESULTS) -> tuple[dict, list]:
@@ -79,24 +96,24 @@ def paired(a: np.ndarray, b: np.ndarray, margin: float) -> dict:
     return {**out, "sd": sd, "ci95": [lo, hi], "verdict": verdict, "seeds_for_margin": need}
 
 
-def plot(a_rows: dict, b_rows: dict, seeds: list, names: tuple, path: Path) -> None:
+def plot(a_rows: dict, b_rows: dict, seeds: list, names: tuple, path: Path, pairs: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), sharey=True)
-    for ax, metric in zip(axes, METRICS):
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.6), sharey=True, squeeze=False)
+    for ax, (ca, cb) in zip(axes[0], pairs):
         for s in seeds:
-            ax.plot([0, 1], [a_rows[s][metric], b_rows[s][metric]], "o-", color="0.6", lw=1)
-            ax.annotate(f"s{s}", (1.03, b_rows[s][metric]), fontsize=7, va="center")
-        ax.plot([0, 1], [np.mean([a_rows[s][metric] for s in seeds]), np.mean([b_rows[s][metric] for s in seeds])],
+            ax.plot([0, 1], [a_rows[s][ca], b_rows[s][cb]], "o-", color="0.6", lw=1)
+            ax.annotate(f"s{s}", (1.03, b_rows[s][cb]), fontsize=7, va="center")
+        ax.plot([0, 1], [np.mean([a_rows[s][ca] for s in seeds]), np.mean([b_rows[s][cb] for s in seeds])],
                 "s-", color="C3", lw=2, label="mean")
         ax.set_xticks([0, 1], names)
         ax.set_xlim(-0.3, 1.3)
-        ax.set_title(f"{metric} test accuracy")
+        ax.set_title(f"{label((ca, cb))} test accuracy", fontsize=9)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("accuracy")
+    axes[0][0].set_ylabel("accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -109,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--a-name", default="A")
     ap.add_argument("--b-name", default="B")
     ap.add_argument("--margin", type=float, default=0.01, help="allowed loss of B against A (accuracy, 0.01 = 1 point)")
+    ap.add_argument("--pairs", default=PAIRS, help="A_COLUMN:B_COLUMN,... the columns read against each other")
     ap.add_argument("--tag", default="", type=tag_suffix)
     ap.add_argument("--results", default=str(RESULTS), help="where the accuracy tables are")
     ap.add_argument("--out", default=str(RESULTS))
@@ -116,6 +134,7 @@ def main(argv=None):
     if args.margin < 0:
         raise ValueError("--margin must be >= 0")
 
+    pairs = parse_pairs(args.pairs)
     a_rows, a_args = load_rows(args.a, Path(args.results))
     b_rows, b_args = load_rows(args.b, Path(args.results))
     seeds = sorted(set(a_rows) & set(b_rows))
@@ -126,14 +145,17 @@ def main(argv=None):
         if len(va | vb) > 1:
             raise ValueError(f"the tables differ in {key}: {sorted(map(str, va | vb))}; they are not comparable")
 
+    for ca, cb in pairs:
+        if any(ca not in a_rows[s] for s in seeds) or any(cb not in b_rows[s] for s in seeds):
+            raise ValueError(f"column {ca!r} (A) or {cb!r} (B) is missing from a seed's row")
     rows, stats = [], {}
     for s in seeds:
-        rows.append({"seed": s, **{f"{m} {n}": a_rows[s][m] if n == args.a_name else b_rows[s][m]
-                                   for m in METRICS for n in (args.a_name, args.b_name)},
-                     **{f"{m} B-A": round(b_rows[s][m] - a_rows[s][m], 3) for m in METRICS}})
-    for m in METRICS:
-        stats[m] = paired(np.array([a_rows[s][m] for s in seeds]), np.array([b_rows[s][m] for s in seeds]),
-                          args.margin)
+        rows.append({"seed": s, **{f"{ca} {args.a_name}": a_rows[s][ca] for ca, _ in pairs},
+                     **{f"{cb} {args.b_name}": b_rows[s][cb] for _, cb in pairs},
+                     **{f"{label(p)} B-A": round(b_rows[s][p[1]] - a_rows[s][p[0]], 3) for p in pairs}})
+    for p in pairs:
+        stats[label(p)] = paired(np.array([a_rows[s][p[0]] for s in seeds]), np.array([b_rows[s][p[1]] for s in seeds]),
+                                 args.margin)
     cols = list(rows[0])
     mean = {"seed": "mean", **{c: round(float(np.mean([r[c] for r in rows])), 3) for c in cols[1:]}}
     table = markdown_table(rows + [mean], cols)
@@ -151,7 +173,7 @@ def main(argv=None):
     name = f"compare_{a0.get('task')}{args.tag}"
     out = save(name, {"a": {"name": args.a_name, "tables": args.a}, "b": {"name": args.b_name, "tables": args.b},
                       "margin": args.margin, "rows": rows, "stats": stats, "args": vars(args)}, table, args.out)
-    plot(a_rows, b_rows, seeds, (args.a_name, args.b_name), out / f"{name}.png")
+    plot(a_rows, b_rows, seeds, (args.a_name, args.b_name), out / f"{name}.png", pairs)
     print(f"saved {out / name}.png")
 
 

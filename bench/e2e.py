@@ -87,46 +87,38 @@ def learning_curves(seed: int, sft_steps: int, pt_steps: int, sft_lr: float, pt_
     def ce(z, y):
         return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(len(y)), y])
 
-    out = {}
+    def curve(name, loss_fn, acc_fn, x0, lr, steps):
+        """Adam on ``x0`` for ``steps`` full-batch steps of ``loss_fn``; dev accuracy before and after each."""
+        opt = optax.adam(lr)
+
+        @jax.jit
+        def step(x, state):
+            loss, g = jax.value_and_grad(loss_fn)(x)
+            upd, state = opt.update(g, state, x)
+            return optax.apply_updates(x, upd), state, loss
+
+        acc = jax.jit(acc_fn)
+        x, state = x0, opt.init(x0)
+        accs = [float(acc(x))]
+        for s in range(steps):
+            x, state, loss = step(x, state)
+            accs.append(float(acc(x)))
+            log(f"[seed {seed}] {name} step {s + 1}: train loss {float(loss):.3f}, dev acc {accs[-1]:.3f}")
+        return accs
+
+    def dev_acc(dv, params, prompt=None):
+        return jnp.mean(jnp.argmax(logits_of(params, dv[0], dv[1], prompt), -1) == dv[2])
+
     # SFT: every weight
     tr, dv = _encode(bundle, task, train), _encode(bundle, task, dev)
-    opt = optax.adam(sft_lr)
-
-    @jax.jit
-    def sft_step(params, state):
-        loss, g = jax.value_and_grad(lambda p: ce(logits_of(p, tr[0], tr[1]), tr[2]))(params)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state, loss
-
-    dev_acc = jax.jit(lambda p: jnp.mean(jnp.argmax(logits_of(p, dv[0], dv[1]), -1) == dv[2]))
-    params, state = bundle.params, opt.init(bundle.params)
-    curve = [float(dev_acc(params))]
-    for s in range(sft_steps):
-        params, state, loss = sft_step(params, state)
-        curve.append(float(dev_acc(params)))
-        log(f"[seed {seed}] SFT step {s + 1}: train loss {float(loss):.3f}, dev acc {curve[-1]:.3f}")
-    out["sft"] = curve
-    del params, state
-    # PT: the soft prompt only, before the template (BBT placement)
+    out = {"sft": curve("SFT", lambda p: ce(logits_of(p, tr[0], tr[1]), tr[2]), lambda p: dev_acc(dv, p),
+                        bundle.params, sft_lr, sft_steps)}
+    # PT: the soft prompt only, before the template (BBT placement), from P0's embeddings
     tr, dv = _encode(bundle, task, train, n), _encode(bundle, task, dev, n)
     frozen = bundle.params
-    popt = optax.adam(pt_lr)
-
-    @jax.jit
-    def pt_step(prompt, state):
-        loss, g = jax.value_and_grad(lambda pr: ce(logits_of(frozen, tr[0], tr[1], pr), tr[2]))(prompt)
-        upd, state = popt.update(g, state, prompt)
-        return optax.apply_updates(prompt, upd), state, loss
-
-    pt_acc = jax.jit(lambda pr: jnp.mean(jnp.argmax(logits_of(frozen, dv[0], dv[1], pr), -1) == dv[2]))
-    prompt = jnp.asarray(bundle.params["model"]["embed_tokens"]["embedding"])[jnp.asarray(p0_ids)]
-    state = popt.init(prompt)
-    curve = [float(pt_acc(prompt))]
-    for s in range(pt_steps):
-        prompt, state, loss = pt_step(prompt, state)
-        curve.append(float(pt_acc(prompt)))
-        log(f"[seed {seed}] PT step {s + 1}: train loss {float(loss):.3f}, dev acc {curve[-1]:.3f}")
-    out["pt"] = curve
+    p0 = jnp.asarray(frozen["model"]["embed_tokens"]["embedding"])[jnp.asarray(p0_ids)]
+    out["pt"] = curve("PT", lambda pr: ce(logits_of(frozen, tr[0], tr[1], pr), tr[2]),
+                      lambda pr: dev_acc(dv, frozen, pr), p0, pt_lr, pt_steps)
     return out
 
 

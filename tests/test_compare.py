@@ -75,3 +75,21 @@ def test_accuracy_table_keeps_the_seeds_of_earlier_invocations(tmp_path, capsys)
     assert [(r["seed"], r["tuned"]) for r in merged] == [(0, 0.7), (1, 0.7), (2, 0.8), (4, 0.8)]
     assert merge_rows(path, rows([3], 0.8), {**args, "budget": 50}) == rows([3], 0.8)  # other settings
     assert "other settings (budget)" in capsys.readouterr().out
+
+
+def test_compare_pairs_named_columns(tmp_path):
+    """--pairs reads one column of A against another of B: here a zero-shot verbalizer against the
+    zero-shot of a fitted head, in the same table."""
+    path = tmp_path / "h.json"
+    rows = [{"task": "mr", "seed": s, "zero-shot": z, "zero-shot head": h, "tuned": t}
+            for s, (z, h, t) in enumerate([(0.75, 0.80, 0.81), (0.74, 0.79, 0.80), (0.80, 0.82, 0.83)])]
+    path.write_text(json.dumps({"rows": rows, "args": ARGS}))
+    main(["--a", str(path), "--b", str(path), "--pairs", "zero-shot:zero-shot head", "--out", str(tmp_path / "o"),
+          "--tag", "h"])
+    res = json.loads((tmp_path / "o" / "compare_mr_h.json").read_text())
+    assert list(res["stats"]) == ["zero-shot / zero-shot head"]
+    assert res["stats"]["zero-shot / zero-shot head"]["diffs"] == pytest.approx([0.05, 0.05, 0.02])
+    with pytest.raises(ValueError, match="missing"):
+        main(["--a", str(path), "--b", str(path), "--pairs", "tuned:nope", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="expected"):
+        main(["--a", str(path), "--b", str(path), "--pairs", "tuned", "--out", str(tmp_path / "o")])
