@@ -55,7 +55,7 @@ from ..errors import UserError
 from ..policy import dump_policy
 from . import node
 from .cost import CallCost
-from .procs import kill_groups
+from .procs import kill_groups, launch_env
 from . import tls
 from .rpc import PartyError, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
@@ -196,7 +196,7 @@ class LocalCluster:
         self.parties = [*policy.compute, policy.model_owner]
         self.procs: dict = {}
         self.closed = False
-        env = dict(os.environ, SECPTUNE_LAUNCHER_PID=str(os.getpid()))
+        env = launch_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("JAX_PLATFORMS", "cpu")
         _install_handlers()

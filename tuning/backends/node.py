@@ -47,13 +47,12 @@ import numpy as np
 from ..assets.models import EmbeddingStats, load_model
 from ..errors import UserError
 from ..policy import load_policy
+from . import procs
 from .cost import PartyCost, parse_profile
 from .rpc import Peer, ping
 from .spu_common import param_names
 
-ENV_PARENT = "SECPTUNE_LAUNCHER_PID"  # set by a launcher: die with it
 ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every request payload (tests)
-PR_SET_PDEATHSIG = 1
 
 
 # ------------------------------------------------------------------------------------- servicer
@@ -139,16 +138,6 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
     return PartyServicer()
 
 
-def _die_with_launcher():
-    """When started by a launcher, get SIGTERM when it dies (no orphans)."""
-    parent = os.environ.get(ENV_PARENT)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):  # the launcher died before prctl
-        os._exit(1)
-
-
 def _find_party(policy, name: str):
     for rank, p in enumerate(policy.compute):
         if p.name == name:
@@ -215,7 +204,7 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
         policy = load_policy(str(policy))
     party, role, rank = _find_party(policy, party_name)
     tls.identity(policy, party.name)  # refuse to start without keys, before anything else
-    _die_with_launcher()
+    procs.die_with_launcher(signal.SIGTERM)  # no orphans
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-node-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{party.name}.log"
@@ -224,12 +213,7 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
     if record_path:
         record_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"node {party.name} ({role}) at {party.address}; log {log_path}", flush=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
+    procs.log_fds_to(log_path)
     import logging
 
     # ppd's logger formats a field that only its own RPC.serve fills in
@@ -498,7 +482,7 @@ def shutdown(server, reason: str) -> None:
     launcher (``secptune tune/forward --backend cluster``, ``cluster up``), exit; a node started
     by hand drops its runtime and waits for the next session instead."""
     reason = " ".join(str(reason).split())[:300]
-    if os.environ.get(ENV_PARENT):
+    if procs.under_launcher():
         _log(f"node {server.node_id}: error: {reason}; exiting")
         _flush_c_stdout()
         threading.Timer(0.2, os._exit, (3,)).start()  # after the reply has gone out

@@ -1,12 +1,56 @@
-"""Ending the party processes this machine started (the cluster back end's nodes, a SecretFlow
-job's parties): each runs in its own process group (``start_new_session``), so a group signal
-reaches whatever it spawned."""
+"""The party processes this machine starts (the cluster back end's nodes, a SecretFlow job's
+parties), from both sides:
+- the launcher: ``launch_env`` names it to the child; ``kill_groups`` ends them (each runs in its
+  own process group, ``start_new_session``, so a group signal reaches whatever it spawned);
+- the party: ``die_with_launcher`` (no orphans) and ``log_fds_to`` (its C++ and Python logs to
+  its log file)."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
+
+ENV_PARENT = "SECPTUNE_LAUNCHER_PID"  # set by a launcher: the party dies with it
+
+
+def launch_env() -> dict:
+    """The environment for a party process this one launches (and outlives)."""
+    return dict(os.environ, **{ENV_PARENT: str(os.getpid())})
+
+
+def under_launcher() -> bool:
+    return bool(os.environ.get(ENV_PARENT))
+
+
+def die_with_launcher(sig: int) -> None:
+    """When started by a launcher (``launch_env``), get ``sig`` when it dies; exit now if it
+    already has. Linux only (prctl); elsewhere a no-op."""
+    import ctypes
+
+    parent = os.environ.get(ENV_PARENT)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the launcher died before prctl
+        os._exit(1)
+
+
+def log_fds_to(log_path, keep_stdout: bool = False):
+    """File descriptors 1 and 2 (SPU's C++ log, Python's stderr) to ``log_path`` (appended), line
+    buffered. ``keep_stdout``: returns a stream on the original stdout, for what the launcher
+    should still see (else None, and the original is closed here)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    original = os.fdopen(os.dup(1), "w", buffering=1) if keep_stdout else None
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    return original
 
 
 def kill_groups(procs: list, grace_s: float) -> None:

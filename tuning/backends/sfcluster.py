@@ -51,7 +51,7 @@ import yaml
 
 from ..errors import UserError
 from ..policy import load_policy
-from .procs import kill_groups
+from .procs import kill_groups, launch_env
 
 REPO = Path(__file__).absolute().parents[2]
 CLUSTER_DIR = REPO / "policies" / "clusters"
@@ -446,7 +446,7 @@ class Supervisor:
         self.workers: dict = {}
         self.lock = threading.Lock()
         self._threads = []
-        env = dict(os.environ, SECPTUNE_LAUNCHER_PID=str(os.getpid()))
+        env = launch_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("JAX_PLATFORMS", "cpu")
         env["PYTHONUNBUFFERED"] = "1"

@@ -20,6 +20,9 @@ which chunk a call reads (public), never which example is in it.
 After the reveal, at the data owner and in plaintext (no MPC cost beyond the rows noted):
 - a label may have several verbalizer words (``" positive| great"``): the secret one-hot rows
   hold all of them, and each class's logit combines its words (``combine``: log-sum-exp or mean);
+- probe words (``probe_words``, for ``--head fit``): more one-hot rows in the same secret head;
+  their logits are opened with the verbalizer's (W per row instead of R) and take no part in the
+  class logits; a head fitted at the data owner (``loop.head``) reads them all;
 - ``calibrate``: ``"cf"`` (contextual calibration, Zhao et al. 2021: the class log-probabilities
   less those of content-free inputs, ``CONTENT_FREE``, which ride along as a few extra rows of
   every chunk's call), or ``"batch"`` (the mean class log-probabilities of the scored examples

@@ -18,7 +18,6 @@ it, and it leaves through ``os._exit`` (SecretFlow's links can hang at interpret
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import faulthandler
 import json
@@ -29,32 +28,15 @@ import threading
 import traceback
 from pathlib import Path
 
+from ..backends import procs
 from ..backends import secretflow as sfb
 from ..backends.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, load_cluster, write_status
 from ..errors import UserError
 
-ENV_PARENT = "SECPTUNE_LAUNCHER_PID"
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_launcher():
-    parent = os.environ.get(ENV_PARENT)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != int(parent):  # the launcher died before prctl
-        os._exit(1)
-
-
 def _redirect(log_path: Path):
     """Python's ``print`` keeps the original stdout (streamed by the launcher); file descriptors
     1 and 2 (SPU's C++ log, Python's stderr) go to the party's log. Returns (progress, log)."""
-    sys.stdout.flush()
-    progress = os.fdopen(os.dup(1), "w", buffering=1)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    progress = procs.log_fds_to(log_path, keep_stdout=True)
     sys.stdout = progress
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     return progress, sys.stderr
@@ -163,7 +145,7 @@ def main(argv=None) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     progress, log = _redirect(log_dir / f"{args.party}.log")
     faulthandler.enable(file=log)
-    _die_with_launcher()
+    procs.die_with_launcher(signal.SIGKILL)
     party = Party(args.party, log_dir, progress)
     try:
         from .. import configure_jax

@@ -1,0 +1,91 @@
+"""Which classifier should read the opened logits? Finished ``--head fit`` runs, re-scored.
+
+    secptune bench heads --table accuracy_mr_cached_plaintext_cma_v4t_b16m_fast_fit [--tag _fit]
+
+For each seed's run of a ``bench accuracy`` table (``--head fit``), on the plaintext back end (the
+programs SPU runs), the same test examples read five ways:
+- ``words P0`` / ``words tuned``: the verbalizer's words at P0 (zero-shot) and at the kept prompt;
+- ``head P0``: the head fitted on train + dev at P0, on P0's test logits;
+- ``head P0 @ tuned``: that same head on the tuned prompt's test logits (what ``--objective head``
+  searched against);
+- ``head refit @ tuned``: the head fitted again at the kept prompt (what ``--head fit`` reports);
+- ``ensemble``: the mean of the log-probabilities of ``head P0`` and ``head refit @ tuned``.
+Under MPC every one of them reads the same opened logits: the reading is free; ``ensemble``
+and ``head P0 @ tuned`` need no rows beyond the run's, ``head refit`` the train + dev rows once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, markdown_table, save, tag_suffix
+
+READS = ("words P0", "words tuned", "head P0", "head P0 @ tuned", "head refit @ tuned", "ensemble")
+
+
+def read_run(run: Path) -> dict:
+    """Test accuracy of every reading for one finished run (see the module doc)."""
+    from tuning.assets.models import load_model, with_policy
+    from tuning.backends import make_backend
+    from tuning.loop import head as fitted
+    from tuning.loop.scorer import SecureScorer
+    from tuning.loop.trainer import (TuneConfig, build_subspace, fit_head, minibatches, probe_words, split_examples,
+                                     task_of)
+    from tuning.policy import load_policy
+
+    cfg = TuneConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})
+    if cfg.head != "fit":
+        raise ValueError(f"{run}: not a --head fit run")
+    task = task_of(cfg)
+    train, dev, test = split_examples(cfg, task)
+    policy = load_policy(cfg.policy)
+    bundle = with_policy(load_model(cfg.model), policy)
+    plain = make_backend("plaintext", bundle, policy)
+    sub = build_subspace(cfg, bundle, plain.embedding_stats())
+    sc = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
+                      form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
+                      probe_words=probe_words(cfg, task))
+    sc.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
+                    if cfg.train_batch else None, zero_shot=True)
+    sc.add_examples("dev", dev, zero_shot=True)
+    y = sc.add_examples("test", test, zero_shot=True).labels
+    delta = sub.offsets(np.load(run / "best_z.npy")[None])
+    w0, wt = sc.score_words("test", None), sc.score_words("test", delta)
+    h0, ht = fit_head(sc, None, cfg.seed), fit_head(sc, delta, cfg.seed)
+    lp = {"head P0": fitted.apply(h0, fitted.features(w0[0][0])),
+          "head P0 @ tuned": fitted.apply(h0, fitted.features(wt[0][0])),
+          "head refit @ tuned": fitted.apply(ht, fitted.features(wt[0][0]))}
+    lp["ensemble"] = (lp["head P0"] + lp["head refit @ tuned"]) / 2
+    acc = {"words P0": sc.class_scores(*w0)[0], "words tuned": sc.class_scores(*wt)[0], **lp}
+    return {k: round(float((v.argmax(-1) == y).mean()), 4) for k, v in acc.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="secptune bench heads")
+    ap.add_argument("--table", required=True, help="a `bench accuracy` table of --head fit runs (name or path)")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--tag", default="", type=tag_suffix)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    path = Path(args.table) if Path(args.table).suffix else Path(args.results) / f"{args.table}.json"
+    table = json.loads(path.read_text())
+    a = table["args"]
+    rows = []
+    for r in table["rows"]:
+        run = Path(a["out"]) / "runs" / f"{a['task']}_{a['mode']}_{a['backend']}_{a['strategy']}{a['tag']}_s{r['seed']}"
+        rows.append({"seed": r["seed"], **read_run(run)})
+        print(rows[-1], flush=True)
+    mean = {"seed": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in READS}}
+    text = markdown_table(rows + [mean], ["seed", *READS])
+    text += (f"\n{path.stem}: {a['task']}, popsize {a['popsize']} x {a['budget']} generations, search objective "
+             f"{a.get('objective', 'words')}, selection {a.get('select', 'dev-loss')}; {a['n_test']} test examples "
+             "per seed, re-scored on the plaintext back end. Readings: see bench/heads.py.\n")
+    save(f"heads_{a['task']}{args.tag}", {"rows": rows, "mean": mean, "table": str(path)}, text, args.out)
+
+
+if __name__ == "__main__":
+    main()
