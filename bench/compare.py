@@ -126,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--a-name", default="A")
     ap.add_argument("--b-name", default="B")
     ap.add_argument("--margin", type=float, default=0.01, help="allowed loss of B against A (accuracy, 0.01 = 1 point)")
+    ap.add_argument("--vary", default="", help="a setting the two variants may differ in (the one compared), "
+                                               "e.g. budget")
     ap.add_argument("--pairs", default=PAIRS, help="A_COLUMN:B_COLUMN,... the columns read against each other")
     ap.add_argument("--tag", default="", type=tag_suffix)
     ap.add_argument("--results", default=str(RESULTS), help="where the accuracy tables are")
@@ -140,7 +142,7 @@ def main(argv=None):
     seeds = sorted(set(a_rows) & set(b_rows))
     if len(seeds) < 2:
         raise ValueError(f"the variants share {len(seeds)} seed(s) ({seeds}); a paired comparison needs >= 2")
-    for key in ("task", "shots", "popsize", "budget", "n_test", "init"):
+    for key in [k for k in ("task", "shots", "popsize", "budget", "n_test", "init") if k != args.vary]:
         va, vb = {x.get(key) for x in a_args}, {x.get(key) for x in b_args}
         if len(va | vb) > 1:
             raise ValueError(f"the tables differ in {key}: {sorted(map(str, va | vb))}; they are not comparable")
@@ -168,7 +170,9 @@ def main(argv=None):
     a0 = a_args[0]
     table += (f"\nA = {args.a_name} ({args.a}); B = {args.b_name} ({args.b}). {a0.get('task')}, "
               f"{a0.get('shots')}-shot per class, popsize {a0.get('popsize')} x {a0.get('budget')} generations, "
-              f"{a0.get('n_test')} test examples; margin {100 * args.margin:g} point(s). Paired by seed "
+              f"{a0.get('n_test')} test examples"
+              + (f" ({args.vary}: A {a_args[0].get(args.vary)}, B {b_args[0].get(args.vary)})" if args.vary else "")
+              + f"; margin {100 * args.margin:g} point(s). Paired by seed "
               f"(same split, subspace and search seed); t interval over the per-seed differences.\n")
     name = f"compare_{a0.get('task')}{args.tag}"
     out = save(name, {"a": {"name": args.a_name, "tables": args.a}, "b": {"name": args.b_name, "tables": args.b},

@@ -93,3 +93,12 @@ def test_compare_pairs_named_columns(tmp_path):
         main(["--a", str(path), "--b", str(path), "--pairs", "tuned:nope", "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="expected"):
         main(["--a", str(path), "--b", str(path), "--pairs", "tuned", "--out", str(tmp_path / "o")])
+
+
+def test_compare_vary_names_the_one_setting_allowed_to_differ(tmp_path):
+    a = _table(tmp_path / "a.json", [0.79, 0.80], [0.75, 0.74])
+    b = _table(tmp_path / "b.json", [0.80, 0.81], [0.75, 0.74], budget=100)
+    with pytest.raises(ValueError, match="budget"):
+        main(["--a", a, "--b", b, "--out", str(tmp_path / "o")])
+    main(["--a", a, "--b", b, "--vary", "budget", "--out", str(tmp_path / "o"), "--tag", "v"])
+    assert "budget: A 25, B 100" in (tmp_path / "o" / "compare_mr_v.md").read_text()
