@@ -12,6 +12,11 @@ programs SPU runs), the same test examples read five ways:
 - ``ensemble``: the mean of the log-probabilities of ``head P0`` and ``head refit @ tuned``.
 Under MPC every one of them reads the same opened logits: the reading is free; ``ensemble``
 and ``head P0 @ tuned`` need no rows beyond the run's, ``head refit`` the train + dev rows once.
+
+``--cost``: what the wider secret head costs under SPU's simulator (the run's policy and model):
+the one-off ``head`` program (the one-hot word rows times the embedding table) with the
+verbalizer's R words and with all W words, side by side; per scored row the W - R more logits
+are a few more products in the last matmul and W - R more opened values.
 """
 from __future__ import annotations
 
@@ -63,13 +68,47 @@ def read_run(run: Path) -> dict:
     return {k: round(float((v.argmax(-1) == y).mean()), 4) for k, v in acc.items()}
 
 
+def head_cost(model: str, policy_name: str, word_counts: list) -> list:
+    """Bytes, rounds and seconds of the one-off secure ``head`` program for each number of word
+    rows, in one simulator session (the weights shared once)."""
+    from spu_models.forward import make_tuning_programs
+    from tuning.assets.models import load_model, with_policy
+    from tuning.backends import make_backend
+    from tuning.policy import load_policy
+
+    policy = load_policy(policy_name)
+    bundle = with_policy(load_model(model), policy)
+    sim = make_backend("sim", bundle, policy)
+    try:
+        programs = make_tuning_programs(bundle.config, bundle.execution)
+        out = []
+        for w in word_counts:
+            rows = np.zeros((w, bundle.config.vocab_size), np.float32)
+            rows[np.arange(w), np.arange(100, 100 + w)] = 1.0
+            sim.put("rows", rows)
+            sim.run(programs["head"], {"rows": "rows"}, ["head"], key=f"head{w}")
+            c = sim.costs[-1]
+            out.append({"words": w, "MB sent": round(c.send_bytes / 1e6, 2), "rounds": int(c.rounds),
+                        "seconds": round(c.wall_s, 2)})
+            sim.drop("rows")
+            sim.drop("head")
+        return out
+    finally:
+        sim.close()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench heads")
-    ap.add_argument("--table", required=True, help="a `bench accuracy` table of --head fit runs (name or path)")
+    ap.add_argument("--table", help="a `bench accuracy` table of --head fit runs (name or path)")
+    ap.add_argument("--cost", action="store_true", help="measure the wider head's one-off cost under the simulator")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--tag", default="", type=tag_suffix)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.cost:
+        return cost_main(args)
+    if not args.table:
+        ap.error("--table is required (or --cost)")
 
     path = Path(args.table) if Path(args.table).suffix else Path(args.results) / f"{args.table}.json"
     table = json.loads(path.read_text())
@@ -89,3 +128,19 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def cost_main(args):
+    """--cost: the head program with the verbalizer's words and with the whole probe pool."""
+    from tuning.assets.tasks import TASKS
+
+    table = json.loads(Path(args.table).read_text()) if args.table else {"args": {}}
+    a = table["args"]
+    model, policy, task = a.get("model", "smollm2-135m"), a.get("policy", "aby3-fast"), a.get("task", "mr")
+    spec = TASKS[task]
+    r, w = len(spec.verbalizer), len(spec.verbalizer) + len(spec.probe_words)
+    rows = head_cost(model, policy, [r, w])
+    text = markdown_table(rows, list(rows[0]))
+    text += (f"\nThe one-off secure head program of {model} under {policy} (simulator, one session): {r} verbalizer "
+             f"word rows against {w} (verbalizer + {task}'s probe words). It runs once per job, at set-up.\n")
+    save(f"heads_cost_{task}_{policy}{args.tag}", {"rows": rows, "model": model, "policy": policy}, text, args.out)
