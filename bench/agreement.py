@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save
+from bench.common import RESULTS, markdown_table, rescorer, save
 
 
 def main(argv=None):
@@ -24,27 +23,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import SecureScorer
-    from tuning.loop.trainer import TuneConfig, build_subspace, minibatches, split_examples, task_of
-    from tuning.policy import load_policy
-
     run = Path(args.run)
-    cfg = TuneConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})
     files = sorted((run / "logits").glob("gen*.npz"))
     if not files:
         raise ValueError(f"{run}: no saved logits; run `secptune tune ... --save-logits` first")
-    task = task_of(cfg)
-    train, dev, _ = split_examples(cfg, task)
-    bundle = with_policy(load_model(cfg.model), load_policy(cfg.policy))
-    plain = make_backend("plaintext", bundle, load_policy(cfg.policy))
-    sub = build_subspace(cfg, bundle, plain.embedding_stats())
-    scorer = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
-                          form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine)
-    scorer.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
-                        if cfg.train_batch else None)
-    scorer.add_examples("dev", dev)
+    cfg, sub, scorer, _ = rescorer(run)
     agree, errs, n = 0, [], 0
     rows = []
     for f in files:

@@ -22,6 +22,43 @@ def tag_suffix(tag: str) -> str:
     return tag if not tag or tag.startswith("_") else "_" + tag
 
 
+def rescorer(run: Path, zero_shot: bool = False):
+    """A finished tuning run's secure scorer rebuilt on the plaintext back end (the programs SPU
+    runs): its config, subspace and scorer (probe words too, for a ``--head fit`` run), its train
+    and dev sets shared as the run shared them (``zero_shot``: with P0's logits, and the test set
+    too; an ``--objective head`` run's scores read its P0 head, from its checkpoint, as its search
+    did). Returns (cfg, subspace, scorer, test examples)."""
+    import numpy as np
+
+    from tuning.assets.models import load_model, with_policy
+    from tuning.backends import make_backend
+    from tuning.loop import head as fitted
+    from tuning.loop.scorer import SecureScorer
+    from tuning.loop.trainer import TuneConfig, build_subspace, minibatches, probe_words, split_examples, task_of
+    from tuning.policy import load_policy
+
+    cfg = TuneConfig(**{**json.loads((Path(run) / "config.json").read_text()), "out": str(run)})
+    task = task_of(cfg)
+    train, dev, test = split_examples(cfg, task)
+    policy = load_policy(cfg.policy)
+    bundle = with_policy(load_model(cfg.model), policy)
+    plain = make_backend("plaintext", bundle, policy)
+    sub = build_subspace(cfg, bundle, plain.embedding_stats())
+    sc = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
+                      form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
+                      probe_words=probe_words(cfg, task) if cfg.head == "fit" else ())
+    sc.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
+                    if cfg.train_batch else None, zero_shot=zero_shot)
+    sc.add_examples("dev", dev, zero_shot=zero_shot)
+    if zero_shot:
+        sc.add_examples("test", test, zero_shot=True)
+    if cfg.objective == "head":
+        with np.load(Path(run) / "ckpt.npz") as ck:
+            head0 = fitted.from_json(json.loads(str(ck["extra"]))["zero_shot_head"])
+        sc.classify = lambda words: fitted.apply(head0, fitted.features(words))
+    return cfg, sub, sc, test
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows)

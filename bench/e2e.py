@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, markdown_table, save, tag_suffix
+from bench.tune_accuracy import run_dir
 
 INIT = "text: Is this review positive or negative?"
 
@@ -129,7 +130,7 @@ def forward_only_curves(table: str, results: Path) -> dict:
     a = d["args"]
     out = {}
     for r in d["rows"]:
-        run = Path(a["out"]) / "runs" / f"{a['task']}_{a['mode']}_{a['backend']}_{a['strategy']}{a['tag']}_s{r['seed']}"
+        run = run_dir(a, r["seed"])
         ms = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         out[r["seed"]] = [ms[0]["dev_acc_of_mean"]] + [m["dev_acc_of_mean"] for m in ms]  # gen 1 scores z = 0
     return out, a

@@ -26,37 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, save, tag_suffix
+from bench.common import RESULTS, markdown_table, rescorer, save, tag_suffix
+from bench.tune_accuracy import run_dir
 
 READS = ("words P0", "words tuned", "head P0", "head P0 @ tuned", "head refit @ tuned", "ensemble")
 
 
 def read_run(run: Path) -> dict:
     """Test accuracy of every reading for one finished run (see the module doc)."""
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
     from tuning.loop import head as fitted
-    from tuning.loop.scorer import SecureScorer
-    from tuning.loop.trainer import (TuneConfig, build_subspace, fit_head, minibatches, probe_words, split_examples,
-                                     task_of)
-    from tuning.policy import load_policy
+    from tuning.loop.trainer import fit_head
 
-    cfg = TuneConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run)})
-    if cfg.head != "fit":
+    if json.loads((run / "config.json").read_text()).get("head") != "fit":
         raise ValueError(f"{run}: not a --head fit run")
-    task = task_of(cfg)
-    train, dev, test = split_examples(cfg, task)
-    policy = load_policy(cfg.policy)
-    bundle = with_policy(load_model(cfg.model), policy)
-    plain = make_backend("plaintext", bundle, policy)
-    sub = build_subspace(cfg, bundle, plain.embedding_stats())
-    sc = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
-                      form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
-                      probe_words=probe_words(cfg, task))
-    sc.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
-                    if cfg.train_batch else None, zero_shot=True)
-    sc.add_examples("dev", dev, zero_shot=True)
-    y = sc.add_examples("test", test, zero_shot=True).labels
+    cfg, sub, sc, _ = rescorer(run, zero_shot=True)
+    y = sc.sets["test"].labels
     delta = sub.offsets(np.load(run / "best_z.npy")[None])
     w0, wt = sc.score_words("test", None), sc.score_words("test", delta)
     h0, ht = fit_head(sc, None, cfg.seed), fit_head(sc, delta, cfg.seed)
@@ -90,8 +74,7 @@ def head_cost(model: str, policy_name: str, word_counts: list) -> list:
             c = sim.costs[-1]
             out.append({"words": w, "MB sent": round(c.send_bytes / 1e6, 2), "rounds": int(c.rounds),
                         "seconds": round(c.wall_s, 2)})
-            sim.drop("rows")
-            sim.drop("head")
+            sim.drop("rows", "head")
         return out
     finally:
         sim.close()
@@ -115,7 +98,7 @@ def main(argv=None):
     a = table["args"]
     rows = []
     for r in table["rows"]:
-        run = Path(a["out"]) / "runs" / f"{a['task']}_{a['mode']}_{a['backend']}_{a['strategy']}{a['tag']}_s{r['seed']}"
+        run = run_dir(a, r["seed"])
         rows.append({"seed": r["seed"], **read_run(run)})
         print(rows[-1], flush=True)
     mean = {"seed": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in READS}}
@@ -124,10 +107,6 @@ def main(argv=None):
              f"{a.get('objective', 'words')}, selection {a.get('select', 'dev-loss')}; {a['n_test']} test examples "
              "per seed, re-scored on the plaintext back end. Readings: see bench/heads.py.\n")
     save(f"heads_{a['task']}{args.tag}", {"rows": rows, "mean": mean, "table": str(path)}, text, args.out)
-
-
-if __name__ == "__main__":
-    main()
 
 
 def cost_main(args):
@@ -144,3 +123,7 @@ def cost_main(args):
     text += (f"\nThe one-off secure head program of {model} under {policy} (simulator, one session): {r} verbalizer "
              f"word rows against {w} (verbalizer + {task}'s probe words). It runs once per job, at set-up.\n")
     save(f"heads_cost_{task}_{policy}{args.tag}", {"rows": rows, "model": model, "policy": policy}, text, args.out)
+
+
+if __name__ == "__main__":
+    main()

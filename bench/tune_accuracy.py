@@ -56,6 +56,12 @@ def prompt_accuracy(bundle, policy, task, train, test, demos_per_class: int, see
     return raw, cal
 
 
+def run_dir(args: dict, seed) -> Path:
+    """The run directory of one seed of a ``bench accuracy`` table, from the table's ``args``."""
+    return (Path(args["out"]) / "runs"
+            / f"{args['task']}_{args['mode']}_{args['backend']}_{args['strategy']}{args['tag']}_s{seed}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench accuracy")
     ap.add_argument("--task", default="mr")
@@ -95,18 +101,18 @@ def main(argv=None):
     bundle = None
     policy = load_policy(args.policy)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run_dir = Path(args.out) / "runs" / f"{args.task}_{args.mode}_{args.backend}_{args.strategy}{args.tag}_s{seed}"
+        run = run_dir(vars(args), seed)
         cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
                          shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
-                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run_dir),
+                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run),
                          prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
                          dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
                          label_words=args.label_words, head=args.head, probe_words=args.probe_words,
                          select=args.select, objective=args.objective)
-        done = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
+        done = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
         if done is not None and done["generations"] >= args.budget:
             s = done
-        elif (run_dir / "ckpt.npz").exists():  # an interrupted run, or a finished one given a larger --budget
+        elif (run / "ckpt.npz").exists():  # an interrupted run, or a finished one given a larger --budget
             s = tune(cfg, resume=True, budget=args.budget)
         else:
             s = tune(cfg)

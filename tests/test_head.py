@@ -150,3 +150,28 @@ def test_head_objective_resumes_exactly(tmp_path):
     assert lines("part") == lines("full") and full["objective"] == "head"
     assert part["tuned_test_acc"] == full["tuned_test_acc"]
     assert [m["loss_mean"] for m in lines("words")] != [m["loss_mean"] for m in lines("full")]
+
+
+def test_benches_rescore_a_head_objective_run_as_its_search_did(tmp_path):
+    """`bench agreement` and `bench heads` rebuild a finished run's scorer in plaintext
+    (bench.common.rescorer): for an --objective head run under SPU's simulator the opened scores
+    it saved are the P0 head's, and the plaintext rescoring reads the same head from the checkpoint,
+    so the two agree; `bench heads` reads the run every way."""
+    from bench.agreement import main as agreement
+    from bench.heads import READS, read_run
+    from tuning.loop.trainer import TuneConfig, tune
+
+    run = tmp_path / "run"
+    tune(TuneConfig(model="tiny-llama", backend="sim", task=None, train=_toy_csv(tmp_path),
+                    verbalizer="positive=g,negative=b", probe_words="d,m,f,x", head="fit", objective="head",
+                    shots=3, n_test=6, popsize=4, budget=2, d=8, prompt_depth=1, prompt_form="virtual",
+                    save_logits=True, out=str(run)), show_progress=False, log=lambda *a: None)
+    agreement(["--run", str(run), "--out", str(tmp_path / "o")])
+    res = json.loads((tmp_path / "o" / "agreement_run.json").read_text())
+    assert res["rows"][-1]["argmax agree"] == 1.0
+    # what the search saved are the head's log-probabilities (they normalise), and plaintext reads the same
+    saved = np.load(run / "logits" / "gen0002.npz")["train_logits"]
+    np.testing.assert_allclose(np.log(np.exp(saved).sum(-1)), 0.0, atol=1e-6)
+    assert float(res["rows"][-1]["max abs logit err"]) < 0.2  # SPU's fixed point through a standardised head
+    reads = read_run(run)
+    assert set(reads) == set(READS) and all(0 <= v <= 1 for v in reads.values())

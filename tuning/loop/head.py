@@ -30,6 +30,15 @@ class Head:
     c: float  # inverse L2 strength it was fitted with
 
 
+def to_json(head: Head) -> dict:
+    """The head as JSON-able lists (a run's checkpoint keeps its P0 head this way)."""
+    return {k: np.asarray(v).tolist() for k, v in dataclasses.asdict(head).items()}
+
+
+def from_json(d: dict) -> Head:
+    return Head(**{k: float(v) if k == "c" else np.asarray(v) for k, v in d.items()})
+
+
 def features(word_logits: np.ndarray) -> np.ndarray:
     """[..., W] opened word logits -> log-probabilities renormalised over the pool (shift-free:
     a constant added to every word's logit, e.g. by the rest of the vocabulary, changes nothing)."""

@@ -33,6 +33,7 @@ from ..backends import secretflow as sfb
 from ..backends.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, load_cluster, write_status
 from ..errors import UserError
 
+
 def _redirect(log_path: Path):
     """Python's ``print`` keeps the original stdout (streamed by the launcher); file descriptors
     1 and 2 (SPU's C++ log, Python's stderr) go to the party's log. Returns (progress, log)."""

@@ -442,13 +442,13 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                 correct = head_predictions(head0, zs_words[0][0]) == test_set.labels
                 extra.update(zero_shot_head_test_acc=float(correct.mean()),
                              zero_shot_head_correct=correct.astype(int).tolist(), zero_shot_head_c=head0.c,
-                             zero_shot_head={k: np.asarray(v).tolist() for k, v in dataclasses.asdict(head0).items()})
+                             zero_shot_head=fitted.to_json(head0))
                 log(f"zero-shot test accuracy with a fitted head: {extra['zero_shot_head_test_acc']:.3f}")
             extra["zero_shot_cost"] = _cost_sum(session.costs[n0:])
             st = LoopState(strategy.init(cfg.seed))
             metrics_path.write_text("")
         if cfg.objective == "head":  # every score from here on reads the P0 head (the final one refits)
-            head0 = fitted.Head(**{k: np.asarray(v) if k != "c" else v for k, v in extra["zero_shot_head"].items()})
+            head0 = fitted.from_json(extra["zero_shot_head"])
             scorer.classify = lambda words: fitted.apply(head0, fitted.features(words))
         # wall time and set-up cost over every session of this run (a resumed run prefills again)
         before = extra.get("elapsed_s", 0.0)
@@ -489,8 +489,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         if fit:  # train and dev once more at the kept prompt (their rows are the head's only extra cost)
             head = fit_head(scorer, delta, cfg.seed)
             tuned_correct = (head_predictions(head, te_words[0][0]) == test_set.labels).astype(int)
-            np.savez(out / "head.npz", mean=head.mean, scale=head.scale, weight=head.weight, bias=head.bias,
-                     c=head.c, word_groups=scorer.word_groups)
+            np.savez(out / "head.npz", **dataclasses.asdict(head), word_groups=scorer.word_groups)
             head_info = {"words": int(len(scorer.word_groups)), "probe_words": int((scorer.word_groups < 0).sum()),
                          "c": head.c, "zero_shot_c": extra["zero_shot_head_c"],
                          "extra_rows_final": len(train) + len(dev),
