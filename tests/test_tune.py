@@ -3,7 +3,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -57,17 +56,25 @@ def test_resume_after_kill_continues_exactly(toy_csv, tmp_path):
     argv = [sys.executable, "-m", "tuning.cli", "tune", "--model", "tiny-llama", "--backend", "plaintext",
             "--train", str(toy_csv), "--verbalizer", "positive=g,negative=b", "--shots", "4", "--n-test", "8",
             "--popsize", "8", "--budget", "8", "--d", "16", "--n-tokens", "2", "--seed", "0", "--out", str(run)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    # SIGKILL lands at a fixed point, not wherever a poll happens to catch it (the toy run can finish
+    # all 8 generations between two polls): the process kills itself as it is about to checkpoint
+    # generation 3, after that generation's metrics line was written, the worst moment to die
+    killer = ("import os, signal, sys\n"
+              "import tuning.loop.trainer as t\n"
+              "save, calls = t.save_checkpoint, []\n"
+              "def dying(*a, **k):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 4:  # call 1 is the set-up's\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    save(*a, **k)\n"
+              "t.save_checkpoint = dying\n"
+              "from tuning.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", killer, *argv[3:]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     metrics = run / "metrics.jsonl"
-    while time.time() < deadline:  # kill it somewhere in the middle of the run
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     done = len(metrics.read_text().splitlines())
-    assert 3 <= done < 8, done
+    assert done == 3, done  # the checkpoint still says generation 2: resume must drop the third line
     proc = subprocess.run([sys.executable, "-m", "tuning.cli", "tune", "--resume", str(run), "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
