@@ -17,6 +17,14 @@ import numpy as np
 from bench.common import RESULTS, markdown_table, rescorer, save
 
 
+def _row(name, n, agree, err, diffs):
+    """A table row; ``diffs``: each prediction's largest logit-difference error."""
+    return {"generation": name, "predictions": n, "argmax agree": round(agree / n, 4), "max abs logit err": f"{err:.2e}",
+            "max abs logit-difference err": f"{diffs.max():.2e}",
+            "median / p99 logit-difference err": f"{np.median(diffs):.1e} / {np.quantile(diffs, 0.99):.1e}",
+            "predictions over 0.05": int((diffs > 0.05).sum())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench agreement")
     ap.add_argument("--run", required=True)
@@ -28,7 +36,7 @@ def main(argv=None):
     if not files:
         raise ValueError(f"{run}: no saved logits; run `secptune tune ... --save-logits` first")
     cfg, sub, scorer, _ = rescorer(run)
-    agree, errs, n = 0, [], 0
+    agree, errs, diffs, n = 0, [], [], 0
     rows = []
     for f in files:
         d = np.load(f)
@@ -40,12 +48,9 @@ def main(argv=None):
         a = int((want.argmax(-1) == got.argmax(-1)).sum())
         agree, n = agree + a, n + len(want)
         errs.append(float(np.abs(want - got).max()))
-        diff_err = float(np.abs(np.diff(want, axis=-1) - np.diff(got, axis=-1)).max())  # what CE and argmax see
-        rows.append({"generation": f.stem, "predictions": len(want), "argmax agree": round(a / len(want), 4),
-                     "max abs logit err": f"{errs[-1]:.2e}", "max abs logit-difference err": f"{diff_err:.2e}"})
-    rows.append({"generation": "all", "predictions": n, "argmax agree": round(agree / n, 4),
-                 "max abs logit err": f"{max(errs):.2e}",
-                 "max abs logit-difference err": f"{max(float(r['max abs logit-difference err']) for r in rows):.2e}"})
+        diffs.append(np.abs(np.diff(want, axis=-1) - np.diff(got, axis=-1)).max(-1))  # what CE and argmax see
+        rows.append(_row(f.stem, len(want), a, errs[-1], diffs[-1]))
+    rows.append(_row("all", n, agree, max(errs), np.concatenate(diffs)))
     note = (f"\nrun {run} ({cfg.model}, {cfg.policy}, {cfg.backend}, {cfg.mode}, prompt depth {cfg.prompt_depth or 'all'}); "
             "per generation: the candidates x the training examples scored, and the dev rows scored.\n")
     save("agreement_" + run.name, {"rows": rows, "config": dataclasses.asdict(cfg)},

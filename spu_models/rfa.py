@@ -140,8 +140,41 @@ def _offset(x, mask, axes, how: str = "max"):
     return jnp.max(big, axis=axes, keepdims=True)
 
 
-CLIP = 12.0  # exponent cap where an offset is not this set's max (mean offsets, a prefix's offset);
-#              exp(12) x 512 keys x |v| stays far inside FM64's range
+CLIP = 12.0  # exponent cap where an offset is not this set's max (mean offsets, a prefix's offset)
+SHIFT = 4.0  # under the mean stabilizer the capped exponents of the query's features, a window's
+#             weights and the learned keys' map are also lowered by SHIFT. The scale cancels
+#             (numerator and denominator are both linear in the query's features and the window's
+#             weights; the key map is normalised), but it keeps MPC's products in range: a product
+#             of secrets carries 2 x 18 fraction bits before truncation, so it must stay below
+#             2^26, and exp(12) x a sum over keys of |v| did not (the converted SmolLM2's opened
+#             logits were up to 1.0 off under ABY3). Lower values lose the small terms to 2^-18:
+#             4 was measured best of 0 / 4 / 6 (0.006 vs 1.0 / 0.02 on that model).
+
+
+def _cexp(e, cfg, exp_fn):
+    """exp of a stabilised exponent: exact under the max stabilizer (every argument <= 0), else
+    capped at CLIP and lowered by SHIFT."""
+    if cfg.stabilizer == "max":
+        return exp_fn(e)
+    return exp_fn(jnp.minimum(e, CLIP) - SHIFT)
+
+
+def _floor(cfg) -> float:
+    """The denominator floor on the scale _cexp leaves: eps x exp(-SHIFT) where the query's
+    features (and a window's weights) are exps under the mean stabilizer."""
+    return cfg.eps if cfg.stabilizer == "max" or cfg.kind == "trig" else cfg.eps * float(np.exp(-SHIFT))
+
+
+def ratio(num, den, eps: float):
+    """num / max(den, eps), den broadcast over num's last axis: one reciprocal per den (not a
+    division per element of num, which MPC prices like a reciprocal each), then one Newton step on
+    the quotient. Without it, a den of 10^4 leaves 1/den ~26 units of a 2^-18 fixed point: 2%
+    off, in every output of the row. The step costs two products per element; in float it is a
+    no-op (the residual num - q * den is rounding)."""
+    d = jnp.maximum(den, eps)
+    r = 1.0 / d
+    q = num * r
+    return q + (num - q * d) * r
 
 
 def _scaled(x, D):
@@ -166,16 +199,15 @@ def query_features(q, W, cfg: RFAConfig, exp_fn):
         if cfg.window:
             # beside a window's exact part nothing cancels: the linear part's scale against the
             # window's is learned, as the bias's mean (the offset is taken before the bias)
-            return exp_fn(jnp.minimum(pq - _offset(pq, None, axes=-1, how=cfg.stabilizer) + W["q_bias"], CLIP))
+            return _cexp(jnp.minimum(pq - _offset(pq, None, axes=-1, how=cfg.stabilizer) + W["q_bias"], CLIP), cfg,
+                         exp_fn)
         tq = pq + W["q_bias"]
-        e = tq - _offset(tq, None, axes=-1, how=cfg.stabilizer)
-        return exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
+        return _cexp(tq - _offset(tq, None, axes=-1, how=cfg.stabilizer), cfg, exp_fn)
     tq = _project(_scaled(q, q.shape[-1]), W, axis=-3)
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
         return jnp.concatenate([c, s], axis=-1)
-    e = tq - _offset(tq, None, axes=-1, how=cfg.stabilizer)  # positive: a per-row offset cancels
-    return exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
+    return _cexp(tq - _offset(tq, None, axes=-1, how=cfg.stabilizer), cfg, exp_fn)  # positive: a per-row offset cancels
 
 
 def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
@@ -189,8 +221,8 @@ def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
     if cfg.kind == "learned":  # softmax over features per key: any per-key offset cancels exactly
         tk = jnp.einsum("...kd,kdf->...kf", k, W["k_kernel"]) + W["k_bias"]
         e = tk - _offset(tk, None, axes=-1, how=cfg.stabilizer)
-        ek = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP))
-        fk = ek * (1.0 / jnp.sum(ek, axis=-1, keepdims=True))
+        ek = _cexp(e, cfg, exp_fn)  # the sum is >= exp(-SHIFT) (mean) or >= 1 (max): a max exponent is >= 0
+        fk = ratio(ek, jnp.sum(ek, axis=-1, keepdims=True), float(np.exp(-SHIFT)))
         if key_mask is not None:
             fk = fk * key_mask[..., None, None].astype(k.dtype)
         return fk, None
@@ -293,7 +325,7 @@ def _window_part(qg, k, va, key_mask, cfg: RFAConfig, exp_fn):
     mb = band * pairs(km, -1)[..., :, None, None, None, :]  # [..., n, 1, 1, w, 2w]
     s = jnp.einsum("...nckgd,...nskd->...nkgcs", qc, pairs(k, -3)) * (1.0 / np.sqrt(D))
     e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb  # masked slots: exp(0), then x 0
-    p = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP)) * mb
+    p = _cexp(e, cfg, exp_fn) * mb
     out = jnp.einsum("...nkgcs,...nske->...nckge", p, pairs(va, -3))
     return out.reshape(*lead, nq * w, *out.shape[-3:])[..., :T, :, :, :]
 
@@ -359,7 +391,7 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
         fk, _ = key_features(k, key_mask, W, cfg, exp_fn, offset=None if offset is None else offset[None])
         out = _causal_chunked(fq, fk, va, cfg.chunk) + jnp.einsum("petkgf,ekfd->petkgd", fq, state)
     num, den = out[..., :D], out[..., D:]
-    out = num * (1.0 / jnp.maximum(den, cfg.eps))
+    out = ratio(num, den, _floor(cfg))
     return out.reshape(*lead, T, H, D)
 
 
@@ -378,12 +410,12 @@ def attention_weights(q, k, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal:
         mb = ((diff >= 0) & (diff < cfg.window)).astype(q.dtype) * km
         s = jnp.einsum("...tkgd,...skd->...kgts", qg, k) * (1.0 / np.sqrt(D))
         e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb
-        p = exp_fn(e if cfg.stabilizer == "max" else jnp.minimum(e, CLIP)) * mb
+        p = _cexp(e, cfg, exp_fn) * mb
         a = a * (diff >= cfg.window).astype(q.dtype) + p
     a = a.reshape(*lead, H, T, T)
     if causal:
         a = a * jnp.tril(jnp.ones((T, T), a.dtype))
-    return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), cfg.eps)
+    return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), _floor(cfg))
 
 
 def init_learned(head_dim: int, kv_heads: int, groups: int, features: int, seed: int = 0, layer: int = 0) -> dict:
