@@ -93,7 +93,10 @@ def measure(base, policy, prompts, words, args):
     row = {"model": args.model, "layers": bundle.config.num_hidden_layers, "policy": policy.name,
            "protocol": policy.protocol, "batch": args.n, "seq_len": L, "setup_s (share weights)": round(setup_s, 1),
            "wall_s": round(cost.wall_s, 1), "MB sent (busiest party)": round(cost.send_bytes / 1e6, 1),
-           "rounds": cost.rounds, "max abs logit err": f"{err:.2e}", "argmax agree": agree}
+           "rounds": cost.rounds, "max abs logit err": f"{err:.2e}",
+           # the part a common shift of every logit does not explain: what a loss and argmax read
+           "max abs logit-difference err": f"{np.abs(np.diff(got, axis=-1) - np.diff(want, axis=-1)).max():.2e}",
+           "argmax agree": agree}
     row.update({f"est {n} s": round(cost.estimate(n), 1) for n in NETWORKS})
     ops = [{"op": k, "count": v["count"], "seconds": round(v["seconds"], 2), "MB sent": round(v["send_bytes"] / 1e6, 2)}
            for k, v in top_ops(cost.ops, 10)]
