@@ -19,8 +19,8 @@ from bench.common import RESULTS, markdown_table, rescorer, save
 
 def _row(name, n, agree, err, diffs):
     """A table row; ``diffs``: each prediction's largest logit-difference error."""
-    return {"generation": name, "predictions": n, "argmax agree": round(agree / n, 4), "max abs logit err": f"{err:.2e}",
-            "max abs logit-difference err": f"{diffs.max():.2e}",
+    return {"generation": name, "predictions": n, "argmax agree": round(agree / n, 4),
+            "max abs logit err": f"{err:.2e}", "max abs logit-difference err": f"{diffs.max():.2e}",
             "median / p99 logit-difference err": f"{np.median(diffs):.1e} / {np.quantile(diffs, 0.99):.1e}",
             "predictions over 0.05": int((diffs > 0.05).sum())}
 

@@ -202,6 +202,7 @@ def test_virtual_deep_scale_is_precise_under_spu():
                                               rowvar=False, bias=True).diagonal() + 1e-6).reshape(KV, D)
                                for kv in "kv"]) for i in range(cfg.num_hidden_layers - K, cfg.num_hidden_layers)])
     sim = spsim.Simulator(3, load_policy("aby3-fast").runtime_config(profile=False))
-    got = np.asarray(spsim.sim_jax(sim, lambda m, c: pr["deep_scale"](None, text_mask=m, **c)["deep_scale"])(mask, caches))
+    scale = lambda m, c: pr["deep_scale"](None, text_mask=m, **c)["deep_scale"]  # noqa: E731
+    got = np.asarray(spsim.sim_jax(sim, scale)(mask, caches))
     assert got.shape == want.shape == (K, 2, KV, D)
     assert np.abs(got / want - 1).max() < 1e-3, np.abs(got / want - 1).max()
