@@ -275,13 +275,14 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
         labels += [a["train_labels"], a["dev_labels"]]
     for k in ("zero_shot_test_acc", "tuned_test_acc", "best_dev_acc", "n_train", "n_dev", "n_test"):
         assert summary[k] == ref[k], k
-    # the same programs on the same shapes: the same traffic (ABY3's varies by ~0.5% from run to run
-    # of the very same job, on either back end; SEMI2K's not at all)
+    # the same programs on the same shapes: the same traffic. ABY3's bytes vary from run to run of
+    # the very same job, on either back end (usually ~0.5%; 2.05% seen once in CI, on the 17 MB
+    # zero-shot evaluation), SEMI2K's not at all; a different program differs by far more
     for part in ("setup", "zero_shot_eval", "final_eval"):
-        for k in ("bytes", "rounds"):
-            assert summary["mpc"][part][k] == pytest.approx(ref["mpc"][part][k], rel=0.02), (part, k)
+        for k, rel in (("bytes", 0.04), ("rounds", 0.02)):
+            assert summary["mpc"][part][k] == pytest.approx(ref["mpc"][part][k], rel=rel), (part, k)
     per_gen = lambda s: s["mpc"]["per_generation_median"]["mpc_bytes"]  # noqa: E731
-    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.02)
+    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.04)
     assert [(r["what"], r["to"], r["party"]) for r in summary["reveals"]] == \
         [("verbalizer_logits", "data_owner", "alice")] * len(summary["reveals"])
     print(f"{name}: sf-job {wall:.0f}s; per generation sf {summary['mpc']['per_generation_median']['mpc_s']:.1f}s "
