@@ -121,13 +121,20 @@ def test_config_validation():
         Execution(attention="linear")
 
 
-def test_rfa_attention_under_spu_matches_plaintext():
+def _aby3_sim():
+    """SPU's 3-party ABY3 simulator at FM64 with 18 fraction bits (SPU's default) and Pade exp."""
     import spu.spu_pb2 as pb
     import spu.utils.simulation as spsim
 
-    rc = pb.RuntimeConfig(protocol=pb.ProtocolKind.ABY3, field=pb.FieldType.FM64,
-                          fxp_exp_mode=pb.RuntimeConfig.ExpMode.EXP_PADE)
-    sim = spsim.Simulator(3, rc)
+    return spsim.Simulator(3, pb.RuntimeConfig(protocol=pb.ProtocolKind.ABY3, field=pb.FieldType.FM64,
+                                               fxp_fraction_bits=18,
+                                               fxp_exp_mode=pb.RuntimeConfig.ExpMode.EXP_PADE))
+
+
+def test_rfa_attention_under_spu_matches_plaintext():
+    import spu.utils.simulation as spsim
+
+    sim = _aby3_sim()
     q, k, v = _qkv(20, lead=(1,))
     mask = np.ones((1, 20), np.float32)
     mask[0, :3] = 0
@@ -269,12 +276,9 @@ def test_window_covering_the_sequence_is_exact_softmax():
 
 
 def test_learned_map_under_spu_matches_plaintext():
-    import spu.spu_pb2 as pb
     import spu.utils.simulation as spsim
 
-    rc = pb.RuntimeConfig(protocol=pb.ProtocolKind.ABY3, field=pb.FieldType.FM64,
-                          fxp_exp_mode=pb.RuntimeConfig.ExpMode.EXP_PADE)
-    sim = spsim.Simulator(3, rc)
+    sim = _aby3_sim()
     q, k, v = _qkv(20, lead=(1,), scale=1.0)
     mask = np.ones((1, 20), np.float32)
     mask[0, :3] = 0
@@ -293,11 +297,8 @@ def test_learned_map_under_spu_holds_at_large_exponents(window):
     cap, exp(12): the products that sum them over keys carry 2 x 18 fraction bits before
     truncation and overflowed FM64 (outputs 20-60% off), and the key map's 1 / sum of exps fell
     below 2^-18. Lowered exponents and a corrected quotient keep the secure output within 0.5%."""
-    import spu.spu_pb2 as pb
     import spu.utils.simulation as spsim
 
-    rc = pb.RuntimeConfig(protocol=pb.ProtocolKind.ABY3, field=pb.FieldType.FM64, fxp_fraction_bits=18,
-                          fxp_exp_mode=pb.RuntimeConfig.ExpMode.EXP_PADE)
     q, k, v = _qkv(64, lead=(1,), scale=3.0)
     mask = np.ones((1, 64), np.float32)
     W = _learned()
@@ -305,7 +306,7 @@ def test_learned_map_under_spu_holds_at_large_exponents(window):
     cfg = RFAConfig(features=24, kind="learned", chunk=16, stabilizer="mean", window=window)
     f = lambda q, k, v, m, W: rfa_attention(q, k, v, m, W, cfg, jnp.exp)  # noqa: E731
     want = np.asarray(f(q, k, v, mask, W))
-    got = np.asarray(spsim.sim_jax(spsim.Simulator(3, rc), f)(q, k, v, mask, W))
+    got = np.asarray(spsim.sim_jax(_aby3_sim(), f)(q, k, v, mask, W))
     assert np.abs(got - want).max() < 5e-3 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
 
 
