@@ -149,20 +149,31 @@ SHIFT = 4.0  # under the mean stabilizer the capped exponents of the query's fea
 #             2^26, and exp(12) x a sum over keys of |v| did not (the converted SmolLM2's opened
 #             logits were up to 1.0 off under ABY3). Lower values lose the small terms to 2^-18:
 #             4 was measured best of 0 / 4 / 6 (0.006 vs 1.0 / 0.02 on that model).
+#             That was at MR's 24-64 keys; a query's sums grow with its number of keys, so
+#             its features and a window's weights are lowered by ln(keys / 64) more beyond 64
+#             keys (``query_shift``): at 512 keys and the cap, SHIFT alone left 1.8-3% errors
+#             under ABY3, 6.08 leaves 5e-4. The key map's sum is over features: SHIFT always.
+SHIFT_KEYS = 64
 
 
-def _cexp(e, cfg, exp_fn):
+def query_shift(n_keys: int) -> float:
+    """The exponent shift of a query's features (and a window's weights) that attend to ``n_keys``
+    keys (a public shape): SHIFT, plus ln(n_keys / SHIFT_KEYS) beyond SHIFT_KEYS keys."""
+    return SHIFT + max(0.0, float(np.log(n_keys / SHIFT_KEYS)))
+
+
+def _cexp(e, cfg, exp_fn, shift: float = SHIFT):
     """exp of a stabilised exponent: exact under the max stabilizer (every argument <= 0), else
-    capped at CLIP and lowered by SHIFT."""
+    capped at CLIP and lowered by ``shift``."""
     if cfg.stabilizer == "max":
         return exp_fn(e)
-    return exp_fn(jnp.minimum(e, CLIP) - SHIFT)
+    return exp_fn(jnp.minimum(e, CLIP) - shift)
 
 
-def _floor(cfg) -> float:
-    """The denominator floor on the scale _cexp leaves: eps x exp(-SHIFT) where the query's
+def _floor(cfg, shift: float = SHIFT) -> float:
+    """The denominator floor on the scale _cexp leaves: eps x exp(-shift) where the query's
     features (and a window's weights) are exps under the mean stabilizer."""
-    return cfg.eps if cfg.stabilizer == "max" or cfg.kind == "trig" else cfg.eps * float(np.exp(-SHIFT))
+    return cfg.eps if cfg.stabilizer == "max" or cfg.kind == "trig" else cfg.eps * float(np.exp(-shift))
 
 
 def ratio(num, den, eps: float):
@@ -191,23 +202,24 @@ def _project(x, W, axis: int):
     return jnp.stack(heads, axis=axis)
 
 
-def query_features(q, W, cfg: RFAConfig, exp_fn):
+def query_features(q, W, cfg: RFAConfig, exp_fn, shift: float = SHIFT):
     """phi(q) [..., T, KV, G, F] for q [..., T, KV, G, D] (query heads grouped by KV head), up to a
-    per-query factor that cancels in the attention ratio."""
+    per-query factor that cancels in the attention ratio (``shift``: see ``query_shift``)."""
     if cfg.kind == "learned":  # the softmax normaliser over features is per query: it cancels
         pq = jnp.einsum("...kgd,kgdf->...kgf", _scaled(q, q.shape[-1]), W["q_kernel"])
         if cfg.window:
             # beside a window's exact part nothing cancels: the linear part's scale against the
             # window's is learned, as the bias's mean (the offset is taken before the bias)
             return _cexp(jnp.minimum(pq - _offset(pq, None, axes=-1, how=cfg.stabilizer) + W["q_bias"], CLIP), cfg,
-                         exp_fn)
+                         exp_fn, shift)
         tq = pq + W["q_bias"]
-        return _cexp(tq - _offset(tq, None, axes=-1, how=cfg.stabilizer), cfg, exp_fn)
+        return _cexp(tq - _offset(tq, None, axes=-1, how=cfg.stabilizer), cfg, exp_fn, shift)
     tq = _project(_scaled(q, q.shape[-1]), W, axis=-3)
     if cfg.kind == "trig":
         c, s = (jnp.cos(tq), jnp.sin(tq)) if cfg.sincos == "exact" else sincos_double(tq, cfg.bound)
         return jnp.concatenate([c, s], axis=-1)
-    return _cexp(tq - _offset(tq, None, axes=-1, how=cfg.stabilizer), cfg, exp_fn)  # positive: a per-row offset cancels
+    # positive: a per-row offset cancels
+    return _cexp(tq - _offset(tq, None, axes=-1, how=cfg.stabilizer), cfg, exp_fn, shift)
 
 
 def key_features(k, key_mask, W, cfg: RFAConfig, exp_fn, offset=None):
@@ -291,7 +303,7 @@ def _pad_time(x, front: int, back: int, axis: int):
     return jnp.pad(x, [(front, back) if a == axis else (0, 0) for a in range(x.ndim)])
 
 
-def _window_part(qg, k, va, key_mask, cfg: RFAConfig, exp_fn):
+def _window_part(qg, k, va, key_mask, cfg: RFAConfig, exp_fn, shift: float = SHIFT):
     """sum over each query's last ``cfg.window`` keys of exp(q.k / sqrt(D) - c) [v, 1], for
     qg [..., T, KV, G, D], k [..., S, KV, D], va [..., S, KV, D + 1], key_mask [..., S] or None
     (the queries are the last T of the S key positions). c is a per-query offset over the window
@@ -325,7 +337,7 @@ def _window_part(qg, k, va, key_mask, cfg: RFAConfig, exp_fn):
     mb = band * pairs(km, -1)[..., :, None, None, None, :]  # [..., n, 1, 1, w, 2w]
     s = jnp.einsum("...nckgd,...nskd->...nkgcs", qc, pairs(k, -3)) * (1.0 / np.sqrt(D))
     e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb  # masked slots: exp(0), then x 0
-    p = _cexp(e, cfg, exp_fn) * mb
+    p = _cexp(e, cfg, exp_fn, shift) * mb  # on the query features' scale: one normalisation
     out = jnp.einsum("...nkgcs,...nske->...nckge", p, pairs(va, -3))
     return out.reshape(*lead, nq * w, *out.shape[-3:])[..., :T, :, :, :]
 
@@ -348,11 +360,12 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
         raise ValueError("a sliding-window RFA is causal only")
     qg = q.reshape(*lead, T, KV, H // KV, D)
     va = _with_ones(v)
-    fq = query_features(qg, W, cfg, exp_fn)
+    sh = query_shift(T + (0 if past is None else past[0].shape[1]))  # cancels in each query's ratio
+    fq = query_features(qg, W, cfg, exp_fn, sh)
     if past is None:
         fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
         if w:  # exact over the window; linear over keys >= w places back (keys shifted w later)
-            out = _window_part(qg, k, va, key_mask, cfg, exp_fn) + \
+            out = _window_part(qg, k, va, key_mask, cfg, exp_fn, sh) + \
                 _causal_chunked(fq, _shift(fk, w, -3), _shift(va, w, -3), cfg.chunk)
         elif causal:
             out = _causal_chunked(fq, fk, va, cfg.chunk)
@@ -381,7 +394,7 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
         fkk = jnp.concatenate([tile(tfk), fk], axis=-3)
         fqq = jnp.concatenate([jnp.zeros(fq.shape[:2] + (n,) + fq.shape[3:], fq.dtype), fq], axis=-4)
         lin = _causal_chunked(fqq, _shift(fkk, w, -3), _shift(vv, w, -3), cfg.chunk)[..., n:, :, :, :]
-        out = out + lin + _window_part(qg, kk, vv, mm, cfg, exp_fn)
+        out = out + lin + _window_part(qg, kk, vv, mm, cfg, exp_fn, sh)
     else:
         # the prefix's state S, z is per example (never tiled P times); the new keys are put on
         # the prefix keys' scale (offset), so both sums share one cancelling constant
@@ -391,7 +404,7 @@ def rfa_attention(q, k, v, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal: 
         fk, _ = key_features(k, key_mask, W, cfg, exp_fn, offset=None if offset is None else offset[None])
         out = _causal_chunked(fq, fk, va, cfg.chunk) + jnp.einsum("petkgf,ekfd->petkgd", fq, state)
     num, den = out[..., :D], out[..., D:]
-    out = ratio(num, den, _floor(cfg))
+    out = ratio(num, den, _floor(cfg, sh))
     return out.reshape(*lead, T, H, D)
 
 
@@ -401,7 +414,8 @@ def attention_weights(q, k, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal:
     *lead, T, H, D = q.shape
     KV = k.shape[-2]
     qg = q.reshape(*lead, T, KV, H // KV, D)
-    fq = query_features(qg, W, cfg, exp_fn)
+    sh = query_shift(T)  # as rfa_attention's (it cancels, but for the floor)
+    fq = query_features(qg, W, cfg, exp_fn, sh)
     fk, _ = key_features(k, key_mask, W, cfg, exp_fn)
     a = jnp.einsum("...tkgf,...skf->...kgts", fq, fk)
     if cfg.window:
@@ -410,12 +424,12 @@ def attention_weights(q, k, key_mask, W, cfg: RFAConfig, exp_fn=jnp.exp, causal:
         mb = ((diff >= 0) & (diff < cfg.window)).astype(q.dtype) * km
         s = jnp.einsum("...tkgd,...skd->...kgts", qg, k) * (1.0 / np.sqrt(D))
         e = (s - _offset(s, mb, axes=-1, how=cfg.stabilizer)) * mb
-        p = _cexp(e, cfg, exp_fn) * mb
+        p = _cexp(e, cfg, exp_fn, sh) * mb
         a = a * (diff >= cfg.window).astype(q.dtype) + p
     a = a.reshape(*lead, H, T, T)
     if causal:
         a = a * jnp.tril(jnp.ones((T, T), a.dtype))
-    return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), _floor(cfg))
+    return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), _floor(cfg, sh))
 
 
 def init_learned(head_dim: int, kv_heads: int, groups: int, features: int, seed: int = 0, layer: int = 0) -> dict:

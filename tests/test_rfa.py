@@ -291,19 +291,21 @@ def test_learned_map_under_spu_matches_plaintext():
         assert np.abs(got - want).max() < 5e-3, (stabilizer, np.abs(got - want).max())
 
 
-@pytest.mark.parametrize("window", [0, 16])
-def test_learned_map_under_spu_holds_at_large_exponents(window):
+@pytest.mark.parametrize("L,window", [(64, 0), (64, 16), (512, 0), (512, 16)])
+def test_learned_map_under_spu_holds_at_large_exponents(L, window):
     """Scores of a real model's spread (q, k ~ N(0, 9)) drive the mean-stabilised exponents to their
     cap, exp(12): the products that sum them over keys carry 2 x 18 fraction bits before
     truncation and overflowed FM64 (outputs 20-60% off), and the key map's 1 / sum of exps fell
-    below 2^-18. Lowered exponents and a corrected quotient keep the secure output within 0.5%."""
+    below 2^-18. Lowered exponents and a corrected quotient keep the secure output within 0.5%;
+    at 512 keys only if the query's exponents are lowered with the number of keys (a fixed
+    shift of 4 left 0.8-3% here)."""
     import spu.utils.simulation as spsim
 
-    q, k, v = _qkv(64, lead=(1,), scale=3.0)
-    mask = np.ones((1, 64), np.float32)
+    q, k, v = _qkv(L, lead=(1,), scale=3.0)
+    mask = np.ones((1, L), np.float32)
     W = _learned()
     W = dict(W, q_bias=W["q_bias"] + 4.0)
-    cfg = RFAConfig(features=24, kind="learned", chunk=16, stabilizer="mean", window=window)
+    cfg = RFAConfig(features=24, kind="learned", chunk=16 if L == 64 else 64, stabilizer="mean", window=window)
     f = lambda q, k, v, m, W: rfa_attention(q, k, v, m, W, cfg, jnp.exp)  # noqa: E731
     want = np.asarray(f(q, k, v, mask, W))
     got = np.asarray(spsim.sim_jax(_aby3_sim(), f)(q, k, v, mask, W))
