@@ -43,6 +43,12 @@ def rescorer(run: Path, zero_shot: bool = False):
     policy = load_policy(cfg.policy)
     bundle = with_policy(load_model(cfg.model), policy)
     plain = make_backend("plaintext", bundle, policy)
+    if cfg.backend != "plaintext":
+        from tuning.backends.session import Session
+
+        # an SPU run's chunks (16 texts) and padding (multiples of 16): its saved chunk ids then name
+        # the same rows, and every program sees the shapes the parties saw
+        plain.chunk, plain.pad_multiple = Session.chunk, Session.pad_multiple
     sub = build_subspace(cfg, bundle, plain.embedding_stats())
     sc = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
                       form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,

@@ -207,11 +207,23 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
         mu = jnp.mean(x, axis=axes, keepdims=True)
         return jnp.sqrt(jnp.mean(jnp.square(x - mu), axis=axes) + 1e-6)
 
-    def deep_scale(params, p0=None, deep_h=None, text_mask=None, **prompt):
+    def deep_scale(params, p0=None, deep_h=None, text_mask=None, shift_c=None, shift_s=None, **prompt):
         """Per-channel scale of what a deep prompt perturbs (its spread over the examples and the
         prompt's tokens; ``virtual``: over the examples' text keys and values in each top layer),
         computed once inside MPC: the data owner's offsets are in these units, so it never needs
-        a statistic of the model. ``kv``, ``virtual``: [K, 2, KV, D]; ``hidden``: [H]."""
+        a statistic of the model. ``kv``, ``virtual``: [K, 2, KV, D]; ``hidden``: [H].
+
+        Key offsets are taken before RoPE, and so is the keys' spread: the cached keys are rotated
+        back from their positions first (public tables: local under MPC). Their spread *after*
+        RoPE depended on where the left padding put each text: up to 19% apart per channel, and
+        0.06 in a candidate's logit difference, between pad multiples of 32 and 16."""
+        shift = None if shift_c is None else (shift_c, shift_s)
+
+        def unrotated(k, start):  # k [E, T, KV, D] rotated at positions start..start+T-1
+            cos, sin = llama.shift_tables(*llama.rope_tables(jnp.arange(start, start + k.shape[1])[None],
+                                                             config.head_dim, config.rope_theta), shift)
+            return llama.apply_rope(k, cos, -sin)
+
         if form == "virtual":
             m, n = text_mask[:, :, None, None], jnp.sum(text_mask)  # the real text positions, equally
 
@@ -220,11 +232,12 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
                 mu = jnp.sum(x * m, axis=(0, 1), keepdims=True) / n
                 return jnp.sqrt(jnp.sum(jnp.square(x - mu) * m, axis=(0, 1)) / n + 1e-6)
 
-            return {"deep_scale": jnp.stack([jnp.stack([spread(prompt[f"cache_{kv}{i}"]) for kv in "kv"])
-                                             for i in top])}
+            return {"deep_scale": jnp.stack([jnp.stack([spread(unrotated(prompt[f"cache_k{i}"], 0)),
+                                                        spread(prompt[f"cache_v{i}"])]) for i in top])}
         if form == "kv":
-            return {"deep_scale": jnp.stack([jnp.stack([_std(prompt[f"prompt_{kv}{i}"], (0, 1)) for kv in "kv"])
-                                             for i in top])}
+            Lp = text_mask.shape[1]
+            return {"deep_scale": jnp.stack([jnp.stack([_std(unrotated(prompt[f"prompt_k{i}"], Lp), (0, 1)),
+                                                        _std(prompt[f"prompt_v{i}"], (0, 1))]) for i in top])}
         return {"deep_scale": _std(deep_h[:, : p0.shape[0]], (0, 1))}
 
     def score_deep(params, head, text_mask, deep_h, delta, deep_scale, shift_c=None, shift_s=None, **resident):

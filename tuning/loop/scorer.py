@@ -246,7 +246,7 @@ class SecureScorer:
                    reveal={"zs_logits": "verbalizer_logits"} if zero_shot else None)
         self.s.drop(f"{name}_text")
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
-            stats = {"text_mask": f"{name}_mask", **cache} if self.form == "virtual" else {**p0, **deep}
+            stats = {"text_mask": f"{name}_mask", **shift, **(cache if self.form == "virtual" else {**p0, **deep})}
             self.s.run(self.programs["deep_scale"], stats, {"deep_scale": self.scale_var}, key="deep_scale")
         return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_name": name,
                 **({"_zs": f"{name}_zs"} if zero_shot else {})}
