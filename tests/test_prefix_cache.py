@@ -7,6 +7,19 @@ from spu_models import llama
 from spu_models.config import Execution
 from spu_models.rfa import RFAConfig
 
+TINY4 = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2)
+
+
+def _left_padded(rng, lens, Lp, H):
+    """Texts [E, Lp, H] left-padded to Lp, junk in the pad slots (it must not matter), and their mask."""
+    text = rng.normal(size=(len(lens), Lp, H)).astype(np.float32)
+    mask = np.zeros((len(lens), Lp), np.float32)
+    for e, l in enumerate(lens):
+        mask[e, Lp - l:] = 1
+        text[e, : Lp - l] = 55.0
+    return text, mask
+
 
 @pytest.mark.parametrize("window", [None, 0, 3, 9])  # softmax; learned linear; sliding-window hybrids
 def test_extend_from_cache_equals_full_forward(window):
@@ -74,18 +87,13 @@ def test_deep_prompt_equals_a_full_forward_with_the_inserted_prompt(form, K):
     of several lengths; at delta = 0 it is the hard prompt P0; the zero-shot logits come too."""
     from spu_models.forward import make_tuning_programs
 
-    cfg = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2)
+    cfg = TINY4
     params = llama.init_params(cfg, seed=1)
     m = llama.LlamaForCausalLM(cfg)
     rng = np.random.default_rng(0)
-    E, Lp, n, t, H, P = 3, 6, 2, 3, 32, 2
+    Lp, n, t, H, P = 6, 2, 3, 32, 2
     lens = [6, 3, 1]
-    text = rng.normal(size=(E, Lp, H)).astype(np.float32)
-    mask = np.zeros((E, Lp), np.float32)
-    for e, l in enumerate(lens):
-        mask[e, Lp - l:] = 1
-        text[e, : Lp - l] = 55.0  # junk in the pad slots must not matter
+    text, mask = _left_padded(rng, lens, Lp, H)
     p0, tail = rng.normal(size=(n, H)).astype(np.float32), rng.normal(size=(t, H)).astype(np.float32)
     head = rng.normal(size=(2, H)).astype(np.float32)
     pr = make_tuning_programs(cfg, depth=K, form=form)
@@ -146,17 +154,12 @@ def test_virtual_deep_prompt_is_padding_invariant():
     prefix's keys stand at the same place relative to the tail whatever the padding)."""
     from spu_models.forward import make_tuning_programs
 
-    cfg = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2)
+    cfg = TINY4
     params = llama.init_params(cfg, seed=1)
     rng = np.random.default_rng(0)
-    E, Lp, t, H, n, K = 3, 6, 3, 32, 2, 2
+    Lp, t, H, n, K = 6, 3, 32, 2, 2
     lens = [6, 3, 1]
-    text = rng.normal(size=(E, Lp, H)).astype(np.float32)
-    mask = np.zeros((E, Lp), np.float32)
-    for e, l in enumerate(lens):
-        mask[e, Lp - l:] = 1
-        text[e, : Lp - l] = 55.0
+    text, mask = _left_padded(rng, lens, Lp, H)
     tail, head = rng.normal(size=(t, H)).astype(np.float32), rng.normal(size=(2, H)).astype(np.float32)
     pr = make_tuning_programs(cfg, depth=K, form="virtual")
     res = pr["prefill_deep"](params, text, mask, tail, head=head)
@@ -184,16 +187,12 @@ def test_deep_scale_is_padding_invariant(form):
     rotated cache it moved by up to 19% per channel on SmolLM2 between pads of 32 and 16."""
     from spu_models.forward import make_tuning_programs
 
-    cfg = llama.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2)
+    cfg = TINY4
     params = llama.init_params(cfg, seed=1)
     rng = np.random.default_rng(0)
     E, Lp, n, t, H, K = 3, 7, 2, 3, 32, 2
     lens = [7, 4, 2]
-    text = rng.normal(size=(E, Lp, H)).astype(np.float32)
-    mask = np.zeros((E, Lp), np.float32)
-    for e, l in enumerate(lens):
-        mask[e, Lp - l:] = 1
+    text, mask = _left_padded(rng, lens, Lp, H)
     p0, tail = rng.normal(size=(n, H)).astype(np.float32), rng.normal(size=(t, H)).astype(np.float32)
     pr = make_tuning_programs(cfg, depth=K, form=form)
     scales = []
