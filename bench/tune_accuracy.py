@@ -121,11 +121,12 @@ def main(argv=None):
         task = task_of(cfg)
         train, _, test = split_examples(cfg, task)
         zs = prompt_accuracy(bundle, policy, task, train, test, 0, seed)  # the same seed's baselines
-        icl = (prompt_accuracy(bundle, policy, task, train, test, args.icl_demos, seed)
-               if args.icl_demos else (float("nan"), float("nan")))
+        icl = {}
+        if args.icl_demos:  # --icl-demos 0: no ICL columns
+            acc, cal = prompt_accuracy(bundle, policy, task, train, test, args.icl_demos, seed)
+            icl = {f"ICL ({args.icl_demos}/class)": round(acc, 3), f"ICL cal ({args.icl_demos}/class)": round(cal, 3)}
         rows.append({"task": args.task, "seed": seed, "zero-shot": round(s["zero_shot_test_acc"], 3),
-                     "zero-shot raw": round(zs[0], 3), "zero-shot cal": round(zs[1], 3),
-                     f"ICL ({args.icl_demos}/class)": round(icl[0], 3), f"ICL cal ({args.icl_demos}/class)": round(icl[1], 3),
+                     "zero-shot raw": round(zs[0], 3), "zero-shot cal": round(zs[1], 3), **icl,
                      "tuned": round(s["tuned_test_acc"], 3),
                      **({"zero-shot head": round(s["fitted_head"]["zero_shot_head_test_acc"], 3),
                          "tuned words": round(s["tuned_words_test_acc"], 3)} if s.get("fitted_head") else {}),
@@ -141,7 +142,8 @@ def main(argv=None):
     table += (f"\n{args.model}; {args.shots}-shot per class (dev: as many again); popsize {args.popsize}, "
               f"budget {args.budget} generations, {args.strategy}; test: {args.n_test} stratified test examples; "
               f"seeds {', '.join(str(r['seed']) for r in rows)}. 'zero-shot': the run's own (through its back end, "
-              f"with its calibration: {args.calibrate}); 'zero-shot raw / cal' and 'ICL / ICL cal': the same seed's "
+              f"with its calibration: {args.calibrate}); 'zero-shot raw / cal'"
+              + (" and 'ICL / ICL cal'" if args.icl_demos else "") + ": the same seed's "
               "test set in plaintext, uncalibrated and with contextual calibration (content-free inputs); "
               f"head {args.head}, selection {args.select}, search objective {args.objective}"
               + ("; 'tuned' reads the fitted head, 'tuned words' the same prompt's verbalizer alone, 'zero-shot head' "
