@@ -17,6 +17,7 @@ Only shapes are public: batch size, the padded length L, the number of labels R.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from . import bert, llama
 from .config import ConfigError, Execution
@@ -220,8 +221,10 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
         shift = None if shift_c is None else (shift_c, shift_s)
 
         def unrotated(k, start):  # k [E, T, KV, D] rotated at positions start..start+T-1
-            cos, sin = llama.shift_tables(*llama.rope_tables(jnp.arange(start, start + k.shape[1])[None],
-                                                             config.head_dim, config.rope_theta), shift)
+            pos = np.arange(start, start + k.shape[1], dtype=np.float64)[None, :, None]
+            ang = pos / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
+            ang = np.concatenate([ang, ang], axis=-1)  # tables computed here, in float64: program constants
+            cos, sin = llama.shift_tables(np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32), shift)
             return llama.apply_rope(k, cos, -sin)
 
         if form == "virtual":
