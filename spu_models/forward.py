@@ -221,10 +221,8 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
         shift = None if shift_c is None else (shift_c, shift_s)
 
         def unrotated(k, start):  # k [E, T, KV, D] rotated at positions start..start+T-1
-            pos = np.arange(start, start + k.shape[1], dtype=np.float64)[None, :, None]
-            ang = pos / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
-            ang = np.concatenate([ang, ang], axis=-1)  # tables computed here, in float64: program constants
-            cos, sin = llama.shift_tables(np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32), shift)
+            pos = np.arange(start, start + k.shape[1])[None]  # numpy: host-computed tables
+            cos, sin = llama.shift_tables(*llama.rope_tables(pos, config.head_dim, config.rope_theta), shift)
             return llama.apply_rope(k, cos, -sin)
 
         if form == "virtual":

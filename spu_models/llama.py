@@ -21,6 +21,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import ArchConfig, CheckpointError, ConfigError, Execution
 from .rfa import frequencies, init_learned, rfa_attention
@@ -100,7 +101,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(position_ids, head_dim: int, theta: float):
-    """cos/sin tables [B, L, head_dim] for integer ``position_ids`` [B, L] (public values)."""
+    """cos/sin tables [B, L, head_dim] for integer ``position_ids`` [B, L] (public values). Numpy
+    positions give numpy tables, computed here in float64: constants of a program, where SPU would
+    compute cos/sin of public angles in its fixed point (~1e-3 off in a variance taken from them)."""
+    if isinstance(position_ids, np.ndarray):
+        freqs = position_ids[..., None].astype(np.float64) / theta ** (np.arange(0, head_dim, 2) / head_dim)
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = position_ids[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
