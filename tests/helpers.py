@@ -28,3 +28,35 @@ def pids_with(marker: str, module: str) -> list:
             if module in cmd and marker in cmd:
                 out.append(int(d))
     return out
+
+
+def replay_search(run: Path, d: int, popsize: int, seed: int = 0, sigma0: float = 1.0, start=None) -> tuple:
+    """Replays a ``--save-logits`` run's search from its own opened logits: asserts that each
+    generation asked exactly the candidates the strategy gives after being told the losses of the
+    logits opened before, i.e. that nothing but the seed and the opened logits steers the search.
+    ``start``: a checkpoint to replay from (default: the seed's fresh state). Returns the z the
+    dev-loss selection keeps and the per-generation rankings of the train losses."""
+    import numpy as np
+
+    from tuning.loop.search import make_strategy
+    from tuning.loop.trainer import load_checkpoint, losses_from_logits
+
+    strategy = make_strategy("cma", d, popsize, seed, sigma0=sigma0)
+    if start is None:
+        search, first, best, best_loss = strategy.init(seed), 0, None, float("inf")
+    else:
+        st, _ = load_checkpoint(start, strategy, None, d)
+        search, first, best, best_loss = st.search, st.generation, st.best_z, st.best_dev_loss
+    ranks = []
+    for g in sorted(Path(run, "logits").glob("gen*.npz"))[first:]:
+        rec = np.load(g)
+        Z, search = strategy.ask(search)
+        np.testing.assert_array_equal(np.asarray(Z), rec["Z"][:-1], err_msg=g.name)
+        losses = losses_from_logits(rec["train_logits"], rec["train_labels"], "ce")[: len(Z)]
+        ranks.append(np.argsort(losses, kind="stable"))
+        search = strategy.tell(search, Z, losses)
+        dev = losses_from_logits(rec["dev_logits"], rec["dev_labels"], "ce")
+        if dev.min() < best_loss:
+            best, best_loss = rec["Z"][rec["dev_rows"][int(np.argmin(dev))]], float(dev.min())
+    np.testing.assert_array_equal(best, np.load(Path(run, "best_z.npy")))
+    return best, ranks

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import pids_with, toy_csv
+from helpers import pids_with, replay_search, toy_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -406,9 +406,6 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     print(f"\n{victim} killed: driver exited after {t_driver:.1f}s, every process gone after {t_all:.1f}s")
     import shutil
 
-    from tuning.loop.search import make_strategy
-    from tuning.loop.trainer import load_checkpoint, losses_from_logits
-
     shutil.copy(out / "ckpt.npz", tmp_path / "ckpt_at_kill.npz")
     rc, _, err = cli("tune", "--resume", out, env={"TMPDIR": str(tmp_path)}, timeout=1800)
     assert rc == 0, err[-3000:]
@@ -416,19 +413,7 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     assert len(gens) == 4 and len((out / "metrics.jsonl").read_text().splitlines()) == 4
     # 1. the resumed search is the one the checkpoint determines, given the logits it opened:
     #    replaying them from the checkpoint asks exactly the same candidates and keeps the same best z
-    strategy = make_strategy("cma", 8, 4, 0, sigma0=1.0)
-    st_, _ = load_checkpoint(tmp_path / "ckpt_at_kill.npz", strategy, None, 8)
-    search, best, best_loss = st_.search, st_.best_z, st_.best_dev_loss
-    for g in gens[st_.generation:]:
-        rec = np.load(g)
-        Z, search = strategy.ask(search)
-        np.testing.assert_array_equal(np.asarray(Z), rec["Z"][:-1])
-        losses = losses_from_logits(rec["train_logits"], rec["train_labels"], "ce")
-        search = strategy.tell(search, Z, losses[: len(Z)])
-        dev = losses_from_logits(rec["dev_logits"], rec["dev_labels"], "ce")
-        if dev.min() < best_loss:
-            best, best_loss = rec["Z"][int(np.argmin(dev))], float(dev.min())
-    np.testing.assert_array_equal(best, np.load(out / "best_z.npy"))
+    replay_search(out, d=8, popsize=4, start=tmp_path / "ckpt_at_kill.npz")
     # 2. against the uninterrupted run with the same seed: the same first candidates and logits
     #    within fixed-point noise (SPU's share and truncation randomness cannot be seeded, so later
     #    generations follow the same path only while no two candidates' losses are within it)

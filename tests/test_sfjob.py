@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from helpers import pids_with, toy_csv
+from helpers import pids_with, replay_search, toy_csv
 from leakcheck import WindowDetector, leaks
 
 from tuning.backends import sfcluster as sc
@@ -244,6 +244,15 @@ def _secrets(csv_texts, zs, deltas, labels, fxp_bits):
     return data, model, clear
 
 
+def _same_within_noise(a, b, what, tol=2e-2, margin=0.04):
+    """Opened logits of one program on the same inputs through two back ends: within fixed-point
+    noise, and the same predicted class wherever the class margin exceeds that noise."""
+    assert a.shape == b.shape and np.abs(a - b).max() < tol, (what, np.abs(a - b).max())
+    top2 = np.sort(b, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > margin
+    assert (a.argmax(-1) == b.argmax(-1))[clear].all(), what
+
+
 @pytest.mark.parametrize("name", ["aby3", "semi2k"])
 def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     csv, texts = toy_csv(tmp_path / "toy.csv")
@@ -261,19 +270,27 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     report = json.loads((tmp_path / "logs" / "job.json").read_text())
     assert report["ok"] and all(p_["status"]["kind"] == "ok" for p_ in report["parties"].values())
 
-    # the same search path, the same opened logits within fixed-point noise, the same secure work
+    # the same search path: each back end's candidates are the seed's, replayed on the logits it
+    # opened; SPU's share and truncation randomness cannot be seeded, so the two share a generation's
+    # candidates as long as their earlier rankings agree (two of four losses can lie within 1e-4)
+    sf, cl = tmp_path / "sf", tmp_path / "cluster"
+    (best_a, ranks_a), (best_b, ranks_b) = (replay_search(r, d=8, popsize=4) for r in (sf, cl))
     zs, deltas, labels = [], [], []
     for g in (1, 2):
-        a = np.load(tmp_path / "sf" / "logits" / f"gen{g:04d}.npz")
-        b = np.load(tmp_path / "cluster" / "logits" / f"gen{g:04d}.npz")
-        assert np.array_equal(a["Z"], b["Z"])
-        for k in ("train_logits", "dev_logits"):
-            assert a[k].shape == b[k].shape and np.abs(a[k] - b[k]).max() < 2e-2, (k, np.abs(a[k] - b[k]).max())
-            margin = np.abs(np.diff(b[k], axis=-1)).squeeze(-1)
-            assert (a[k].argmax(-1) == b[k].argmax(-1))[margin > 0.04].all()
+        a, b = (np.load(r / "logits" / f"gen{g:04d}.npz") for r in (sf, cl))
+        if g == 1 or all(np.array_equal(x, y) for x, y in zip(ranks_a[: g - 1], ranks_b[: g - 1])):
+            assert np.array_equal(a["Z"], b["Z"]), g
+        if np.array_equal(a["Z"], b["Z"]):  # the same programs on the same inputs: the same opened logits
+            for k in ("train_logits", "dev_logits"):
+                _same_within_noise(a[k], b[k], k)
         zs += list(a["Z"])
         labels += [a["train_labels"], a["dev_labels"]]
-    for k in ("zero_shot_test_acc", "tuned_test_acc", "best_dev_acc", "n_train", "n_dev", "n_test"):
+    a, b = (np.load(r / "logits" / "test_zero_shot.npz") for r in (sf, cl))
+    _same_within_noise(a["logits"], b["logits"], "zero-shot test")
+    if np.array_equal(best_a, best_b):
+        a, b = (np.load(r / "logits" / "test_tuned.npz") for r in (sf, cl))
+        _same_within_noise(a["logits"], b["logits"], "tuned test")
+    for k in ("n_train", "n_dev", "n_test"):
         assert summary[k] == ref[k], k
     # the same programs on the same shapes: the same traffic. ABY3's bytes vary from run to run of
     # the very same job, on either back end (usually ~0.5%; 2.05% seen once in CI, on the 17 MB

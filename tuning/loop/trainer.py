@@ -436,6 +436,9 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             zs_logits = scorer.class_scores(*zs_words)
             extra = {"zero_shot_test_acc": float(accuracy(zs_logits, test_set.labels)[0]),
                      "zero_shot_correct": (zs_logits[0].argmax(-1) == test_set.labels).astype(int).tolist()}
+            if cfg.save_logits:
+                (out / "logits").mkdir(exist_ok=True)
+                np.savez(out / "logits" / "test_zero_shot.npz", logits=zs_logits[0], labels=test_set.labels)
             log(f"zero-shot test accuracy (through {cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
             if fit:  # the fitted head at P0, on the same test examples: the baseline a tuned head must beat
                 head0 = fit_head(scorer, None, cfg.seed)
@@ -484,7 +487,11 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         n0 = len(session.costs)
         delta = subspace.offsets(z[None])
         te_words = scorer.score_words("test", delta)
-        words_correct = (scorer.class_scores(*te_words)[0].argmax(-1) == test_set.labels).astype(int)
+        te_logits = scorer.class_scores(*te_words)[0]
+        words_correct = (te_logits.argmax(-1) == test_set.labels).astype(int)
+        if cfg.save_logits:
+            (out / "logits").mkdir(exist_ok=True)
+            np.savez(out / "logits" / "test_tuned.npz", logits=te_logits, labels=test_set.labels)
         tuned_correct, head_info = words_correct, None
         if fit:  # train and dev once more at the kept prompt (their rows are the head's only extra cost)
             head = fit_head(scorer, delta, cfg.seed)
