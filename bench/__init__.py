@@ -8,7 +8,7 @@ BENCHES = {
     "forward": "bench.forward_real", "cache": "bench.cache", "accuracy": "bench.tune_accuracy",
     "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
     "compare": "bench.compare", "placement": "bench.placement", "approx": "bench.approx", "e2e": "bench.e2e",
-    "job": "bench.job", "sfjob": "bench.sfjob", "heads": "bench.heads",
+    "job": "bench.job", "sfjob": "bench.sfjob", "heads": "bench.heads", "fewshot": "bench.fewshot",
 }
 
 

@@ -1,0 +1,68 @@
+"""bench fewshot: the table's arithmetic on hand-made rows, the gradient baselines' selection of the
+earliest best dev step, and one tiny end-to-end run of its methods on the shipped sentences."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import fewshot
+
+
+def test_interval_is_the_t_interval_of_the_mean():
+    m, h = fewshot.interval([0.7, 0.8, 0.9])
+    assert m == pytest.approx(0.8) and h == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    m, h = fewshot.interval([0.5])
+    assert m == 0.5 and math.isnan(h)
+
+
+def test_summary_averages_only_complete_seeds_and_pairs_per_seed():
+    rows = [{"task": "a", "seed": 0, "fo": 0.9, "head@P0": 0.8},
+            {"task": "b", "seed": 0, "fo": 0.7, "head@P0": 0.7},
+            {"task": "a", "seed": 1, "fo": 0.8, "head@P0": 0.8},
+            {"task": "b", "seed": 1, "fo": 0.6, "head@P0": 0.5},
+            {"task": "a", "seed": 2, "fo": 0.1, "head@P0": 0.9}]  # seed 2 lacks task b: not averaged
+    s = fewshot.summarize(rows, tasks=("a", "b"))
+    assert s["cells"][("a", "fo")]["n"] == 3 and s["cells"][("a", "fo")]["mean"] == pytest.approx(0.6)
+    assert s["average"]["fo"]["seeds"] == [0, 1] and s["average"]["fo"]["mean"] == pytest.approx(0.75)
+    d = s["paired"]["fo - head@P0"]
+    assert d["per_seed"] == pytest.approx([0.05, 0.05]) and d["n"] == 2
+    assert d["ci95"][0] == pytest.approx(0.05) and d["ci95"][1] == pytest.approx(0.05)  # no spread
+    assert "fo - sft" not in s["paired"]  # no seed has both
+
+
+def test_adam_keeps_the_earliest_step_of_the_best_dev_accuracy():
+    import jax.numpy as jnp
+
+    devs = iter([0.5, 0.75, 0.75, 0.6])  # before any step, then after steps 1..3
+    seen = []
+
+    def dev(x):
+        seen.append(float(x[0]))
+        return next(devs)
+
+    r = fewshot.adam_to_best_dev(lambda x: (jnp.sum(x ** 2), 2 * x), dev, jnp.array([1.0]), 0.1, 3,
+                                 log=lambda *a: None)
+    assert r["curve"] == [0.5, 0.75, 0.75, 0.6] and r["best_step"] == 1
+    assert float(r["x"][0]) == pytest.approx(seen[1]) and seen[1] < 1.0  # the parameters after step 1
+
+
+def test_tiny_run_writes_each_method_and_the_table(mini_home, tmp_path):
+    out = tmp_path / "fs"
+    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0,1", "--methods", "fo,pt,sft",
+                  "--shots", "4", "--n-test", "8", "--depth", "1", "--budget", "2", "--pt-steps", "2",
+                  "--sft-steps", "1", "--out", str(out)])
+    for seed in (0, 1):
+        row = json.loads((out / "runs" / f"mr_s{seed}.json").read_text())
+        assert row["done"] == ["fo", "pt", "sft"]
+        assert row["n_test"] == 8 and len(row["pt dev curve"]) == 3 and len(row["sft dev curve"]) == 2
+        for k in ("zero-shot", "head@P0", "fo", "fo words", "pt", "sft"):
+            assert round(row[k] * 8) == pytest.approx(row[k] * 8)  # a count of the 8 test examples
+    table = (out / "fewshot.md").read_text()
+    assert "| mr |" in table and "| average |" in table and "fo - head@P0" in table
+    assert (out / "fewshot.png").stat().st_size > 1000
+    # a second invocation finds every method done and only rebuilds the table
+    before = (out / "runs" / "mr_s0.json").read_text()
+    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0", "--methods", "fo,pt,sft",
+                  "--shots", "4", "--n-test", "8", "--depth", "1", "--out", str(out)])
+    assert (out / "runs" / "mr_s0.json").read_text() == before
