@@ -71,6 +71,7 @@ def assert_cleaned_up(cluster: LocalCluster, policy):
     assert pids_with(str(cluster.log_dir), "tuning.backends.node") == []
     addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
     assert all(port_free(a) for a in addrs), addrs
+    assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"
 
 
 # --------------------------------------------------------------------------------------- tests
@@ -403,6 +404,12 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
                 assert peer.call(ping)["party"] == p1.name  # while a ping is fine
             finally:
                 peer.close()
+        mo = Peer(p1.name, p1.address, 10, tls.identity(keyed, keyed.model_owner.name))
+        try:  # the model owner writes its weights only, never the data owner's inputs
+            with pytest.raises(PartyError, match="'x' is not a weight; the model owner writes weights only"):
+                mo.call("set_share", "x", None)
+        finally:
+            mo.close()
 
         # 3. the data owner: only the marked output, never an input, a weight or another output
         do = Peer(p1.name, p1.address, 10, tls.identity(keyed, keyed.data_owner.name))
@@ -413,6 +420,8 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
                     do.call("get_share", var, what)
             with pytest.raises(PartyError, match="refuses set_share from alice"):
                 do.call("set_share", "w0", None)
+            with pytest.raises(PartyError, match="'w0' is a weight; only the model owner writes it"):
+                do.call("put", "w0", None)  # nor may it overwrite a weight with values of its own
             # code is not plain data: refused before it is unpickled
             code = cloudpickle.dumps((lambda server: server._locals, ()))
             got, err = _raw_call(p1.address, code, tls.identity(keyed, keyed.data_owner.name).channel_credentials(p1.name))
@@ -421,6 +430,18 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
         finally:
             do.close()
         np.testing.assert_allclose(be.reveal("y"), x + 1.0, atol=1e-3)  # the marked output opens
+
+        # the model owner's node serves the model it was started with, never one a request names
+        mo = keyed.model_owner
+        owner = Peer(mo.name, mo.address, 10, tls.identity(keyed, keyed.data_owner.name))
+        try:
+            assert owner.call("embedding_stats", "tiny-llama").hidden == 64
+            for other in ("smollm2-135m", str(tmp_path), "/opt/models/x"):
+                with pytest.raises(PartyError, match=rf"serves model 'tiny-llama', not ") as e:
+                    owner.call("embedding_stats", other)
+                assert "exist" not in str(e.value) and "No such" not in str(e.value)
+        finally:
+            owner.close()
         log = cluster.log_path(p1.name).read_text()
         assert "refused get_share from p0" in log and "refused get_share from bob" in log
 

@@ -300,6 +300,12 @@ def test_nan_is_never_shared_and_overlong_texts_are_refused_before_sharing(tmp_p
         with pytest.raises(UserError, match="refusing to share 'x': 1 of its 3 values are NaN or Inf"):
             s.put("x", np.array([1.0, np.nan, 2.0]))
         assert "x" not in s.shapes
+    from tuning.backends.secretflow import SecretFlowBackend
+
+    sf = object.__new__(SecretFlowBackend)  # refused before the job is reached (it would raise otherwise)
+    sf.job, sf.shapes = None, {}
+    with pytest.raises(UserError, match="refusing to share 'x': 1 of its 2 values are NaN or Inf"):
+        sf.put("x", np.array([np.inf, 2.0]))
     f, _ = toy_csv(tmp_path / "long.csv")
     rows = f.read_text().splitlines()
     rows[1] = "positive " * 0 + ("word " * 300).strip() + ",positive"
@@ -335,6 +341,29 @@ def test_cluster_keys_writes_pinned_keys_and_a_cluster_file(tmp_path):
     rc, _, err = cli("node", "--cluster", "semi2k", "--party", "p0")
     assert rc == 2
     one_line_error(err, "names no certificate", "secptune cluster keys")
+    rc, _, err = cli("node", "--cluster", "semi2k", "--party", "bob")  # serves one model, named at start
+    assert rc == 2
+    one_line_error(err, "is the model owner: give --model NAME")
+
+
+def test_the_secretflow_model_owner_serves_the_model_of_its_own_command_line(tmp_path):
+    from tuning.backends import secretflow as sfb
+    from tuning.loop.sfjob import served_model
+
+    assert served_model({"tune": {"model": "tiny-llama"}}) == "tiny-llama"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "tiny-bert"}))
+    assert served_model({"resume": str(run)}) == "tiny-bert"
+    assert served_model({"resume": str(tmp_path / "elsewhere")}) == "smollm2-135m"
+    sfb.serve_model("tiny-llama")
+    try:
+        for other in ("smollm2-135m", str(tmp_path), "/opt/models/x"):
+            with pytest.raises(PermissionError, match="the model owner serves model 'tiny-llama', not"):
+                sfb._owner_bundle(other)
+        assert sfb._owner_meta("tiny-llama")["config"].hidden_size == 64
+    finally:
+        sfb._OWNER.clear()
 
 
 # ------------------------------------------------------------------------------ faults (slow)

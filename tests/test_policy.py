@@ -64,6 +64,17 @@ def test_unknown_policy_name_and_bad_yaml(tmp_path):
         load_policy(str(bad))
 
 
+@pytest.mark.parametrize("argv", [["forward", "--policy"], ["sf-job", "--party", "p0", "--cluster"]])
+def test_a_policy_or_cluster_file_that_is_not_text_is_one_line(tmp_path, capsys, argv):
+    from tuning.cli import main
+
+    csv = tmp_path / "some.csv"
+    csv.write_bytes(b"text,label\n\xff\xfe binary \x00\x81\n")
+    assert main([*argv, str(csv)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("secptune: error:") and "not a UTF-8 text file" in err[0], err
+
+
 def test_trig_feature_map_policy_is_refused_in_one_cli_line(tmp_path, capsys):
     """The trig map can return garbage without a sign (tests/test_rfa.py); a policy asking for it
     stops at load, before any model or compilation, with one line naming the key."""

@@ -339,7 +339,7 @@ def _cmd_sf_job(args):
 def _cmd_node(args):
     from .backends.node import run_node
 
-    run_node(args.cluster, args.party, args.log_dir)
+    run_node(args.cluster, args.party, args.log_dir, args.model)
 
 
 def _cmd_cluster(args):
@@ -349,7 +349,7 @@ def _cmd_cluster(args):
     policy = load_policy(args.policy)
     if args.action == "keys":
         return _cluster_keys(policy, args)
-    with start_local_cluster(policy, args.log_dir) as cluster:
+    with start_local_cluster(policy, args.log_dir, args.model) as cluster:
         names = ", ".join(f"{p.name}@{p.address}" for p in (*policy.compute, policy.model_owner))
         print(f"cluster up ({policy.protocol}): {names}; logs in {cluster.log_dir}; cluster file (with the keys) "
               f"{cluster.policy_path}. Ctrl-C stops it.", flush=True)
@@ -485,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", required=True, help="policy name or YAML file with the parties section")
     s.add_argument("--party", required=True, help="party name from that file")
     s.add_argument("--log-dir", dest="log_dir", help="where the party's log goes (default: a temp dir)")
+    s.add_argument("--model", help="the model owner's node: the one model it serves (name or prepared path)")
     s.set_defaults(fn=_cmd_node)
 
     s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C; "
@@ -494,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", dest="log_dir")
     s.add_argument("--out", help="keys: directory for the keys and the cluster file")
     s.add_argument("--party", help="keys: only this party's key and certificate")
+    s.add_argument("--model", default="smollm2-135m", help="up: the one model the model owner's node serves")
     s.set_defaults(fn=_cmd_cluster)
 
     s = sub.add_parser("sf-job", help="the tuning job as a SecretFlow application: one process per party "

@@ -281,11 +281,19 @@ def load_policy(name_or_path: str) -> Policy:
                               "or give a path to a YAML file)")
     elif not p.exists():
         raise PolicyError(f"policy file {p} not found")
+    return parse_policy(read_yaml(p, PolicyError), str(p))
+
+
+def read_yaml(path: Path, error=PolicyError):
+    """A YAML file's contents, or ``error`` in one line if it is unreadable, not UTF-8 or not YAML."""
     try:
-        d = yaml.safe_load(p.read_text())
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise PolicyError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_policy(d, str(p))
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a UTF-8 text file (byte {e.start}); expected YAML") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
 
 
 # ------------------------------------------------------------------------------ policy <-> file

@@ -41,6 +41,7 @@ import hashlib
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,12 +186,13 @@ class LocalCluster:
     exit, on SIGTERM/SIGINT and leaving a ``with`` block) terminates, then kills, and reaps them.
     """
 
-    def __init__(self, policy, log_dir=None, startup_s: float = STARTUP_S):
+    def __init__(self, policy, log_dir=None, startup_s: float = STARTUP_S, model: str = "smollm2-135m"):
         check_ports_free(policy)
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        # a throwaway local cluster gets throwaway keys (a new directory per launch)
-        self.policy = policy = with_local_keys(policy, Path(tempfile.mkdtemp(prefix="keys-", dir=self.log_dir)))
+        # a throwaway local cluster gets throwaway keys (a new directory per launch, removed by close)
+        self._key_dir = Path(tempfile.mkdtemp(prefix="keys-", dir=self.log_dir))
+        self.policy = policy = with_local_keys(policy, self._key_dir)
         self.ident = tls.identity(policy, policy.data_owner.name)  # the launcher speaks as the data owner
         self.policy_path = dump_policy(policy, self.log_dir / "cluster.yaml")
         self.parties = [*policy.compute, policy.model_owner]
@@ -206,7 +208,8 @@ class LocalCluster:
                 with open(self.log_dir / f"{p.name}.log", "ab") as log:
                     self.procs[p.name] = subprocess.Popen(
                         [sys.executable, "-m", "tuning.backends.node", "--policy", str(self.policy_path),
-                         "--party", p.name, "--log-dir", str(self.log_dir)],
+                         "--party", p.name, "--log-dir", str(self.log_dir),
+                         *(["--model", model] if p is policy.model_owner else [])],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                         start_new_session=True)
             self.wait_ready(startup_s)
@@ -260,6 +263,7 @@ class LocalCluster:
         _LIVE.discard(self)
         self.closed = True
         kill_groups(list(self.procs.values()), grace_s)
+        shutil.rmtree(self._key_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -268,9 +272,10 @@ class LocalCluster:
         self.close()
 
 
-def start_local_cluster(policy, log_dir=None) -> LocalCluster:
-    """Launch ``policy``'s nodes on this machine and wait until they answer (``secptune cluster up``)."""
-    return LocalCluster(policy, log_dir)
+def start_local_cluster(policy, log_dir=None, model: str = "smollm2-135m") -> LocalCluster:
+    """Launch ``policy``'s nodes on this machine, the model owner's serving ``model``, and wait
+    until they answer (``secptune cluster up``)."""
+    return LocalCluster(policy, log_dir, model=model)
 
 
 # ------------------------------------------------------------------------------------ the backend
@@ -310,7 +315,7 @@ class ClusterBackend(Session):
         self.peers, self.owner, self.cluster = [], None, None
         try:
             if launch:
-                self.cluster = start_local_cluster(policy, log_dir)
+                self.cluster = start_local_cluster(policy, log_dir, self.model)
                 self.policy = policy = self.cluster.policy  # with the local cluster's keys
             t = policy.timeout_s
             ident = tls.identity(policy, policy.data_owner.name)  # we are the data owner

@@ -36,6 +36,7 @@ import concurrent.futures
 import ctypes
 import hashlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -168,8 +169,9 @@ def check_view(server, view: dict) -> None:
                             f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
 
 
-def serve(policy, party_name: str, log_path: Path, record_path=None):
-    """Start ``party_name``'s node server (mutual TLS) and return it (and its servicer)."""
+def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None):
+    """Start ``party_name``'s node server (mutual TLS) and return it (and its servicer).
+    ``model``: the one model a model owner's node serves (fixed here, never taken from a request)."""
     import grpc
     from spu.utils import distributed_impl as ppd
     from spu.utils import distributed_pb2_grpc
@@ -180,6 +182,7 @@ def serve(policy, party_name: str, log_path: Path, record_path=None):
     ident = tls.identity(policy, party.name)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
     servicer = _make_servicer(policy, party.name, party.address, role, rank, ident, log_path, record_path)
+    servicer._locals["model"] = model
     distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     # any party's pinned certificate passes the handshake; FUNCTIONS then decides per call
     creds = ident.server_credentials([p.name for p in tls.all_parties(policy)])
@@ -194,8 +197,9 @@ def serve(policy, party_name: str, log_path: Path, record_path=None):
     return server, servicer
 
 
-def run_node(policy, party_name: str, log_dir=None) -> None:
-    """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log."""
+def run_node(policy, party_name: str, log_dir=None, model: str | None = None) -> None:
+    """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log.
+    The model owner's node serves ``model`` and no other."""
     from spu.utils import distributed_impl as ppd
 
     from . import tls
@@ -203,6 +207,8 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
     if isinstance(policy, (str, Path)):
         policy = load_policy(str(policy))
     party, role, rank = _find_party(policy, party_name)
+    if role == "model_owner" and not model:
+        raise UserError(f"node {party.name} is the model owner: give --model NAME, the one model it serves")
     tls.identity(policy, party.name)  # refuse to start without keys, before anything else
     procs.die_with_launcher(signal.SIGTERM)  # no orphans
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-node-"))
@@ -225,7 +231,7 @@ def run_node(policy, party_name: str, log_dir=None) -> None:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
-    server, _ = serve(policy, party.name, log_path, record_path)
+    server, _ = serve(policy, party.name, log_path, record_path, model if role == "model_owner" else None)
     print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.address} (mutual TLS)", flush=True)
     server.wait_for_termination()
 
@@ -304,8 +310,20 @@ def _forget(server, name: str) -> None:
     server._locals["revealable"].pop(name, None)
 
 
+WEIGHT = re.compile(r"w[0-9]+")  # the model owner's variables (its weights); every other one is the data owner's
+
+
+def _owner_writes(server, name: str, weights: bool) -> None:
+    """Each input is written by the role that owns it: the model owner its weights only, the
+    data owner (and a program's outputs) anything but a weight."""
+    if bool(WEIGHT.fullmatch(str(name))) != weights:
+        raise PermissionError(f"{server.node_id}: {str(name)[:40]!r} is " + ("not a weight; the model owner writes "
+                              "weights only" if weights else "a weight; only the model owner writes it"))
+
+
 def set_share(server, name: str, share) -> None:
     """Model owner -> compute party: store one weight share as runtime variable ``name`` (resident)."""
+    _owner_writes(server, name, weights=True)
     rt = _runtime(server)
     with server.run_lock:
         rt.set_var(name, share)
@@ -317,6 +335,7 @@ def put(server, name: str, share) -> None:
     """Data owner -> compute party: store its share of a value as runtime variable ``name``.
 
     The variable stays resident until the data owner drops it (or the runtime is reset)."""
+    _owner_writes(server, name, weights=False)
     rt = _runtime(server)
     with server.run_lock:
         rt.set_var(name, share)
@@ -360,6 +379,8 @@ def run(server, executable, input_names=None, output_names=None, marks=None):
         if input_names is not None:
             exe = spu_pb2.ExecutableProto(name=exe.name, code=exe.code, input_names=list(input_names),
                                           output_names=list(output_names))
+        for name in exe.output_names:
+            _owner_writes(server, name, weights=False)
         _flush_c_stdout()
         start = server.log_path.stat().st_size
         for name in exe.output_names:
@@ -409,11 +430,14 @@ def drop(server, names: list) -> None:
 
 
 def _bundle(server, model_name: str):
-    cache = server._locals.setdefault("bundles", {})
-    if model_name not in cache:
-        cache.clear()
-        cache[model_name] = load_model(model_name)
-    return cache[model_name]
+    """The model this node serves, if the caller names it: a request never makes it load another
+    (nor learn which paths exist on this host)."""
+    served = server._locals.get("model")
+    if model_name != served:
+        raise PermissionError(f"{server.node_id} serves model {served!r}, not {str(model_name)[:80]!r}")
+    if "bundle" not in server._locals:
+        server._locals["bundle"] = load_model(served)
+    return server._locals["bundle"]
 
 
 def share_weights(server, model_name: str, runtime_config: bytes, compute: list, timeout_s: float) -> dict:
@@ -521,10 +545,11 @@ def main(argv=None) -> None:
     ap.add_argument("--policy", required=True, help="policy name or YAML path (its parties give the addresses)")
     ap.add_argument("--party", required=True, help="a compute party or the model owner")
     ap.add_argument("--log-dir", default=None, help="SPU's log goes to LOGDIR/<party>.log")
+    ap.add_argument("--model", default=None, help="the model owner's node: the one model it serves")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        run_node(args.policy, args.party, args.log_dir)
+        run_node(args.policy, args.party, args.log_dir, args.model)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 

@@ -65,7 +65,7 @@ import numpy as np
 from ..assets.models import EmbeddingStats, ModelBundle, load_model, policy_execution
 from ..errors import UserError
 from .cost import CallCost, PartyCost, parse_profile
-from .session import Session
+from .session import Session, finite
 from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
 from .spu_common import compile_session_program
 
@@ -102,10 +102,21 @@ _OWNER: dict = {}  # model owner: the loaded model
 _PROFILE: dict = {}  # compute party: its log and how far its profile has been read
 
 
+def serve_model(model: str) -> None:
+    """Model owner's process: the one model it serves, from its own command line."""
+    _OWNER.clear()
+    _OWNER["served"] = model
+
+
 def _owner_bundle(model: str):
-    if _OWNER.get("name") != model:
-        _OWNER.clear()
-        _OWNER.update(name=model, bundle=load_model(model))
+    """The served model, if the data owner names it: a request never makes the model owner load
+    another (nor learn which paths exist on its host)."""
+    served = _OWNER.get("served")
+    if model != served:
+        raise PermissionError(f"the model owner serves model {served!r}, not {str(model)[:80]!r} "
+                              "(start it with that model)")
+    if "bundle" not in _OWNER:
+        _OWNER["bundle"] = load_model(served)
     return _OWNER["bundle"]
 
 
@@ -438,7 +449,7 @@ class SecretFlowBackend(Session):
         return self._table
 
     def put(self, name: str, value) -> None:
-        value = np.asarray(value, np.float32)
+        value = finite(name, value)
         self.job.lead({"op": "put", "name": name, "shape": list(value.shape)}, value=value)
         self.shapes[name] = value.shape
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..policy import load_policy
+from ..policy import load_policy, read_yaml
 from .procs import kill_groups, launch_env
 
 REPO = Path(__file__).absolute().parents[2]
@@ -194,11 +194,7 @@ def cluster_path(ref) -> Path:
 
 def load_cluster(path) -> SFCluster:
     p = cluster_path(path)
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ClusterFileError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_cluster(d, str(p), p.absolute().parent)
+    return parse_cluster(read_yaml(p, ClusterFileError), str(p), p.absolute().parent)
 
 
 def cluster_dict(cluster: SFCluster) -> dict:

@@ -135,6 +135,19 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
         print(f"warning: {', '.join(missing)} did not confirm the end of the job", file=sys.stderr, flush=True)
 
 
+def served_model(spec: dict) -> str:
+    """The model owner's model, from its own job spec: its tune arguments' --model, or the model of
+    the run it resumes (when that run's directory is on this host), or tune's default."""
+    from .trainer import TuneConfig
+
+    if spec.get("tune", {}).get("model"):
+        return spec["tune"]["model"]
+    cfg = Path(spec.get("resume") or "-") / "config.json"
+    if cfg.exists():
+        return json.loads(cfg.read_text()).get("model", TuneConfig.model)
+    return TuneConfig.model
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tuning.loop.sfjob", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cluster", required=True)
@@ -157,6 +170,8 @@ def main(argv=None) -> None:
         me = cluster.party(args.party)
         print(f"party {me.name} ({me.role}) of job {cluster.job_name}, policy {cluster.policy.name}: "
               f"{', '.join(f'{k} {v}' for k, v in me.ports.items())}", file=sys.stderr, flush=True)
+        if me.role == "model_owner":
+            sfb.serve_model(served_model(spec))
         job = sfb.SFJob(cluster, me.name, log_dir, party.fatal)
         signal.signal(signal.SIGINT, _on_sigint(party))
         party.say(f"{me.name}: up ({me.role}; {cluster.policy.protocol} over {', '.join(p.name for p in cluster.compute)})")
