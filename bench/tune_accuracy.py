@@ -88,7 +88,7 @@ def main(argv=None):
     ap.add_argument("--head", default="words", choices=["words", "fit"])
     ap.add_argument("--probe-words", default=None)
     ap.add_argument("--select", default="dev-loss", choices=["dev-loss", "final-mean"])
-    ap.add_argument("--objective", default="words", choices=["words", "head"])
+    ap.add_argument("--objective", default="words", choices=["words", "head", "refit"])
     ap.add_argument("--tag", default="", type=tag_suffix, help="suffix for the run directories and table (variants)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)

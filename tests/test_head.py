@@ -125,10 +125,11 @@ def test_probe_words_need_a_pool(tmp_path):
              show_progress=False, log=lambda *a: None)
 
 
-def test_head_objective_resumes_exactly(tmp_path):
-    """--objective head: the search reads the head fitted at P0, which a resumed run restores from
-    its checkpoint (not refitted): 2 + 1 generations replay 3 exactly, and differ from the
-    verbalizer objective's search."""
+@pytest.mark.parametrize("objective", ["head", "refit"])
+def test_head_objective_resumes_exactly(tmp_path, objective):
+    """--objective head / refit: the search reads the head fitted at P0 (refit: its regularisation),
+    which a resumed run restores from its checkpoint (not refitted): 2 + 1 generations replay 3
+    exactly, and differ from the verbalizer objective's search."""
     from tuning.errors import UserError
     from tuning.loop.trainer import TuneConfig, tune
 
@@ -137,9 +138,9 @@ def test_head_objective_resumes_exactly(tmp_path):
               popsize=4, d=8, prompt_depth=1, prompt_form="virtual")
     quiet = dict(show_progress=False, log=lambda *a: None)
     with pytest.raises(UserError, match="needs --head fit"):
-        tune(TuneConfig(**{**kw, "head": "words"}, objective="head", budget=1, out=str(tmp_path / "x")), **quiet)
-    full = tune(TuneConfig(**kw, objective="head", budget=3, out=str(tmp_path / "full")), **quiet)
-    tune(TuneConfig(**kw, objective="head", budget=2, out=str(tmp_path / "part")), **quiet)
+        tune(TuneConfig(**{**kw, "head": "words"}, objective=objective, budget=1, out=str(tmp_path / "x")), **quiet)
+    full = tune(TuneConfig(**kw, objective=objective, budget=3, out=str(tmp_path / "full")), **quiet)
+    tune(TuneConfig(**kw, objective=objective, budget=2, out=str(tmp_path / "part")), **quiet)
     part = tune(TuneConfig(out=str(tmp_path / "part")), resume=True, budget=3, **quiet)
     tune(TuneConfig(**kw, budget=3, out=str(tmp_path / "words")), **quiet)
 
@@ -147,7 +148,7 @@ def test_head_objective_resumes_exactly(tmp_path):
         return [{k: v for k, v in json.loads(ln).items() if not k.startswith("mpc")}
                 for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
 
-    assert lines("part") == lines("full") and full["objective"] == "head"
+    assert lines("part") == lines("full") and full["objective"] == objective
     assert part["tuned_test_acc"] == full["tuned_test_acc"]
     assert [m["loss_mean"] for m in lines("words")] != [m["loss_mean"] for m in lines("full")]
 

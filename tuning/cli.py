@@ -463,9 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(W logits opened per row instead of one per class; train + dev scored once more)")
     s.add_argument("--probe-words", dest="probe_words", metavar="W1,W2,...",
                    help="--head fit: the probe words (default: the task's pool)")
-    s.add_argument("--objective", choices=["words", "head"],
-                   help="what the search minimises: the verbalizer's cross-entropy (default) or that of the head "
-                        "fitted at P0 (with --head fit; the head is fitted again at the kept prompt)")
+    s.add_argument("--objective", choices=["words", "head", "refit"],
+                   help="what the search minimises: the verbalizer's cross-entropy (default), that of the head "
+                        "fitted at P0, or (refit) the k-fold held-out cross-entropy of a head fitted on each "
+                        "candidate's own logits (with --head fit; the head is fitted again at the kept prompt)")
     s.add_argument("--select", choices=["dev-loss", "final-mean"],
                    help="the prompt kept: the lowest dev loss seen (default) or the search's final mean")
     s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")

@@ -28,6 +28,7 @@ from ..backends import open_backend
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted
+from .objective import Objective, frozen_head, refit_head, verbalizer
 from .scorer import CONTENT_FREE, SecureScorer, delta_shape
 from .search import make_strategy
 from .subspace import subspace_from_stats
@@ -35,7 +36,7 @@ from .subspace import subspace_from_stats
 LOSSES = ("ce", "hinge")
 DEV_EVAL = ("all", "mean")
 HEADS = ("words", "fit")
-OBJECTIVES = ("words", "head")
+OBJECTIVES = ("words", "head", "refit")
 SELECT = ("dev-loss", "final-mean")
 
 
@@ -73,7 +74,8 @@ class TuneConfig:
     loss: str = "ce"
     head: str = "words"  # "words": the verbalizer's words; "fit": a head fitted over them and probe words
     probe_words: str | None = None  # comma-separated words for --head fit (default: the task's pool)
-    objective: str = "words"  # the search minimises the CE of: "words" (the verbalizer) or "head" (the P0 head)
+    objective: str = "words"  # the search minimises the CE of: "words" (the verbalizer), "head" (the P0 head)
+    #                           or "refit" (each candidate's own head, k-fold held out; see loop.objective)
     select: str = "dev-loss"  # the prompt kept: "dev-loss" (lowest dev CE seen) or "final-mean" (the search's)
     patience: int = 0  # stop after this many generations without a dev improvement (0: never)
     save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
@@ -114,25 +116,30 @@ class LoopState:
     mpc_bytes: int = 0
 
 
-def run_generation(st: LoopState, strategy, subspace, scorer, cfg: TuneConfig) -> tuple[LoopState, dict]:
+def run_generation(st: LoopState, strategy, subspace, scorer, cfg: TuneConfig,
+                   objective: Objective | None = None) -> tuple[LoopState, dict]:
     """One generation of forward-only tuning. Returns the new state and its metrics (with the
     candidates and opened logits under ``_Z`` / ``_logits``, for callers that keep them).
 
     The search distribution's mean rides along as one extra row of the same secure calls: it is
     not told to the search, but it is a selection candidate (often the best generaliser).
     ``cfg.train_batch``: the population is scored on one mini-batch of the training set (chunk
-    ``generation mod chunks``); ``cfg.dev_eval="mean"``: only the mean is scored on dev."""
+    ``generation mod chunks``); ``cfg.dev_eval="mean"``: only the mean is scored on dev.
+    ``objective`` reads class scores from the opened word logits (default: the verbalizer's)."""
+    objective = objective or verbalizer(scorer.class_scores)
     train, dev = scorer.sets["train"], scorer.sets["dev"]
     Z, search = strategy.ask(st.search)                                  # 1. ask
     Zs = np.concatenate([Z, strategy.mean(st.search)[None]])             #    (+ the current mean)
     delta = subspace.offsets(Zs)                                         # 2. A.z at the data owner,
     n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
     batch = [st.generation % len(train.chunks)] if cfg.train_batch else range(len(train.chunks))
-    tr = scorer.score("train", delta, batch)                             # 3. opened to us only
+    tr_words, tr_cf = scorer.score_words("train", delta, batch)          # 3. opened to us only
     sel = np.arange(len(Zs)) if cfg.dev_eval == "all" else np.array([len(Z)])
-    dv = scorer.score("dev", delta[sel])
+    dv_words, dv_cf = scorer.score_words("dev", delta[sel])
     tr_labels = train.chunk_labels(batch)
-    losses = losses_from_logits(tr, tr_labels, cfg.loss)                 # 4. loss in plaintext
+    tr = objective.train(tr_words, tr_cf, tr_labels)                     # 4. loss in plaintext
+    dv = objective.dev(dv_words, dv_cf, tr_words[sel], tr_labels)
+    losses = losses_from_logits(tr, tr_labels, cfg.loss)
     dev_loss, dev_acc = losses_from_logits(dv, dev.labels, "ce"), accuracy(dv, dev.labels)
     search = strategy.tell(search, Z, losses[: len(Z)])                  # 5. tell
     costs = scorer.s.costs[n_costs:]
@@ -309,6 +316,17 @@ def probe_words(cfg: TuneConfig, task) -> tuple:
     return words
 
 
+def make_objective(cfg: TuneConfig, scorer, extra: dict) -> Objective:
+    """The run's objective; ``head`` and ``refit`` start from the head fitted at P0 (its
+    regularisation; ``extra`` is the checkpoint's, so a resumed run reads the same head)."""
+    if cfg.objective == "words":
+        return verbalizer(scorer.class_scores)
+    head0 = fitted.from_json(extra["zero_shot_head"])
+    if cfg.objective == "head":
+        return frozen_head(head0)
+    return refit_head(len(scorer.task.labels), head0.c, seed=cfg.seed)
+
+
 def fit_head(scorer, delta, seed: int) -> fitted.Head:
     """--head fit at prompt ``delta`` (None: P0, no soft prompt): the opened word logits of train
     and dev, a head fitted on both, its regularisation by k-fold over them (plaintext, here)."""
@@ -388,8 +406,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     if cfg.head not in HEADS or cfg.select not in SELECT or cfg.objective not in OBJECTIVES:
         raise UserError(f"unknown --head {cfg.head!r}, --select {cfg.select!r} or --objective {cfg.objective!r} "
                         f"(known: {', '.join(HEADS)}; {', '.join(SELECT)}; {', '.join(OBJECTIVES)})")
-    if cfg.objective == "head" and cfg.head != "fit":
-        raise UserError("--objective head searches against the head fitted at P0: it needs --head fit")
+    if cfg.objective != "words" and cfg.head != "fit":
+        raise UserError(f"--objective {cfg.objective} searches against a fitted head: it needs --head fit")
 
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
@@ -450,9 +468,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
             extra["zero_shot_cost"] = _cost_sum(session.costs[n0:])
             st = LoopState(strategy.init(cfg.seed))
             metrics_path.write_text("")
-        if cfg.objective == "head":  # every score from here on reads the P0 head (the final one refits)
-            head0 = fitted.from_json(extra["zero_shot_head"])
-            scorer.classify = lambda words: fitted.apply(head0, fitted.features(words))
+        objective = make_objective(cfg, scorer, extra)
         # wall time and set-up cost over every session of this run (a resumed run prefills again)
         before = extra.get("elapsed_s", 0.0)
         extra["setups"] = extra.get("setups", []) + [setup_cost]
@@ -463,7 +479,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         bar = _progress(cfg.budget, st.generation, show_progress)
         try:
             while st.generation < cfg.budget:
-                st, m = run_generation(st, strategy, subspace, scorer, cfg)
+                st, m = run_generation(st, strategy, subspace, scorer, cfg, objective)
                 Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
                 train_chunks, dev_rows = m.pop("_rows")
                 if cfg.save_logits:  # the data owner's own files: what it scored and what was revealed to it
