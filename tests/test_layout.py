@@ -1,7 +1,7 @@
 """The package layout: who may import whom, no import cycles (deferred imports included), every
 module importable alone, and no module changing the environment on import."""
 import ast
-import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -104,25 +104,52 @@ def test_no_import_cycles_even_through_deferred_imports(graph):
     assert cycle == [], " -> ".join(cycle[0])
 
 
+# Forks one child per project module from a parent that imported only third-party packages: each
+# child imports its module with no other project module loaded (as a fresh interpreter would, less
+# the seconds of importing jax each time) and reports whether os.environ changed.
+_IMPORT_ALONE = r"""
+import importlib, json, os, sys
+{third}
+base = dict(os.environ)
+for m in sys.argv[1:]:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            importlib.import_module(m)
+            out = {{"changed": sorted(k for k in set(os.environ) | set(base) if os.environ.get(k) != base.get(k))}}
+        except BaseException as e:
+            out = {{"error": f"{{type(e).__name__}}: {{e}}"}}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    print("RESULT", json.dumps({{"module": m, "status": status, **(json.loads(data) if data else {{}})}}), flush=True)
+"""
+
+
 def test_every_module_imports_alone_and_leaves_the_environment_alone():
     # third-party packages may set their own variables on import (jax sets TF_CPP_MIN_LOG_LEVEL):
     # imported first, so that only the project's own changes show
-    third = "jax, jax.numpy, flax.linen, optax, evosax, spu, spu.api, spu.utils.frontend, transformers, grpc, yaml"
-    code = (f"import os, sys, importlib, {third}; before = dict(os.environ); importlib.import_module(sys.argv[1]); "
-            "changed = sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)); "
-            "print(','.join(changed))")
+    third = "import jax, jax.numpy, flax.linen, optax, evosax, spu, spu.api, spu.utils.frontend, transformers, grpc, yaml"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = str(REPO)
-
-    def run(m):
-        p = subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, env=env, cwd=REPO,
-                           timeout=300)
-        return m, p.returncode, p.stdout.strip().splitlines()[-1:], p.stderr.strip().splitlines()[-1:]
-
     names = sorted(m for m in modules() if not m.endswith("__main__"))
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(run, names))
-    failed = [(m, err) for m, rc, _, err in results if rc != 0]
+    p = subprocess.run([sys.executable, "-c", _IMPORT_ALONE.format(third=third), *names], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = {r["module"]: r for r in (json.loads(ln[len("RESULT "):]) for ln in p.stdout.splitlines()
+                                        if ln.startswith("RESULT "))}
+    assert sorted(results) == names  # every module was tried
+    failed = [(m, r.get("error"), r["status"]) for m, r in results.items() if r["status"] != 0 or "error" in r]
     assert failed == []
-    changed = [(m, out) for m, _, out, _ in results if out and out[0]]
+    changed = [(m, r["changed"]) for m, r in results.items() if r["changed"]]
     assert changed == [], "modules that change os.environ on import"
