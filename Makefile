@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 CLI := $(VENV)/bin/secptune
 
-.PHONY: setup prepare demo test test-fast bazel-install bazel-test clean-venv
+.PHONY: setup prepare demo test test-all test-fast bazel-install bazel-test clean-venv
 
 setup:
 	@bash scripts/setup_env.sh
@@ -36,11 +36,15 @@ demo: prepare
 	$(CLI) tune $(DEMO_FULL_ARGS) --out runs/demo_full
 
 # Prepares the real assets first (idempotent, fast when cached) so the slow real-model tests run.
+# `make test` (CI) leaves out the soak variants (longer repeats of behaviour it covers); test-all runs them.
 test: prepare
+	bash scripts/run_tests.sh -m "not soak"
+
+test-all: prepare
 	bash scripts/run_tests.sh
 
 test-fast: setup
-	bash scripts/run_tests.sh -m "not slow"
+	bash scripts/run_tests.sh -m "not slow and not soak"
 
 # The fast suite under Bazel (README, "Bazel"): offline, in Bazel's sandbox, with the .venv's
 # interpreter (so it sets up .venv first). Bazel 4.2 is Debian's bazel-bootstrap, installed here

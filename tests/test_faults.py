@@ -405,7 +405,7 @@ def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["p1", "bob"])
+@pytest.mark.parametrize("victim", ["p1", pytest.param("bob", marks=pytest.mark.soak)])
 def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     """A compute party or the model owner killed mid-run: the driver exits 2 with one line naming
     it, every node exits by itself within the policy's timeout (no abort, no core), no process
@@ -461,6 +461,7 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_retries_supervisor_restarts_and_finishes(tmp_path):
     proc, t0, out, _ = _tune_and_kill(tmp_path, "p2", extra=("--retries", "1"), budget=3)
     stdout, stderr = proc.communicate(timeout=1800)

@@ -253,7 +253,7 @@ def _same_within_noise(a, b, what, tol=2e-2, margin=0.04):
     assert (a.argmax(-1) == b.argmax(-1))[clear].all(), what
 
 
-@pytest.mark.parametrize("name", ["aby3", "semi2k"])
+@pytest.mark.parametrize("name", ["aby3", pytest.param("semi2k", marks=pytest.mark.soak)])
 def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     csv, texts = toy_csv(tmp_path / "toy.csv")
     ref = _cluster_run(tmp_path, name, csv, tmp_path / "cluster")
