@@ -52,7 +52,7 @@ def rescorer(run: Path, zero_shot: bool = False):
     sub = build_subspace(cfg, bundle, plain.embedding_stats())
     sc = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
                       form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
-                      probe_words=probe_words(cfg, task) if cfg.head == "fit" else ())
+                      probe_words=probe_words(cfg, task, train) if cfg.head == "fit" else ())
     sc.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
                     if cfg.train_batch else None, zero_shot=zero_shot)
     sc.add_examples("dev", dev, zero_shot=zero_shot)

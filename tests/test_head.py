@@ -176,3 +176,27 @@ def test_benches_rescore_a_head_objective_run_as_its_search_did(tmp_path):
     assert float(res["rows"][-1]["max abs logit err"]) < 0.2  # SPU's fixed point through a standardised head
     reads = read_run(run)
     assert set(reads) == set(READS) and all(0 <= v <= 1 for v in reads.values())
+
+
+def test_auto_pool_comes_from_the_training_texts_alone():
+    from tuning.loop.head import auto_pool
+
+    train = [("a superb and lovely film", "pos"), ("lovely acting, superb plot", "pos"), ("the film was fine", "pos"),
+             ("a dull and awful film", "neg"), ("awful plot, dull acting", "neg"), ("the film was long", "neg")]
+    pool = auto_pool(train, ["pos", "neg"], k=4)
+    assert set(pool) == {" superb", " lovely", " dull", " awful"}  # in 2 of 3 texts of one class, none of the other
+    assert " film" not in auto_pool(train, ["pos", "neg"], k=6)  # in every text: says nothing
+    assert auto_pool(train, ["pos", "neg"], k=4) == pool  # deterministic
+    assert all(w.startswith(" ") for w in pool)
+
+
+def test_head_fit_on_a_users_task_without_a_pool_runs(tmp_path):
+    """--head fit on a user's CSV (no task pool, no --probe-words): the pool comes from its k-shot
+    training texts, and the run reads it through the head."""
+    from tuning.loop.trainer import TuneConfig, tune
+
+    s = tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
+                        verbalizer="positive=g,negative=b", head="fit", shots=3, n_test=6, popsize=4, budget=1,
+                        d=8, prompt_depth=1, prompt_form="virtual", out=str(tmp_path / "r")),
+             show_progress=False, log=lambda *a: None)
+    assert s["fitted_head"]["probe_words"] > 0 and s["head"] == "fit"

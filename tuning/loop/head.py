@@ -15,6 +15,8 @@ Small pure functions over explicit state (a frozen ``Head``), numpy and scipy on
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections import Counter
 
 import numpy as np
 
@@ -105,3 +107,21 @@ def choose_c(X: np.ndarray, y: np.ndarray, n_classes: int, grid=C_GRID, k: int =
     """The regularisation with the lowest k-fold cross-entropy over the fitting examples (train and
     dev together: no example is used to pick C and then to judge the same fit)."""
     return min(grid, key=lambda c: cv_loss(X, y, n_classes, c, k, seed))
+
+
+def auto_pool(examples: list, labels: list, k: int = 30, min_docs: int = 2) -> tuple:
+    """Probe words for a task without a hand-picked pool, from the labelled training texts alone
+    (never dev or test): the ``k`` words whose presence differs most between one class's texts and
+    the rest's (difference of the fractions of texts containing it, if not zero; words of three or
+    more letters in at least ``min_docs`` texts; ties by frequency, then alphabetically), each with its leading
+    space, as the verbalizer's words are given."""
+    docs = [(set(re.findall(r"[a-z]{3,}", text.lower())), label) for text, label in examples]
+    n = Counter(label for _, label in docs)
+    df = Counter(w for words, _ in docs for w in words)
+    by = {c: Counter(w for words, label in docs if label == c for w in words) for c in labels}
+
+    def score(w):
+        return max(abs(by[c][w] / max(n[c], 1) - (df[w] - by[c][w]) / max(len(docs) - n[c], 1)) for c in labels)
+
+    ranked = sorted((w for w, d in df.items() if d >= min_docs and score(w) > 0), key=lambda w: (-score(w), -df[w], w))
+    return tuple(" " + w for w in ranked[:k])

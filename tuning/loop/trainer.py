@@ -304,12 +304,11 @@ def build_subspace(cfg: TuneConfig, bundle, stats):
                                shape=delta_shape(bundle.config, n, cfg.prompt_depth, cfg.prompt_form))
 
 
-def probe_words(cfg: TuneConfig, task) -> tuple:
-    """--head fit's probe words: --probe-words (comma-separated) or the task's own pool."""
+def probe_words(cfg: TuneConfig, task, train: list) -> tuple:
+    """--head fit's probe words: --probe-words (comma-separated), the task's own pool, or, for a
+    task without one, a pool chosen from the k-shot training examples ``train`` (``head.auto_pool``)."""
     if cfg.probe_words is None:
-        if not task.probe_words:
-            raise UserError("--head fit needs probe words: this task has no pool, give --probe-words w1,w2,...")
-        return tuple(task.probe_words)
+        return tuple(task.probe_words) if task.probe_words else fitted.auto_pool(train, task.labels)
     words = tuple(" " + w.strip() for w in cfg.probe_words.split(",") if w.strip())
     if not words:
         raise UserError(f"--probe-words {cfg.probe_words!r} names no word")
@@ -430,7 +429,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         fit = cfg.head == "fit"
         scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
                               depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate,
-                              combine=cfg.combine, probe_words=probe_words(cfg, task) if fit else ())
+                              combine=cfg.combine, probe_words=probe_words(cfg, task, train) if fit else ())
         scorer.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
                             if cfg.train_batch else None, zero_shot=fit)
         scorer.add_examples("dev", dev, zero_shot=fit)
