@@ -315,6 +315,16 @@ def probe_words(cfg: TuneConfig, task, train: list) -> tuple:
     return words
 
 
+def config_line(cfg: TuneConfig) -> str:
+    """The run's configuration in one line, as it starts."""
+    where = "prompt at the input" if cfg.prompt_depth is None else f"{cfg.prompt_form} prompt in the top {cfg.prompt_depth} layers"
+    batch = f"{cfg.train_batch} training examples per generation" if cfg.train_batch else "all training examples"
+    return (f"config: {cfg.mode} placement, {where}, P0 {cfg.init!r} ({cfg.n_tokens} tokens), subspace d={cfg.d}; "
+            f"{cfg.strategy} popsize {cfg.popsize} x {cfg.budget} generations, sigma0 {cfg.sigma0:g}; {batch}; "
+            f"dev: {cfg.dev_eval}; loss {cfg.loss}, objective {cfg.objective}, head {cfg.head}, select {cfg.select}; "
+            f"policy {cfg.policy}, back end {cfg.backend}, seed {cfg.seed}")
+
+
 def make_objective(cfg: TuneConfig, scorer, extra: dict) -> Objective:
     """The run's objective; ``head`` and ``refit`` start from the head fitted at P0 (its
     regularisation; ``extra`` is the checkpoint's, so a resumed run reads the same head)."""
@@ -423,6 +433,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
         log(task.describe())
+        log(config_line(cfg))
         log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
             f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
 
