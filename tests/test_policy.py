@@ -18,6 +18,7 @@ def test_shipped_policies_load():
         p = load_policy(n)
         assert p.world_size == {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}[p.protocol]
         assert p.reveal == {"verbalizer_logits": "data_owner"}
+        assert p.embedding == "secret", n  # the table (and a tied LM head) stays with the model owner
         assert p.runtime_config().fxp_fraction_bits == p.fxp_fraction_bits
     assert load_policy("aby3-puma").execution.approx.gelu == "poly"
 
