@@ -46,7 +46,7 @@ test-all: prepare
 test-fast: setup
 	bash scripts/run_tests.sh -m "not slow and not soak"
 
-# The fast suite under Bazel (README, "Bazel"): offline, in Bazel's sandbox, with the .venv's
+# The fast suite under Bazel (docs/development.md, "Bazel"): offline, in Bazel's sandbox, with the .venv's
 # interpreter (so it sets up .venv first). Bazel 4.2 is Debian's bazel-bootstrap, installed here
 # if missing (as root). Flags sized for 2 cores.
 BAZEL_FLAGS ?= --jobs=2 --local_test_jobs=2

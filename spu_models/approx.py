@@ -150,7 +150,7 @@ def masked_softmax(scores, mask=None, mode: str = "exact", axis: int = -1):
 # product of two such values carries 2f fraction bits before it is truncated, so it wraps around
 # unless |x*y| < 2^(ring-2-2f). The model side must keep its values inside those limits:
 ACTIVATION_BOUND = 2.0 ** 15  # design bound of |activations| that meet a secret product:
-                              # SmolLM2-135M's massive activations reach |x| ~ 2.2e4 (README)
+                              # SmolLM2-135M's massive activations reach |x| ~ 2.2e4 (docs/numerics.md)
 EXP_LIMIT_RANGE = (-14.0, 0.0)  # exp_limit: accurate on [lower, 0]; 0 below lower; not for x > 0
 SIGMOID_POLY_RANGE = (-8.0, 8.0)  # polynomial inside, exact 0 / 1 outside: valid everywhere
 GELU_POLY_RANGE = (-4.0, 3.0)  # piecewise: 0 below, x above: valid everywhere

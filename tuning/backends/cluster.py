@@ -31,7 +31,7 @@ the session needs) makes the call raise :class:`PartyError` naming it, within ab
 The driver then tells every surviving node why (``node.shutdown``: one log line naming the lost
 party); launched nodes exit, and the launcher reaps them. The back end refuses further calls;
 ``secptune tune --resume`` (or ``--retries``) starts a new cluster and continues from the last
-checkpoint. Trust model: semi-honest; see the README's threat model.
+checkpoint. Trust model: semi-honest; see docs/threat-model.md.
 """
 from __future__ import annotations
 
