@@ -239,6 +239,7 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy, bundle = load_policy(POLICY), None
+    row.update(n_train=len(train), n_dev=len(dev), n_test=len(test), classes=len(task.labels))
     for m in methods:
         if m in row.get("done", []):
             continue
@@ -262,6 +263,53 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
     return row
 
 
+# -------------------------------------------------------------------------------------- cost
+PRICES = {"steps": "e2e_aby3", "placement": "placement_aby3-fast"}
+
+
+def prices(results: Path = RESULTS) -> dict:
+    """Measured MPC prices (ABY3, SmolLM2's 30 layers, MR-length texts, busiest party's bytes and
+    the simulator's seconds): the deep prompt's per-example prefill and per-row generation cost
+    (``bench placement``, virtual:4), and SFT's and PT's per-step cost (``bench e2e bill``: fitted as
+    a + b x layers from ``bench step`` runs, scaled to 32 examples)."""
+    pl = json.loads((results / f"{PRICES['placement']}.json").read_text())
+    v4 = next(r for r in pl["rows"] if r["placement"] == "virtual:4")
+    e2e = json.loads((results / f"{PRICES['steps']}.json").read_text())
+    f = e2e["fits"]
+    return {"prefill": {"bytes": v4["prefill MB / example"] * 1e6, "s": v4["prefill s / example"]},
+            "row": {"bytes": v4["MB / row"] * 1e6, "s": v4["s / row"]},
+            "sft_step_32": {"bytes": e2e["per_step"]["SFT"]["send_bytes"], "s": e2e["per_step"]["SFT"]["wall_s"]},
+            # gradient PT through the top 4 layers, per training example (the fit was measured on 2)
+            "pt_step_example": {"bytes": (f["PT send_bytes"]["a"] + 4 * f["PT send_bytes"]["b"]) / 2,
+                                "s": (f["PT wall_s"]["a"] + 4 * f["PT wall_s"]["b"]) / 2}}
+
+
+def method_costs(row: dict, pr: dict) -> dict:
+    """Method -> {"bytes", "s"}: the MPC work that produced its reported accuracy, every step its
+    selection needed included (its whole budget, and its dev evaluations); the test evaluation is
+    left out (the same for every method). ICL and zero-shot train nothing: 0."""
+    n_tr, n_dv = row["n_train"], row["n_dev"]
+    out = {}
+
+    def add(name, parts):
+        out[name] = {u: sum(k * p[u] for k, p in parts) for u in ("bytes", "s")}
+
+    prefill = [(n_tr + n_dv, pr["prefill"])]  # one secure forward of train + dev (zero-shot logits with it)
+    add("head@P0", prefill)
+    if "generations" in row:
+        add("fo", prefill + [(row["generations"] * row["rows_per_generation"], pr["row"])])
+        out["fo words"] = out["fo"]
+    if "pt steps" in row:
+        s = row["pt steps"]
+        add("pt", prefill + [(s * n_tr, pr["pt_step_example"]), (s * n_dv, pr["row"])])
+    if "sft steps" in row:
+        s = row["sft steps"]
+        add("sft", [(s * n_tr / 32, pr["sft_step_32"]), ((s + 1) * n_dv, pr["prefill"])])
+    for m in ("zero-shot", "zero-shot cal", "icl", "icl cal"):
+        out[m] = {"bytes": 0.0, "s": 0.0}
+    return out
+
+
 # ------------------------------------------------------------------------------------- table
 COLUMNS = ("zero-shot", "zero-shot cal", "icl", "icl cal", "head@P0", "fo words", "fo", "pt", "sft")
 PAIRS = (("fo", "head@P0"), ("fo", "sft"), ("fo", "pt"), ("fo", "fo words"))
@@ -277,7 +325,7 @@ def interval(x) -> tuple:
     return float(x.mean()), float(t_quantile(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
-def summarize(rows: list, tasks=TASKS) -> dict:
+def summarize(rows: list, tasks=TASKS, pr: dict | None = None) -> dict:
     """Per task and method: mean over seeds with its interval; the five-task average over the seeds
     that have every task; paired five-task differences (``PAIRS``) over those seeds."""
     by = {(r["task"], r["seed"]): r for r in rows}
@@ -300,7 +348,15 @@ def summarize(rows: list, tasks=TASKS) -> dict:
             d = [np.mean([by[(t, s)][a] - by[(t, s)][b] for t in tasks]) for s in seeds]
             m, h = interval(d)
             diffs[f"{a} - {b}"] = {"mean": m, "ci95": [m - h, m + h], "n": len(seeds), "per_seed": d}
-    return {"cells": cells, "average": avg, "paired": diffs}
+    cost = {}
+    if pr is not None:
+        for t in tasks:
+            per = [method_costs(r, pr) for (tt, _), r in sorted(by.items()) if tt == t and "n_train" in r]
+            for c in COLUMNS:
+                xs = [p[c] for p in per if c in p and (t, c) in cells]
+                if xs:
+                    cost[(t, c)] = {u: float(np.mean([x[u] for x in xs])) for u in ("bytes", "s")}
+    return {"cells": cells, "average": avg, "paired": diffs, "cost": cost}
 
 
 def _fmt(c: dict | None) -> str:
@@ -315,7 +371,8 @@ def table_main(args) -> None:
     if not rows:
         raise SystemExit(f"no runs under {Path(args.out) / 'runs'}: run `secptune bench fewshot run` first")
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    s = summarize(rows, tasks)
+    pr = prices()
+    s = summarize(rows, tasks, pr)
     lines = [{"task": t, **{c: _fmt(s["cells"].get((t, c))) for c in COLUMNS}} for t in tasks]
     lines.append({"task": "average", **{c: _fmt(s["average"].get(c)) for c in COLUMNS}})
     md = "# Few-shot accuracy, five tasks (test %, mean ±95% t half-width (seeds))\n\n"
@@ -324,36 +381,50 @@ def table_main(args) -> None:
         [{"pair": k, "mean": f"{100 * v['mean']:+.1f}", "95% interval": f"[{100 * v['ci95'][0]:+.1f}, "
           f"{100 * v['ci95'][1]:+.1f}]", "seeds": v["n"]} for k, v in s["paired"].items()],
         ["pair", "mean", "95% interval", "seeds"])
+    costed = [c for c in COLUMNS if any((t, c) in s["cost"] for t in tasks)]
+    md += ("\nMPC cost of producing each number (GB sent by the busiest party; simulator hours on 2 cores), "
+           "seed mean:\n\n" + markdown_table(
+               [{"task": t, **{c: (f"{s['cost'][(t, c)]['bytes'] / 1e9:.0f} GB, {s['cost'][(t, c)]['s'] / 3600:.1f} h"
+                                   if (t, c) in s["cost"] else "") for c in costed}} for t in tasks], ["task", *costed]))
+    md += ("\nCost: every step a method's selection needed (its whole budget and its dev evaluations), from "
+           f"measured prices ({PRICES['placement']}: the virtual:4 prefill per example and generation cost per row; "
+           f"{PRICES['steps']}: SFT's and PT's per-step cost, fitted as a + b x layers from bench step at 1 and 2 "
+           "layers under ABY3, PT taken at the 4 layers its prompt enters, per example). MR-length texts: longer "
+           "tasks cost more than shown. ICL and zero-shot train nothing (their longer test prompts are not counted).\n")
     md += ("\nSmolLM2-135M, 16 train + 16 dev examples per class, ~200 stratified test examples; plaintext, "
            f"policy {POLICY}'s approximations. 'fo': forward-only tuning with the head (the shipped configuration), "
            "'fo words' its verbalizer alone, 'head@P0' the head fitted on one secure forward without search; "
            "'pt' gradient prompt tuning (same placement), 'sft' full fine-tuning, each read at its best dev step. "
            "The average row uses only seeds that have every task. Paper (RoBERTa-large, other tasks): "
            "forward-only 82.45, SFT 79.90, PT 73.73.\n")
-    payload = {"rows": rows, "summary": {"cells": {f"{t}/{c}": v for (t, c), v in s["cells"].items()},
-                                         "average": s["average"], "paired": s["paired"]}}
+    payload = {"rows": rows, "prices": pr,
+               "summary": {"cells": {f"{t}/{c}": v for (t, c), v in s["cells"].items()},
+                           "cost": {f"{t}/{c}": v for (t, c), v in s["cost"].items()},
+                           "average": s["average"], "paired": s["paired"]}}
     save("fewshot", payload, md, args.out)
     plot(s, tasks, Path(args.out) / "fewshot.png")
 
 
 def plot(s: dict, tasks, path: Path) -> None:
+    """Accuracy (y) against MPC bytes (log x), one point per method per task; methods that train
+    nothing sit at the left edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = [c for c in COLUMNS if any((t, c) in s["cells"] for t in tasks)]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    w = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    floor = 1e8
+    markers = "osD^v<>ph*"
     for j, c in enumerate(cols):
-        xs = [i + j * w for i, t in enumerate(tasks) if (t, c) in s["cells"]]
-        ys = [100 * s["cells"][(t, c)]["mean"] for t in tasks if (t, c) in s["cells"]]
-        es = [100 * np.nan_to_num(s["cells"][(t, c)]["half"]) for t in tasks if (t, c) in s["cells"]]
-        ax.bar(xs, ys, w, yerr=es, label=c)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(tasks))], tasks)
-    ax.set_ylabel("test accuracy %")
-    ax.set_ylim(30, 100)
-    ax.legend(ncol=5, fontsize=7)
+        pts = [(max(s["cost"].get((t, c), {"bytes": 0.0})["bytes"], floor), 100 * s["cells"][(t, c)]["mean"], t)
+               for t in tasks if (t, c) in s["cells"]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=c, marker=markers[j % len(markers)])
+    ax.set_xscale("log")
+    ax.set(xlabel="MPC bytes to produce it (busiest party; 1e8 = trains nothing)", ylabel="test accuracy %",
+           title=f"five few-shot tasks ({', '.join(tasks)}), seed means")
+    ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -66,3 +66,24 @@ def test_tiny_run_writes_each_method_and_the_table(mini_home, tmp_path):
     fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0", "--methods", "fo,pt,sft",
                   "--shots", "4", "--n-test", "8", "--depth", "1", "--out", str(out)])
     assert (out / "runs" / "mr_s0.json").read_text() == before
+
+
+def test_costs_charge_every_step_a_method_ran_and_its_dev_evaluations():
+    unit = lambda b: {"bytes": float(b), "s": float(b) / 10}  # noqa: E731
+    pr = {"prefill": unit(100), "row": unit(1), "sft_step_32": unit(3200), "pt_step_example": unit(7)}
+    row = {"n_train": 32, "n_dev": 32, "generations": 25, "rows_per_generation": 52, "pt steps": 50,
+           "sft steps": 12}
+    c = fewshot.method_costs(row, pr)
+    assert c["head@P0"]["bytes"] == 64 * 100  # one forward of train + dev
+    assert c["fo"]["bytes"] == 64 * 100 + 25 * 52 * 1 and c["fo words"] == c["fo"]
+    assert c["pt"]["bytes"] == 64 * 100 + 50 * 32 * 7 + 50 * 32 * 1  # prefill, steps, dev rows per step
+    assert c["sft"]["bytes"] == 12 * 3200 + 13 * 32 * 100  # full-batch steps, dev forward before and after each
+    assert c["sft"]["s"] == pytest.approx(c["sft"]["bytes"] / 10)
+    assert c["icl"]["bytes"] == c["zero-shot"]["bytes"] == 0.0
+    assert "pt" not in fewshot.method_costs({"n_train": 32, "n_dev": 32}, pr)  # not run: not priced
+
+
+def test_prices_read_the_committed_measurements():
+    pr = fewshot.prices()
+    assert pr["prefill"]["bytes"] > 1e9 and 0 < pr["row"]["bytes"] < pr["prefill"]["bytes"]
+    assert pr["sft_step_32"]["bytes"] > 100 * pr["pt_step_example"]["bytes"] > 0
