@@ -19,7 +19,8 @@ from tuning.assets.encode import make_batch, tokenize_prompts
 from tuning.assets.models import load_model
 from tuning.backends import cluster as clustermod
 from tuning.backends import make_backend, node, tls
-from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy, with_local_keys
+from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy
+from tuning.backends.tls import with_local_keys
 from tuning.backends.rpc import ping
 from tuning.errors import UserError
 from tuning.policy import dump_policy, load_policy

@@ -109,7 +109,8 @@ def test_sf_job_usage_errors_are_one_line(capsys):
              (["sf-job", "local", "--", "--task", "mr"], "give --policy NAME"),
              (["sf-job", "--cluster", "aby3", "--", "--task", "mr"], "give --cluster FILE --party NAME"),
              (["sf-job", "--cluster", "nope", "--party", "p0"], "cluster file nope not found"),
-             (["sf-job", "--cluster", "aby3", "--party", "carol"], "no party 'carol'")]
+             (["sf-job", "--cluster", "aby3", "--party", "carol"], "no party 'carol'"),
+             (["sf-job", "--cluster", "aby3", "--party", "p0"], "names no certificate")]  # no keys: no job
     for argv, needle in cases:
         assert main(argv) == 2, argv
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
@@ -349,7 +350,7 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
     """`sf-job --cluster FILE --party NAME`, one command per party (what each host runs): the data
     owner's command prints the result, every other party's prints that it is up and done."""
     csv, _ = toy_csv(tmp_path / "toy.csv")
-    cluster = sc.local_cluster(str(policy_file(tmp_path, "semi2k", 20)))
+    cluster = sc.with_keys(sc.local_cluster(str(policy_file(tmp_path, "semi2k", 20))), tmp_path / "keys")
     path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
     tune = ["--train", str(csv), *TOY_ARGS, "--budget", "1", "--out", str(tmp_path / "run")]
     procs = {p.name: subprocess.Popen([sys.executable, "-m", "tuning.cli", "sf-job", "--cluster", str(path), "--party",
@@ -366,11 +367,32 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
         assert pids_with(str(tmp_path / n), "tuning.loop.sfjob") == []
 
 
+def _tls_without_certificate(addr: str) -> bytes:
+    """What a TLS client with no certificate gets from ``addr`` for an HTTP request (b"": nothing)."""
+    import ssl
+
+    host, _, port = addr.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+            s.sendall(b"POST /ReceiverService/Push HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            return s.recv(200)
+    except (ssl.SSLError, OSError):
+        return b""
+
+
 def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
     logs, out = tmp_path / "logs", tmp_path / "run"
     proc, pids = _start_job(tmp_path, policy, 4, logs, out)
+    # every SecretFlow and SPU port speaks TLS and wants a pinned client certificate
+    cluster = yaml.safe_load((logs / "cluster.yaml").read_text())
+    for name, ports in cluster["parties"].items():
+        for kind in ("address", "spu"):
+            if kind in ports:
+                assert _tls_without_certificate(ports[kind]) == b"", (name, kind)
     os.kill(pids["p1"]["pid"], signal.SIGKILL)  # a compute party, mid-job
     t_kill = time.time()
     _, stderr = proc.communicate(timeout=timeout + 60)

@@ -296,10 +296,12 @@ def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
 
 
 def _cmd_sf_job(args):
+    import shutil
     import tempfile
     from pathlib import Path
 
     from .backends import sfcluster as sc
+    from .backends import tls
 
     spec, out = _sf_job_spec(args.tune_args)
     if args.mode == "local":
@@ -310,6 +312,9 @@ def _cmd_sf_job(args):
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="secptune-sfjob-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         cluster = sc.local_cluster(args.policy) if args.policy else sc.load_cluster(args.cluster)
+        spec["policy"] = cluster.policy_ref  # the run records the policy as named, not its keyed copy
+        key_dir = Path(tempfile.mkdtemp(prefix="keys-", dir=log_dir))  # throwaway keys, removed at the end
+        cluster = sc.with_keys(cluster, key_dir)
         path = sc.dump_cluster(cluster, log_dir / "cluster.yaml")
         parties = [p.name for p in cluster.parties]
     else:
@@ -319,6 +324,8 @@ def _cmd_sf_job(args):
         path = sc.cluster_path(args.cluster)
         cluster = sc.load_cluster(path)
         cluster.party(args.party)
+        tls.identity(cluster.policy, args.party)  # every link is TLS with pinned certificates: no keys, no job
+        key_dir = None
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"secptune-sfjob-{args.party}-"))
         parties = [args.party]
     names = ", ".join(f"{cluster.party(n).name} ({cluster.party(n).role.replace('_', ' ')})" for n in parties)
@@ -329,6 +336,8 @@ def _cmd_sf_job(args):
         report = sup.wait()
     finally:
         sup.close()
+        if key_dir is not None:
+            shutil.rmtree(key_dir, ignore_errors=True)
     if report["error"]:
         raise sc.JobError(report["error"])
     summary = Path(out) / "summary.json"

@@ -141,21 +141,6 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n".join("    " + s for s in lines[-n:]) or "(empty log)"
 
 
-def with_local_keys(policy, key_dir):
-    """``policy`` with a fresh key and certificate for every party in ``key_dir`` (a throwaway
-    local cluster's), unless it names certificates already."""
-    import dataclasses
-
-    if tls.has_keys(policy):
-        return policy
-    paths = tls.generate_keys([p.name for p in tls.all_parties(policy)], key_dir)
-
-    def keyed(p):
-        return dataclasses.replace(p, cert=str(paths[p.name][0]), key=str(paths[p.name][1]))
-
-    return policy.with_parties([keyed(p) for p in policy.compute], keyed(policy.data_owner), keyed(policy.model_owner))
-
-
 def check_ports_free(policy) -> None:
     """UserError naming the first address or link of a launched node that something already
     listens on (before any node starts)."""
@@ -192,7 +177,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # a throwaway local cluster gets throwaway keys (a new directory per launch, removed by close)
         self._key_dir = Path(tempfile.mkdtemp(prefix="keys-", dir=self.log_dir))
-        self.policy = policy = with_local_keys(policy, self._key_dir)
+        self.policy = policy = tls.with_local_keys(policy, self._key_dir)
         self.ident = tls.identity(policy, policy.data_owner.name)  # the launcher speaks as the data owner
         self.policy_path = dump_policy(policy, self.log_dir / "cluster.yaml")
         self.parties = [*policy.compute, policy.model_owner]

@@ -113,8 +113,8 @@ def _owner_bundle(model: str):
     another (nor learn which paths exist on its host)."""
     served = _OWNER.get("served")
     if model != served:
-        raise PermissionError(f"the model owner serves model {served!r}, not {str(model)[:80]!r} "
-                              "(start it with that model)")
+        raise UserError(f"the model owner serves model {served!r}, not {str(model)[:80]!r} "
+                        "(start it with that model)")
     if "bundle" not in _OWNER:
         _OWNER["bundle"] = load_model(served)
     return _OWNER["bundle"]
@@ -244,9 +244,10 @@ class SFJob:
         comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": 2 * t_ms,
                 "connect_retry_times": int(startup_s), "connect_retry_interval_ms": 1000,
                 "exit_on_sending_failure": True}
+        tls_config, spu_tls = self._tls()
         sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
                 cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
-                logging_level="info")
+                logging_level="info", tls_config=tls_config)
         self.sf = sf
         record = os.environ.get(ENV_RECORD)
         if record:
@@ -260,8 +261,8 @@ class SFJob:
         log_opts = spu_logging.LogOptions()
         log_opts.enable_console_logger = True  # SPU's profile lines go to stdout: this party's log
         log_opts.system_log_path = str(self.log_dir / f"{self.me.name}.spu.log")
-        nodes = [{"party": p.name, "address": p.spu, "listen_address": p.spu_listen or p.spu}
-                 for p in self.cluster.compute]
+        nodes = [{"party": p.name, "address": p.spu, "listen_address": p.spu_listen or p.spu,
+                  **({"tls_opts": spu_tls} if p.name == self.me.name else {})} for p in self.cluster.compute]
         rc = json_format.MessageToDict(self.policy.runtime_config(profile=True), preserving_proto_field_name=True)
         link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": 2 * t_ms, "connect_retry_interval_ms": 500,
                 "connect_retry_times": int(startup_s * 2)}
@@ -270,6 +271,27 @@ class SFJob:
         if self.me.role == "compute":
             log = self.log_dir / f"{self.me.name}.log"
             _PROFILE.update(path=log, offset=log.stat().st_size if log.exists() else 0)
+
+    def _tls(self) -> tuple:
+        """This party's TLS for SecretFlow's link (``sf.init``'s ``tls_config``) and, on a compute
+        party, for the SPU link (its node's ``tls_opts``): its own certificate and key, and the
+        pinned certificates of the parties it talks to as the only trust roots (no authority).
+        A cluster whose policy names no keys is refused (KeyFileError, one line)."""
+        from . import tls
+
+        tls.identity(self.policy, self.me.name)  # its key readable here, every party's certificate pinned
+        mine = next(p for p in tls.all_parties(self.policy) if p.name == self.me.name)
+        cert, key = str(Path(mine.cert).absolute()), str(Path(mine.key).absolute())
+        peers = tls.pinned_bundle(self.policy, [p.name for p in self.cluster.parties],
+                                  self.log_dir / f"sf-peers-{self.me.name}.pem")
+        tls_config = {"cert": cert, "key": key, "ca_cert": str(peers.absolute())}
+        if self.me.role != "compute":
+            return tls_config, None
+        links = tls.pinned_bundle(self.policy, [p.name for p in self.cluster.compute],
+                                  self.log_dir / f"spu-peers-{self.me.name}.pem")
+        opts = {"certificate_path": cert, "private_key_path": key, "ca_file_path": str(links.absolute()),
+                "verify_depth": 1}
+        return tls_config, {"server_ssl_opts": dict(opts), "client_ssl_opts": dict(opts)}
 
     # --------------------------------------------------------------------- the control plane
     def lead(self, desc: dict, **payload):

@@ -50,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..policy import load_policy, read_yaml
+from ..policy import dump_policy, load_policy, read_yaml
 from .procs import kill_groups, launch_env
 
 REPO = Path(__file__).absolute().parents[2]
@@ -209,6 +209,18 @@ def dump_cluster(cluster: SFCluster, path) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(cluster_dict(cluster), sort_keys=False))
     return path
+
+
+def with_keys(cluster: SFCluster, key_dir) -> SFCluster:
+    """``cluster`` with throwaway keys for every party in ``key_dir`` (``sf-job local``), its policy
+    written beside them; unchanged if its policy names certificates already."""
+    from . import tls
+
+    policy = tls.with_local_keys(cluster.policy, key_dir)
+    if policy is cluster.policy:
+        return cluster
+    ref = dump_policy(policy, Path(key_dir) / "policy.yaml").absolute()
+    return dataclasses.replace(cluster, policy=policy, policy_ref=str(ref))
 
 
 def local_cluster(policy_ref: str, host: str = "127.0.0.1", job_name: str | None = None) -> SFCluster:

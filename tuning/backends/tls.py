@@ -158,6 +158,29 @@ def _check_pair(name: str, cert: bytes, key: bytes, cert_path: str, key_path: st
                         f"({c.not_valid_before_utc:%Y-%m-%d} to {c.not_valid_after_utc:%Y-%m-%d})")
 
 
+def with_local_keys(policy, key_dir):
+    """``policy`` with a fresh key and certificate for every party in ``key_dir`` (a throwaway
+    local cluster's or SecretFlow job's), unless it names certificates already."""
+    import dataclasses
+
+    if has_keys(policy):
+        return policy
+    paths = generate_keys([p.name for p in all_parties(policy)], key_dir)
+
+    def keyed(p):
+        return dataclasses.replace(p, cert=str(paths[p.name][0]), key=str(paths[p.name][1]))
+
+    return policy.with_parties([keyed(p) for p in policy.compute], keyed(policy.data_owner), keyed(policy.model_owner))
+
+
+def pinned_bundle(policy, names, path) -> Path:
+    """The pinned certificates of parties ``names``, one PEM file (a brpc link's trust roots)."""
+    by = {p.name: p for p in all_parties(policy)}
+    path = Path(path)
+    path.write_bytes(b"".join(Path(by[n].cert).read_bytes() for n in names))
+    return path
+
+
 def has_keys(policy) -> bool:
     return all(p.cert for p in all_parties(policy))
 

@@ -113,7 +113,7 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
         else:
             fields = {f.name for f in dataclasses.fields(TuneConfig)}
             kw = {k: v for k, v in spec.get("tune", {}).items() if k in fields}
-            cfg = TuneConfig(**{**kw, "backend": "secretflow", "policy": job.cluster.policy_ref})
+            cfg = TuneConfig(**{**kw, "backend": "secretflow", "policy": spec.get("policy") or job.cluster.policy_ref})
         quiet = spec.get("json", False)
         saved = sys.stderr
         sys.stderr = party.progress  # tune's progress bar
@@ -140,12 +140,10 @@ def served_model(spec: dict) -> str:
     the run it resumes (when that run's directory is on this host), or tune's default."""
     from .trainer import TuneConfig
 
-    if spec.get("tune", {}).get("model"):
-        return spec["tune"]["model"]
     cfg = Path(spec.get("resume") or "-") / "config.json"
-    if cfg.exists():
+    if spec.get("resume") and cfg.exists():
         return json.loads(cfg.read_text()).get("model", TuneConfig.model)
-    return TuneConfig.model
+    return spec.get("tune", {}).get("model") or TuneConfig.model
 
 
 def main(argv=None) -> None:
