@@ -83,8 +83,13 @@ def test_resume_after_kill_continues_exactly(toy_csv, tmp_path):
     assert len(b) == 8
     for x, y in zip(a, b):  # same trajectory as the uninterrupted run
         assert x["loss_best"] == y["loss_best"] and x["loss_mean"] == y["loss_mean"]
-    assert json.loads((ref / "summary.json").read_text())["tuned_test_acc"] == \
-        json.loads((run / "summary.json").read_text())["tuned_test_acc"]
+    ra, rb = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert ra["tuned_test_acc"] == rb["tuned_test_acc"]
+    # the audit spans both processes: the killed one's reveals (its third generation, done again
+    # after the resume) stay in reveals.jsonl beside the resumed one's
+    total = lambda s: sum(r["count"] for r in s["reveals"])  # noqa: E731
+    lines = (run / "reveals.jsonl").read_text().splitlines()
+    assert total(rb) == len(lines) > total(ra) > sum(r["count"] for r in rb["reveals_this_session"])
 
 
 def test_finished_run_extends_to_a_larger_budget_exactly(toy_csv, tmp_path):

@@ -31,6 +31,7 @@ weights, and the context manager) live here.
 from __future__ import annotations
 
 import abc
+import json
 import time
 
 import numpy as np
@@ -63,6 +64,7 @@ class Session(abc.ABC):
         self._programs: dict = {}
         self.costs: list = []
         self.reveals: list = []  # the audit: one entry per value that left the parties
+        self.audit_path = None  # a file each reveal is also appended to (the run's reveals.jsonl)
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
 
     # ---- the back end's own parts
@@ -126,20 +128,17 @@ class Session(abc.ABC):
         if name not in self.shapes:
             raise UserError(f"no resident variable {name!r} to reveal")
         value = self._reconstruct(name)
-        self.reveals.append({"what": what, "var": name, "shape": list(value.shape), "to": to,
-                             "party": self.policy.data_owner.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        record = {"what": what, "var": name, "shape": list(value.shape), "to": to,
+                  "party": self.policy.data_owner.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.reveals.append(record)
+        if self.audit_path is not None:  # append-only, as it happens: a killed run keeps its reveals
+            with open(self.audit_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         return value
 
     def reveal_summary(self) -> list:
-        """The audit, grouped: one entry per (what, to, shape) with its count, first and last time."""
-        out: dict = {}
-        for r in self.reveals:
-            key = (r["what"], r["to"], tuple(r["shape"]))
-            e = out.setdefault(key, {"what": r["what"], "to": r["to"], "party": r["party"], "shape": r["shape"],
-                                     "count": 0, "first": r["time"]})
-            e["count"] += 1
-            e["last"] = r["time"]
-        return list(out.values())
+        """This session's audit, grouped (:func:`group_reveals`)."""
+        return group_reveals(self.reveals)
 
     def __enter__(self):
         return self
@@ -218,6 +217,18 @@ class Session(abc.ABC):
             return self.reveal("logits", "verbalizer_logits")
         finally:
             self.drop("logits", *[f"x_{k}" for k in batch])
+
+
+def group_reveals(records: list) -> list:
+    """Reveal records grouped: one entry per (what, to, shape) with its count, first and last time."""
+    out: dict = {}
+    for r in records:
+        key = (r["what"], r["to"], tuple(r["shape"]))
+        e = out.setdefault(key, {"what": r["what"], "to": r["to"], "party": r["party"], "shape": r["shape"],
+                                 "count": 0, "first": r["time"]})
+        e["count"] += 1
+        e["last"] = r["time"]
+    return list(out.values())
 
 
 def finite(name: str, value) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..assets.tasks import kshot, load_task, load_user_task, split_dev, with_label_words
 from ..backends import open_backend
+from ..backends.session import group_reveals
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted
@@ -452,6 +453,10 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
         # nothing is written before the set-up succeeded (a bad input leaves no partial run behind)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        audit = out / "reveals.jsonl"  # every value opened to us, every session of the run, as it happens
+        if not resume:
+            audit.write_text("")
+        session.audit_path = audit
         metrics_path = out / "metrics.jsonl"
         if resume:
             st, extra = load_checkpoint(ckpt, strategy, run_id(cfg), cfg.d)
@@ -557,7 +562,8 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                     "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
                     "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
             "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
-            "reveals": session.reveal_summary(),  # every value that left the parties (this process's run)
+            "reveals": group_reveals([json.loads(ln) for ln in audit.read_text().splitlines() if ln.strip()]),
+            "reveals_this_session": session.reveal_summary(),
         }
         summary["projection"] = project_full_budget(summary, len(task.labels))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
