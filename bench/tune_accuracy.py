@@ -11,6 +11,7 @@ directory under bench/results/runs/; the table aggregates them (mean and per see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def prompt_accuracy(bundle, policy, task, train, test, demos_per_class: int, see
     per_label = [verbalizer_words(task, l) for l in task.labels]
     words = [w for ws in per_label for w in ws]
     groups = np.array([r for r, ws in enumerate(per_label) for _ in ws])
+    # plaintext: the embedding lookup is the same function either way, so the table is read directly
+    # (a one-hot [8, L, V] matmul per batch would only cost time)
+    policy = dataclasses.replace(policy, embedding="data_owner")
     plain = make_backend("plaintext", with_policy(bundle, policy), policy)
     prompts = [head + task.prompt(t) for t, _ in test] + [head + task.prompt(t) for t in CONTENT_FREE]
     L = pad_length(max(len(s) for s in tokenize_prompts(bundle, prompts)), 32)  # one shape: one compile

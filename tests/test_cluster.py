@@ -46,7 +46,8 @@ def secrets_of(bundle, batch, fxp_bits: int):
         # SPU encodes by truncation (the control below finds those); round() too, as a superset
         "weights fxp": WindowDetector([np.trunc(x).astype(np.int64) for x in scaled]
                                       + [np.round(x).astype(np.int64) for x in scaled]),
-        "embeds f32": WindowDetector([np.asarray(batch["embeds"], np.float32)]),
+        # under embedding: data_owner the data owner shares the embeddings themselves
+        **({"embeds f32": WindowDetector([np.asarray(batch["embeds"], np.float32)])} if "embeds" in batch else {}),
         "text": substrings([p.encode() for p in PROMPTS]),
         "ids": substrings([i.astype(np.int32).tobytes() for i in ids] + [i.astype(np.int64).tobytes() for i in ids]),
     }, weights, ids
@@ -133,8 +134,8 @@ def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_pat
         p0 = policy.compute[0]
         peer = Peer(p0.name, p0.address, policy.timeout_s, tls.identity(be.policy, policy.data_owner.name))
         try:
-            kinds = {"weights f32": weights[0], "weights fxp": public, "embeds f32": batch["embeds"],
-                     "text": PROMPTS[0], "ids": ids[0].astype(np.int32)}
+            kinds = {"weights f32": weights[0], "weights fxp": public, "text": PROMPTS[0],
+                     "ids": ids[0].astype(np.int32), **({"embeds f32": batch["embeds"]} if "embeds" in batch else {})}
             for kind, clear in kinds.items():
                 before = files[p0.name].stat().st_size
                 peer.call(ping, clear)
@@ -286,6 +287,7 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
         be.forward(batch)
         for k, v in batch.items():  # the inputs are resident before the party dies
             be.put(f"x_{k}", v)
+        first = next(iter(batch))  # embeds, or one-hot tokens under embedding: secret
         victim = policy.compute[1]
         os.kill(cluster.procs[victim.name].pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -298,8 +300,8 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
         with pytest.raises(PartyError, match="earlier failure"):  # the cluster is marked unusable
             be.forward(batch)
         with pytest.raises(ValueError, match="earlier failure|not a program output marked"):
-            be.reveal("x_embeds")  # an input: refused in any case
-        be.drop("x_embeds")  # a no-op now: it must not hide the failure in a ``finally``
+            be.reveal(f"x_{first}")  # an input: refused in any case
+        be.drop(f"x_{first}")  # a no-op now: it must not hide the failure in a ``finally``
         # the survivors do not hang on the dead peer: their link gives up (brpc send retries or
         # receive timeout) and yacl aborts the process, or the run returns
         survivors = [p.name for p in policy.compute if p.name != victim.name]

@@ -30,7 +30,7 @@ def _runs_alike_under_spu(out, texts):
 
     pol = load_policy("aby3-rfa-learned")
     bundle = with_policy(load_model(str(out)), pol)
-    batch = make_batch(bundle, texts, [" a", " b"])
+    batch = make_batch(bundle, texts, [" a", " b"], pol.embedding)
     plain = make_backend("plaintext", bundle, pol).forward(batch)
     sim = make_backend("sim", bundle, pol).forward(batch)
     assert np.abs(plain - sim).max() < 1e-2

@@ -199,7 +199,7 @@ def test_rfa_policy_reaches_the_model_and_runs_under_spu():
     assert pol.execution.attention == "rfa" and pol.execution.rfa.kind == "positive"
     bundle = with_policy(load_model("tiny-llama"), pol)
     assert bundle.execution == pol.execution
-    batch = make_batch(bundle, ["hello there my friend", "a b"], [" a", " b"])
+    batch = make_batch(bundle, ["hello there my friend", "a b"], [" a", " b"], pol.embedding)
     plain = make_backend("plaintext", bundle, pol).forward(batch)
     sim = make_backend("sim", bundle, pol).forward(batch)
     assert np.abs(plain - sim).max() < 1e-2
@@ -214,7 +214,7 @@ def test_rfa_policy_reaches_the_model_and_runs_under_spu():
     # the encoder takes the bidirectional form, also under SPU
     bert = with_policy(load_model("tiny-bert"), pol)
     assert bert.execution.attention == "rfa"
-    batch = make_batch(bert, ["hello there my friend", "a b"], [" a", " b"])
+    batch = make_batch(bert, ["hello there my friend", "a b"], [" a", " b"], pol.embedding)
     plain = make_backend("plaintext", bert, pol).forward(batch)
     sim = make_backend("sim", bert, pol).forward(batch)
     assert np.abs(plain - sim).max() < 1e-2

@@ -203,6 +203,13 @@ def test_embedding_table_is_refused_when_the_policy_keeps_it_secret():
     with pytest.raises(PermissionError, match="keeps the embedding table secret"):
         secret.embedding_table()
     assert secret.embedding_stats() == be.embedding_stats()  # public statistics under every policy
+    # the plaintext back end's lookup is the embed program on one-hot tokens, without the one-hot array
+    from spu_models.forward import make_tuning_programs
+
+    ids = np.array([[3, 7, 7, 250], [0, 1, 2, 3]])
+    onehot = np.eye(bundle.config.vocab_size, dtype=np.float32)[ids]
+    embed = make_tuning_programs(bundle.config)["embed"]
+    np.testing.assert_array_equal(secret.lookup(ids), np.asarray(embed(bundle.params, onehot)["embeds"]))
 
 
 @pytest.mark.parametrize("alpha,dist", [(1.0, "normal"), (0.5, "normal"), (1.0, "he")])

@@ -20,6 +20,13 @@ class PlaintextBackend(Session):
         self.params = bundle.params
         self.vars: dict = {}
 
+    def lookup(self, ids) -> np.ndarray:
+        """Token embeddings of ``ids`` (any shape): what the ``embed`` program computes from one-hot
+        tokens under ``embedding: secret``, read from the table this back end holds in the clear."""
+        from spu_models.forward import embedding_table
+
+        return np.asarray(embedding_table(self.config, self.params), np.float32)[np.asarray(ids)]
+
     def put(self, name, value):
         self.vars[name] = finite(name, value)
         self.shapes[name] = self.vars[name].shape

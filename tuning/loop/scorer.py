@@ -166,6 +166,8 @@ class SecureScorer:
         """Share token embeddings [..., L, H] under ``name``, per the policy's embedding mode."""
         if self.s.policy.embedding == "data_owner":  # the data owner holds the table (policy says so)
             self.s.put(name, self.s.embedding_table()[ids])
+        elif self.s.name == "plaintext":  # the same lookup in the clear, without a one-hot [..., V] array
+            self.s.put(name, self.s.lookup(ids))
         else:  # one-hot tokens; the lookup is a matmul inside MPC
             onehot = np.eye(self.bundle.config.vocab_size, dtype=np.float32)[ids]
             self.s.put(name + "_onehot", onehot)
