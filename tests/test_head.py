@@ -111,13 +111,14 @@ def test_fitted_head_run_keeps_the_search_and_reveals_only_verbalizer_logits(tmp
     assert all(r["shape"][-1] == h["words"] for r in fit["reveals"])  # W logits per row, each to the data owner
 
 
-def test_probe_words_need_a_pool(tmp_path):
+def test_bad_probe_words_and_heads_are_refused_before_anything_is_written(tmp_path):
     from tuning.errors import UserError
     from tuning.loop.trainer import TuneConfig, tune
 
-    with pytest.raises(UserError, match="probe words"):
+    with pytest.raises(UserError, match="names no word"):
         tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
-                        head="fit", shots=2, n_test=4, popsize=2, budget=1, d=4, out=str(tmp_path / "r")),
+                        head="fit", probe_words=" , ,", shots=2, n_test=4, popsize=2, budget=1, d=4,
+                        out=str(tmp_path / "r")),
              show_progress=False, log=lambda *a: None)
     assert not (tmp_path / "r").exists()
     with pytest.raises(UserError, match="--head"):
