@@ -374,12 +374,13 @@ def table_main(args) -> None:
     pr = prices()
     s = summarize(rows, tasks, pr)
     lines = [{"task": t, **{c: _fmt(s["cells"].get((t, c))) for c in COLUMNS}} for t in tasks]
-    lines.append({"task": "average", **{c: _fmt(s["average"].get(c)) for c in COLUMNS}})
-    md = "# Few-shot accuracy, five tasks (test %, mean ±95% t half-width (seeds))\n\n"
+    lines.append({"task": f"average ({len(tasks)} tasks)", **{c: _fmt(s["average"].get(c)) for c in COLUMNS}})
+    md = f"# Few-shot accuracy, {len(tasks)} of {len(TASKS)} tasks (test %, mean ±95% t half-width (seeds))\n\n"
     md += markdown_table(lines, ["task", *COLUMNS])
-    md += "\nPaired, five-task average per seed (points):\n\n" + markdown_table(
-        [{"pair": k, "mean": f"{100 * v['mean']:+.1f}", "95% interval": f"[{100 * v['ci95'][0]:+.1f}, "
-          f"{100 * v['ci95'][1]:+.1f}]", "seeds": v["n"]} for k, v in s["paired"].items()],
+    md += f"\nPaired, {len(tasks)}-task average per seed (points):\n\n" + markdown_table(
+        [{"pair": k, "mean": f"{100 * v['mean']:+.1f}",
+          "95% interval": (f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]" if v["n"] > 1 else "n/a (1 seed)"),
+          "seeds": v["n"]} for k, v in s["paired"].items()],
         ["pair", "mean", "95% interval", "seeds"])
     costed = [c for c in COLUMNS if any((t, c) in s["cost"] for t in tasks)]
     md += ("\nMPC cost of producing each number (GB sent by the busiest party; simulator hours on 2 cores), "

@@ -59,7 +59,7 @@ def test_tiny_run_writes_each_method_and_the_table(mini_home, tmp_path):
         for k in ("zero-shot", "head@P0", "fo", "fo words", "pt", "sft"):
             assert round(row[k] * 8) == pytest.approx(row[k] * 8)  # a count of the 8 test examples
     table = (out / "fewshot.md").read_text()
-    assert "| mr |" in table and "| average |" in table and "fo - head@P0" in table
+    assert "| mr |" in table and "| average (1 tasks) |" in table and "fo - head@P0" in table
     assert (out / "fewshot.png").stat().st_size > 1000
     # a second invocation finds every method done and only rebuilds the table
     before = (out / "runs" / "mr_s0.json").read_text()
