@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from tuning.loop import head as fitted
-from tuning.loop.objective import frozen_head, out_of_fold, refit_head, verbalizer
+from tuning.loop.head import out_of_fold
+from tuning.loop.objective import frozen_head, refit_head, verbalizer
 from tuning.loop.trainer import losses_from_logits
 
 

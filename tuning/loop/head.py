@@ -93,14 +93,18 @@ def folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(fold == f) for f in range(k)]
 
 
-def cv_loss(X: np.ndarray, y: np.ndarray, n_classes: int, c: float, k: int = 4, seed: int = 0) -> float:
-    """Mean held-out cross-entropy of ``fit(c)`` over ``k`` stratified folds."""
-    total = 0.0
+def out_of_fold(X: np.ndarray, y: np.ndarray, n_classes: int, c: float, k: int = 4, seed: int = 0) -> np.ndarray:
+    """[E, R] log-probabilities of each example under ``fit(c)`` without its fold (``k`` stratified folds)."""
+    out = np.zeros((len(y), n_classes))
     for held in folds(y, k, seed):
         keep = np.setdiff1d(np.arange(len(y)), held)
-        logp = apply(fit(X[keep], y[keep], n_classes, c), X[held])
-        total -= logp[np.arange(len(held)), y[held]].sum()
-    return total / len(y)
+        out[held] = apply(fit(X[keep], y[keep], n_classes, c), X[held])
+    return out
+
+
+def cv_loss(X: np.ndarray, y: np.ndarray, n_classes: int, c: float, k: int = 4, seed: int = 0) -> float:
+    """Mean held-out cross-entropy of ``fit(c)`` over ``k`` stratified folds."""
+    return float(-out_of_fold(X, y, n_classes, c, k, seed)[np.arange(len(y)), y].mean())
 
 
 def choose_c(X: np.ndarray, y: np.ndarray, n_classes: int, grid=C_GRID, k: int = 4, seed: int = 0) -> float:

@@ -42,21 +42,12 @@ def frozen_head(head0: fitted.Head) -> Objective:
     return Objective("head", read, read)
 
 
-def out_of_fold(X: np.ndarray, y: np.ndarray, n_classes: int, c: float, k: int, seed: int) -> np.ndarray:
-    """[E, R] log-probabilities of each example under a head fitted without its fold."""
-    out = np.zeros((len(y), n_classes))
-    for held in fitted.folds(y, k, seed):
-        keep = np.setdiff1d(np.arange(len(y)), held)
-        out[held] = fitted.apply(fitted.fit(X[keep], y[keep], n_classes, c), X[held])
-    return out
-
-
 def refit_head(n_classes: int, c: float, k: int = 4, seed: int = 0) -> Objective:
     """Each candidate's own head (regularisation ``c``, e.g. the one k-fold chose at P0): train
     scores out-of-fold over ``k`` stratified folds of the scored examples (the same folds for
     every candidate); dev scores from a head fitted on all of that candidate's training rows."""
     def train(words, cf, y):
-        return np.stack([out_of_fold(fitted.features(w), y, n_classes, c, k, seed) for w in words])
+        return np.stack([fitted.out_of_fold(fitted.features(w), y, n_classes, c, k, seed) for w in words])
 
     def dev(words, cf, train_words, train_y):
         heads = [fitted.fit(fitted.features(tw), train_y, n_classes, c) for tw in train_words]
