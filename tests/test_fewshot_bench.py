@@ -49,21 +49,23 @@ def test_adam_keeps_the_earliest_step_of_the_best_dev_accuracy():
 
 def test_tiny_run_writes_each_method_and_the_table(mini_home, tmp_path):
     out = tmp_path / "fs"
-    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0,1", "--methods", "fo,pt,sft",
+    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0,1", "--methods", "fo,fo-refit,pt,sft",
                   "--shots", "4", "--n-test", "8", "--depth", "1", "--budget", "2", "--pt-steps", "2",
                   "--sft-steps", "1", "--out", str(out)])
     for seed in (0, 1):
         row = json.loads((out / "runs" / f"mr_s{seed}.json").read_text())
-        assert row["done"] == ["fo", "pt", "sft"]
+        assert row["done"] == ["fo", "fo-refit", "pt", "sft"]
+        refit = json.loads((out / "runs" / f"mr_fo-refit_s{seed}" / "config.json").read_text())
+        assert refit["objective"] == "refit" and row["fo-refit generations"] == 2
         assert row["n_test"] == 8 and len(row["pt dev curve"]) == 3 and len(row["sft dev curve"]) == 2
-        for k in ("zero-shot", "head@P0", "fo", "fo words", "pt", "sft"):
+        for k in ("zero-shot", "head@P0", "fo", "fo words", "fo-refit", "fo-refit words", "pt", "sft"):
             assert round(row[k] * 8) == pytest.approx(row[k] * 8)  # a count of the 8 test examples
     table = (out / "fewshot.md").read_text()
-    assert "| mr |" in table and "| average (1 tasks) |" in table and "fo - head@P0" in table
+    assert "| mr |" in table and "| average (1 tasks) |" in table and "fo - head@P0" in table and "fo-refit - fo" in table
     assert (out / "fewshot.png").stat().st_size > 1000
     # a second invocation finds every method done and only rebuilds the table
     before = (out / "runs" / "mr_s0.json").read_text()
-    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0", "--methods", "fo,pt,sft",
+    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0", "--methods", "fo,fo-refit,pt,sft",
                   "--shots", "4", "--n-test", "8", "--depth", "1", "--out", str(out)])
     assert (out / "runs" / "mr_s0.json").read_text() == before
 
@@ -76,6 +78,9 @@ def test_costs_charge_every_step_a_method_ran_and_its_dev_evaluations():
     c = fewshot.method_costs(row, pr)
     assert c["head@P0"]["bytes"] == 64 * 100  # one forward of train + dev
     assert c["fo"]["bytes"] == 64 * 100 + 25 * 52 * 1 and c["fo words"] == c["fo"]
+    assert "fo-refit" not in c
+    c2 = fewshot.method_costs({**row, "fo-refit generations": 10, "fo-refit rows_per_generation": 52}, pr)
+    assert c2["fo-refit"]["bytes"] == 64 * 100 + 10 * 52 * 1
     assert c["pt"]["bytes"] == 64 * 100 + 50 * 32 * 7 + 50 * 32 * 1  # prefill, steps, dev rows per step
     assert c["sft"]["bytes"] == 12 * 3200 + 13 * 32 * 100  # full-batch steps, dev forward before and after each
     assert c["sft"]["s"] == pytest.approx(c["sft"]["bytes"] / 10)
