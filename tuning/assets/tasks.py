@@ -143,8 +143,13 @@ def with_label_words(task: Task, spec: str) -> Task:
     return dataclasses.replace(task, verbalizer=verb)
 
 
-def _read_records(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of a .csv/.tsv (header) or .jsonl/.json (JSON lines, or one JSON array) file, and its columns."""
+def clean_text(text: str) -> str:
+    """A text as every task holds it: whitespace runs (newlines, tabs) collapsed to one space."""
+    return " ".join(text.split())
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a data file; one line if it is missing, not UTF-8 or binary."""
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
     raw = path.read_bytes()
@@ -156,6 +161,12 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
                         "save it as UTF-8") from None
     if "\x00" in text:
         raise UserError(f"{path} holds NUL bytes: not a text file")
+    return text
+
+
+def read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a .csv/.tsv (header) or .jsonl/.json (JSON lines, or one JSON array) file, and its columns."""
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
@@ -182,7 +193,7 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_user_rows(path: Path, text_column: str, label_column: str, verbalizer: dict[str, str]) -> list[Row]:
-    records, columns = _read_records(path)
+    records, columns = read_records(path)
     for kind, col in (("label", label_column), ("text", text_column)):
         if col not in columns:
             raise UserError(f"{kind} column {col!r} not found in {path} (columns: {', '.join(columns)})")
@@ -202,7 +213,7 @@ def _read_user_rows(path: Path, text_column: str, label_column: str, verbalizer:
         if label not in verbalizer:
             raise UserError(f"label {label!r} in {path} is not in the verbalizer map "
                              f"(known: {', '.join(verbalizer)})")
-        rows.append((" ".join(str(text).split()), label))
+        rows.append((clean_text(text), label))
     return rows
 
 

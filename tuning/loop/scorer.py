@@ -94,12 +94,21 @@ def delta_shape(config, n_tokens: int, depth: int | None = None, form: str = "kv
     return (n_tokens, config.hidden_size)
 
 
+def length_groups(texts: list, chunk: int | None) -> list[list[int]]:
+    """Indices of ``texts`` dealt into chunks of at most ``chunk`` (None: one chunk), consecutive
+    by length (each chunk pads to its own longest), of near-equal sizes."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    k = -(-len(order) // (chunk or len(order)))
+    return [[int(i) for i in g] for g in np.array_split(order, k)]
+
+
 @dataclasses.dataclass
 class ExampleSet:
     name: str
     labels: np.ndarray  # [E] int, in chunk order (kept at the data owner, never shared)
     n: int
     chunks: list = dataclasses.field(default_factory=list)  # per chunk: program argument -> resident var
+    order: np.ndarray | None = None  # [E] the examples' indices in chunk order (the rows every score returns)
 
     def chunk_labels(self, which) -> np.ndarray:
         sizes = np.cumsum([0] + [c["_size"] for c in self.chunks])
@@ -180,21 +189,25 @@ class SecureScorer:
         default: the session's ``chunk`` texts of similar length, or one chunk); in cached mode
         also prefill each. ``zero_shot``: a deep prefill also computes the set's zero-shot logits
         (``score(name, None)``); other placements compute them on demand."""
-        if groups is None:  # consecutive by length (each chunk pads to its own longest), near-equal sizes
-            order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-            k = -(-len(order) // (self.s.chunk or len(order)))
-            groups = [[int(i) for i in g] for g in np.array_split(order, k)]
+        if groups is None:
+            groups = length_groups([t for t, _ in examples], self.s.chunk)
         labels = np.array([self.label_index[examples[i][1]] for g in groups for i in g])
-        self._check_lengths(name, examples)  # before any of the set is shared
+        self.check_lengths(name, examples)  # before any of the set is shared
         extra = list(CONTENT_FREE) if self.calibrate == "cf" else []  # a few rows of every call
         chunks = [self._add_chunk(f"{name}{c}", [examples[i][0] for i in g] + extra, zero_shot) for c, g in
                   enumerate(groups)]
         for c, g in zip(chunks, groups):
             c["_size"] = len(g)  # the real examples (content-free rows follow them)
-        self.sets[name] = ExampleSet(name, labels, len(labels), chunks)
+        self.sets[name] = ExampleSet(name, labels, len(labels), chunks, np.array([i for g in groups for i in g]))
         return self.sets[name]
 
-    def _check_lengths(self, name: str, examples: list) -> None:
+    def drop_examples(self, name: str) -> None:
+        """Free everything the parties hold for example set ``name`` (its chunks' shares and caches)."""
+        for chunk in self.sets.pop(name).chunks:
+            prefix = chunk["_name"] + "_"  # every variable of a chunk is named "<chunk>_..."
+            self.s.drop(*[v for v in list(self.s.shapes) if v.startswith(prefix)])
+
+    def check_lengths(self, name: str, examples: list) -> None:
         """Every example's prompt, padded, plus the soft prompt must fit the model's positions."""
         limit = getattr(self.bundle.config, "max_position_embeddings", None)
         if not limit:
@@ -275,14 +288,19 @@ class SecureScorer:
         words, cf = self.score_words(name, delta, chunks)
         return self.class_scores(words, cf) if self.classify is None else self.classify(words)
 
-    def score_words(self, name: str, delta: np.ndarray | None, chunks=None) -> tuple:
+    def score_words(self, name: str, delta: np.ndarray | None, chunks=None, progress=None) -> tuple:
         """The opened logits of every head word, [P, E, W] (verbalizer words, then probe words),
-        and those of the content-free rows ([P, C, W] under ``calibrate="cf"``, else None)."""
+        and those of the content-free rows ([P, C, W] under ``calibrate="cf"``, else None).
+        ``progress(n)``: called after each chunk with its number of examples."""
         which = range(len(self.sets[name].chunks)) if chunks is None else chunks
         if delta is not None:
             self.s.put("delta", np.asarray(delta, np.float32))
         try:
-            parts = [self._score_chunk(self.sets[name].chunks[c], delta is not None) for c in which]
+            parts = []
+            for c in which:
+                parts.append(self._score_chunk(self.sets[name].chunks[c], delta is not None))
+                if progress is not None:
+                    progress(self.sets[name].chunks[c]["_size"])
         finally:
             if delta is not None:
                 self.s.drop("delta")

@@ -316,6 +316,46 @@ def probe_words(cfg: TuneConfig, task, train: list) -> tuple:
     return words
 
 
+def train_groups(cfg: TuneConfig, train: list) -> list | None:
+    """How the run shares its training set: stratified mini-batches under --train-batch, else
+    the scorer's default chunks (None)."""
+    return minibatches([l for _, l in train], cfg.train_batch, cfg.seed) if cfg.train_batch else None
+
+
+def make_scorer(cfg: TuneConfig, task, train: list, session, bundle, subspace) -> SecureScorer:
+    """The run's secure scorer on ``session``: placement, depth, calibration and (--head fit)
+    probe words from its config, P0 from its subspace. Nothing is shared yet but the head rows."""
+    return SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
+                        depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
+                        probe_words=probe_words(cfg, task, train) if cfg.head == "fit" else ())
+
+
+def open_scorer(cfg: TuneConfig, task, train: list, policy) -> tuple[SecureScorer, object, TuneConfig]:
+    """The run's back end, subspace and scorer as ``tune`` sets them up, and the config with the
+    subspace's n_tokens (--init text). The back end is closed again if the set-up fails."""
+    # the model as this (the data owner's) process sees it: under the cluster back end, the
+    # tokenizer and public config only; the weights stay with the model owner
+    session, bundle = open_backend(cfg.backend, cfg.model, policy)
+    try:
+        subspace = build_subspace(cfg, bundle, session.embedding_stats())
+        cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
+        return make_scorer(cfg, task, train, session, bundle, subspace), subspace, cfg
+    except BaseException:
+        session.close()
+        raise
+
+
+def load_run_config(out: Path, what: str) -> TuneConfig:
+    """The settings the run in ``out`` recorded (config.json), with ``out`` as its out; one line
+    (prefixed ``what``, the option that named the run) if it is missing or not a run's."""
+    try:
+        stored = json.loads((out / "config.json").read_text())
+        return TuneConfig(**{**stored, "out": str(out)})
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{what} {out}: its config.json is missing or not a run's settings "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+
+
 def config_line(cfg: TuneConfig) -> str:
     """The run's configuration in one line, as it starts."""
     where = "prompt at the input" if cfg.prompt_depth is None else f"{cfg.prompt_form} prompt in the top {cfg.prompt_depth} layers"
@@ -374,7 +414,8 @@ def paired_test(before: np.ndarray, after: np.ndarray) -> dict:
             "gained": gained, "lost": lost, "mcnemar_p": round(p, 4)}
 
 
-def _cost_sum(costs) -> dict:
+def cost_sum(costs) -> dict:
+    """Total wall time, bytes sent (busiest party) and rounds of some secure calls."""
     return {"seconds": round(sum(c.wall_s for c in costs), 2), "bytes": int(sum(c.send_bytes for c in costs)),
             "rounds": int(sum(c.rounds for c in costs))}
 
@@ -391,12 +432,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     if resume:
         if not ckpt.exists():
             raise UserError(f"--resume {out}: no checkpoint there")
-        try:
-            stored = json.loads((out / "config.json").read_text())
-            cfg = TuneConfig(**{**stored, "out": str(out)})
-        except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"--resume {out}: its config.json is missing or not a run's settings "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+        cfg = load_run_config(out, "--resume")
         if budget is not None:
             cfg = dataclasses.replace(cfg, budget=budget)
     elif ckpt.exists():
@@ -427,26 +463,19 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
     if resume:  # checked before anything is shared or written: a bad checkpoint costs nothing
         load_checkpoint(ckpt, strategy, run_id(cfg), cfg.d)
     t0 = time.perf_counter()
-    # the back end, and the model as this (the data owner's) process sees it: under the cluster
-    # back end, the tokenizer and public config only; the weights stay with the model owner
-    session, bundle = open_backend(cfg.backend, cfg.model, policy)
+    scorer, subspace, cfg = open_scorer(cfg, task, train, policy)
+    session, bundle = scorer.s, scorer.bundle
     try:
-        subspace = build_subspace(cfg, bundle, session.embedding_stats())
-        cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
         log(task.describe())
         log(config_line(cfg))
         log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
             f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
 
         fit = cfg.head == "fit"
-        scorer = SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
-                              depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate,
-                              combine=cfg.combine, probe_words=probe_words(cfg, task, train) if fit else ())
-        scorer.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
-                            if cfg.train_batch else None, zero_shot=fit)
+        scorer.add_examples("train", train, train_groups(cfg, train), zero_shot=fit)
         scorer.add_examples("dev", dev, zero_shot=fit)
         test_set = scorer.add_examples("test", test, zero_shot=True)
-        setup_cost = _cost_sum(session.costs)
+        setup_cost = cost_sum(session.costs)
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
             f"{time.perf_counter() - t0:.1f}s, MPC {setup_cost['bytes'] / 1e6:.1f} MB")
 
@@ -480,7 +509,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                              zero_shot_head_correct=correct.astype(int).tolist(), zero_shot_head_c=head0.c,
                              zero_shot_head=fitted.to_json(head0))
                 log(f"zero-shot test accuracy with a fitted head: {extra['zero_shot_head_test_acc']:.3f}")
-            extra["zero_shot_cost"] = _cost_sum(session.costs[n0:])
+            extra["zero_shot_cost"] = cost_sum(session.costs[n0:])
             st = LoopState(strategy.init(cfg.seed))
             metrics_path.write_text("")
         objective = make_objective(cfg, scorer, extra)
@@ -560,7 +589,7 @@ def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=
                                                                  for k in ("seconds", "bytes", "rounds")},
                     "zero_shot_eval": extra["zero_shot_cost"],
                     "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
-                    "per_generation_median": per_gen, "final_eval": _cost_sum(session.costs[n0:])},
+                    "per_generation_median": per_gen, "final_eval": cost_sum(session.costs[n0:])},
             "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
             "reveals": group_reveals([json.loads(ln) for ln in audit.read_text().splitlines() if ln.strip()]),
             "reveals_this_session": session.reveal_summary(),
