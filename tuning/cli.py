@@ -274,6 +274,55 @@ def _print_tune_summary(summary: dict, as_json: bool, out) -> None:
     print(f"results in {out}")
 
 
+def _applied(args, labelled: bool):
+    """A finished run applied to ``--input`` (predict and eval): the job and its rows, written to
+    ``--out`` if given. Every check runs before anything is shared; a summary line goes to stderr."""
+    from .loop import predict as pr
+
+    job = pr.prepare(args.run, args.input, args.out, args.text_column, getattr(args, "label_column", None),
+                     labelled)
+    rows, cost = pr.apply(job, show_progress=not getattr(args, "json", False))
+    if args.out:
+        pr.write_rows(rows, job.labels, args.out)
+    cfg = job.run.cfg
+    mpc = f"; MPC {cost['seconds']:.1f}s, {cost['bytes'] / 1e6:.1f} MB" if cfg.backend != "plaintext" else ""
+    reader = "fitted head" if job.run.head else "verbalizer"
+    print(f"secptune: {len(rows)} texts scored at {args.run}'s tuned prompt ({reader}, back end {cfg.backend}, "
+          f"policy {cfg.policy}){mpc}; reveals appended to "
+          f"{job.run.path / 'reveals.jsonl'}", file=sys.stderr)
+    return job, rows
+
+
+def _cmd_predict(args):
+    from .loop import predict as pr
+
+    job, rows = _applied(args, labelled=False)
+    if not args.out:
+        pr.write_rows(rows, job.labels)
+
+
+def _cmd_eval(args):
+    from .loop import predict as pr
+
+    job, rows = _applied(args, labelled=True)
+    ev = pr.evaluation(job.truth, [r["predicted"] for r in rows], job.labels)
+    print(json.dumps({"run": str(args.run), "input": str(args.input), **ev}) if args.json
+          else pr.format_evaluation(ev))
+
+
+def add_apply_args(s: argparse.ArgumentParser, labelled: bool) -> None:
+    """The options of predict and eval: the run, the input, where the rows go."""
+    s.add_argument("--run", required=True, metavar="DIR", help="a finished `secptune tune` output directory")
+    kind = "a labelled CSV/TSV/JSONL file" if labelled else "CSV/TSV (header), JSONL, or plain text one per line"
+    s.add_argument("--input", required=True, metavar="FILE", help=kind)
+    s.add_argument("--out", metavar="FILE", help="per-text predictions, CSV or JSONL by the extension"
+                                                 + ("" if labelled else " (default: CSV to stdout)"))
+    s.add_argument("--text-column", dest="text_column",
+                   help="default: the run's (text), else a CSV's first column")
+    if labelled:
+        s.add_argument("--label-column", dest="label_column", help="default: the run's (label)")
+
+
 def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
     """``sf-job``'s tune arguments, parsed as `secptune tune` parses them: the job's spec (what every
     party's process receives) and the run's output directory."""
@@ -490,6 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep each generation's candidates and opened logits in OUT/logits/")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_tune)
+
+    s = sub.add_parser("predict", help="apply a finished run's tuned prompt (and fitted head) to new texts, "
+                                       "through its back end and policy")
+    add_apply_args(s, labelled=False)
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("eval", help="a finished run's accuracy (95%% Wilson interval) and confusion matrix on "
+                                    "a labelled file")
+    add_apply_args(s, labelled=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
     s.add_argument("--cluster", required=True, help="policy name or YAML file with the parties section")
