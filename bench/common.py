@@ -33,11 +33,10 @@ def rescorer(run: Path, zero_shot: bool = False):
     from tuning.assets.models import load_model, with_policy
     from tuning.backends import make_backend
     from tuning.loop import head as fitted
-    from tuning.loop.scorer import SecureScorer
-    from tuning.loop.trainer import TuneConfig, build_subspace, minibatches, probe_words, split_examples, task_of
+    from tuning.loop.trainer import build_subspace, load_run_config, make_scorer, split_examples, task_of, train_groups
     from tuning.policy import load_policy
 
-    cfg = TuneConfig(**{**json.loads((Path(run) / "config.json").read_text()), "out": str(run)})
+    cfg = load_run_config(Path(run), "--run")
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy = load_policy(cfg.policy)
@@ -50,11 +49,8 @@ def rescorer(run: Path, zero_shot: bool = False):
         # the same rows, and every program sees the shapes the parties saw
         plain.chunk, plain.pad_multiple = Session.chunk, Session.pad_multiple
     sub = build_subspace(cfg, bundle, plain.embedding_stats())
-    sc = SecureScorer(plain, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=sub.init_ids, depth=cfg.prompt_depth,
-                      form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
-                      probe_words=probe_words(cfg, task, train) if cfg.head == "fit" else ())
-    sc.add_examples("train", train, minibatches([l for _, l in train], cfg.train_batch, cfg.seed)
-                    if cfg.train_batch else None, zero_shot=zero_shot)
+    sc = make_scorer(cfg, task, train, plain, bundle, sub)
+    sc.add_examples("train", train, train_groups(cfg, train), zero_shot=zero_shot)
     sc.add_examples("dev", dev, zero_shot=zero_shot)
     if zero_shot:
         sc.add_examples("test", test, zero_shot=True)
