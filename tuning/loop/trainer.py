@@ -9,15 +9,22 @@ One generation (``run_generation``), top to bottom:
   5. tell the strategy the losses.
 The compute parties never see labels, losses, z, A or the plaintext prompt.
 
-``tune`` wraps it with set-up (sharing examples, prefilling caches, zero-shot evaluation), early
-stopping on dev accuracy, a checkpoint after every generation, ``--resume``, metrics, plots and a
-summary.
+``tune`` is the whole run, a story of small steps over explicit state:
+
+    cfg, resume_id = settings(cfg, run, resume, budget)     # checked; nothing opened yet
+    job = set_up(cfg, run, resume_id, log)                  # back end, examples shared; nothing written
+    st, extra, clock = begin(job, run, resume_id, log)      # zero-shot evaluation, or the checkpoint
+    st = generations(job, run, st, extra, clock, objective) # a checkpoint after every one
+    final = final_evaluation(job, run, st)                  # the kept prompt (and head) on test
+    return report(job, run, st, extra, final, clock)        # summary.json, best_z.npy, curves.png
+
+with early stopping on dev loss (``--patience``) and ``--resume`` from the last checkpoint (the
+same search, continued exactly); ``rundir.RunDir`` owns the run directory's files.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,59 +36,17 @@ from ..backends.session import group_reveals
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted
+from .config import LOSSES, TuneConfig, check_settings, config_line, run_id, stored_config
 from .objective import Objective, frozen_head, refit_head, verbalizer
-from .scorer import CONTENT_FREE, SecureScorer, delta_shape
+from .report import cost_sum, plot_run, summarize
+from .rundir import RunDir, save_npz
+from .scorer import SecureScorer, delta_shape
 from .search import make_strategy
 from .subspace import subspace_from_stats
 
-LOSSES = ("ce", "hinge")
-DEV_EVAL = ("all", "mean")
-HEADS = ("words", "fit")
-OBJECTIVES = ("words", "head", "refit")
-SELECT = ("dev-loss", "final-mean")
-
-
-@dataclasses.dataclass
-class TuneConfig:
-    model: str = "smollm2-135m"
-    policy: str = "aby3"
-    backend: str = "sim"
-    task: str | None = "mr"
-    train: str | None = None
-    test: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    verbalizer: str = "positive=great,negative=terrible"
-    template: str | None = None
-    shots: int = 16  # per class, for training; the same number again per class for dev
-    dev_shots: int | None = None  # per class for dev (default: = shots)
-    n_test: int = 200  # test examples evaluated (stratified prefix of the shuffled test split)
-    max_words: int | None = None  # truncate texts (None: the task's default)
-    popsize: int = 20
-    budget: int = 100  # generations
-    strategy: str = "cma"
-    sigma0: float = 1.0
-    d: int = 500
-    n_tokens: int = 5
-    init: str = "vocab"  # "vocab" (sampled token embeddings) or "text:<words>" (n_tokens := their count)
-    mode: str = "cached"
-    prompt_depth: int | None = None  # K: the prompt enters the top K layers only (None: all, at the input)
-    prompt_form: str = "kv"  # deep prompt: "kv" (key/value prefixes) or "hidden" (states entering layer L-K)
-    train_batch: int = 0  # training examples scored per generation (a stratified mini-batch; 0: all)
-    dev_eval: str = "all"  # candidates scored on dev each generation: "all" or "mean" (the search mean)
-    label_words: str | None = None  # label=word|word,... : several verbalizer words per class (any task)
-    combine: str = "lse"  # how a class's words combine: "lse" (log-sum-exp) or "mean"
-    calibrate: str = "none"  # "cf" (content-free rows), "batch" (the scored examples' mean) or "none"
-    loss: str = "ce"
-    head: str = "words"  # "words": the verbalizer's words; "fit": a head fitted over them and probe words
-    probe_words: str | None = None  # comma-separated words for --head fit (default: the task's pool)
-    objective: str = "words"  # the search minimises the CE of: "words" (the verbalizer), "head" (the P0 head)
-    #                           or "refit" (each candidate's own head, k-fold held out; see loop.objective)
-    select: str = "dev-loss"  # the prompt kept: "dev-loss" (lowest dev CE seen) or "final-mean" (the search's)
-    patience: int = 0  # stop after this many generations without a dev improvement (0: never)
-    save_logits: bool = False  # keep each generation's candidates and opened logits (data owner's files)
-    seed: int = 0
-    out: str = "runs/tune"
+# names callers import from the trainer, whose homes are now config.py and report.py
+from .config import LATER_DEFAULTS, load_run_config  # noqa: E402,F401
+from .report import FULL_BUDGET, rows_per_generation, wilson  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -134,13 +99,9 @@ def run_generation(st: LoopState, strategy, subspace, scorer, cfg: TuneConfig,
     delta = subspace.offsets(Zs)                                         # 2. A.z at the data owner,
     n_costs = len(scorer.s.costs)                                        #    shared; P0 is resident
     batch = [st.generation % len(train.chunks)] if cfg.train_batch else range(len(train.chunks))
-    tr_words, tr_cf = scorer.score_words("train", delta, batch)          # 3. opened to us only
     sel = np.arange(len(Zs)) if cfg.dev_eval == "all" else np.array([len(Z)])
-    dv_words, dv_cf = scorer.score_words("dev", delta[sel])
-    tr_labels = train.chunk_labels(batch)
-    tr = objective.train(tr_words, tr_cf, tr_labels)                     # 4. loss in plaintext
-    dv = objective.dev(dv_words, dv_cf, tr_words[sel], tr_labels)
-    losses = losses_from_logits(tr, tr_labels, cfg.loss)
+    tr, dv, tr_labels = score_candidates(scorer, objective, delta, batch, sel)  # 3. opened to us only
+    losses = losses_from_logits(tr, tr_labels, cfg.loss)                 # 4. loss in plaintext
     dev_loss, dev_acc = losses_from_logits(dv, dev.labels, "ce"), accuracy(dv, dev.labels)
     search = strategy.tell(search, Z, losses[: len(Z)])                  # 5. tell
     costs = scorer.s.costs[n_costs:]
@@ -169,6 +130,17 @@ def run_generation(st: LoopState, strategy, subspace, scorer, cfg: TuneConfig,
     return st, metrics
 
 
+def score_candidates(scorer, objective: Objective, delta: np.ndarray, batch, sel: np.ndarray) -> tuple:
+    """What the search reads of candidates ``delta`` [P, ...]: their class scores on the training
+    chunks ``batch`` and those of rows ``sel`` on dev, through ``objective`` from the opened word
+    logits, and the batch's labels. Every secure call of a generation is here, in this order."""
+    tr_words, tr_cf = scorer.score_words("train", delta, batch)
+    dv_words, dv_cf = scorer.score_words("dev", delta[sel])
+    tr_labels = scorer.sets["train"].chunk_labels(batch)
+    return (objective.train(tr_words, tr_cf, tr_labels), objective.dev(dv_words, dv_cf, tr_words[sel], tr_labels),
+            tr_labels)
+
+
 def minibatches(labels: list, size: int, seed: int) -> list[list[int]]:
     """Indices 0..len(labels)-1 dealt into stratified chunks of about ``size``: each class's
     examples, shuffled with ``seed``, go round-robin over the chunks, so every mini-batch holds
@@ -180,21 +152,9 @@ def minibatches(labels: list, size: int, seed: int) -> list[list[int]]:
 
 
 # -------------------------------------------------------------------------------- checkpointing
-# settings added after runs were checkpointed: at these values they leave a run's id as it was
-LATER_DEFAULTS = {"head": "words", "probe_words": None, "select": "dev-loss", "objective": "words"}
-
 # LoopState's scalar fields, stored under their own names; with "has_best" and "extra", every
 # checkpoint holds all of them (load_checkpoint names any that an older version did not write)
 _SCALARS = ("generation", "best_dev", "best_dev_loss", "best_train_loss", "since_best", "mpc_seconds", "mpc_bytes")
-
-
-def run_id(cfg: TuneConfig) -> str:
-    """What makes a checkpoint this run's: its settings but the budget and where it lives."""
-    import hashlib
-
-    d = {k: v for k, v in dataclasses.asdict(cfg).items()
-         if k not in ("budget", "out", "n_tokens") and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict, run: str = "") -> None:
@@ -204,9 +164,7 @@ def save_checkpoint(path: Path, st: LoopState, strategy, extra: dict, run: str =
     flat.update({"has_best": st.best_z is not None, "extra": json.dumps(extra), "run": run})
     if st.best_z is not None:
         flat["best_z"] = st.best_z
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
+    save_npz(path, **flat)
 
 
 def load_checkpoint(path: Path, strategy, run: str | None = None, d: int | None = None) -> tuple[LoopState, dict]:
@@ -252,7 +210,14 @@ def load_checkpoint(path: Path, strategy, run: str | None = None, d: int | None 
     return st, extra
 
 
-# ------------------------------------------------------------------------------------------ tune
+
+# ------------------------------------------------------------------------------------ set-up
+def strategy_of(cfg: TuneConfig):
+    """The run's search strategy (its state starts from the seed)."""
+    return make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
+                         **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
+
+
 def split_examples(cfg: TuneConfig, task):
     """k-shot train and dev (disjoint, stratified, seeded) and a stratified test subset."""
     dev_k = cfg.dev_shots or cfg.shots
@@ -345,26 +310,6 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy) -> tuple[SecureScore
         raise
 
 
-def load_run_config(out: Path, what: str) -> TuneConfig:
-    """The settings the run in ``out`` recorded (config.json), with ``out`` as its out; one line
-    (prefixed ``what``, the option that named the run) if it is missing or not a run's."""
-    try:
-        stored = json.loads((out / "config.json").read_text())
-        return TuneConfig(**{**stored, "out": str(out)})
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{what} {out}: its config.json is missing or not a run's settings "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
-
-
-def config_line(cfg: TuneConfig) -> str:
-    """The run's configuration in one line, as it starts."""
-    where = "prompt at the input" if cfg.prompt_depth is None else f"{cfg.prompt_form} prompt in the top {cfg.prompt_depth} layers"
-    batch = f"{cfg.train_batch} training examples per generation" if cfg.train_batch else "all training examples"
-    return (f"config: {cfg.mode} placement, {where}, P0 {cfg.init!r} ({cfg.n_tokens} tokens), subspace d={cfg.d}; "
-            f"{cfg.strategy} popsize {cfg.popsize} x {cfg.budget} generations, sigma0 {cfg.sigma0:g}; {batch}; "
-            f"dev: {cfg.dev_eval}; loss {cfg.loss}, objective {cfg.objective}, head {cfg.head}, select {cfg.select}; "
-            f"policy {cfg.policy}, back end {cfg.backend}, seed {cfg.seed}")
-
 
 def make_objective(cfg: TuneConfig, scorer, extra: dict) -> Objective:
     """The run's objective; ``head`` and ``refit`` start from the head fitted at P0 (its
@@ -391,252 +336,233 @@ def head_predictions(head: fitted.Head, words: np.ndarray) -> np.ndarray:
     return fitted.apply(head, fitted.features(words)).argmax(-1)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list:
-    """95% Wilson score interval of a binomial proportion k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    c = (p + z * z / (2 * n)) / (1 + z * z / n)
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(float(c - h), 4), round(float(c + h), 4)]
-
-
-def paired_test(before: np.ndarray, after: np.ndarray) -> dict:
-    """Zero-shot vs tuned on the same test examples: each accuracy's 95% Wilson interval, and the
-    exact two-sided McNemar test on the examples only one of them gets right."""
-    from math import comb
-
-    n = len(after)
-    gained, lost = int(((after == 1) & (before == 0)).sum()), int(((after == 0) & (before == 1)).sum())
-    m, k = gained + lost, min(gained, lost)
-    p = min(1.0, 2 * sum(comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
-    return {"n": n, "zero_shot_ci95": wilson(int(before.sum()), n), "tuned_ci95": wilson(int(after.sum()), n),
-            "gained": gained, "lost": lost, "mcnemar_p": round(p, 4)}
-
-
-def cost_sum(costs) -> dict:
-    """Total wall time, bytes sent (busiest party) and rounds of some secure calls."""
-    return {"seconds": round(sum(c.wall_s for c in costs), 2), "bytes": int(sum(c.send_bytes for c in costs)),
-            "rounds": int(sum(c.rounds for c in costs))}
-
-
+# ------------------------------------------------------------------------------------------ tune
 def tune(cfg: TuneConfig, resume: bool = False, show_progress: bool = True, log=print,
          budget: int | None = None) -> dict:
     """Run (or resume) a tuning job; returns the summary that is also written to OUT/summary.json.
 
     ``budget`` on resume extends (or shortens) the stored run's generation budget; every other
     setting comes from the run's config.json, so the continued search is the same search."""
+    run = RunDir(cfg.out)
+    cfg, resume_id = settings(cfg, run, resume, budget)  # checked before anything is opened
+    job = set_up(cfg, run, resume_id, log)  # examples shared; nothing written yet
+    try:
+        st, extra, clock = begin(job, run, resume_id, log)  # zero-shot baselines, or the checkpoint's state
+        objective = make_objective(job.cfg, job.scorer, extra)  # what the search minimises
+        st = generations(job, run, st, extra, clock, objective, show_progress, log)
+        final = final_evaluation(job, run, st)  # the kept prompt (and head) on test
+        return report(job, run, st, extra, final, clock)  # summary.json, best_z.npy, curves.png
+    finally:
+        job.scorer.s.close()
 
-    out = Path(cfg.out)
-    ckpt = out / "ckpt.npz"
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the set-up gives every later step of a run: its settings, data, search and scorer."""
+    cfg: TuneConfig  # the run's settings (n_tokens: the subspace's)
+    task: object  # assets.tasks.Task
+    train: list
+    dev: list
+    test: list
+    policy: object
+    strategy: object
+    scorer: SecureScorer  # train, dev and test shared; its session is the run's back end
+    subspace: object
+    cost: dict  # the set-up's MPC cost, this session
+    started: float  # time.perf_counter() as the set-up began
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+    """A run's wall time over all its sessions: the earlier ones' and this one's since its set-up."""
+    started: float
+    before: float = 0.0
+
+    def elapsed(self) -> float:
+        return round(self.before + time.perf_counter() - self.started, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalEval:
+    """The kept prompt on the test set."""
+    z: np.ndarray  # the kept search vector
+    words_correct: np.ndarray  # [n_test] 0/1, the verbalizer's
+    correct: np.ndarray  # [n_test] 0/1, what the run reports (the fitted head's under --head fit)
+    head: fitted.Head | None  # --head fit: the head refitted at the kept prompt (what ``correct`` reads)
+    cost: dict  # MPC cost of the evaluation (and the head's extra rows)
+
+
+def settings(cfg: TuneConfig, run: RunDir, resume: bool, budget: int | None) -> tuple[TuneConfig, str | None]:
+    """The settings the run goes by, checked, and (resume) the id its checkpoint must carry.
+    A new run: ``cfg``, in a directory without a run. Resume: the run's config.json (``budget``
+    replacing its budget), the id that of the settings as stored."""
     if resume:
-        if not ckpt.exists():
-            raise UserError(f"--resume {out}: no checkpoint there")
-        cfg = load_run_config(out, "--resume")
+        if not run.has_checkpoint():
+            raise UserError(f"--resume {run.path}: no checkpoint there")
+        stored = stored_config(run, "--resume")
+        cfg, resume_id = stored, run_id(stored)
         if budget is not None:
             cfg = dataclasses.replace(cfg, budget=budget)
-    elif ckpt.exists():
-        raise UserError(f"{out} already holds a run; pass --resume {out} or choose another --out")
-    if cfg.loss not in LOSSES:
-        raise UserError(f"unknown loss {cfg.loss!r} (known: {', '.join(LOSSES)})")
-    if cfg.budget < 1 or cfg.popsize < 2 or cfg.shots < 1:
-        raise UserError("--budget must be >= 1, --popsize >= 2 and --shots >= 1")
-    if not (np.isfinite(cfg.sigma0) and cfg.sigma0 > 0) or cfg.d < 1 or cfg.n_tokens < 1:
-        raise UserError(f"sigma0 ({cfg.sigma0}) must be a finite positive number, d and n_tokens >= 1")
-    if cfg.init != "vocab" and not cfg.init.startswith("text:"):
-        raise UserError(f"unknown --init {cfg.init!r}: use 'vocab' or 'text:<words>'")
-    if cfg.dev_eval not in DEV_EVAL:
-        raise UserError(f"unknown --dev-eval {cfg.dev_eval!r} (known: {', '.join(DEV_EVAL)})")
-    if cfg.train_batch < 0 or (cfg.prompt_depth is not None and cfg.prompt_depth < 1):
-        raise UserError("--train-batch must be >= 0 and --prompt-depth >= 1")
-    if cfg.head not in HEADS or cfg.select not in SELECT or cfg.objective not in OBJECTIVES:
-        raise UserError(f"unknown --head {cfg.head!r}, --select {cfg.select!r} or --objective {cfg.objective!r} "
-                        f"(known: {', '.join(HEADS)}; {', '.join(SELECT)}; {', '.join(OBJECTIVES)})")
-    if cfg.objective != "words" and cfg.head != "fit":
-        raise UserError(f"--objective {cfg.objective} searches against a fitted head: it needs --head fit")
+    elif run.has_checkpoint():
+        raise UserError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
+    else:
+        resume_id = None
+    check_settings(cfg)
+    return cfg, resume_id
 
+
+def set_up(cfg: TuneConfig, run: RunDir, resume_id: str | None, log) -> Setup:
+    """Everything before the run's first write: the examples split, the checkpoint checked
+    (``resume_id``: resuming), the back end opened and train, dev and test shared (prefix caches
+    filled). A bad input or checkpoint leaves no partial run behind; the back end is closed again
+    if any of it fails."""
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy = load_policy(cfg.policy)
-    strategy = make_strategy(cfg.strategy, cfg.d, cfg.popsize, cfg.seed,
-                             **({"sigma0": cfg.sigma0} if cfg.strategy == "cma" else {}))
-    if resume:  # checked before anything is shared or written: a bad checkpoint costs nothing
-        load_checkpoint(ckpt, strategy, run_id(cfg), cfg.d)
-    t0 = time.perf_counter()
+    strategy = strategy_of(cfg)
+    if resume_id is not None:  # checked before anything is shared or written: a bad checkpoint costs nothing
+        load_checkpoint(run.checkpoint_path, strategy, resume_id, cfg.d)
+    started = time.perf_counter()
     scorer, subspace, cfg = open_scorer(cfg, task, train, policy)
-    session, bundle = scorer.s, scorer.bundle
     try:
         log(task.describe())
         log(config_line(cfg))
         log(f"{len(train)} train / {len(dev)} dev / {len(test)} test examples; model {cfg.model}; "
             f"policy {policy.name} ({policy.protocol}); back end {cfg.backend}; placement {cfg.mode}")
-
         fit = cfg.head == "fit"
         scorer.add_examples("train", train, train_groups(cfg, train), zero_shot=fit)
         scorer.add_examples("dev", dev, zero_shot=fit)
-        test_set = scorer.add_examples("test", test, zero_shot=True)
-        setup_cost = cost_sum(session.costs)
+        scorer.add_examples("test", test, zero_shot=True)
+        cost = cost_sum(scorer.s.costs)
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
-            f"{time.perf_counter() - t0:.1f}s, MPC {setup_cost['bytes'] / 1e6:.1f} MB")
-
-        # nothing is written before the set-up succeeded (a bad input leaves no partial run behind)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        audit = out / "reveals.jsonl"  # every value opened to us, every session of the run, as it happens
-        if not resume:
-            audit.write_text("")
-        session.audit_path = audit
-        metrics_path = out / "metrics.jsonl"
-        if resume:
-            st, extra = load_checkpoint(ckpt, strategy, run_id(cfg), cfg.d)
-            lines = metrics_path.read_text().splitlines()[: st.generation] if metrics_path.exists() else []
-            metrics_path.write_text("".join(ln + "\n" for ln in lines))
-            log(f"resumed at generation {st.generation}")
-        else:
-            n0 = len(session.costs)
-            zs_words = scorer.score_words("test", None)
-            zs_logits = scorer.class_scores(*zs_words)
-            extra = {"zero_shot_test_acc": float(accuracy(zs_logits, test_set.labels)[0]),
-                     "zero_shot_correct": (zs_logits[0].argmax(-1) == test_set.labels).astype(int).tolist()}
-            if cfg.save_logits:
-                (out / "logits").mkdir(exist_ok=True)
-                np.savez(out / "logits" / "test_zero_shot.npz", logits=zs_logits[0], labels=test_set.labels)
-            log(f"zero-shot test accuracy (through {cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
-            if fit:  # the fitted head at P0, on the same test examples: the baseline a tuned head must beat
-                head0 = fit_head(scorer, None, cfg.seed)
-                correct = head_predictions(head0, zs_words[0][0]) == test_set.labels
-                extra.update(zero_shot_head_test_acc=float(correct.mean()),
-                             zero_shot_head_correct=correct.astype(int).tolist(), zero_shot_head_c=head0.c,
-                             zero_shot_head=fitted.to_json(head0))
-                log(f"zero-shot test accuracy with a fitted head: {extra['zero_shot_head_test_acc']:.3f}")
-            extra["zero_shot_cost"] = cost_sum(session.costs[n0:])
-            st = LoopState(strategy.init(cfg.seed))
-            metrics_path.write_text("")
-        objective = make_objective(cfg, scorer, extra)
-        # wall time and set-up cost over every session of this run (a resumed run prefills again)
-        before = extra.get("elapsed_s", 0.0)
-        extra["setups"] = extra.get("setups", []) + [setup_cost]
-        elapsed = lambda: round(before + time.perf_counter() - t0, 1)  # noqa: E731
-        extra["elapsed_s"] = elapsed()
-        save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
-
-        bar = _progress(cfg.budget, st.generation, show_progress)
-        try:
-            while st.generation < cfg.budget:
-                st, m = run_generation(st, strategy, subspace, scorer, cfg, objective)
-                Z, (tr, dv), (tr_labels, dv_labels) = m.pop("_Z"), m.pop("_logits"), m.pop("_labels")
-                train_chunks, dev_rows = m.pop("_rows")
-                if cfg.save_logits:  # the data owner's own files: what it scored and what was revealed to it
-                    (out / "logits").mkdir(exist_ok=True)
-                    np.savez(out / "logits" / f"gen{st.generation:04d}.npz", Z=Z, train_logits=tr, dev_logits=dv,
-                             train_labels=tr_labels, dev_labels=dv_labels, train_chunks=train_chunks,
-                             dev_rows=dev_rows)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                extra["elapsed_s"] = elapsed()
-                save_checkpoint(ckpt, st, strategy, extra, run_id(cfg))
-                bar(m)
-                if cfg.patience and st.since_best >= cfg.patience:
-                    log(f"early stop: no dev improvement for {cfg.patience} generations")
-                    break
-        except BaseException:
-            bar.close()  # the error line then starts a line of its own
-            raise
-
-        z = st.best_z if st.best_z is not None and cfg.select == "dev-loss" else strategy.mean(st.search)
-        n0 = len(session.costs)
-        delta = subspace.offsets(z[None])
-        te_words = scorer.score_words("test", delta)
-        te_logits = scorer.class_scores(*te_words)[0]
-        words_correct = (te_logits.argmax(-1) == test_set.labels).astype(int)
-        if cfg.save_logits:
-            (out / "logits").mkdir(exist_ok=True)
-            np.savez(out / "logits" / "test_tuned.npz", logits=te_logits, labels=test_set.labels)
-        tuned_correct, head_info = words_correct, None
-        if fit:  # train and dev once more at the kept prompt (their rows are the head's only extra cost)
-            head = fit_head(scorer, delta, cfg.seed)
-            tuned_correct = (head_predictions(head, te_words[0][0]) == test_set.labels).astype(int)
-            np.savez(out / "head.npz", **dataclasses.asdict(head), word_groups=scorer.word_groups)
-            head_info = {"words": int(len(scorer.word_groups)), "probe_words": int((scorer.word_groups < 0).sum()),
-                         "c": head.c, "zero_shot_c": extra["zero_shot_head_c"],
-                         "extra_rows_final": len(train) + len(dev),
-                         "zero_shot_head_test_acc": extra["zero_shot_head_test_acc"],
-                         "test_significance_vs_zero_shot_head": paired_test(
-                             np.asarray(extra["zero_shot_head_correct"]), tuned_correct)}
-        test_acc = float(tuned_correct.mean())
-        gen_costs = [json.loads(ln) for ln in metrics_path.read_text().splitlines()]
-        per_gen = {k: float(np.median([g[k] for g in gen_costs])) if gen_costs else 0.0
-                   for k in ("mpc_s", "mpc_bytes", "mpc_rounds")}
-        summary = {
-            "task": cfg.task or cfg.train, "model": cfg.model, "policy": policy.name, "protocol": policy.protocol,
-            "backend": cfg.backend, "placement": cfg.mode, "strategy": cfg.strategy,
-            "prompt_depth": scorer.depth, "prompt_form": cfg.prompt_form if scorer.deep else "input",
-            "layers": bundle.config.num_hidden_layers, "train_batch": cfg.train_batch, "dev_eval": cfg.dev_eval,
-            "calibrate": cfg.calibrate, "verbalizer": {l: task.verbalizer[l] for l in task.labels},
-            "content_free_rows_per_call": len(CONTENT_FREE) if cfg.calibrate == "cf" else 0,
-            "rows_per_generation": rows_per_generation(cfg.popsize, len(train), len(dev), cfg.train_batch,
-                                                       cfg.dev_eval),
-            "generations": st.generation, "popsize": cfg.popsize, "shots_per_class": cfg.shots,
-            "n_train": len(train), "n_dev": len(dev), "n_test": len(test),
-            "zero_shot_test_acc": extra["zero_shot_test_acc"], "tuned_test_acc": test_acc,
-            "tuned_words_test_acc": float(words_correct.mean()), "select": cfg.select, "head": cfg.head,
-            "objective": cfg.objective,
-            "fitted_head": head_info,
-            "test_significance": paired_test(np.asarray(extra["zero_shot_correct"]), tuned_correct),
-            "best_dev_acc": st.best_dev, "best_dev_loss": st.best_dev_loss, "best_train_loss": st.best_train_loss,
-            "wall_s": {"elapsed_all_sessions": elapsed(), "sessions": len(extra["setups"])},
-            "mpc": {"setup": setup_cost, "setup_all_sessions": {k: sum(c[k] for c in extra["setups"])
-                                                                 for k in ("seconds", "bytes", "rounds")},
-                    "zero_shot_eval": extra["zero_shot_cost"],
-                    "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
-                    "per_generation_median": per_gen, "final_eval": cost_sum(session.costs[n0:])},
-            "subspace": {"d": cfg.d, "n_tokens": cfg.n_tokens, "init": subspace.init, "A_std": subspace.scale},
-            "reveals": group_reveals([json.loads(ln) for ln in audit.read_text().splitlines() if ln.strip()]),
-            "reveals_this_session": session.reveal_summary(),
-        }
-        summary["projection"] = project_full_budget(summary, len(task.labels))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        np.save(out / "best_z.npy", z)
-        plot_run(gen_costs, out)
-        return summary
-    finally:
-        session.close()
+            f"{time.perf_counter() - started:.1f}s, MPC {cost['bytes'] / 1e6:.1f} MB")
+    except BaseException:
+        scorer.s.close()
+        raise
+    return Setup(cfg, task, train, dev, test, policy, strategy, scorer, subspace, cost, started)
 
 
-FULL_BUDGET = {"popsize": 20, "shots_per_class": 16, "generations": 100, "n_test": 200}
+def begin(job: Setup, run: RunDir, resume_id: str | None, log) -> tuple[LoopState, dict, Clock]:
+    """This session's start: the settings written, every reveal from here on appended to the
+    run's audit as tune's, and the loop state: the checkpoint's (metrics cut back to it) or, for a
+    new run, a fresh search after the zero-shot evaluation. Returns the state, the run's ``extra``
+    (zero-shot results, every session's set-up cost) and its clock; checkpointed."""
+    run.create()
+    run.write_config(dataclasses.asdict(job.cfg))
+    if resume_id is None:
+        run.reset_audit()
+    job.scorer.s.audit_path = run.audit_path  # every value opened to us, every session of the run, as it happens
+    if resume_id is not None:
+        st, extra = load_checkpoint(run.checkpoint_path, job.strategy, resume_id, job.cfg.d)
+        run.keep_metrics(st.generation)
+        log(f"resumed at generation {st.generation}")
+    else:
+        extra = zero_shot(job, run, log)
+        st = LoopState(job.strategy.init(job.cfg.seed))
+        run.keep_metrics(0)
+    # wall time and set-up cost over every session of this run (a resumed run prefills again)
+    clock = Clock(job.started, extra.get("elapsed_s", 0.0))
+    extra = {**extra, "setups": extra.get("setups", []) + [job.cost]}
+    checkpoint(job, run, st, extra, clock)
+    return st, extra, clock
 
 
-def rows_per_generation(popsize: int, n_train: int, n_dev: int, train_batch: int, dev_eval: str) -> int:
-    """Candidate x example rows one generation scores (the population and its mean)."""
-    return (popsize + 1) * min(train_batch or n_train, n_train) + (popsize + 1 if dev_eval == "all" else 1) * n_dev
+def zero_shot(job: Setup, run: RunDir, log) -> dict:
+    """P0 on the test set through the back end (and, --head fit, the head fitted at P0 on train +
+    dev): the baselines the tuned prompt is measured against, as the checkpoint's ``extra``."""
+    scorer, labels = job.scorer, job.scorer.sets["test"].labels
+    n0 = len(scorer.s.costs)
+    words = scorer.score_words("test", None)
+    logits = scorer.class_scores(*words)
+    extra = {"zero_shot_test_acc": float(accuracy(logits, labels)[0]),
+             "zero_shot_correct": (logits[0].argmax(-1) == labels).astype(int).tolist()}
+    if job.cfg.save_logits:
+        run.save_logits("test_zero_shot", logits=logits[0], labels=labels)
+    log(f"zero-shot test accuracy (through {job.cfg.backend}): {extra['zero_shot_test_acc']:.3f}")
+    if job.cfg.head == "fit":  # the fitted head at P0, on the same test examples: the baseline a tuned head must beat
+        head0 = fit_head(scorer, None, job.cfg.seed)
+        correct = head_predictions(head0, words[0][0]) == labels
+        extra.update(zero_shot_head_test_acc=float(correct.mean()), zero_shot_head_correct=correct.astype(int).tolist(),
+                     zero_shot_head_c=head0.c, zero_shot_head=fitted.to_json(head0))
+        log(f"zero-shot test accuracy with a fitted head: {extra['zero_shot_head_test_acc']:.3f}")
+    extra["zero_shot_cost"] = cost_sum(scorer.s.costs[n0:])
+    return extra
 
 
-def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) -> dict:
-    """What the same job (same placement, depth, mini-batch and dev scoring) would cost at a
-    BBT-sized budget, from this run's measured costs, set-up and evaluations included:
+def checkpoint(job: Setup, run: RunDir, st: LoopState, extra: dict, clock: Clock) -> None:
+    """The loop state and ``extra`` (with the wall time so far) to ckpt.npz, under the run's id."""
+    save_checkpoint(run.checkpoint_path, st, job.strategy, {**extra, "elapsed_s": clock.elapsed()}, run_id(job.cfg))
 
-    - a generation's secure work is proportional to the candidate x example rows it scores (the
-      prompt and tail lengths are unchanged): scaled by :func:`rows_per_generation`;
-    - set-up (prefill of every example set) in the number of examples, the zero-shot and final
-      test evaluations in the number of test examples."""
-    m, per = summary["mpc"], summary["mpc"]["per_generation_median"]
-    b, dev_eval = summary.get("train_batch", 0), summary.get("dev_eval", "all")
-    k = full["shots_per_class"] * n_labels
-    row_scale = (rows_per_generation(full["popsize"], k, k, b, dev_eval)
-                 / max(rows_per_generation(summary["popsize"], summary["n_train"], summary["n_dev"], b, dev_eval), 1))
-    ex_scale = (2 * k + full["n_test"]) / max(summary["n_train"] + summary["n_dev"] + summary["n_test"], 1)
-    test_scale = full["n_test"] / max(summary["n_test"], 1)
-    parts = {"setup": (m["setup"], ex_scale), "zero_shot_eval": (m["zero_shot_eval"], test_scale),
-             "final_eval": (m["final_eval"], test_scale)}
-    out = {"assumes": dict(full), "scale_per_generation": round(row_scale, 2)}
-    for unit, key in (("seconds", "mpc_s"), ("bytes", "mpc_bytes")):
-        gens = per[key] * row_scale * full["generations"]
-        fixed = {name: c[unit] * sc for name, (c, sc) in parts.items()}
-        out[unit] = round(gens + sum(fixed.values()), 1) if unit == "seconds" else int(gens + sum(fixed.values()))
-        out[f"{unit}_generations"] = round(gens, 1) if unit == "seconds" else int(gens)
-    out["note"] = ("generations linear in candidate x example rows; set-up (prefill) linear in examples, "
-                   "test evaluations in test examples; sharing the weights not included")
-    return out
+
+def generations(job: Setup, run: RunDir, st: LoopState, extra: dict, clock: Clock, objective: Objective,
+                show_progress: bool, log) -> LoopState:
+    """Generations from ``st`` until the budget (or ``--patience``) runs out, the search reading
+    class scores through ``objective``; each one's metrics appended and its state checkpointed
+    before the next starts (a killed run loses at most the generation it was in)."""
+    cfg = job.cfg
+    bar = _progress(cfg.budget, st.generation, show_progress)
+    try:
+        while st.generation < cfg.budget:
+            st, m = run_generation(st, job.strategy, job.subspace, job.scorer, cfg, objective)
+            bar(record_generation(run, st.generation, m, cfg.save_logits))
+            checkpoint(job, run, st, extra, clock)
+            if cfg.patience and st.since_best >= cfg.patience:
+                log(f"early stop: no dev improvement for {cfg.patience} generations")
+                break
+    except BaseException:
+        bar.close()  # the error line then starts a line of its own
+        raise
+    return st
+
+
+def record_generation(run: RunDir, generation: int, m: dict, save_logits: bool) -> dict:
+    """A generation's metrics appended to metrics.jsonl (``--save-logits``: its candidates and
+    opened logits to logits/, the data owner's own files); returns the metrics without arrays."""
+    if save_logits:
+        (tr, dv), (tr_labels, dv_labels), (chunks, rows) = m["_logits"], m["_labels"], m["_rows"]
+        run.save_logits(run.generation_name(generation), Z=m["_Z"], train_logits=tr, dev_logits=dv,
+                        train_labels=tr_labels, dev_labels=dv_labels, train_chunks=chunks, dev_rows=rows)
+    m = {k: v for k, v in m.items() if not k.startswith("_")}
+    run.append_metrics(m)
+    return m
+
+
+def kept_z(st: LoopState, strategy, select: str) -> np.ndarray:
+    """The prompt the run keeps: the lowest dev loss seen (``dev-loss``) or the search's mean."""
+    return st.best_z if st.best_z is not None and select == "dev-loss" else strategy.mean(st.search)
+
+
+def final_evaluation(job: Setup, run: RunDir, st: LoopState) -> FinalEval:
+    """The kept prompt on the test set; under --head fit, train and dev once more at it (their
+    rows are the head's only extra cost) for the head it reports (head.npz)."""
+    cfg, scorer, labels = job.cfg, job.scorer, job.scorer.sets["test"].labels
+    z = kept_z(st, job.strategy, cfg.select)
+    n0 = len(scorer.s.costs)
+    delta = job.subspace.offsets(z[None])
+    words = scorer.score_words("test", delta)
+    logits = scorer.class_scores(*words)[0]
+    words_correct = (logits.argmax(-1) == labels).astype(int)
+    if cfg.save_logits:
+        run.save_logits("test_tuned", logits=logits, labels=labels)
+    if cfg.head != "fit":
+        return FinalEval(z, words_correct, words_correct, None, cost_sum(scorer.s.costs[n0:]))
+    head = fit_head(scorer, delta, cfg.seed)
+    correct = (head_predictions(head, words[0][0]) == labels).astype(int)
+    run.write_head(head, scorer.word_groups)
+    return FinalEval(z, words_correct, correct, head, cost_sum(scorer.s.costs[n0:]))
+
+
+def report(job: Setup, run: RunDir, st: LoopState, extra: dict, final: FinalEval, clock: Clock) -> dict:
+    """The run's summary, written with the kept z (best_z.npy, last: it marks the run finished)
+    and curves.png. Its reveals are tune's own over every session (predict's and eval's, appended
+    to the same audit, are not)."""
+    metrics = run.read_metrics()
+    reveals = (group_reveals(run.read_audit()), job.scorer.s.reveal_summary())
+    summary = summarize(job, st, extra, final, metrics, reveals, clock.elapsed())
+    run.write_summary(summary)
+    run.write_best_z(final.z)
+    plot_run(metrics, run.curves_path)
+    return summary
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -660,33 +586,3 @@ def _progress(total: int, start: int, enabled: bool):
     return update
 
 
-def plot_run(metrics: list, out: Path) -> None:
-    if not metrics:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = [m["generation"] for m in metrics]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.8))
-    ax[0].plot(g, [m["loss_best"] for m in metrics], label="best")
-    ax[0].plot(g, [m["loss_mean"] for m in metrics], label="mean")
-    ax[0].set(title="train loss", xlabel="generation")
-    ax[0].legend()
-    if metrics[0].get("dev_acc_of_best_loss") is not None:
-        ax[1].plot(g, [m["dev_acc_of_best_loss"] for m in metrics], label="best-loss candidate")
-    ax[1].plot(g, [m["dev_acc_of_mean"] for m in metrics], label="search mean")
-    ax[1].plot(g, [m["best_dev_so_far"] for m in metrics], label="kept prompt (lowest dev loss)")
-    ax[1].set(title="dev accuracy", xlabel="generation", ylim=(0, 1.05))
-    ax[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
-    ax[2].bar(g, [m["mpc_s"] for m in metrics])
-    ax2 = ax[2].twinx()
-    ax2.plot(g, [m["mpc_bytes"] / 1e6 for m in metrics], color="C1")
-    ax[2].set(title="MPC cost per generation", xlabel="generation", ylabel="seconds")
-    ax2.set_ylabel("MB sent", color="C1")
-    ax2.set_ylim(bottom=0)
-    ax[2].set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
