@@ -126,12 +126,14 @@ def learning_curves(seed: int, sft_steps: int, pt_steps: int, sft_lr: float, pt_
 def forward_only_curves(table: str, results: Path) -> dict:
     """Seed -> dev accuracy of the search mean after each generation (index 0: before any), from
     the runs of a ``bench accuracy`` table."""
+    from tuning.loop.rundir import RunDir
+
     d = json.loads((Path(table) if Path(table).suffix else results / f"{table}.json").read_text())
     a = d["args"]
     out = {}
     for r in d["rows"]:
         run = run_dir(a, r["seed"])
-        ms = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        ms = RunDir(run).read_metrics()
         out[r["seed"]] = [ms[0]["dev_acc_of_mean"]] + [m["dev_acc_of_mean"] for m in ms]  # gen 1 scores z = 0
     return out, a
 
@@ -194,7 +196,7 @@ def _mean_curve(curves: list) -> np.ndarray:
 
 def bill_main(args):
     from tuning.backends.cost import NETWORKS
-    from tuning.loop.trainer import FULL_BUDGET, rows_per_generation
+    from tuning.loop.report import FULL_BUDGET, rows_per_generation
 
     res = Path(args.results)
     load = lambda n: json.loads((Path(n) if Path(n).suffix else res / f"{n}.json").read_text())  # noqa: E731

@@ -69,18 +69,17 @@ REUSE = {"mr": "runs/mr_cached_plaintext_cma_v4t_b16m_fast_fit_rope_s{seed}",
 
 def run_fo(cfg, log=print) -> dict:
     """Forward-only tuning, resumed if interrupted (or a finished ``REUSE`` run's summary)."""
+    from tuning.loop.rundir import RunDir
     from tuning.loop.trainer import tune
 
-    old = RESULTS / REUSE.get(cfg.task, "-").format(seed=cfg.seed)
-    if (cfg.objective == "words" and (old / "summary.json").exists()
-            and _same_run(cfg, json.loads((old / "config.json").read_text()))):
-        s = json.loads((old / "summary.json").read_text())
-        if s["generations"] >= cfg.budget:
-            log(f"fo: reusing the finished run {old}")
-            return _fo_row(s, str(old))
-    out = Path(cfg.out)
-    s = tune(cfg, resume=(out / "ckpt.npz").exists(), show_progress=False, log=log)
-    return _fo_row(s, str(out))
+    old = RunDir(RESULTS / REUSE.get(cfg.task, "-").format(seed=cfg.seed))
+    s = old.read_summary() if cfg.objective == "words" else None
+    if s is not None and _same_run(cfg, old.read_config()) and s["generations"] >= cfg.budget:
+        log(f"fo: reusing the finished run {old.path}")
+        return _fo_row(s, str(old.path))
+    out = RunDir(cfg.out)
+    s = tune(cfg, resume=out.has_checkpoint(), show_progress=False, log=log)
+    return _fo_row(s, str(out.path))
 
 
 def _fo_row(s: dict, run: str) -> dict:

@@ -12,7 +12,6 @@ training losses of the two runs, which differ only by fixed-point noise in the o
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,14 @@ SAME = ("task", "model", "policy", "shots", "popsize", "budget", "n_test", "seed
 
 
 def _load(run: Path):
-    cfg = json.loads((run / "config.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return cfg, summary, metrics
+    """A finished run's stored settings, summary and per-generation metrics."""
+    from tuning.loop.rundir import RunDir
+
+    d = RunDir(run)
+    summary = d.read_summary()
+    if summary is None:
+        raise ValueError(f"{run}: no {d.summary_path.name}; the run is unfinished")
+    return d.read_config(), summary, d.read_metrics()
 
 
 def main(argv=None):

@@ -80,7 +80,7 @@ def main(argv=None):
     from tuning.backends import make_backend
     from tuning.backends.cost import top_ops
     from tuning.loop.scorer import SecureScorer, delta_shape
-    from tuning.loop.trainer import FULL_BUDGET, rows_per_generation
+    from tuning.loop.report import FULL_BUDGET, rows_per_generation
     from tuning.policy import load_policy
 
     policy = load_policy(args.policy)

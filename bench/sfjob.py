@@ -21,7 +21,6 @@ ports. Reported side by side:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -86,6 +85,7 @@ def main(argv=None):
         raise UserError("bench sfjob: give the tune arguments without --out, --backend, --policy or --resume")
 
     from tuning.backends.cluster import free_policy
+    from tuning.loop.rundir import RunDir
     from tuning.policy import dump_policy, load_policy
 
     work = Path(args.work or tempfile.mkdtemp(prefix="secptune-bench-sfjob-"))
@@ -105,12 +105,12 @@ def main(argv=None):
                               work / "rec-sf" if args.record else None, work / "sf.log")
     print(f"secretflow: {runs['secretflow']['wall_s']}s", flush=True)
 
-    summaries = {k: json.loads((work / ("sf" if k == "secretflow" else "cluster") / "summary.json").read_text())
-                 for k in runs}
-    gens = sorted((work / "sf" / "logits").glob("gen*.npz"))
+    dirs = {"secretflow": RunDir(work / "sf"), "cluster": RunDir(work / "cluster")}
+    summaries = {k: dirs[k].read_summary() for k in runs}
     same_path, max_err, argmax = True, 0.0, []
+    gens = dirs["secretflow"].generation_logits()
     for f in gens:
-        a, b = np.load(f), np.load(work / "cluster" / "logits" / f.name)
+        a, b = np.load(f), np.load(dirs["cluster"].logits_dir / f.name)
         same_path &= bool(np.array_equal(a["Z"], b["Z"]))
         for k in ("train_logits", "dev_logits"):
             max_err = max(max_err, float(np.abs(a[k] - b[k]).max()))

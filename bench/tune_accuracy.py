@@ -98,6 +98,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from tuning.assets.models import load_model
+    from tuning.loop.rundir import RunDir
     from tuning.loop.trainer import TuneConfig, split_examples, task_of, tune
     from tuning.policy import load_policy
 
@@ -113,10 +114,10 @@ def main(argv=None):
                          dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
                          label_words=args.label_words, head=args.head, probe_words=args.probe_words,
                          select=args.select, objective=args.objective)
-        done = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
+        done = RunDir(run).read_summary()
         if done is not None and done["generations"] >= args.budget:
             s = done
-        elif (run / "ckpt.npz").exists():  # an interrupted run, or a finished one given a larger --budget
+        elif RunDir(run).has_checkpoint():  # an interrupted run, or a finished one given a larger --budget
             s = tune(cfg, resume=True, budget=args.budget)
         else:
             s = tune(cfg)

@@ -197,9 +197,8 @@ def _cmd_tune(args):
     """``--retries N``: a supervisor for the local cluster the run launches. When a party is lost
     (PartyError: the cluster has been torn down by then), it starts a new cluster and resumes from
     the last checkpoint, up to N times; without a checkpoint yet it starts the run again."""
-    from pathlib import Path
-
     from .backends.rpc import PartyError
+    from .loop.rundir import RunDir
 
     retries = args.retries or 0
     if retries < 0:
@@ -209,14 +208,14 @@ def _cmd_tune(args):
         try:
             return _tune_once(args)
         except PartyError as e:
-            out = Path(args.resume or args.out or "runs/tune")
+            out = RunDir(args.resume or args.out or "runs/tune")
             if attempt >= retries:
                 raise
             attempt += 1
             msg = " ".join(str(e).split())
-            if (out / "ckpt.npz").exists():
-                args.resume = str(out)
-                print(f"secptune: {msg}; restarting the local cluster and resuming {out} "
+            if out.has_checkpoint():
+                args.resume = str(out.path)
+                print(f"secptune: {msg}; restarting the local cluster and resuming {out.path} "
                       f"(retry {attempt} of {retries})", file=sys.stderr, flush=True)
             else:
                 print(f"secptune: {msg}; restarting the local cluster and the run (retry {attempt} of {retries})",
@@ -289,7 +288,7 @@ def _applied(args, labelled: bool):
     reader = "fitted head" if job.run.head else "verbalizer"
     print(f"secptune: {len(rows)} texts scored at {args.run}'s tuned prompt ({reader}, back end {cfg.backend}, "
           f"policy {cfg.policy}){mpc}; reveals appended to "
-          f"{job.run.path / 'reveals.jsonl'}", file=sys.stderr)
+          f"{job.run.dir.audit_path}", file=sys.stderr)
     return job, rows
 
 
@@ -351,6 +350,7 @@ def _cmd_sf_job(args):
 
     from .backends import sfcluster as sc
     from .backends import tls
+    from .loop.rundir import RunDir
 
     spec, out = _sf_job_spec(args.tune_args)
     if args.mode == "local":
@@ -389,9 +389,9 @@ def _cmd_sf_job(args):
             shutil.rmtree(key_dir, ignore_errors=True)
     if report["error"]:
         raise sc.JobError(report["error"])
-    summary = Path(out) / "summary.json"
-    if cluster.data_owner.name in parties and summary.exists():
-        _print_tune_summary(json.loads(summary.read_text()), spec["json"], out)
+    summary = RunDir(out).read_summary() if cluster.data_owner.name in parties else None
+    if summary is not None:  # the data owner's process wrote it
+        _print_tune_summary(summary, spec["json"], out)
 
 
 def _cmd_node(args):

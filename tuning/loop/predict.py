@@ -1,9 +1,9 @@
 """A finished run applied to new texts: ``secptune predict`` and ``secptune eval``.
 
-The run is rebuilt from its own directory, as ``tune`` built it: the config gives the task,
-model, policy, back end and placement; the subspace (from the seed) and ``best_z.npy`` give the
-delta its final test evaluation scored; a ``--head fit`` run's ``head.npz`` reads the opened word
-logits. The texts are scored through the run's back end and policy as its test set was: only the
+The run is rebuilt from its own directory (``RunDir``), as ``tune`` built it: the config gives
+the task, model, policy, back end and placement; the subspace (from the seed) and ``best_z.npy``
+give the delta its final test evaluation scored; a ``--head fit`` run's ``head.npz`` reads the
+opened word logits. The texts are scored through the run's back end and policy as its test set was: only the
 logits are opened, only to the data owner, and each reveal is appended to the run's
 ``reveals.jsonl``. Everything that can be refused (the run, the input, the labels, --out) is
 checked before anything is shared, opened or written.
@@ -20,7 +20,6 @@ import io
 import json
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,10 @@ from ..assets.tasks import clean_text, read_records, read_text, truncate_words
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted
-from .trainer import TuneConfig, cost_sum, load_run_config, open_scorer, split_examples, task_of, wilson
+from .config import TuneConfig, load_run_config
+from .report import cost_sum, wilson
+from .rundir import RunDir
+from .trainer import open_scorer, split_examples, task_of
 
 TABLES = (".csv", ".tsv", ".jsonl", ".json")  # anything else is read as plain text, one text a line
 OUTPUTS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -38,11 +40,15 @@ BLOCK = 256  # texts the parties hold at once (at least the run's own test set, 
 
 @dataclasses.dataclass(frozen=True)
 class FinishedRun:
-    path: Path
+    dir: RunDir
     cfg: TuneConfig
     z: np.ndarray  # [d] the kept prompt's search vector (best_z.npy)
     head: fitted.Head | None  # --head fit: the head the run fitted at that prompt
     word_groups: np.ndarray | None  # the class of each word the head reads (-1: probe word)
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,45 +66,26 @@ class Job:
 
 
 # ---------------------------------------------------------------------------------------- the run
-def _npy(path: Path, what: str):
-    """An array file of a run, or one line saying it is corrupt."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}); the run is damaged") from None
-
-
-def _load_head(path: Path) -> tuple[fitted.Head, np.ndarray]:
-    """``head.npz`` as the trainer wrote it: the Head's fields and its words' classes."""
-    with _npy(path / "head.npz", "head") as f:
-        try:
-            d = {k: f[k] for k in f.files}
-            head = fitted.Head(d["mean"], d["scale"], d["weight"], d["bias"], float(d["c"]))
-            return head, d["word_groups"]
-        except KeyError as e:
-            raise UserError(f"{path / 'head.npz'} lacks {e}: not a head this version wrote") from None
-
-
 def load_run(path) -> FinishedRun:
     """A finished run's config, kept z and (--head fit) head; one line if it is not one."""
-    path = Path(path)
-    if not path.is_dir():
+    run = RunDir(path)
+    if not run.path.is_dir():
         raise UserError(f"--run {path}: no such run directory")
-    cfg = load_run_config(path, "--run")
-    if not (path / "best_z.npy").is_file():
-        raise UserError(f"--run {path}: the run is unfinished (no best_z.npy); finish it first with "
+    cfg = load_run_config(run.path, "--run")
+    if not run.is_finished():
+        raise UserError(f"--run {path}: the run is unfinished (no {run.best_z_path.name}); finish it first with "
                         f"`secptune tune --resume {path}`")
     if cfg.backend == "secretflow":  # its parties exist only inside `secptune sf-job`
         raise UserError(f"--run {path} ran on the secretflow back end (sf-job); predict and eval run the "
                         "plaintext, sim and cluster back ends")
-    z = _npy(path / "best_z.npy", "search vector")
+    z = run.read_best_z()
     if z.shape != (cfg.d,) or not np.isfinite(z).all():
-        raise UserError(f"{path / 'best_z.npy'} is not a finite vector of the run's dimension d={cfg.d}")
+        raise UserError(f"{run.best_z_path} is not a finite vector of the run's dimension d={cfg.d}")
     if cfg.head != "fit":
-        return FinishedRun(path, cfg, z, None, None)
-    if not (path / "head.npz").is_file():
-        raise UserError(f"--run {path}: a --head fit run without head.npz (unfinished or damaged)")
-    return FinishedRun(path, cfg, z, *_load_head(path))
+        return FinishedRun(run, cfg, z, None, None)
+    if not run.head_path.is_file():
+        raise UserError(f"--run {path}: a --head fit run without {run.head_path.name} (unfinished or damaged)")
+    return FinishedRun(run, cfg, z, *run.read_head())
 
 
 def run_task(run: FinishedRun) -> tuple:
@@ -229,7 +216,7 @@ def score_texts(job: Job, progress=None) -> tuple[np.ndarray, dict]:
         scorer.check_lengths("input", [(t, None) for t in job.texts])  # before anything is opened
         if scorer.deep:
             _share_deep_scale(scorer, cfg, job.train)
-        scorer.s.audit_path = run.path / "reveals.jsonl"  # from here on, every reveal is the run's audit's
+        scorer.s.audit_path = run.dir.audit_path  # from here on, every reveal is the run's audit's
         block = max(BLOCK, cfg.n_test)
         words, cf, order = _score_blocks(scorer, subspace.offsets(run.z[None]), job.texts, block, progress)
         scores = (fitted.apply(run.head, fitted.features(words[0])) if run.head is not None

@@ -97,15 +97,16 @@ def _on_sigint(party: Party):
 
 
 def run_data_owner(job, spec: dict, party: Party) -> None:
+    from .rundir import RunDir
     from .trainer import TuneConfig, tune
 
     resume = spec.get("resume")
     sfb.set_current_job(job)
     try:
         if resume:
-            cfg_path = Path(resume) / "config.json"
-            if cfg_path.exists():
-                backend = json.loads(cfg_path.read_text()).get("backend")
+            run = RunDir(resume)
+            if run.config_path.exists():
+                backend = run.read_config().get("backend")
                 if backend != "secretflow":
                     raise UserError(f"--resume {resume}: that run used the {backend} back end; resume it with "
                                     f"`secptune tune --resume {resume}`")
@@ -138,11 +139,12 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
 def served_model(spec: dict) -> str:
     """The model owner's model, from its own job spec: its tune arguments' --model, or the model of
     the run it resumes (when that run's directory is on this host), or tune's default."""
-    from .trainer import TuneConfig
+    from .config import TuneConfig
+    from .rundir import RunDir
 
-    cfg = Path(spec.get("resume") or "-") / "config.json"
-    if spec.get("resume") and cfg.exists():
-        return json.loads(cfg.read_text()).get("model", TuneConfig.model)
+    run = RunDir(spec.get("resume") or "-")
+    if spec.get("resume") and run.config_path.exists():
+        return run.read_config().get("model", TuneConfig.model)
     return spec.get("tune", {}).get("model") or TuneConfig.model
 
 

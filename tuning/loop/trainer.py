@@ -187,7 +187,8 @@ def load_checkpoint(path: Path, strategy, run: str | None = None, d: int | None 
         raise UserError(f"{path}: checkpoint from an older version (no {', '.join(sorted(missing))}); "
                          f"it cannot be resumed, start a new run")
     if run is not None and "run" in data and str(data["run"]) not in ("", run):
-        raise UserError(f"{path} is another run's checkpoint (its settings differ from {path.parent / 'config.json'})")
+        raise UserError(f"{path} is another run's checkpoint "
+                        f"(its settings differ from {RunDir(path.parent).config_path})")
     for k, v in data.items():
         if k in ("extra", "run") or v.dtype.kind not in "fc":
             continue
