@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -26,23 +25,27 @@ def _row(name, n, agree, err, diffs):
 
 
 def main(argv=None):
+    from tuning.loop.rundir import RunDir
+    from tuning.loop.trainer import score_candidates
+
     ap = argparse.ArgumentParser(prog="secptune bench agreement")
     ap.add_argument("--run", required=True)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    run = Path(args.run)
-    files = sorted((run / "logits").glob("gen*.npz"))
+    run = RunDir(args.run)
+    files = run.generation_logits()
     if not files:
-        raise ValueError(f"{run}: no saved logits; run `secptune tune ... --save-logits` first")
-    cfg, sub, scorer, _ = rescorer(run)
+        raise ValueError(f"{run.path}: no saved logits; run `secptune tune ... --save-logits` first")
+    r = rescorer(run.path)
+    cfg = r.cfg
     agree, errs, diffs, n = 0, [], [], 0
     rows = []
     for f in files:
         d = np.load(f)
-        delta = sub.offsets(d["Z"])
-        tr = scorer.score("train", delta, [int(c) for c in d["train_chunks"]])
-        dv = scorer.score("dev", delta[d["dev_rows"]])
+        # the generation's candidates on its own training chunks and dev rows, read as its search read them
+        tr, dv, _ = score_candidates(r.scorer, r.objective, r.subspace.offsets(d["Z"]),
+                                     [int(c) for c in d["train_chunks"]], d["dev_rows"])
         want = np.concatenate([tr.reshape(-1, tr.shape[-1]), dv.reshape(-1, dv.shape[-1])])
         got = np.concatenate([d["train_logits"].reshape(-1, tr.shape[-1]), d["dev_logits"].reshape(-1, dv.shape[-1])])
         a = int((want.argmax(-1) == got.argmax(-1)).sum())
@@ -51,7 +54,7 @@ def main(argv=None):
         diffs.append(np.abs(np.diff(want, axis=-1) - np.diff(got, axis=-1)).max(-1))  # what CE and argmax see
         rows.append(_row(f.stem, len(want), a, errs[-1], diffs[-1]))
     rows.append(_row("all", n, agree, max(errs), np.concatenate(diffs)))
-    note = (f"\nrun {run} ({cfg.model}, {cfg.policy}, {cfg.backend}, {cfg.mode}, prompt depth {cfg.prompt_depth or 'all'}); "
+    note = (f"\nrun {run.path} ({cfg.model}, {cfg.policy}, {cfg.backend}, {cfg.mode}, prompt depth {cfg.prompt_depth or 'all'}); "
             "per generation: the candidates x the training examples scored, and the dev rows scored.\n")
-    save("agreement_" + run.name, {"rows": rows, "config": dataclasses.asdict(cfg)},
+    save("agreement_" + run.path.name, {"rows": rows, "config": dataclasses.asdict(cfg)},
          markdown_table(rows, list(rows[0])) + note, args.out)

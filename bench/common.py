@@ -1,6 +1,7 @@
 """Shared output helpers for benchmarks: markdown tables, JSON and PNG into bench/results/."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -22,21 +23,31 @@ def tag_suffix(tag: str) -> str:
     return tag if not tag or tag.startswith("_") else "_" + tag
 
 
-def rescorer(run: Path, zero_shot: bool = False):
+@dataclasses.dataclass(frozen=True)
+class Rescored:
+    """A finished run's scorer rebuilt on the plaintext back end (``rescorer``)."""
+    cfg: object  # the run's TuneConfig
+    subspace: object
+    scorer: object  # SecureScorer; train and dev shared (and test, with zero_shot)
+    test: list  # the run's test examples
+    objective: object  # what the run's search read from the opened word logits (loop.objective)
+
+
+def rescorer(run: Path, zero_shot: bool = False) -> Rescored:
     """A finished tuning run's secure scorer rebuilt on the plaintext back end (the programs SPU
     runs): its config, subspace and scorer (probe words too, for a ``--head fit`` run), its train
     and dev sets shared as the run shared them (``zero_shot``: with P0's logits, and the test set
-    too; an ``--objective head`` run's scores read its P0 head, from its checkpoint, as its search
-    did). Returns (cfg, subspace, scorer, test examples)."""
-    import numpy as np
-
+    too), and its objective, built as tune built it (an ``--objective head`` run's P0 head comes
+    from its checkpoint), so that scores read through it are the ones its search read."""
     from tuning.assets.models import load_model, with_policy
     from tuning.backends import make_backend
-    from tuning.loop import head as fitted
-    from tuning.loop.trainer import build_subspace, load_run_config, make_scorer, split_examples, task_of, train_groups
+    from tuning.loop.config import load_run_config
+    from tuning.loop.rundir import RunDir
+    from tuning.loop.trainer import (build_subspace, load_checkpoint, make_objective, make_scorer, split_examples,
+                                     strategy_of, task_of, train_groups)
     from tuning.policy import load_policy
 
-    cfg = load_run_config(Path(run), "--run")
+    cfg = load_run_config(run, "--run")
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy = load_policy(cfg.policy)
@@ -54,11 +65,10 @@ def rescorer(run: Path, zero_shot: bool = False):
     sc.add_examples("dev", dev, zero_shot=zero_shot)
     if zero_shot:
         sc.add_examples("test", test, zero_shot=True)
-    if cfg.objective == "head":
-        with np.load(Path(run) / "ckpt.npz") as ck:
-            head0 = fitted.from_json(json.loads(str(ck["extra"]))["zero_shot_head"])
-        sc.classify = lambda words: fitted.apply(head0, fitted.features(words))
-    return cfg, sub, sc, test
+    # only a head objective reads the checkpoint (the P0 head its search read)
+    extra = {} if cfg.objective == "words" else load_checkpoint(RunDir(run).checkpoint_path, strategy_of(cfg),
+                                                                  None, cfg.d)[1]
+    return Rescored(cfg, sub, sc, test, make_objective(cfg, sc, extra))
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

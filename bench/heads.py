@@ -35,13 +35,15 @@ READS = ("words P0", "words tuned", "head P0", "head P0 @ tuned", "head refit @ 
 def read_run(run: Path) -> dict:
     """Test accuracy of every reading for one finished run (see the module doc)."""
     from tuning.loop import head as fitted
+    from tuning.loop.rundir import RunDir
     from tuning.loop.trainer import fit_head
 
-    if json.loads((run / "config.json").read_text()).get("head") != "fit":
+    if RunDir(run).read_config().get("head") != "fit":
         raise ValueError(f"{run}: not a --head fit run")
-    cfg, sub, sc, _ = rescorer(run, zero_shot=True)
+    r = rescorer(run, zero_shot=True)
+    cfg, sc = r.cfg, r.scorer
     y = sc.sets["test"].labels
-    delta = sub.offsets(np.load(run / "best_z.npy")[None])
+    delta = r.subspace.offsets(RunDir(run).read_best_z()[None])
     w0, wt = sc.score_words("test", None), sc.score_words("test", delta)
     h0, ht = fit_head(sc, None, cfg.seed), fit_head(sc, delta, cfg.seed)
     lp = {"head P0": fitted.apply(h0, fitted.features(w0[0][0])),

@@ -125,7 +125,6 @@ class SecureScorer:
             raise UserError(f"unknown calibration {calibrate!r} or word combination {combine!r} "
                             f"(known: {', '.join(CALIBRATIONS)}; {', '.join(COMBINE)})")
         self.calibrate, self.combine = calibrate, combine
-        self.classify = None  # [P, E, W] word logits -> [P, E, R] class scores, in place of the verbalizer's
         cfg = bundle.config
         L = cfg.num_hidden_layers
         depth = L if depth is None else depth
@@ -283,10 +282,9 @@ class SecureScorer:
         """Class scores [P, E, R] for prompts P0 + delta (``None``: no soft prompt) on the set's
         ``chunks`` (default: all), one secure call per chunk, in chunk order
         (``ExampleSet.chunk_labels`` gives their labels): the opened verbalizer logits, each
-        class's words combined and, per ``calibrate``, calibrated (plaintext, here); or, once
-        ``classify`` is set (a fitted head's log-probabilities from the word logits), its scores."""
-        words, cf = self.score_words(name, delta, chunks)
-        return self.class_scores(words, cf) if self.classify is None else self.classify(words)
+        class's words combined and, per ``calibrate``, calibrated (plaintext, here). Another
+        reading of the opened word logits (a fitted head) is an ``Objective`` over :meth:`score_words`."""
+        return self.class_scores(*self.score_words(name, delta, chunks))
 
     def score_words(self, name: str, delta: np.ndarray | None, chunks=None, progress=None) -> tuple:
         """The opened logits of every head word, [P, E, W] (verbalizer words, then probe words),
