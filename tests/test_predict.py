@@ -237,3 +237,54 @@ def test_bad_runs_and_inputs_are_one_line_and_write_nothing(plain_run, cli, tmp_
     assert not out.exists() and stdout == ""
     if listing is not None:
         assert sorted(p.name for p in run.iterdir()) == listing and (run / "reveals.jsonl").read_bytes() == audit
+
+
+def _as_older_version(run, **stored):
+    """Rewrite a run as an older version left it: config.json holding ``stored`` as given, and its
+    checkpoint under the id of those settings."""
+    from tuning.loop.config import run_id
+    from tuning.loop.rundir import RunDir, save_npz
+
+    d = RunDir(run)
+    cfg = {**d.read_config(), **stored}
+    d.write_config(cfg)
+    with np.load(d.checkpoint_path) as f:
+        ckpt = {k: f[k] for k in f.files}
+    save_npz(d.checkpoint_path, **{**ckpt, "run": run_id(TuneConfig(**cfg))})
+
+
+def test_a_run_is_usable_from_any_directory(data, tmp_path, monkeypatch, cli):
+    """--train / --test given relative are stored absolute, so predict (and the benches) rebuild the
+    run from another directory; an older run's relative paths are read against the current
+    directory, one line naming them when they are not there, and a resume there stores them absolute."""
+    import os
+
+    train, test = data
+    monkeypatch.chdir(train.parent)
+    run = tmp_path / "rel"
+    tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=train.name, test=test.name,
+                    verbalizer="positive=g,negative=b", shots=4, n_test=6, popsize=4, budget=1, d=8, n_tokens=2,
+                    out=str(run)), show_progress=False, log=lambda *a: None)
+    stored = json.loads((run / "config.json").read_text())
+    assert all(os.path.isabs(stored[k]) and os.path.samefile(stored[k], p) for k, p in (("train", train),
+                                                                                       ("test", test)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    inp = _write_csv(elsewhere / "in.csv", [("a joy 1",)], header=("text",))
+    code, out, err = cli("predict", "--run", run, "--input", inp)
+    assert code == 0 and len(out.splitlines()) == 2, err
+    _as_older_version(run, train=train.name, test=test.name)
+    code, out, err = cli("predict", "--run", run, "--input", inp)
+    assert code == 2 and len(err) == 1 and out == "", err
+    assert f"names --train {train.name}, relative to the directory the run was tuned from" in err[0], err
+    code, _, err = cli("tune", "--resume", run, "--budget", "2")
+    assert code == 2 and "relative to the directory the run was tuned from" in err[0], err
+    monkeypatch.chdir(train.parent)
+    code, out, err = cli("predict", "--run", run, "--input", inp)
+    assert code == 0 and len(out.splitlines()) == 2, err
+    code, _, err = cli("tune", "--resume", run, "--budget", "2", "--json")  # the checkpoint is the stored run's
+    assert code == 0, err
+    assert os.path.isabs(json.loads((run / "config.json").read_text())["train"])
+    monkeypatch.chdir(elsewhere)
+    assert cli("predict", "--run", run, "--input", inp)[0] == 0

@@ -3,13 +3,16 @@
 ``TuneConfig`` is every setting of ``secptune tune``; a run stores it as ``config.json``
 (``RunDir.write_config``) and ``--resume``, predict, eval and the benches rebuild the run from it.
 ``check_settings`` refuses an impossible combination in one line before anything runs;
-``run_id`` is what a checkpoint must match to be resumed as this run.
+``run_id`` is what a checkpoint must match to be resumed as this run. Data files are stored as
+absolute paths, so that a run is usable from any directory (``load_run_config`` reads an older
+run's relative ones against the current directory).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
 
 import numpy as np
 
@@ -98,6 +101,26 @@ def run_id(cfg: TuneConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- data paths
+def with_absolute_paths(cfg: TuneConfig) -> TuneConfig:
+    """--train / --test as absolute paths (a new run stores them so: predict and the benches
+    read its data from any directory)."""
+    return dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("train", "test")
+                                       if getattr(cfg, k)})
+
+
+def resolve_data_paths(cfg: TuneConfig, what: str) -> TuneConfig:
+    """The stored run's data paths made absolute. A run tuned before they were stored absolute
+    holds them as given, relative to where it was tuned: they are read from the current
+    directory, and a missing one is one line (``what`` names the run's option)."""
+    for k in ("train", "test"):
+        path = getattr(cfg, k)
+        if path and not os.path.isabs(path) and not os.path.isfile(path):
+            raise UserError(f"{what}: its config.json names --{k} {path}, relative to the directory the run was "
+                            f"tuned from, and {os.getcwd()} has no such file; run this from that directory")
+    return with_absolute_paths(cfg)
+
+
 def stored_config(run: RunDir, what: str) -> TuneConfig:
     """The settings the run in ``run`` recorded (config.json), as written, with the run's
     directory as its out; one line (prefixed ``what``) if it is missing or not a run's."""
@@ -109,8 +132,9 @@ def stored_config(run: RunDir, what: str) -> TuneConfig:
 
 
 def load_run_config(out, what: str) -> TuneConfig:
-    """The run's settings, ready to rebuild it (:func:`stored_config`)."""
-    return stored_config(RunDir(out), what)
+    """The run's settings, ready to rebuild it: :func:`stored_config` with absolute data paths."""
+    run = RunDir(out)
+    return resolve_data_paths(stored_config(run, what), f"{what} {run.path}")
 
 
 def config_line(cfg: TuneConfig) -> str:

@@ -36,7 +36,8 @@ from ..backends.session import group_reveals
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted
-from .config import LOSSES, TuneConfig, check_settings, config_line, run_id, stored_config
+from .config import (LOSSES, TuneConfig, check_settings, config_line, resolve_data_paths, run_id, stored_config,
+                     with_absolute_paths)
 from .objective import Objective, frozen_head, refit_head, verbalizer
 from .report import cost_sum, plot_run, summarize
 from .rundir import RunDir, save_npz
@@ -395,19 +396,20 @@ class FinalEval:
 
 def settings(cfg: TuneConfig, run: RunDir, resume: bool, budget: int | None) -> tuple[TuneConfig, str | None]:
     """The settings the run goes by, checked, and (resume) the id its checkpoint must carry.
-    A new run: ``cfg``, in a directory without a run. Resume: the run's config.json (``budget``
-    replacing its budget), the id that of the settings as stored."""
+    A new run: ``cfg`` with absolute data paths (predict reads them from anywhere), in a directory
+    without a run. Resume: the run's config.json (``budget`` replacing its budget), the id that
+    of the settings as stored (an older run's relative data paths are resolved after)."""
     if resume:
         if not run.has_checkpoint():
             raise UserError(f"--resume {run.path}: no checkpoint there")
         stored = stored_config(run, "--resume")
-        cfg, resume_id = stored, run_id(stored)
+        cfg, resume_id = resolve_data_paths(stored, f"--resume {run.path}"), run_id(stored)
         if budget is not None:
             cfg = dataclasses.replace(cfg, budget=budget)
     elif run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
     else:
-        resume_id = None
+        cfg, resume_id = with_absolute_paths(cfg), None
     check_settings(cfg)
     return cfg, resume_id
 
