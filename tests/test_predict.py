@@ -288,3 +288,21 @@ def test_a_run_is_usable_from_any_directory(data, tmp_path, monkeypatch, cli):
     assert os.path.isabs(json.loads((run / "config.json").read_text())["train"])
     monkeypatch.chdir(elsewhere)
     assert cli("predict", "--run", run, "--input", inp)[0] == 0
+
+
+def test_tunes_summary_counts_its_own_reveals_not_those_of_predict_and_eval(data, tmp_path, cli):
+    """Every record of a run's audit names the command that opened it; a resumed tune's summary
+    counts tune's reveals over all its sessions, not predict's and eval's in between (their
+    reveals have the shape of the run's own test evaluation, so they used to be counted as tune's)."""
+    from collections import Counter
+
+    from tuning.loop.rundir import RunDir
+
+    run, first, test_csv, _ = _tune(data, tmp_path / "run", popsize=4, budget=2, save_logits=False)
+    assert cli("predict", "--run", run, "--input", test_csv)[0] == 0
+    assert cli("eval", "--run", run, "--input", test_csv)[0] == 0
+    s = tune(TuneConfig(out=str(run)), resume=True, budget=3, show_progress=False, log=lambda *a: None)
+    by = Counter(r["command"] for r in RunDir(run).read_audit())
+    assert by["predict"] == by["eval"] == 1 and set(by) == {"tune", "predict", "eval"}
+    total = lambda reveals: sum(r["count"] for r in reveals)  # noqa: E731
+    assert total(s["reveals"]) == by["tune"] > total(first["reveals"]) == by["tune"] - total(s["reveals_this_session"])

@@ -65,6 +65,7 @@ class Session(abc.ABC):
         self.costs: list = []
         self.reveals: list = []  # the audit: one entry per value that left the parties
         self.audit_path = None  # a file each reveal is also appended to (the run's reveals.jsonl)
+        self.audit_command = None  # the command the reveals are recorded under there (tune, predict, eval)
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
 
     # ---- the back end's own parts
@@ -130,11 +131,18 @@ class Session(abc.ABC):
         value = self._reconstruct(name)
         record = {"what": what, "var": name, "shape": list(value.shape), "to": to,
                   "party": self.policy.data_owner.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if self.audit_command is not None:
+            record["command"] = self.audit_command
         self.reveals.append(record)
         if self.audit_path is not None:  # append-only, as it happens: a killed run keeps its reveals
             with open(self.audit_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return value
+
+    def audit_to(self, path, command: str) -> None:
+        """From here on, append every reveal to ``path`` (a run's reveals.jsonl), recorded as opened
+        by ``command``: a run's audit holds every command's reveals, each counts its own."""
+        self.audit_path, self.audit_command = path, command
 
     def reveal_summary(self) -> list:
         """This session's audit, grouped (:func:`group_reveals`)."""

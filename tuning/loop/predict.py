@@ -216,7 +216,8 @@ def score_texts(job: Job, progress=None) -> tuple[np.ndarray, dict]:
         scorer.check_lengths("input", [(t, None) for t in job.texts])  # before anything is opened
         if scorer.deep:
             _share_deep_scale(scorer, cfg, job.train)
-        scorer.s.audit_path = run.dir.audit_path  # from here on, every reveal is the run's audit's
+        # from here on, every reveal is in the run's audit, as this command's
+        scorer.s.audit_to(run.dir.audit_path, "predict" if job.truth is None else "eval")
         block = max(BLOCK, cfg.n_test)
         words, cf, order = _score_blocks(scorer, subspace.offsets(run.z[None]), job.texts, block, progress)
         scores = (fitted.apply(run.head, fitted.features(words[0])) if run.head is not None

@@ -151,6 +151,8 @@ class RunDir:
 
     def read_audit(self, command: str | None = None) -> list:
         """The audit's reveal records, or those ``command`` opened (a record without one is tune's)."""
+        if command is not None and command not in COMMANDS:
+            raise ValueError(f"no command {command!r} writes to a run's audit (known: {', '.join(COMMANDS)})")
         records = _json_lines(self.audit_path)
         return records if command is None else [r for r in records if r.get("command", "tune") == command]
 

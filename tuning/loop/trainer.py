@@ -454,7 +454,8 @@ def begin(job: Setup, run: RunDir, resume_id: str | None, log) -> tuple[LoopStat
     run.write_config(dataclasses.asdict(job.cfg))
     if resume_id is None:
         run.reset_audit()
-    job.scorer.s.audit_path = run.audit_path  # every value opened to us, every session of the run, as it happens
+    # every value opened to us, every session of the run, as it happens
+    job.scorer.s.audit_to(run.audit_path, "tune")
     if resume_id is not None:
         st, extra = load_checkpoint(run.checkpoint_path, job.strategy, resume_id, job.cfg.d)
         run.keep_metrics(st.generation)
@@ -560,7 +561,7 @@ def report(job: Setup, run: RunDir, st: LoopState, extra: dict, final: FinalEval
     and curves.png. Its reveals are tune's own over every session (predict's and eval's, appended
     to the same audit, are not)."""
     metrics = run.read_metrics()
-    reveals = (group_reveals(run.read_audit()), job.scorer.s.reveal_summary())
+    reveals = (group_reveals(run.read_audit("tune")), job.scorer.s.reveal_summary())
     summary = summarize(job, st, extra, final, metrics, reveals, clock.elapsed())
     run.write_summary(summary)
     run.write_best_z(final.z)
