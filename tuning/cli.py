@@ -455,10 +455,8 @@ def _cmd_bench(args):
     bench.run(args.name, args.rest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="secptune", description="Privacy-preserving forward-only prompt tuning on SPU")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _add_asset_commands(sub) -> None:
+    """The parsers of prepare and generate: the model's assets, and a greedy check of them."""
     s = sub.add_parser("prepare", help="fetch and convert the real model and data sets into $SECPTUNE_HOME")
     s.add_argument("--only", choices=["model", "data"], help="prepare only this part")
     s.set_defaults(fn=_cmd_prepare)
@@ -470,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_generate)
 
+
+def _add_forward_commands(sub) -> None:
+    """The parsers of compile and forward: one secure forward of the verbalizer logits."""
     s = sub.add_parser("compile", help="write the SPU IR (pphlo) of the verbalizer-logits forward; print an op census")
     add_forward_args(s)
     s.add_argument("--out", help="file for the pphlo text")
@@ -480,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
     s.set_defaults(fn=_cmd_forward)
 
+
+def _add_tune_command(sub) -> None:
+    """The parsers of tune: forward-only prompt tuning against the secure forward."""
     s = sub.add_parser("tune", help="forward-only prompt tuning (CMA-ES/SPSA) against the secure forward")
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--policy", default="aby3")
@@ -540,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_tune)
 
+
+def _add_apply_commands(sub) -> None:
+    """The parsers of predict and eval: a finished run applied to new texts."""
     s = sub.add_parser("predict", help="apply a finished run's tuned prompt (and fitted head) to new texts, "
                                        "through its back end and policy")
     add_apply_args(s, labelled=False)
@@ -551,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_eval)
 
+
+def _add_party_commands(sub) -> None:
+    """The parsers of node, cluster and sf-job: the parties' processes."""
     s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
     s.add_argument("--cluster", required=True, help="policy name or YAML file with the parties section")
     s.add_argument("--party", required=True, help="party name from that file")
@@ -579,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", dest="log_dir", help="each party's log and status (default: a temp dir)")
     s.set_defaults(fn=_cmd_sf_job, tune_args=[])  # after "--": the arguments of `secptune tune` (main)
 
+
+def _add_convert_command(sub) -> None:
+    """The parsers of convert-attention: the model owner's offline attention transfer."""
     s = sub.add_parser("convert-attention", help="model owner, offline: fit learned linear-attention feature "
                                                  "maps to a pretrained decoder (attention transfer)")
     s.add_argument("--model", default="smollm2-135m")
@@ -603,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_convert)
 
+
+def _add_tool_commands(sub) -> None:
+    """The parsers of bench and tasks."""
     s = sub.add_parser("bench", help="run a benchmark (tables to stdout, JSON/MD/PNG to bench/results/)")
     from bench import BENCHES
 
@@ -616,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shots", type=int, default=0, help="also print a stratified k-shot sample")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_tasks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secptune", description="Privacy-preserving forward-only prompt tuning on SPU")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_asset_commands, _add_forward_commands, _add_tune_command, _add_apply_commands,
+                _add_party_commands, _add_convert_command, _add_tool_commands):  # as --help lists them
+        add(sub)
     return p
 
 
