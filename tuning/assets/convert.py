@@ -335,26 +335,7 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
     eval_kl = jax.jit(kl)
     ckpt = partial / "e2e.npz"
     maps = jax.tree_util.tree_map(jnp.asarray, _load_maps(partial, n))
-    state = opt.init(maps)
-    done, history = 0, []
-    if ckpt.exists():
-        with np.load(ckpt, allow_pickle=False) as z:
-            # same learning rate and batch: continue (a run can be extended or cut at a checkpoint)
-            same = "settings" in z.files and int(z["step"]) <= cfg.e2e_steps and {
-                k: v for k, v in json.loads(str(z["settings"])).items() if k != "e2e_steps"} == {
-                k: v for k, v in cfg.e2e_key().items() if k != "e2e_steps"}
-        if not same:
-            log("  end-to-end: the checkpoint in the partial directory has other settings; starting over")
-            ckpt.unlink()
-    if ckpt.exists():
-        with np.load(ckpt, allow_pickle=False) as z:
-            done = int(z["step"])
-            history = json.loads(str(z["history"]))
-            leaves = [z[f"m{j}"] for j in range(len(jax.tree_util.tree_leaves(maps)))]
-            sl = [z[f"s{j}"] for j in range(len(jax.tree_util.tree_leaves(state)))]
-        maps = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(maps), [jnp.asarray(a) for a in leaves])
-        state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), [jnp.asarray(a) for a in sl])
-        log(f"  end-to-end: resuming at step {done}/{cfg.e2e_steps}")
+    done, history, maps, state = _e2e_resume(ckpt, cfg, maps, opt.init(maps))
     n_val = max(cfg.e2e_batch, cfg.n_seqs // 10)
     train, val = ids[:-n_val], ids[-n_val:]
     pb = jax.tree_util.tree_map(jnp.asarray, {**base, "model": {**base["model"], "layers": {
@@ -379,13 +360,49 @@ def finetune_e2e(bundle, cfg: ConvertConfig, partial: Path, ids: np.ndarray) -> 
             history.append({"step": done, "train_kl": round(float(loss), 4), "val_kl": round(val_kl(maps), 4)})
             log(f"  end-to-end step {done}/{cfg.e2e_steps}: train KL {float(loss):.4f}, validation KL "
                 f"{history[-1]['val_kl']:.4f} ({time.time() - t0:.0f} s)")
-            arrays = {f"m{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(maps))}
-            arrays.update({f"s{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(state))})
-            tmp = partial / "e2e.tmp.npz"
-            np.savez(tmp, step=done, history=json.dumps(history), settings=json.dumps(cfg.e2e_key()), **arrays)
-            os.replace(tmp, ckpt)
+            _e2e_save(ckpt, cfg, done, history, maps, state)
     final = jax.tree_util.tree_map(np.asarray, maps)
     return {"maps": final, "history": history}
+
+
+def _e2e_resume(ckpt: Path, cfg: ConvertConfig, maps, state) -> tuple:
+    """Stage 2's start: (steps done, history, maps, optimiser state) from ``ckpt`` when it holds
+    these settings (a run can be extended or cut at a checkpoint), else from ``maps`` and ``state``
+    (a checkpoint of other settings is removed)."""
+    import jax
+    import jax.numpy as jnp
+
+    if ckpt.exists():
+        with np.load(ckpt, allow_pickle=False) as z:
+            # same learning rate and batch: continue
+            same = "settings" in z.files and int(z["step"]) <= cfg.e2e_steps and {
+                k: v for k, v in json.loads(str(z["settings"])).items() if k != "e2e_steps"} == {
+                k: v for k, v in cfg.e2e_key().items() if k != "e2e_steps"}
+        if not same:
+            log("  end-to-end: the checkpoint in the partial directory has other settings; starting over")
+            ckpt.unlink()
+    if not ckpt.exists():
+        return 0, [], maps, state
+    with np.load(ckpt, allow_pickle=False) as z:
+        done = int(z["step"])
+        history = json.loads(str(z["history"]))
+        leaves = [z[f"m{j}"] for j in range(len(jax.tree_util.tree_leaves(maps)))]
+        sl = [z[f"s{j}"] for j in range(len(jax.tree_util.tree_leaves(state)))]
+    maps = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(maps), [jnp.asarray(a) for a in leaves])
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), [jnp.asarray(a) for a in sl])
+    log(f"  end-to-end: resuming at step {done}/{cfg.e2e_steps}")
+    return done, history, maps, state
+
+
+def _e2e_save(ckpt: Path, cfg: ConvertConfig, done: int, history: list, maps, state) -> None:
+    """Stage 2's checkpoint: the maps' and optimiser state's leaves, the step and history (atomic)."""
+    import jax
+
+    arrays = {f"m{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(maps))}
+    arrays.update({f"s{j}": np.asarray(a) for j, a in enumerate(jax.tree_util.tree_leaves(state))})
+    tmp = ckpt.with_name("e2e.tmp.npz")
+    np.savez(tmp, step=done, history=json.dumps(history), settings=json.dumps(cfg.e2e_key()), **arrays)
+    os.replace(tmp, ckpt)
 
 
 def _atomic(path: Path, text: str):
