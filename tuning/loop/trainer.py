@@ -11,12 +11,13 @@ The compute parties never see labels, losses, z, A or the plaintext prompt.
 
 ``tune`` is the whole run, a story of small steps over explicit state:
 
-    cfg, resume_id = settings(cfg, run, resume, budget)     # checked; nothing opened yet
-    job = set_up(cfg, run, resume_id, log)                  # back end, examples shared; nothing written
-    st, extra, clock = begin(job, run, resume_id, log)      # zero-shot evaluation, or the checkpoint
-    st = generations(job, run, st, extra, clock, objective) # a checkpoint after every one
-    final = final_evaluation(job, run, st)                  # the kept prompt (and head) on test
-    return report(job, run, st, extra, final, clock)        # summary.json, best_z.npy, curves.png
+    cfg, resume_id = settings(cfg, run, resume, budget)      # checked; nothing opened yet
+    job = set_up(cfg, run, resume_id, log)                   # back end, examples shared; nothing written
+    st, extra, clock = begin(job, run, resume_id, log)       # zero-shot evaluation, or the checkpoint
+    objective = make_objective(job.cfg, job.scorer, extra)   # what the search minimises
+    st = generations(job, run, st, extra, clock, objective)  # a checkpoint after every one
+    final = final_evaluation(job, run, st)                   # the kept prompt (and head) on test
+    return report(job, run, st, extra, final, clock)         # summary.json, best_z.npy, curves.png
 
 with early stopping on dev loss (``--patience``) and ``--resume`` from the last checkpoint (the
 same search, continued exactly); ``rundir.RunDir`` owns the run directory's files.
@@ -508,8 +509,9 @@ def generations(job: Setup, run: RunDir, st: LoopState, extra: dict, clock: Cloc
     try:
         while st.generation < cfg.budget:
             st, m = run_generation(st, job.strategy, job.subspace, job.scorer, cfg, objective)
-            bar(record_generation(run, st.generation, m, cfg.save_logits))
+            m = record_generation(run, st.generation, m, cfg.save_logits)
             checkpoint(job, run, st, extra, clock)
+            bar(m)
             if cfg.patience and st.since_best >= cfg.patience:
                 log(f"early stop: no dev improvement for {cfg.patience} generations")
                 break
@@ -557,8 +559,8 @@ def final_evaluation(job: Setup, run: RunDir, st: LoopState) -> FinalEval:
 
 
 def report(job: Setup, run: RunDir, st: LoopState, extra: dict, final: FinalEval, clock: Clock) -> dict:
-    """The run's summary, written with the kept z (best_z.npy, last: it marks the run finished)
-    and curves.png. Its reveals are tune's own over every session (predict's and eval's, appended
+    """The run's summary, written with the kept z (best_z.npy, after the summary: it marks the run
+    finished) and curves.png. Its reveals are tune's own over every session (predict's and eval's, appended
     to the same audit, are not)."""
     metrics = run.read_metrics()
     reveals = (group_reveals(run.read_audit("tune")), job.scorer.s.reveal_summary())
