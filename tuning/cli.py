@@ -137,7 +137,9 @@ def _cmd_compile(args):
     bundle = with_policy(load_model(args.model), policy)  # the model owner's tool: it has the weights
     prompts, words = _forward_prompts(args)
     batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
-    exe = compile_forward(bundle.config, bundle.execution, policy.embedding, bundle.params, batch)
+    # layers unrolled: the census counts every layer's ops (a scanned run's body appears once)
+    unrolled = dataclasses.replace(bundle.execution, scan_layers=False)
+    exe = compile_forward(bundle.config, unrolled, policy.embedding, bundle.params, batch)
     text = exe.code.decode("utf-8")
     if args.out:
         Path(args.out).write_text(text)
@@ -394,6 +396,18 @@ def _cmd_sf_job(args):
         _print_tune_summary(json.loads(summary.read_text()), spec["json"], out)
 
 
+def _cmd_clean(args):
+    """Delete a run directory and the set-up shares its parties kept in it (``RUN/state``)."""
+    import shutil
+    from pathlib import Path
+
+    run = Path(args.run)
+    if not ((run / "config.json").exists() or (run / "state").is_dir()):
+        raise UserError(f"{run} is not a run directory (no config.json, no state/): nothing deleted")
+    shutil.rmtree(run)
+    print(f"deleted {run}")
+
+
 def _cmd_node(args):
     from .backends.node import run_node
 
@@ -550,6 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_apply_args(s, labelled=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("clean", help="delete a run directory and the set-up shares its parties kept (RUN/state)")
+    s.add_argument("run")
+    s.set_defaults(fn=_cmd_clean)
 
     s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
     s.add_argument("--cluster", required=True, help="policy name or YAML file with the parties section")

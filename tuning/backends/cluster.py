@@ -60,7 +60,7 @@ from .procs import kill_groups, launch_env
 from . import tls
 from .rpc import PartyError, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
-from .session import Session, finite
+from .session import Session
 from .spu_common import compile_session_program, param_names
 
 REPO = Path(__file__).absolute().parents[2]
@@ -368,13 +368,10 @@ class ClusterBackend(Session):
         with concurrent.futures.ThreadPoolExecutor(len(self._all)) as pool:
             list(pool.map(tell, self._all))
 
-    def put(self, name: str, value) -> None:
+    def _put(self, name: str, value) -> None:
         """Secret-share ``value`` here (the data owner) and send share i to compute party i."""
-        value = finite(name, value)
         shares = self.io.make_shares(value, self._vis)
         self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
-        self.shapes[name] = value.shape
-        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
         exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys).SerializeToString()

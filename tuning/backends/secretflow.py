@@ -65,7 +65,7 @@ import numpy as np
 from ..assets.models import EmbeddingStats, ModelBundle, load_model, policy_execution
 from ..errors import UserError
 from .cost import CallCost, PartyCost, parse_profile
-from .session import Session, finite
+from .session import Session
 from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
 from .spu_common import compile_session_program
 
@@ -470,10 +470,8 @@ class SecretFlowBackend(Session):
             self._table = self.job.lead({"op": "table"})
         return self._table
 
-    def put(self, name: str, value) -> None:
-        value = finite(name, value)
+    def _put(self, name: str, value) -> None:
         self.job.lead({"op": "put", "name": name, "shape": list(value.shape)}, value=value)
-        self.shapes[name] = value.shape
 
     def _compile(self, program, arg_shapes, out_keys):
         exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys)

@@ -23,14 +23,17 @@ always its first argument. Programs are compiled once per explicit ``key`` and a
 and bound to each call's variables. ``forward(batch)`` is the one-shot special case used by
 ``secptune forward``; ``make_batch`` builds its data owner's arrays on every back end.
 
-A back end implements the abstract methods: ``put``, ``_reconstruct``, ``drop``, ``close``,
-``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``.
+A back end implements the abstract methods: ``_put``, ``_reconstruct``, ``drop``, ``close``,
+``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``;
+back ends whose parties can keep shares on disk (``keep_state``) also ``_program_digest``,
+``_kept``, ``_keep`` and ``_restore``.
 The shared parts (``run``, ``forward``, ``make_batch``, what the data owner may learn of the
 weights, and the context manager) live here.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import time
 
@@ -38,6 +41,8 @@ import numpy as np
 
 from spu_models.forward import embedding_table, make_forward
 
+from . import state
+from .cost import CallCost
 from ..assets.encode import make_batch
 from ..assets.models import EmbeddingStats, ModelBundle
 from ..errors import UserError
@@ -52,11 +57,16 @@ class Session(abc.ABC):
     chunk: int | None = 16  # examples per secure call that bounds the parties' memory (None: any)
     pad_multiple = 16  # cached texts are padded to a multiple of this (coarser: fewer compilations)
     allows_unsafe_open = True  # in-process back ends; False where the parties are real processes
+    scan_layers = False  # run softmax layer runs as one lax.scan (spu_models.config.Execution)
 
     def __init__(self, bundle, policy):
         """``bundle``: the architecture, execution and tokenizer, and the model owner's weights
         (in-process back ends) or only their shapes (the cluster's driver)."""
-        self.config, self.execution, self.policy = bundle.config, bundle.execution, policy
+        self.config, self.policy = bundle.config, policy
+        # scanned layer runs compile in seconds under XLA; SPU compiles unrolled layers fast enough,
+        # and stacking the weights' shares for a scan would copy them all (+6 GB for SmolLM2)
+        self.execution = bundle.execution if bundle.execution is None else dataclasses.replace(
+            bundle.execution, scan_layers=self.scan_layers)
         self.tokenizer = bundle.tokenizer
         self._params_shapes = _shapes(bundle.params)
         self._owner_params = bundle.params
@@ -66,11 +76,14 @@ class Session(abc.ABC):
         self.reveals: list = []  # the audit: one entry per value that left the parties
         self.audit_path = None  # a file each reveal is also appended to (the run's reveals.jsonl)
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
+        self._digests: dict = {}  # resident var -> digest of what produced it (state.digest)
+        self.state = None  # where the parties keep set-up shares (keep_state), or None
+        self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, repr(policy))
 
     # ---- the back end's own parts
     @abc.abstractmethod
-    def put(self, name: str, value) -> None:
-        """Secret-share ``value`` (the data owner's) as resident variable ``name``."""
+    def _put(self, name: str, value: np.ndarray) -> None:
+        """Secret-share ``value`` (the data owner's, finite float32) as resident variable ``name``."""
 
     @abc.abstractmethod
     def _reconstruct(self, name: str) -> np.ndarray:
@@ -92,6 +105,35 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def _execute(self, compiled, ins: list, outs: list):
         """Run a compiled program on resident vars ``ins``, keeping its outputs as ``outs``; a CallCost."""
+
+    def put(self, name: str, value) -> None:
+        """Secret-share ``value`` (the data owner's) as resident variable ``name``."""
+        value = finite(name, value)
+        self._put(name, value)
+        self.shapes[name] = value.shape
+        self._unmark(name)
+        self._digests[name] = state.digest("put", value.shape, value.tobytes())
+
+    # ---- set-up shares the parties keep on disk (a resumed run does not prefill again)
+    def keep_state(self, root) -> None:
+        """From now on ``run(..., persist=True)`` outputs are kept by each party under ``root``
+        (one directory per party) and restored instead of recomputed when their digest recurs."""
+        raise UserError(f"the {self.name} back end cannot keep set-up shares on disk")
+
+    def _program_digest(self, compiled) -> str:
+        raise NotImplementedError
+
+    def _kept(self, keys: list) -> bool:
+        """Every party holds every one of ``keys``."""
+        raise NotImplementedError
+
+    def _keep(self, outs: list, keys: list) -> None:
+        """Each party files its share of var ``outs[i]`` under ``keys[i]``."""
+        raise NotImplementedError
+
+    def _restore(self, outs: list, keys: list) -> None:
+        """Each party loads its share filed under ``keys[i]`` as var ``outs[i]``."""
+        raise NotImplementedError
 
     # ---- the one reveal point
     def reveal(self, name: str, what: str = "verbalizer_logits", to: str = "data_owner") -> np.ndarray:
@@ -123,6 +165,7 @@ class Session(abc.ABC):
         """Back ends call this from ``put`` and ``drop``: the names no longer hold marked outputs."""
         for n in names:
             self._marks.pop(n, None)
+            self._digests.pop(n, None)
 
     def _audited(self, name: str, what: str, to: str) -> np.ndarray:
         if name not in self.shapes:
@@ -168,7 +211,7 @@ class Session(abc.ABC):
                           self.policy.embedding, seq_len, table=table)
 
     # ---- running programs
-    def run(self, program, inputs: dict, outputs, key: str, reveal: dict | None = None):
+    def run(self, program, inputs: dict, outputs, key: str, reveal: dict | None = None, persist: bool = False):
         """Run ``program`` on resident vars. ``inputs`` maps argument name -> var name; ``outputs``
         lists the result keys to keep, or maps result key -> var name. Returns the CallCost.
         ``reveal`` maps result keys to the output kind (a policy ``reveal`` key) they will be
@@ -176,7 +219,8 @@ class Session(abc.ABC):
 
         A program is compiled once per ``key`` (its explicit name) and argument shapes, then bound
         to whatever vars a call names: the same program over another example chunk of the same
-        shape reuses the compilation."""
+        shape reuses the compilation. ``persist``: a set-up output the parties keep on disk
+        (``keep_state``); a later run with the same digests restores it, computing nothing."""
         if not key:
             raise ValueError("a program needs an explicit key (its name in the session's program cache)")
         outmap = dict(outputs) if isinstance(outputs, dict) else {o: o for o in outputs}
@@ -193,7 +237,20 @@ class Session(abc.ABC):
         for v in outmap.values():
             self._marks.pop(v, None)
         self._call_marks = marks  # the cluster's _execute sends them to the nodes
-        cost = self._execute(compiled, [inputs[a] for a in args], [outmap[k] for k in outmap])
+        ins, outs = [inputs[a] for a in args], [outmap[k] for k in outmap]
+        keys = None
+        if persist and self.state is not None:
+            program_id = self._program_digest(compiled)
+            keys = [state.digest(self._identity, program_id, [(a, self._digests.get(inputs[a])) for a in args], k)
+                    for k in outmap]
+        if keys and None not in (self._digests.get(v) for v in ins) and self._kept(keys):
+            self._restore(outs, keys)
+            cost = CallCost(0.0, {})
+        else:
+            cost = self._execute(compiled, ins, outs)
+            if keys:
+                self._keep(outs, keys)
+        self._digests.update(zip(outs, keys or [None] * len(outs)))
         self._marks.update(marks)
         self.costs.append(cost)
         self.shapes.update({outmap[k]: shape for k, shape in out_shapes.items()})  # public: from the program

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from .cost import CallCost, capture_fd_stdout, parse_profile
-from .session import Session, finite
+from .session import Session
+from .state import PartyStore, digest, to_share
 from .spu_common import bind, compile_session_program, param_names
 
 
@@ -73,14 +75,32 @@ class SimBackend(Session):
         for rt, share in zip(self.runtimes, self.io.make_shares(value, self._vis)):
             rt.set_var(name, share)
 
-    def put(self, name: str, value) -> None:
-        value = finite(name, value)
+    def _put(self, name: str, value) -> None:
         self._set(name, value)
-        self.shapes[name] = value.shape
-        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
         return compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
+
+    # set-up shares on disk: one store per simulated party (the cluster's nodes keep their own)
+    def keep_state(self, root) -> None:
+        self.state = [PartyStore(Path(root) / p.name) for p in self.policy.compute]
+
+    def _program_digest(self, exe) -> str:
+        return digest(exe.code)
+
+    def _kept(self, keys):
+        return all(st.has(k) for st in self.state for k in keys)
+
+    def _keep(self, outs, keys):
+        for st, rt in zip(self.state, self.runtimes):
+            for name, key in zip(outs, keys):
+                share = rt.get_var(name)
+                st.save(key, share.meta, share.share_chunks)
+
+    def _restore(self, outs, keys):
+        for st, rt in zip(self.state, self.runtimes):
+            for name, key in zip(outs, keys):
+                rt.set_var(name, to_share(*st.load(key)))
 
     def _execute(self, exe, ins, outs):
         exe = bind(exe, self._params_shapes, ins, outs)

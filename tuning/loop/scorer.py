@@ -137,7 +137,7 @@ class SecureScorer:
         self.n_tokens, self.depth, self.form = n_tokens, depth, form
         self.deep = depth < L
         self.scale_var = f"deep_scale_{form}{depth}"
-        self.programs = make_tuning_programs(cfg, bundle.execution, depth, form)
+        self.programs = make_tuning_programs(cfg, session.execution, depth, form)
         self.tok = bundle.tokenizer
         self.label_index = {l: i for i, l in enumerate(task.labels)}
         self.sets: dict = {}
@@ -152,7 +152,7 @@ class SecureScorer:
         rows = np.zeros((len(ids) + len(probe_ids), cfg.vocab_size), np.float32)
         rows[np.arange(len(rows)), ids + probe_ids] = 1.0
         self.s.put("rows", rows)
-        self.s.run(self.programs["head"], {"rows": "rows"}, ["head"], key="head")
+        self.s.run(self.programs["head"], {"rows": "rows"}, ["head"], key="head", persist=True)
         self.s.drop("rows")
         if mode == "cached":
             tail = self._ids(self.tail_template)
@@ -180,7 +180,7 @@ class SecureScorer:
         else:  # one-hot tokens; the lookup is a matmul inside MPC
             onehot = np.eye(self.bundle.config.vocab_size, dtype=np.float32)[ids]
             self.s.put(name + "_onehot", onehot)
-            self.s.run(self.programs["embed"], {"onehot": name + "_onehot"}, {"embeds": name}, key="embed")
+            self.s.run(self.programs["embed"], {"onehot": name + "_onehot"}, {"embeds": name}, key="embed", persist=True)
             self.s.drop(name + "_onehot")
 
     def add_examples(self, name: str, examples: list, groups: list | None = None,
@@ -247,7 +247,7 @@ class SecureScorer:
         cache = {f"cache_{kv}{i}": f"{name}_cache_{kv}{i}" for i in layers for kv in "kv"}
         if not self.deep:
             self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache,
-                       key="prefill")
+                       key="prefill", persist=True)
             self.s.drop(f"{name}_text")
             return {"text_mask": f"{name}_mask", **shift, **cache, "_name": name}
         deep = {"deep_h": f"{name}_deep_h"}
@@ -258,11 +258,11 @@ class SecureScorer:
         self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **p0,
                                                    "tail": "tail", **({"head": "head"} if zero_shot else {}), **shift},
                    {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep",
-                   reveal={"zs_logits": "verbalizer_logits"} if zero_shot else None)
+                   reveal={"zs_logits": "verbalizer_logits"} if zero_shot else None, persist=True)
         self.s.drop(f"{name}_text")
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
             stats = {"text_mask": f"{name}_mask", **shift, **(cache if self.form == "virtual" else {**p0, **deep})}
-            self.s.run(self.programs["deep_scale"], stats, {"deep_scale": self.scale_var}, key="deep_scale")
+            self.s.run(self.programs["deep_scale"], stats, {"deep_scale": self.scale_var}, key="deep_scale", persist=True)
         return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_name": name,
                 **({"_zs": f"{name}_zs"} if zero_shot else {})}
 
