@@ -25,7 +25,9 @@ learn it from the driver's calls.
 - data owner (``alice`` in the shipped files): reads the task, tokenizes, chooses examples,
   draws the subspace A, runs CMA-ES / SPSA, computes the losses and the dev selection, in
   plaintext, in its own process only. It compiles each program once per name and shape (SPU IR
-  from public shapes) and sends the executable to the compute parties once. It puts its values
+  from public shapes, the known programs of ``approval``) and sends the executable to the compute
+  parties once: here the model owner approves nothing and the compute parties open what the
+  data owner asks (the cluster back end's approval and caps are not built for SecretFlow). It puts its values
   (embeddings, masks, one-hot rows, ``A z``) on the SPU as shares (``PYU -> SPU``: shares are
   made in its process; compute party i gets share i only). It alone receives plaintext: the
   verbalizer logits it reveals (``SPU -> data owner PYU``: only its process gets the shares of a
@@ -483,7 +485,7 @@ class SecretFlowBackend(Session):
         return self.job.lead({"op": "run", "exe": digest, "new": new, "ins": list(ins), "outs": list(outs)},
                              exe=exe if new else None)
 
-    def _reconstruct(self, name: str) -> np.ndarray:
+    def _reconstruct(self, name: str, what: str | None = None) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")
         return self.job.lead({"op": "open", "name": name})
