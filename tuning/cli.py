@@ -401,17 +401,23 @@ def _cmd_clean(args):
     import shutil
     from pathlib import Path
 
+    from .assets.cache import secptune_home
+    from .backends.state import namespace
+
     run = Path(args.run)
     if not ((run / "config.json").exists() or (run / "state").is_dir()):
         raise UserError(f"{run} is not a run directory (no config.json, no state/): nothing deleted")
-    shutil.rmtree(run)
-    print(f"deleted {run}")
+    # what this machine's cluster nodes kept for the run (nodes on other hosts keep theirs)
+    kept = [d for d in (secptune_home() / "state").glob(f"*/{namespace(run / 'state')}") if d.is_dir()]
+    for d in [run, *kept]:
+        shutil.rmtree(d)
+    print(f"deleted {run}" + (f" and {len(kept)} parties' kept shares" if kept else ""))
 
 
 def _cmd_node(args):
     from .backends.node import run_node
 
-    run_node(args.cluster, args.party, args.log_dir, args.model)
+    run_node(args.cluster, args.party, args.log_dir, args.model, args.state_dir)
 
 
 def _cmd_cluster(args):
@@ -574,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--party", required=True, help="party name from that file")
     s.add_argument("--log-dir", dest="log_dir", help="where the party's log goes (default: a temp dir)")
     s.add_argument("--model", help="the model owner's node: the one model it serves (name or prepared path)")
+    s.add_argument("--state-dir", dest="state_dir",
+                   help="a compute party's kept set-up shares (default: $SECPTUNE_HOME/state/<party>)")
     s.set_defaults(fn=_cmd_node)
 
     s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C; "

@@ -63,9 +63,15 @@ class Policy:
     source: str = ""
     caps: dict = dataclasses.field(default_factory=dict)  # output kind -> {rows, words}: the most one reveal opens
 
+    COMPUTES = ("protocol", "field", "fxp_fraction_bits", "runtime", "execution", "embedding", "reveal", "caps")
+
     @property
     def world_size(self) -> int:
         return len(self.compute)
+
+    def computes_as(self) -> tuple:
+        """What decides what this policy computes and opens (not where the parties are or their keys)."""
+        return tuple((k, getattr(self, k)) for k in self.COMPUTES)
 
     def runtime_config(self, profile: bool = True):
         """The ``spu_pb2.RuntimeConfig`` this policy asks for."""

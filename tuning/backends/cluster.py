@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import hashlib
 import os
 import signal
 import socket
@@ -57,10 +58,9 @@ import numpy as np
 from ..assets.models import ModelBundle, policy_execution
 from ..errors import UserError
 from ..policy import dump_policy
-from . import node
+from . import node, state, tls
 from .cost import CallCost
 from .procs import kill_groups, launch_env
-from . import tls
 from .rpc import PartyError, PartyRefused, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
 from .session import Session
@@ -387,6 +387,25 @@ class ClusterBackend(Session):
         parties; we get its approval, and run it by digest."""
         (approval,) = self._gather([(self.owner, node.approve, (self.model, request))])
         return approval.digest, approval
+
+    # set-up shares on the parties' disks: each node keeps its own, under its own state directory
+    def keep_state(self, root) -> None:
+        ns = state.namespace(root)
+        self._gather([(peer, node.state_open, (ns,)) for peer in self.peers])
+        self.state = ns
+
+    def _program_digest(self, compiled) -> str:
+        return compiled if isinstance(compiled, str) else hashlib.sha256(compiled).hexdigest()
+
+    def _kept(self, keys):
+        return all(self._gather([(peer, node.state_has, (list(keys),)) for peer in self.peers]))
+
+    def _keep(self, outs, keys):
+        self._gather([(peer, node.state_keep, (list(outs), list(keys))) for peer in self.peers])
+
+    def _restore(self, compiled, ins, outs, keys):
+        names = (param_names(self._params_shapes) + list(ins), list(outs))
+        self._gather([(peer, node.state_restore, (compiled, *names, list(keys))) for peer in self.peers])
 
     def _execute(self, compiled, ins, outs):
         """Every party runs the executable (an approved digest) on its resident variables ``ins``

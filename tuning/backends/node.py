@@ -49,14 +49,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..assets.cache import secptune_home
 from ..assets.models import EmbeddingStats, load_model, policy_execution
 from ..errors import Refused, UserError
 from ..policy import load_policy
 from . import approval as approvals
-from . import procs
+from . import procs, state
 from .cost import PartyCost, parse_profile
 from .rpc import Peer, ping
 from .spu_common import WEIGHT, param_names, shapes_of
+from .state import PartyStore
 
 ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every request payload (tests)
 
@@ -178,7 +180,7 @@ def check_view(server, view: dict) -> None:
                             f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
 
 
-def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None):
+def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None, state_dir=None):
     """Start ``party_name``'s node server (mutual TLS) and return it (and its servicer).
     ``model``: the one model a model owner's node serves (fixed here, never taken from a request)."""
     import grpc
@@ -192,6 +194,7 @@ def serve(policy, party_name: str, log_path: Path, record_path=None, model: str 
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
     servicer = _make_servicer(policy, party.name, party.address, role, rank, ident, log_path, record_path)
     servicer._locals["model"] = model
+    servicer._locals["state_root"] = Path(state_dir) if state_dir else secptune_home() / "state" / party.name
     distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     # any party's pinned certificate passes the handshake; FUNCTIONS then decides per call
     creds = ident.server_credentials([p.name for p in tls.all_parties(policy)])
@@ -206,9 +209,10 @@ def serve(policy, party_name: str, log_path: Path, record_path=None, model: str 
     return server, servicer
 
 
-def run_node(policy, party_name: str, log_dir=None, model: str | None = None) -> None:
+def run_node(policy, party_name: str, log_dir=None, model: str | None = None, state_dir=None) -> None:
     """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log.
-    The model owner's node serves ``model`` and no other."""
+    The model owner's node serves ``model`` and no other; a compute party keeps set-up shares
+    under ``state_dir`` (default ``$SECPTUNE_HOME/state/<party>``)."""
     from spu.utils import distributed_impl as ppd
 
     from . import tls
@@ -240,7 +244,7 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None) ->
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
-    server, _ = serve(policy, party.name, log_path, record_path, model if role == "model_owner" else None)
+    server, _ = serve(policy, party.name, log_path, record_path, model if role == "model_owner" else None, state_dir)
     print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.address} (mutual TLS)", flush=True)
     server.wait_for_termination()
 
@@ -522,6 +526,47 @@ def shutdown(server, reason: str) -> None:
             server.run_lock.release()
 
 
+# ------------------------------------------------------------- set-up shares on this party's disk
+def state_open(server, namespace: str) -> None:
+    """Keep this job's set-up shares under STATE_DIR/``namespace`` (a digest naming the run)."""
+    _runtime(server)
+    server._locals["store"] = PartyStore(server._locals["state_root"] / state.checked_key(namespace))
+
+
+def _store(server) -> PartyStore:
+    if "store" not in server._locals:
+        raise RuntimeError(f"{server.node_id}: no state opened; the driver must call state_open first")
+    return server._locals["store"]
+
+
+def state_has(server, keys: list) -> bool:
+    """Does this party hold a kept share under every one of ``keys``."""
+    store = _store(server)
+    return all(store.has(k) for k in keys)
+
+
+def state_keep(server, names: list, keys: list) -> None:
+    """File this party's shares of ``names`` (outputs of a run just made) under ``keys``."""
+    rt, store = _runtime(server), _store(server)
+    with server.run_lock:
+        for name, key in zip(names, keys):
+            share = rt.get_var(name)
+            store.save(key, share.meta, share.share_chunks)
+
+
+def state_restore(server, digest: str, input_names: list, output_names: list, keys: list) -> None:
+    """As if the approved program ``digest`` ran on ``input_names``: its input checks, then its
+    outputs' shares from this party's own disk, with the origins and marks its approval gives."""
+    rt, store = _runtime(server), _store(server)
+    with server.run_lock:
+        gate = server._locals["gate"]
+        exe = gate.bind(digest, input_names, output_names)
+        gate.forget(*exe.output_names)
+        for name, key in zip(exe.output_names, keys):
+            rt.set_var(name, state.to_share(*store.load(key)))
+        gate.ran(digest, exe.output_names)
+
+
 # name -> (function, the kind of node it runs on, the roles that may call it). Nothing else runs.
 ANYONE = ("data_owner", "model_owner", "compute")
 FUNCTIONS = {
@@ -534,6 +579,10 @@ FUNCTIONS = {
     "run": (run, "compute", ("data_owner",)),
     "get_share": (get_share, "compute", ("data_owner",)),
     "drop": (drop, "compute", ("data_owner",)),
+    "state_open": (state_open, "compute", ("data_owner",)),
+    "state_has": (state_has, "compute", ("data_owner",)),
+    "state_keep": (state_keep, "compute", ("data_owner",)),
+    "state_restore": (state_restore, "compute", ("data_owner",)),
     "set_share": (set_share, "compute", ("model_owner",)),
     "admit": (admit, "compute", ("model_owner",)),
     "share_weights": (share_weights, "model_owner", ("data_owner",)),
@@ -550,10 +599,12 @@ def main(argv=None) -> None:
     ap.add_argument("--party", required=True, help="a compute party or the model owner")
     ap.add_argument("--log-dir", default=None, help="SPU's log goes to LOGDIR/<party>.log")
     ap.add_argument("--model", default=None, help="the model owner's node: the one model it serves")
+    ap.add_argument("--state-dir", default=None, help="a compute party's kept set-up shares "
+                                                      "(default: $SECPTUNE_HOME/state/<party>)")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        run_node(args.policy, args.party, args.log_dir, args.model)
+        run_node(args.policy, args.party, args.log_dir, args.model, args.state_dir)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 

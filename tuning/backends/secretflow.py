@@ -504,8 +504,7 @@ class SecretFlowBackend(Session):
 
 def _check_same_policy(policy, job_policy) -> None:
     """The session's policy (the run's) must compute as the job's (its cluster file's)."""
-    keys = ("protocol", "field", "fxp_fraction_bits", "runtime", "execution", "embedding", "reveal")
-    diff = [k for k in keys if getattr(policy, k) != getattr(job_policy, k)]
+    diff = [k for (k, a), (_, b) in zip(policy.computes_as(), job_policy.computes_as()) if a != b]
     if diff:
         raise UserError(f"the run's policy {policy.name!r} differs from the job's {job_policy.name!r} in "
                         f"{', '.join(diff)}: resume a run under the policy it started with")

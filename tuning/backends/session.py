@@ -86,7 +86,7 @@ class Session(abc.ABC):
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
         self._digests: dict = {}  # resident var -> digest of what produced it (state.digest)
         self.state = None  # where the parties keep set-up shares (keep_state), or None
-        self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, repr(policy))
+        self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, policy.computes_as())
 
     # ---- the back end's own parts
     @abc.abstractmethod

@@ -26,6 +26,18 @@ def digest(*parts) -> str:
     return h.hexdigest()
 
 
+def checked_key(key) -> str:
+    """``key`` if it is a sha256 hex digest (a file name that cannot leave its directory)."""
+    if not isinstance(key, str) or len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        raise ValueError(f"not a digest: {str(key)[:70]!r}")
+    return key
+
+
+def namespace(run_state) -> str:
+    """The name under which every party keeps one run's shares: a digest of its state path."""
+    return digest("run", str(Path(run_state).resolve()))
+
+
 class PartyStore:
     """One compute party's kept shares: ``digest -> (meta, chunks)`` (an SPU share's parts)."""
 
@@ -35,9 +47,7 @@ class PartyStore:
         os.chmod(self.root, 0o700)
 
     def _path(self, key: str) -> Path:
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
-            raise ValueError(f"not a digest: {key[:70]!r}")
-        return self.root / f"{key}.share"
+        return self.root / f"{checked_key(key)}.share"
 
     def has(self, key: str) -> bool:
         return self._path(key).exists()
