@@ -30,12 +30,15 @@ class Execution:
 
     ``attention``: "softmax", or "rfa" (random feature attention, ``rfa``) in every layer but
     ``softmax_layers``; ``rfa``: its settings (for kind "learned" the width and window must be the
-    checkpoint's maps: :meth:`for_model` sets them)."""
+    checkpoint's maps: :meth:`for_model` sets them). ``scan_layers``: runs of softmax layers go
+    through one ``lax.scan`` (a program holds one layer body: compiles in seconds); False unrolls
+    them, for an op census that counts every layer."""
 
     approx: Approx = Approx()
     attention: str = "softmax"
     rfa: RFAConfig = RFAConfig()
     softmax_layers: tuple = ()
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:

@@ -46,6 +46,14 @@ def batch_keys(config, embedding: str) -> tuple:
     return (first, "select", "rows") + (("mask",) if config.family == "bert" else ())
 
 
+def onehot_valid(rows):
+    """Inside MPC: a secret bit, whether every row of ``rows`` [R, V] is one-hot (entries exactly 0
+    or 1, summing to 1), so that it picks one word of the LM head and no mixture or projection of
+    it. Exact: comparisons with public constants and a sum, no truncated product."""
+    binary = jnp.all((rows == 0) | (rows == 1))
+    return binary & jnp.all(jnp.sum(rows, axis=-1) == 1)
+
+
 def make_forward(config, execution: Execution = Execution(), embedding: str = "data_owner"):
     if embedding not in EMBEDDING_MODES:
         raise ConfigError(f"unknown embedding policy {embedding!r}; choose from {EMBEDDING_MODES}")
@@ -67,7 +75,10 @@ def make_forward(config, execution: Execution = Execution(), embedding: str = "d
             h = model.apply(variables, inputs_embeds=embeds, attention_mask=batch["mask"],
                             position_ids=positions, method=model.hidden)
         picked = jnp.einsum("bl,blh->bh", batch["select"], h)
-        return model.apply(variables, picked, batch["rows"], method=model.head_select)
+        logits = model.apply(variables, picked, batch["rows"], method=model.head_select)
+        # rows that are not one-hot give exact zeros (a select, not a product: no truncation noise),
+        # so nothing opens from them and no extra reveal or round trip is needed to refuse them
+        return jnp.where(onehot_valid(batch["rows"]), logits, 0.0)
 
     return forward
 
@@ -107,10 +118,12 @@ def make_tuning_programs(config, execution: Execution = Execution(), depth: int 
         return {"embeds": onehot @ embedding_table(config, params)}
 
     def head(params, rows):
-        """The verbalizer rows of the (tied or untied) LM head, [R, H]; computed once per run."""
-        if config.tie_word_embeddings:
-            return {"head": rows @ embedding_table(config, params)}
-        return {"head": rows @ params["lm_head"]["kernel"].T}
+        """The verbalizer rows of the (tied or untied) LM head, [R, H]; computed once per run.
+        All zeros unless ``rows`` is one-hot (``onehot_valid``): every logit scored against it opens as 0."""
+        w = embedding_table(config, params) if config.tie_word_embeddings else params["lm_head"]["kernel"].T
+        # a validity bit selects, rather than opening it and refusing: an invalid ``rows`` costs no
+        # extra reveal or round trip, and the data owner learns only what it knew (its rows are invalid)
+        return {"head": jnp.where(onehot_valid(rows), rows @ w, 0.0)}
 
     def prefill(params, text, text_mask, shift_c=None, shift_s=None):
         """Per-layer K/V of the left-padded example texts [E, Lp, H]: the prefix-state cache.

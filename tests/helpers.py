@@ -1,7 +1,10 @@
-"""What several test modules share: the toy data set and the scan for a job's live processes."""
+"""What several test modules share: the toy data set, the scan for a job's live processes, and a
+local cluster's policy on free ports and the check that it left nothing behind."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 from pathlib import Path
 
 
@@ -60,3 +63,34 @@ def replay_search(run: Path, d: int, popsize: int, seed: int = 0, sigma0: float 
             best, best_loss = rec["Z"][rec["dev_rows"][int(np.argmin(dev))]], float(dev.min())
     np.testing.assert_array_equal(best, np.load(Path(run, "best_z.npy")))
     return best, ranks
+
+
+def small_policy(name: str, timeout_s: float = 15):
+    """Shipped policy ``name`` with every party on a free local port and a short timeout."""
+    from tuning.backends.cluster import free_policy
+    from tuning.policy import load_policy
+
+    return dataclasses.replace(free_policy(load_policy(name)), timeout_s=timeout_s)
+
+
+def port_free(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, int(port)))
+        s.listen()
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def assert_cleaned_up(cluster, policy):
+    """A closed local cluster left no process, port or key behind."""
+    assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
+    assert pids_with(str(cluster.log_dir), "tuning.backends.node") == []
+    addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
+    assert all(port_free(a) for a in addrs), addrs
+    assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"

@@ -11,26 +11,22 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import pids_with, toy_csv
+from helpers import assert_cleaned_up, pids_with, small_policy, toy_csv
 from leakcheck import WindowDetector, leaks
 
-from spu_models.forward import embedding_table, make_forward
+from spu_models.forward import embedding_table
 from tuning.assets.encode import make_batch, tokenize_prompts
 from tuning.assets.models import load_model
 from tuning.backends import cluster as clustermod
 from tuning.backends import make_backend, node, tls
-from tuning.backends.cluster import LocalCluster, PartyError, Peer, free_policy
+from tuning.backends.cluster import LocalCluster, PartyError, Peer
 from tuning.backends.tls import with_local_keys
 from tuning.backends.rpc import ping
 from tuning.errors import UserError
-from tuning.policy import dump_policy, load_policy
+from tuning.policy import dump_policy
 
 PROMPTS = ["Qzv!x", "Kp?yw"]  # byte tokenizer: L = 8 for both families
 WORDS = ["yes", "no"]
-
-
-def small_policy(name: str, timeout_s: float = 15):
-    return dataclasses.replace(free_policy(load_policy(name)), timeout_s=timeout_s)
 
 
 def secrets_of(bundle, batch, fxp_bits: int):
@@ -51,29 +47,6 @@ def secrets_of(bundle, batch, fxp_bits: int):
         "text": substrings([p.encode() for p in PROMPTS]),
         "ids": substrings([i.astype(np.int32).tobytes() for i in ids] + [i.astype(np.int64).tobytes() for i in ids]),
     }, weights, ids
-
-
-# ----------------------------------------------------------------------------------- processes
-def port_free(addr: str) -> bool:
-    host, _, port = addr.rpartition(":")
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, int(port)))
-        s.listen()
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def assert_cleaned_up(cluster: LocalCluster, policy):
-    assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
-    assert pids_with(str(cluster.log_dir), "tuning.backends.node") == []
-    addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
-    assert all(port_free(a) for a in addrs), addrs
-    assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"
 
 
 # --------------------------------------------------------------------------------------- tests
@@ -292,14 +265,12 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
         os.kill(cluster.procs[victim.name].pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(PartyError, match=rf"party {victim.name} \({victim.address}\)") as err:
-            fwd = make_forward(be.config, be.execution, policy.embedding)
-            be.run(lambda params, **b: {"logits": fwd(params, b)}, {k: f"x_{k}" for k in batch}, ["logits"],
-                   key="forward")  # compiled by the forward above: sent by hash
+            be.run("forward", {k: f"x_{k}" for k in batch}, ["logits"])  # approved for the forward above
         assert time.monotonic() - t0 < policy.timeout_s + 10
         assert "\n" not in str(err.value)
         with pytest.raises(PartyError, match="earlier failure"):  # the cluster is marked unusable
             be.forward(batch)
-        with pytest.raises(ValueError, match="earlier failure|not a program output marked"):
+        with pytest.raises(ValueError, match="earlier failure|not an output its approved program opens"):
             be.reveal(f"x_{first}")  # an input: refused in any case
         be.drop(f"x_{first}")  # a no-op now: it must not hide the failure in a ``finally``
         # the survivors do not hang on the dead peer: their link gives up (brpc send retries or
@@ -372,9 +343,9 @@ def _raw_call(address: str, payload: bytes, credentials=None, name: str = "p1"):
 def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
     """A stranger on loopback (no certificate, or its own certificate under a party's name) gets no
     reply bytes at all; a compute party or the model owner asking a node for its share of an
-    output is refused, and so is the data owner for anything but an output it marked as the
-    policy's revealable kind; a request carrying code is refused; a driver whose cluster file
-    differs from the nodes' is refused in one line naming the difference."""
+    output is refused, and so is the data owner for anything but an output its approved program
+    opens as the policy's revealable kind; a request carrying code is refused; a driver whose
+    cluster file differs from the nodes' is refused in one line naming the difference."""
     import cloudpickle
     import grpc
 
@@ -384,10 +355,11 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
     bundle = load_model("tiny-llama")
     with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
         cluster, keyed = be.cluster, be.policy
-        x = np.arange(6, dtype=np.float32).reshape(2, 3)
-        be.put("x", x)
-        be.run(lambda params, x: {"y": x + 1.0, "c": x * 2.0}, {"x": "x"}, ["y", "c"], key="t",
-               reveal={"y": "verbalizer_logits"})
+        batch = be.make_batch(PROMPTS, WORDS)
+        for k, v in batch.items():
+            be.put(f"x_{k}", v)
+        be.run("forward", {k: f"x_{k}" for k in batch}, {"logits": "y"})  # its approval opens the logits
+        be.run("head", {"rows": "x_rows"}, {"head": "c"})  # an output no approval opens
         p1 = keyed.compute[1]
         request = dumps(("get_share", ("y", "verbalizer_logits")))
 
@@ -418,12 +390,12 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
         finally:
             mo.close()
 
-        # 3. the data owner: only the marked output, never an input, a weight or another output
+        # 3. the data owner: only the approved opened output, never an input, a weight or another output
         do = Peer(p1.name, p1.address, 10, tls.identity(keyed, keyed.data_owner.name))
         try:
-            for var, what in (("x", "verbalizer_logits"), ("c", "verbalizer_logits"), ("w0", "verbalizer_logits"),
-                              ("y", "weights")):
-                with pytest.raises(PartyError, match="PermissionError"):
+            for var, what in (("x_rows", "verbalizer_logits"), ("c", "verbalizer_logits"),
+                              ("w0", "verbalizer_logits"), ("y", "weights")):
+                with pytest.raises(PartyError, match=f"refused get_share: .*{var!r} is not an output its approved"):
                     do.call("get_share", var, what)
             with pytest.raises(PartyError, match="refuses set_share from alice"):
                 do.call("set_share", "w0", None)
@@ -436,7 +408,8 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
             assert do.call("info")["refused"] >= 4
         finally:
             do.close()
-        np.testing.assert_allclose(be.reveal("y"), x + 1.0, atol=1e-3)  # the marked output opens
+        expected = make_backend("plaintext", bundle, policy).forward(batch)
+        np.testing.assert_allclose(be.reveal("y"), expected, atol=1e-2)  # the approved output opens
 
         # the model owner's node serves the model it was started with, never one a request names
         mo = keyed.model_owner

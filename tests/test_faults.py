@@ -430,7 +430,7 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     for p in logs:
         t = p.read_text()
         assert "terminate called" not in t and "Aborted" not in t and "core dumped" not in t
-    from test_cluster import port_free
+    from helpers import port_free
 
     assert all(port_free(a) for p in pol.compute for a in (p.address, p.link))
     print(f"\n{victim} killed: driver exited after {t_driver:.1f}s, every process gone after {t_all:.1f}s")

@@ -18,6 +18,7 @@ def test_shipped_policies_load():
         p = load_policy(n)
         assert p.world_size == {"ABY3": 3, "SEMI2K": 2, "CHEETAH": 2}[p.protocol]
         assert p.reveal == {"verbalizer_logits": "data_owner"}
+        assert p.caps == {"verbalizer_logits": {"rows": 400, "words": 40}}, n  # the shipped tuning's, measured
         assert p.embedding == "secret", n  # the table (and a tied LM head) stays with the model owner
         assert p.runtime_config().fxp_fraction_bits == p.fxp_fraction_bits
     assert load_policy("aby3-puma").execution.approx.gelu == "poly"
@@ -41,6 +42,9 @@ def _base():
     (lambda d: d.update(attention="magic"), "attention 'magic'"),
     (lambda d: d.update(reveal={"hidden_states": "data_owner"}), "reveal.hidden_states"),
     (lambda d: d.update(reveal={"verbalizer_logits": "model_owner"}), "opened only to the data_owner"),
+    (lambda d: d.update(reveal={"verbalizer_logits": "data_owner"}), "reveal.verbalizer_logits needs its cap"),
+    (lambda d: d["reveal"]["verbalizer_logits"].update(rows=0), "reveal.verbalizer_logits.rows must be a positive"),
+    (lambda d: d["reveal"]["verbalizer_logits"].pop("words"), "reveal.verbalizer_logits needs its cap"),
     (lambda d: d["parties"]["compute"][0].pop("link"), "parties.compute[0].link"),
     (lambda d: d["parties"]["compute"][1].update(address="nohost"), "parties.compute[1].address"),
     (lambda d: d["parties"].pop("model_owner"), "parties.model_owner"),

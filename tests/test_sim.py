@@ -48,7 +48,10 @@ def test_sim_matches_plaintext(models, model, policy, embedding):
 def test_census_counts_what_the_model_does(models):
     bundle = models["tiny-llama"]
     batch = make_batch(bundle, PROMPTS, WORDS)
-    census = op_census(compile_forward(bundle.config, bundle.execution, "data_owner", bundle.params, batch).code.decode())
+    unrolled = dataclasses.replace(bundle.execution, scan_layers=False)  # the census counts every layer
+    census = op_census(compile_forward(bundle.config, unrolled, "data_owner", bundle.params, batch).code.decode())
+    scanned = op_census(compile_forward(bundle.config, bundle.execution, "data_owner", bundle.params, batch).code.decode())
+    assert scanned["total_ops"] < census["total_ops"]  # one layer body in the program that runs
     layers = bundle.config.num_hidden_layers
     assert census["exp"] >= 2 * layers  # softmax + SiLU's sigmoid per layer
     assert census["rsqrt"] == 2 * (2 * layers + 1)  # 2 RMSNorms per layer + the final one; 2 rsqrt each

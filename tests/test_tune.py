@@ -203,20 +203,24 @@ def test_reveal_is_the_policys_and_audited(toy_csv, tmp_path):
         with pytest.raises(RevealError, match="cannot reveal to the model_owner"):
             s.reveal("x", what="verbalizer_logits", to="model_owner")
         s.policy = pol
-        # only a program output marked as that kind when it was computed: not the data owner's own
-        # input, not an unmarked output
-        with pytest.raises(RevealError, match="not a program output marked as 'verbalizer_logits'"):
+        # only an output its approved program opens as that kind: not the data owner's own input,
+        # nor any output of a program of its own
+        with pytest.raises(RevealError, match="not an output its approved program opens as 'verbalizer_logits'"):
             s.reveal("x")
-        s.run(lambda params, x: {"y": x, "z": 2 * x}, {"x": "x"}, ["y", "z"], key="id",
-              reveal={"y": "verbalizer_logits"})
-        with pytest.raises(RevealError, match="'z' is not a program output marked"):
-            s.reveal("z")
+        s.run(lambda params, x: {"y": x, "z": 2 * x}, {"x": "x"}, ["y", "z"], key="id")
+        for v in ("y", "z"):
+            with pytest.raises(RevealError, match=f"'{v}' is not an output its approved program opens"):
+                s.reveal(v)
         assert s.reveals == []  # nothing left the parties
-        np.testing.assert_array_equal(s.reveal("y"), np.ones((2, 3)))
+        batch = s.make_batch(["a fine film", "dull"], [" yes", " no"])
+        for k, v in batch.items():
+            s.put(f"b_{k}", v)
+        s.run("forward", {k: f"b_{k}" for k in batch}, {"logits": "y"})  # its approval opens the logits
+        assert s.reveal("y").shape == (2, 2)
         assert [(r["what"], r["var"], r["shape"], r["to"]) for r in s.reveals] == \
-            [("verbalizer_logits", "y", [2, 3], "data_owner")]
+            [("verbalizer_logits", "y", [2, 2], "data_owner")]
         s.put("y", np.zeros((2, 3), np.float32))  # overwritten by an input: the mark is gone
-        with pytest.raises(RevealError, match="'y' is not a program output marked"):
+        with pytest.raises(RevealError, match="'y' is not an output its approved program opens"):
             s.reveal("y")
     summary = tune(_cfg(toy_csv, tmp_path / "a", budget=2, popsize=4), show_progress=False, log=lambda *a: None)
     P1, n_train, n_dev, n_test = 5, summary["n_train"], summary["n_dev"], summary["n_test"]

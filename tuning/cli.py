@@ -137,7 +137,9 @@ def _cmd_compile(args):
     bundle = with_policy(load_model(args.model), policy)  # the model owner's tool: it has the weights
     prompts, words = _forward_prompts(args)
     batch = make_batch(bundle, prompts, words, policy.embedding, args.seq_len)
-    exe = compile_forward(bundle.config, bundle.execution, policy.embedding, bundle.params, batch)
+    # layers unrolled: the census counts every layer's ops (a scanned run's body appears once)
+    unrolled = dataclasses.replace(bundle.execution, scan_layers=False)
+    exe = compile_forward(bundle.config, unrolled, policy.embedding, bundle.params, batch)
     text = exe.code.decode("utf-8")
     if args.out:
         Path(args.out).write_text(text)
@@ -394,10 +396,28 @@ def _cmd_sf_job(args):
         _print_tune_summary(summary, spec["json"], out)
 
 
+def _cmd_clean(args):
+    """Delete a run directory and the set-up shares its parties kept in it (``RUN/state``)."""
+    import shutil
+    from pathlib import Path
+
+    from .assets.cache import secptune_home
+    from .backends.state import namespace
+
+    run = Path(args.run)
+    if not ((run / "config.json").exists() or (run / "state").is_dir()):
+        raise UserError(f"{run} is not a run directory (no config.json, no state/): nothing deleted")
+    # what this machine's cluster nodes kept for the run (nodes on other hosts keep theirs)
+    kept = [d for d in (secptune_home() / "state").glob(f"*/{namespace(run / 'state')}") if d.is_dir()]
+    for d in [run, *kept]:
+        shutil.rmtree(d)
+    print(f"deleted {run}" + (f" and {len(kept)} parties' kept shares" if kept else ""))
+
+
 def _cmd_node(args):
     from .backends.node import run_node
 
-    run_node(args.cluster, args.party, args.log_dir, args.model)
+    run_node(args.cluster, args.party, args.log_dir, args.model, args.state_dir)
 
 
 def _cmd_cluster(args):
@@ -545,8 +565,8 @@ def _add_tune_command(sub) -> None:
     s.set_defaults(fn=_cmd_tune)
 
 
-def _add_apply_commands(sub) -> None:
-    """The parsers of predict and eval: a finished run applied to new texts."""
+def _add_run_commands(sub) -> None:
+    """The parsers of predict, eval and clean: a finished run applied to new texts, or deleted."""
     s = sub.add_parser("predict", help="apply a finished run's tuned prompt (and fitted head) to new texts, "
                                        "through its back end and policy")
     add_apply_args(s, labelled=False)
@@ -559,6 +579,11 @@ def _add_apply_commands(sub) -> None:
     s.set_defaults(fn=_cmd_eval)
 
 
+    s = sub.add_parser("clean", help="delete a run directory and the set-up shares its parties kept (RUN/state)")
+    s.add_argument("run")
+    s.set_defaults(fn=_cmd_clean)
+
+
 def _add_party_commands(sub) -> None:
     """The parsers of node, cluster and sf-job: the parties' processes."""
     s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
@@ -566,6 +591,8 @@ def _add_party_commands(sub) -> None:
     s.add_argument("--party", required=True, help="party name from that file")
     s.add_argument("--log-dir", dest="log_dir", help="where the party's log goes (default: a temp dir)")
     s.add_argument("--model", help="the model owner's node: the one model it serves (name or prepared path)")
+    s.add_argument("--state-dir", dest="state_dir",
+                   help="a compute party's kept set-up shares (default: $SECPTUNE_HOME/state/<party>)")
     s.set_defaults(fn=_cmd_node)
 
     s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C; "
@@ -637,7 +664,7 @@ def _add_tool_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secptune", description="Privacy-preserving forward-only prompt tuning on SPU")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for add in (_add_asset_commands, _add_forward_commands, _add_tune_command, _add_apply_commands,
+    for add in (_add_asset_commands, _add_forward_commands, _add_tune_command, _add_run_commands,
                 _add_party_commands, _add_convert_command, _add_tool_commands):  # as --help lists them
         add(sub)
     return p

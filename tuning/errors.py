@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """An expected failure; the message (first line) names the problem and what to do."""
+
+
+class Refused(UserError):
+    """A party's rule refused a program or a reveal: nothing ran and nothing left the parties."""

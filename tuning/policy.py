@@ -30,6 +30,7 @@ TOP_KEYS = {"name", "description", "protocol", "field", "fxp_fraction_bits", "ru
 PARTY_KEYS = {"compute", "data_owner", "model_owner"}
 REVEAL_TARGETS = {"data_owner"}
 REVEALABLE = {"verbalizer_logits"}
+CAP_KEYS = ("rows", "words")  # an opened [..., W] array: rows = the product of its leading dims, words = W
 
 
 class PolicyError(UserError):
@@ -57,13 +58,20 @@ class Policy:
     compute: tuple
     data_owner: Party
     model_owner: Party
-    reveal: dict
+    reveal: dict  # output kind -> the role it is opened to
     timeout_s: float
     source: str = ""
+    caps: dict = dataclasses.field(default_factory=dict)  # output kind -> {rows, words}: the most one reveal opens
+
+    COMPUTES = ("protocol", "field", "fxp_fraction_bits", "runtime", "execution", "embedding", "reveal", "caps")
 
     @property
     def world_size(self) -> int:
         return len(self.compute)
+
+    def computes_as(self) -> tuple:
+        """What decides what this policy computes and opens (not where the parties are or their keys)."""
+        return tuple((k, getattr(self, k)) for k in self.COMPUTES)
 
     def runtime_config(self, profile: bool = True):
         """The ``spu_pb2.RuntimeConfig`` this policy asks for."""
@@ -202,23 +210,39 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     if with_cert and len(with_cert) != len(names):
         raise PolicyError(f"{source}: parties: {', '.join(n for n in names if n not in with_cert)} name no cert "
                           "while others do: every party needs its certificate (secptune cluster keys)")
-    reveal = d.get("reveal") or {"verbalizer_logits": "data_owner"}
-    if not isinstance(reveal, dict):
-        raise PolicyError(f"{source}: reveal must be a mapping output -> party role")
-    for k, v in reveal.items():
-        if k not in REVEALABLE:
-            raise PolicyError(f"{source}: unknown key reveal.{k} (only {sorted(REVEALABLE)} may be opened)")
-        if v not in REVEAL_TARGETS:
-            raise PolicyError(f"{source}: reveal.{k}={v!r}: outputs are opened only to the data_owner")
+    reveal, caps = _reveal(d.get("reveal"), source)
     timeout = d.get("timeout_s", 60)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < 86400:
         raise PolicyError(f"{source}: timeout_s must be a number of seconds in (0, 86400)")
     execution = Execution(approx, attention, rfa, softmax_layers)
     _check_fixed_point(execution, field, fxp, source)
     pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), execution,
-                 embedding, compute, downer, mowner, dict(reveal), float(timeout), source)
+                 embedding, compute, downer, mowner, reveal, float(timeout), source, caps)
     pol.runtime_config()  # validates the runtime knobs now, not at first use
     return pol
+
+
+def _reveal(r: Any, source: str) -> tuple:
+    """``reveal: {KIND: {to: ROLE, rows: N, words: W}}`` -> ({kind: role}, {kind: {rows, words}}).
+    Every kind that may be opened has a cap: the compute parties open at most rows x words of it
+    per reveal (``backends.approval.check_cap``)."""
+    if not isinstance(r, dict) or not r:
+        raise PolicyError(f"{source}: reveal must be a mapping KIND -> {{to: data_owner, rows: N, words: W}}")
+    roles, caps = {}, {}
+    for k, v in r.items():
+        if k not in REVEALABLE:
+            raise PolicyError(f"{source}: unknown key reveal.{k} (only {sorted(REVEALABLE)} may be opened)")
+        to = v.get("to") if isinstance(v, dict) else v
+        if to not in REVEAL_TARGETS:
+            raise PolicyError(f"{source}: reveal.{k} to {to!r}: outputs are opened only to the data_owner")
+        if not isinstance(v, dict) or set(v) != {"to", *CAP_KEYS}:
+            raise PolicyError(f"{source}: reveal.{k} needs its cap: {{to: data_owner, rows: N, words: W}} (the most "
+                              "one reveal opens)")
+        bad = [c for c in CAP_KEYS if not isinstance(v[c], int) or isinstance(v[c], bool) or v[c] < 1]
+        if bad:
+            raise PolicyError(f"{source}: reveal.{k}.{bad[0]} must be a positive integer")
+        roles[k], caps[k] = to, {c: v[c] for c in CAP_KEYS}
+    return roles, caps
 
 
 def _check_fixed_point(execution, field: str, fxp: int, source: str) -> None:
@@ -309,7 +333,8 @@ def policy_dict(policy) -> dict:
     return {"name": policy.name, "protocol": policy.protocol, "field": policy.field,
             "fxp_fraction_bits": policy.fxp_fraction_bits, "runtime": dict(policy.runtime),
             "approx": dataclasses.asdict(ex.approx), "attention": attention,
-            "embedding": policy.embedding, "reveal": dict(policy.reveal), "timeout_s": policy.timeout_s,
+            "embedding": policy.embedding, "timeout_s": policy.timeout_s,
+            "reveal": {k: {"to": to, **policy.caps[k]} for k, to in policy.reveal.items()},
             "parties": {"compute": [party(p, True) for p in policy.compute],
                         "data_owner": party(policy.data_owner, False),
                         "model_owner": party(policy.model_owner, False)}}

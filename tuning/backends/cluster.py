@@ -2,8 +2,9 @@
 
     with ClusterBackend(bundle, policy) as be:      # launches the nodes locally (launch=True)
         be.put("x", array)                          # a session (``session.Session``): values
-        be.run(program, {"x": "x"}, ["y"])          # stay resident as shares on the parties
-        y = be.reveal("y")                          # opened here, at the data owner only, per policy
+        be.run("forward", {"rows": "x", ...}, ["y"])  # stay resident as shares on the parties; the
+                                                    # model owner approved and compiled the program
+        y = be.reveal("y")                          # opened here, at the data owner only, per approval and policy
         be.drop("x", "y")
         logits = be.forward(be.make_batch(prompts, words))  # the one-shot special case
         be.costs[-1].parties                        # every compute party's traffic, per run
@@ -12,18 +13,21 @@ Process model (see ``tuning.backends.node``): one node process per compute party
 owner; this process is the data owner (the driver). At start the driver has every compute party
 build its runtime, then asks the model owner to load its model and send share i of every weight
 to compute party i (once; the shares stay resident). The model owner returns only the config and
-the weights' shapes, from which the driver compiles every program. ``put`` makes the shares of
-a value here and sends share i to party i; ``run`` sends the executable (its bytes the first
-time a party needs it, then its hash) and every party runs it on its resident variables, keeping
-the outputs resident and returning only its own traffic (read from its own log); ``open`` has
-every party return its share of one variable and reconstructs it here; ``drop`` deletes. Only
-the driver ever reconstructs, and only what it opens; no compute node receives another party's share.
+the weights' shapes. The driver names each program it needs (``approval.Request``: a known
+program, public shapes); the model owner builds, checks and compiles it and hands every compute
+party the executable with its approval (``node.approve``), returning the digest. ``put`` makes
+the shares of a value here and sends share i to party i; ``run`` sends the digest and every
+party runs that approved executable on its resident variables, keeping the outputs resident and
+returning only its own traffic (read from its own log); ``open`` has every party return its
+share of one variable and reconstructs it here; ``drop`` deletes. Only the driver ever
+reconstructs, and only what the approvals open; no compute node receives another party's share.
 
 Links: every call to a node is mutual TLS with the pinned party certificates of the cluster
 file (``tls``); a local cluster without them gets a fresh set in its log directory. A node runs
 only its own named functions, and only for the roles that may call them (``node.FUNCTIONS``);
-the data owner marks, when it runs a program, which outputs it will open as which kind, and a
-node hands out its share of nothing else.
+a compute node runs only executables the model owner approved and hands out its share only of
+the outputs their approvals open, within the policy's caps (``approval.Gate``). A refusal
+(``rpc.PartyRefused``) leaves the session usable: nothing ran.
 
 Failure: a party that dies or stops answering (a compute party or the model owner, whose presence
 the session needs) makes the call raise :class:`PartyError` naming it, within about
@@ -54,13 +58,12 @@ import numpy as np
 from ..assets.models import ModelBundle, policy_execution
 from ..errors import UserError
 from ..policy import dump_policy
-from . import node
+from . import node, state, tls
 from .cost import CallCost
 from .procs import kill_groups, launch_env
-from . import tls
-from .rpc import PartyError, Peer, check_alive, gather
+from .rpc import PartyError, PartyRefused, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
-from .session import Session, finite
+from .session import Session
 from .spu_common import compile_session_program, param_names
 
 REPO = Path(__file__).absolute().parents[2]
@@ -294,7 +297,6 @@ class ClusterBackend(Session):
         self._vis = spu_pb2.Visibility.VIS_SECRET
         self._rc = policy.runtime_config(profile=True)
         self.io = spu_api.Io(policy.world_size, self._rc)
-        self._sent: set = set()  # (party, executable digest) the party already holds
         self._table = None
         self._broken = ""
         self.peers, self.owner, self.cluster = [], None, None
@@ -351,6 +353,8 @@ class ClusterBackend(Session):
             raise RuntimeError("the cluster back end is closed")
         try:
             return gather(jobs, self._all)  # the model owner's presence is part of the session
+        except PartyRefused:
+            raise  # a party's rule: nothing ran, the session goes on
         except PartyError as e:
             self._broken = str(e)
             self._tell_survivors(str(e))
@@ -368,38 +372,56 @@ class ClusterBackend(Session):
         with concurrent.futures.ThreadPoolExecutor(len(self._all)) as pool:
             list(pool.map(tell, self._all))
 
-    def put(self, name: str, value) -> None:
+    def _put(self, name: str, value) -> None:
         """Secret-share ``value`` here (the data owner) and send share i to compute party i."""
-        value = finite(name, value)
         shares = self.io.make_shares(value, self._vis)
         self._gather([(peer, node.put, (name, share)) for peer, share in zip(self.peers, shares)])
-        self.shapes[name] = value.shape
-        self._unmark(name)
 
     def _compile(self, program, arg_shapes, out_keys):
-        exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys).SerializeToString()
-        return exe, hashlib.sha256(exe).hexdigest()
+        """A program of the caller's own: compiled here, and sent as bytes that every party refuses
+        (the model owner approved no such digest)."""
+        return compile_session_program(program, self._params_shapes, arg_shapes, out_keys).SerializeToString()
+
+    def _approve(self, request):
+        """The model owner builds, checks and compiles the program and hands it to the compute
+        parties; we get its approval, and run it by digest."""
+        (approval,) = self._gather([(self.owner, node.approve, (self.model, request))])
+        return approval.digest, approval
+
+    # set-up shares on the parties' disks: each node keeps its own, under its own state directory
+    def keep_state(self, root) -> None:
+        ns = state.namespace(root)
+        self._gather([(peer, node.state_open, (ns,)) for peer in self.peers])
+        self.state = ns
+
+    def _program_digest(self, compiled) -> str:
+        return compiled if isinstance(compiled, str) else hashlib.sha256(compiled).hexdigest()
+
+    def _kept(self, keys):
+        return all(self._gather([(peer, node.state_has, (list(keys),)) for peer in self.peers]))
+
+    def _keep(self, outs, keys):
+        self._gather([(peer, node.state_keep, (list(outs), list(keys))) for peer in self.peers])
+
+    def _restore(self, compiled, ins, outs, keys):
+        names = (param_names(self._params_shapes) + list(ins), list(outs))
+        self._gather([(peer, node.state_restore, (compiled, *names, list(keys))) for peer in self.peers])
 
     def _execute(self, compiled, ins, outs):
-        """Every party runs the executable on its resident variables ``ins`` and keeps the outputs
-        as ``outs`` (the executable's bytes go to a party once, then its hash)."""
-        exe, digest = compiled
+        """Every party runs the executable (an approved digest) on its resident variables ``ins``
+        and keeps the outputs as ``outs``."""
         names = (param_names(self._params_shapes) + list(ins), list(outs))
         t0 = time.perf_counter()
-        marks = getattr(self, "_call_marks", {})  # Session.run: outputs the data owner will open, by kind
-        outs = self._gather([(peer, node.run, (digest if (peer.name, digest) in self._sent else exe, *names, marks))
-                             for peer in self.peers])
-        self._sent.update((peer.name, digest) for peer in self.peers)
+        outs = self._gather([(peer, node.run, (compiled, *names)) for peer in self.peers])
         parties = {peer.name: cost for peer, (cost, _) in zip(self.peers, outs)}
         return CallCost(time.perf_counter() - t0, parties, outs[0][1])
 
-    def _reconstruct(self, name: str) -> np.ndarray:
+    def _reconstruct(self, name: str, what: str | None) -> np.ndarray:
         """Reconstruct ``name`` here, at the data owner: the only place anything is opened. Each
-        node checks that ``name`` is an output marked as the kind revealed (its policy's)."""
+        node checks that ``name`` is an output its approval opens as ``what``, within the cap."""
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")
-        what = self._marks.get(name, "")
-        shares = self._gather([(peer, node.get_share, (name, what)) for peer in self.peers])
+        shares = self._gather([(peer, node.get_share, (name, what or "")) for peer in self.peers])
         return np.asarray(self.io.reconstruct(shares), np.float32)
 
     def drop(self, *names: str) -> None:

@@ -10,13 +10,17 @@ function of this module and carries plain data (``rpc.safe_loads``), never code.
 node, by the party's role in the policy:
 
 - a **compute party** holds one SPU runtime, linked to the other compute parties over brpc
-  (``init_runtime``). The model owner puts its weight shares there once (``set_share``). The
-  data owner then drives a session of resident variables: it stores its shares of new values
-  (``put``), runs programs over the resident variables, whose outputs stay resident too (``run``,
-  which returns only this party's traffic), asks for this party's share of a result it opens
-  (``get_share``; only the data owner reconstructs) and deletes variables (``drop``).
+  (``init_runtime``). The model owner puts its weight shares there once (``set_share``), and the
+  executables it approved (``admit``). The data owner then drives a session of resident
+  variables: it stores its shares of new values (``put``), runs approved programs over the
+  resident variables, whose outputs stay resident too (``run``, which returns only this party's
+  traffic), asks for this party's share of a result it opens (``get_share``; only the data owner
+  reconstructs, only what the approval opens, within the policy's cap) and deletes variables
+  (``drop``). Each check is ``approval.Gate``'s.
 - the **model owner** loads its model itself and secret-shares it straight to the compute parties
-  (``share_weights``); the data owner only ever learns shapes and the config. Under policy
+  (``share_weights``); the data owner only ever learns shapes and the config. It builds and
+  compiles every program the data owner names, and gives the compute parties the approved
+  executable with what may be opened of it (``approve``). Under policy
   ``embedding: data_owner`` it also hands the data owner the token-embedding table
   (``embedding_table``): that table leaks to the data owner, which is exactly what that policy
   trades for speed (the embedding lookup then happens in the clear at the data owner).
@@ -33,10 +37,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -45,13 +49,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets.models import EmbeddingStats, load_model
-from ..errors import UserError
+from ..assets.cache import secptune_home
+from ..assets.models import EmbeddingStats, load_model, policy_execution
+from ..errors import Refused, UserError
 from ..policy import load_policy
-from . import procs
+from . import approval as approvals
+from . import procs, state
 from .cost import PartyCost, parse_profile
 from .rpc import Peer, ping
-from .spu_common import param_names
+from .spu_common import WEIGHT, param_names, shapes_of
+from .state import PartyStore
 
 ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every request payload (tests)
 
@@ -91,8 +98,7 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
             self.role, self.rank, self.log_path, self.record_path = role, rank, log_path, record_path
             self.run_lock, self._record_lock = threading.Lock(), threading.Lock()
             self._locals = {"counters": {"share_weights": 0, "set_share": 0, "put": 0, "run": 0, "open": 0,
-                                         "drop": 0, "refused": 0},
-                            "outputs": set(), "revealable": {}}
+                                         "drop": 0, "refused": 0, "approved": 0}}
 
         def _refuse(self, ctx, caller, what: str, why: str = ""):
             self._locals["counters"]["refused"] += 1
@@ -124,6 +130,10 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
                 self._refuse(ctx, caller, fname, f"only the {' or '.join(callers)} may call it")
             try:
                 reply = ("ok", fn(self, *args))
+            except (Refused, PermissionError) as e:  # a rule of this node: nothing ran, nothing left
+                self._locals["counters"]["refused"] += 1
+                _log(f"node {party}: refused {fname} from {caller}: {e}")
+                reply = ("refused", f"{type(e).__name__}: {e}")
             except Exception as e:  # noqa: BLE001  (the caller gets the error line, the log the traceback)
                 import traceback
 
@@ -154,7 +164,8 @@ def cluster_view(policy) -> dict:
     """What every node and the driver must agree on: the parties, their addresses and links, and
     the settings that shape the protocol and what leaves it. (Certificates are checked by TLS.)"""
     return {"protocol": policy.protocol, "field": policy.field, "fxp_fraction_bits": policy.fxp_fraction_bits,
-            "embedding": policy.embedding, "reveal": dict(policy.reveal),
+            "embedding": policy.embedding,
+            "reveal": {k: {"to": to, **policy.caps.get(k, {})} for k, to in policy.reveal.items()},
             **{f"parties.compute[{i}]": f"{p.name} {p.address} link {p.link}" for i, p in enumerate(policy.compute)},
             "parties.data_owner": policy.data_owner.name,
             "parties.model_owner": f"{policy.model_owner.name} {policy.model_owner.address}"}
@@ -169,7 +180,7 @@ def check_view(server, view: dict) -> None:
                             f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
 
 
-def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None):
+def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None, state_dir=None):
     """Start ``party_name``'s node server (mutual TLS) and return it (and its servicer).
     ``model``: the one model a model owner's node serves (fixed here, never taken from a request)."""
     import grpc
@@ -183,6 +194,7 @@ def serve(policy, party_name: str, log_path: Path, record_path=None, model: str 
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
     servicer = _make_servicer(policy, party.name, party.address, role, rank, ident, log_path, record_path)
     servicer._locals["model"] = model
+    servicer._locals["state_root"] = Path(state_dir) if state_dir else secptune_home() / "state" / party.name
     distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     # any party's pinned certificate passes the handshake; FUNCTIONS then decides per call
     creds = ident.server_credentials([p.name for p in tls.all_parties(policy)])
@@ -197,9 +209,10 @@ def serve(policy, party_name: str, log_path: Path, record_path=None, model: str 
     return server, servicer
 
 
-def run_node(policy, party_name: str, log_dir=None, model: str | None = None) -> None:
+def run_node(policy, party_name: str, log_dir=None, model: str | None = None, state_dir=None) -> None:
     """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log.
-    The model owner's node serves ``model`` and no other."""
+    The model owner's node serves ``model`` and no other; a compute party keeps set-up shares
+    under ``state_dir`` (default ``$SECPTUNE_HOME/state/<party>``)."""
     from spu.utils import distributed_impl as ppd
 
     from . import tls
@@ -231,7 +244,7 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None) ->
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
-    server, _ = serve(policy, party.name, log_path, record_path, model if role == "model_owner" else None)
+    server, _ = serve(policy, party.name, log_path, record_path, model if role == "model_owner" else None, state_dir)
     print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.address} (mutual TLS)", flush=True)
     server.wait_for_termination()
 
@@ -254,7 +267,7 @@ def reset(server, view: dict | None = None) -> None:
     if view is not None:
         check_view(server, view)
     with server.run_lock:
-        for key in ("rt", "link", "exes"):
+        for key in ("rt", "link", "gate"):
             server._locals.pop(key, None)
 
 
@@ -279,7 +292,7 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
                          f"the driver thinks rank {rank} with {links}")
     reset(server)
     with server.run_lock:
-        server._locals["exes"] = {}
+        server._locals["gate"] = approvals.Gate(server.policy, server.node_id)  # approvals come with the session
         desc = libspu.link.Desc()
         desc.recv_timeout_ms = int(timeout_s * 1000)
         desc.http_timeout_ms = int(timeout_s * 1000)
@@ -304,15 +317,6 @@ def _runtime(server):
     return server._locals["rt"]
 
 
-def _forget(server, name: str) -> None:
-    """``name`` is no longer a program output (nor revealable): it was overwritten or dropped."""
-    server._locals["outputs"].discard(name)
-    server._locals["revealable"].pop(name, None)
-
-
-WEIGHT = re.compile(r"w[0-9]+")  # the model owner's variables (its weights); every other one is the data owner's
-
-
 def _owner_writes(server, name: str, weights: bool) -> None:
     """Each input is written by the role that owns it: the model owner its weights only, the
     data owner (and a program's outputs) anything but a weight."""
@@ -327,8 +331,16 @@ def set_share(server, name: str, share) -> None:
     rt = _runtime(server)
     with server.run_lock:
         rt.set_var(name, share)
-        _forget(server, name)
     server._locals["counters"]["set_share"] += 1
+
+
+def admit(server, approval, exe: bytes) -> None:
+    """Model owner -> compute party: an executable it approved, with what of it may be opened
+    (``approval.Gate.admit`` checks the digest and this node's own policy's caps)."""
+    _runtime(server)
+    with server.run_lock:
+        server._locals["gate"].admit(approval, exe)
+    server._locals["counters"]["approved"] += 1
 
 
 def put(server, name: str, share) -> None:
@@ -339,55 +351,29 @@ def put(server, name: str, share) -> None:
     rt = _runtime(server)
     with server.run_lock:
         rt.set_var(name, share)
-        _forget(server, name)
+        server._locals["gate"].forget(name)
     server._locals["counters"]["put"] += 1
 
 
-def run(server, executable, input_names=None, output_names=None, marks=None):
-    """Run one program on this party's resident variables; return (its PartyCost, per-op table).
+def run(server, executable, input_names: list, output_names: list):
+    """Run one approved program on this party's resident variables; return (its PartyCost, per-op table).
 
-    ``marks`` maps output variables to the output kind the data owner will open them as (the
-    policy's ``reveal`` keys); only marked outputs of kinds this node's policy reveals to the
-    data owner are ever handed out by ``get_share``.
-
-    ``executable`` is the serialized ExecutableProto, or the sha256 hex digest of one sent before;
-    ``input_names`` / ``output_names`` bind it to this call's variables (default: its own names).
-    It reads the weights (w0..) and the data owner's variables, and writes its outputs as new
-    resident variables: nothing is deleted and no share is returned (``get_share`` does that, for
-    the data owner's ``open``).
+    ``executable`` is the sha256 hex digest of an executable the model owner approved (``admit``);
+    bytes of one are taken by their digest. Anything else is refused, naming the digest, before
+    anything runs. ``input_names`` / ``output_names`` bind it to this call's variables: it reads
+    the weights (w0.., in order) and the data owner's variables, and writes its outputs as new
+    resident variables, marked as its approval says (``get_share`` opens nothing else).
     """
-    from spu import spu_pb2
-
     rt = _runtime(server)
-    marks = dict(marks or {})
-    outs = list(output_names) if output_names is not None else None
-    for var, kind in marks.items():
-        if outs is None or var not in outs:
-            raise PermissionError(f"{server.node_id}: {var!r} is not an output of this run; only outputs can be marked")
-        if server.policy.reveal.get(kind) != "data_owner":
-            raise PermissionError(f"{server.node_id}: policy {server.policy.name!r} does not reveal {kind!r} "
-                                  "to the data owner")
+    digest = hashlib.sha256(executable).hexdigest() if isinstance(executable, bytes) else str(executable)
     with server.run_lock:
-        exes = server._locals["exes"]
-        if isinstance(executable, bytes):
-            key = hashlib.sha256(executable).hexdigest()
-            exes[key] = spu_pb2.ExecutableProto.FromString(executable)
-            executable = key
-        if executable not in exes:
-            raise KeyError(f"{server.node_id}: unknown executable {executable[:12]}; send its bytes first")
-        exe = exes[executable]
-        if input_names is not None:
-            exe = spu_pb2.ExecutableProto(name=exe.name, code=exe.code, input_names=list(input_names),
-                                          output_names=list(output_names))
-        for name in exe.output_names:
-            _owner_writes(server, name, weights=False)
+        gate = server._locals["gate"]
+        exe = gate.bind(digest, input_names, output_names)
         _flush_c_stdout()
         start = server.log_path.stat().st_size
-        for name in exe.output_names:
-            _forget(server, name)
+        gate.forget(*exe.output_names)
         rt.run(exe)
-        server._locals["outputs"].update(exe.output_names)
-        server._locals["revealable"].update(marks)
+        gate.ran(digest, exe.output_names)
         _flush_c_stdout()
         with open(server.log_path, "rb") as f:
             f.seek(start)
@@ -399,19 +385,14 @@ def run(server, executable, input_names=None, output_names=None, marks=None):
 def get_share(server, name: str, what: str):
     """This party's share of variable ``name``, for the data owner to reconstruct (``reveal``).
 
-    Only the data owner may call it (``FUNCTIONS``), and only for a program output it marked as
-    kind ``what`` when it ran the program (``run``'s ``marks``), of a kind this node's own policy
-    reveals to the data owner. Weight shares, the data owner's own inputs, caches and every
-    unmarked output are refused."""
+    Only the data owner may call it (``FUNCTIONS``), and only for an output its approved program
+    opens as kind ``what``, of a kind this node's own policy reveals to the data owner, within
+    that policy's cap (checked on the share's own shape). Weight shares, the data owner's own
+    inputs, caches and every other output are refused."""
     rt = _runtime(server)
-    if server.policy.reveal.get(what) != "data_owner":
-        raise PermissionError(f"{server.node_id}: policy {server.policy.name!r} does not reveal {what!r} "
-                              "to the data owner")
-    if server._locals["revealable"].get(name) != what:
-        raise PermissionError(f"{server.node_id}: {name!r} is not a program output marked as {what!r}; "
-                              "its share stays here")
     with server.run_lock:
-        share = rt.get_var(name)
+        share = rt.get_var(name) if name in server._locals["gate"].marks else None
+        server._locals["gate"].check_open(name, what, approvals.share_shape(share) if share else ())
     server._locals["counters"]["open"] += 1
     return share
 
@@ -421,7 +402,7 @@ def drop(server, names: list) -> None:
     rt = _runtime(server)
     with server.run_lock:
         for name in names:
-            _forget(server, name)
+            server._locals["gate"].forget(name)
             try:
                 rt.del_var(name)
             except Exception:  # noqa: BLE001  (absent, e.g. the output of a failed run)
@@ -440,6 +421,22 @@ def _bundle(server, model_name: str):
     return server._locals["bundle"]
 
 
+@contextlib.contextmanager
+def _compute_peers(server, timeout_s: float):
+    """Model owner: links to every compute party of its own cluster file, and ``each(calls)``,
+    which makes ``calls(i)`` = (node function, *args) on compute party i, on all at once."""
+    peers = [Peer(p.name, p.address, timeout_s, server.ident) for p in server.policy.compute]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
+            def each(calls):
+                for f in [pool.submit(p.call, *calls(i)) for i, p in enumerate(peers)]:
+                    f.result()
+            yield each
+    finally:
+        for p in peers:
+            p.close()
+
+
 def share_weights(server, model_name: str, runtime_config: bytes, compute: list, timeout_s: float) -> dict:
     """Model owner: load ``model_name``, send share i of every weight to compute party i.
 
@@ -450,7 +447,6 @@ def share_weights(server, model_name: str, runtime_config: bytes, compute: list,
     import spu.api as spu_api
     from spu import spu_pb2
 
-
     _require(server, "model_owner")
     bundle = _bundle(server, model_name)
     rc = spu_pb2.RuntimeConfig()
@@ -458,21 +454,31 @@ def share_weights(server, model_name: str, runtime_config: bytes, compute: list,
     io = spu_api.Io(len(compute), rc)
     if [(p.name, p.address) for p in server.policy.compute] != [tuple(c) for c in compute]:
         raise ValueError(f"{server.node_id}: the driver's compute parties {compute} are not this cluster file's")
-    peers = [Peer(name, addr, timeout_s, server.ident) for name, addr in compute]
-    leaves = jax.tree_util.tree_leaves(bundle.params)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
-            for name, leaf in zip(param_names(bundle.params), leaves):
-                shares = io.make_shares(np.asarray(leaf, np.float32), spu_pb2.Visibility.VIS_SECRET)
-                futs = [pool.submit(p.call, set_share, name, s) for p, s in zip(peers, shares)]
-                for f in futs:
-                    f.result()
-    finally:
-        for p in peers:
-            p.close()
+    with _compute_peers(server, timeout_s) as each:
+        for name, leaf in zip(param_names(bundle.params), jax.tree_util.tree_leaves(bundle.params)):
+            shares = io.make_shares(np.asarray(leaf, np.float32), spu_pb2.Visibility.VIS_SECRET)
+            each(lambda i: (set_share, name, shares[i]))  # noqa: B023  (called before the next leaf)
     server._locals["counters"]["share_weights"] += 1
-    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), bundle.params)
-    return {"config": bundle.config, "shapes": shapes}
+    return {"config": bundle.config, "shapes": shapes_of(bundle.params)}
+
+
+def approve(server, model_name: str, request) -> "approvals.Approval":
+    """Model owner: build the program ``request`` names from its own registry, check it against
+    this node's policy (its caps), compile it, and give every compute party the executable with
+    its approval (``admit``). Returns the approval (public: the digest the data owner runs it
+    by, what may be opened, shapes); the data owner never sends code. Compiled once per request."""
+    _require(server, "model_owner")
+    if not isinstance(request, approvals.Request):
+        raise ValueError(f"{server.node_id}: not a program request")
+    bundle = _bundle(server, model_name)
+    cache = server._locals.setdefault("approved", {})
+    if request not in cache:
+        execution = policy_execution(bundle.config, server.policy)
+        cache[request] = approvals.approve(bundle.config, execution, server.policy, shapes_of(bundle.params), request)
+    approval, exe = cache[request]
+    with _compute_peers(server, server.policy.timeout_s) as each:
+        each(lambda i: (admit, approval, exe))
+    return approval
 
 
 def embedding_table(server, model_name: str) -> np.ndarray:
@@ -514,10 +520,51 @@ def shutdown(server, reason: str) -> None:
     _log(f"node {server.node_id}: error: {reason}; dropping this session")
     if server.role == "compute" and server.run_lock.acquire(timeout=1.0):
         try:
-            for key in ("rt", "link", "exes"):
+            for key in ("rt", "link", "gate"):
                 server._locals.pop(key, None)
         finally:
             server.run_lock.release()
+
+
+# ------------------------------------------------------------- set-up shares on this party's disk
+def state_open(server, namespace: str) -> None:
+    """Keep this job's set-up shares under STATE_DIR/``namespace`` (a digest naming the run)."""
+    _runtime(server)
+    server._locals["store"] = PartyStore(server._locals["state_root"] / state.checked_key(namespace))
+
+
+def _store(server) -> PartyStore:
+    if "store" not in server._locals:
+        raise RuntimeError(f"{server.node_id}: no state opened; the driver must call state_open first")
+    return server._locals["store"]
+
+
+def state_has(server, keys: list) -> bool:
+    """Does this party hold a kept share under every one of ``keys``."""
+    store = _store(server)
+    return all(store.has(k) for k in keys)
+
+
+def state_keep(server, names: list, keys: list) -> None:
+    """File this party's shares of ``names`` (outputs of a run just made) under ``keys``."""
+    rt, store = _runtime(server), _store(server)
+    with server.run_lock:
+        for name, key in zip(names, keys):
+            share = rt.get_var(name)
+            store.save(key, share.meta, share.share_chunks)
+
+
+def state_restore(server, digest: str, input_names: list, output_names: list, keys: list) -> None:
+    """As if the approved program ``digest`` ran on ``input_names``: its input checks, then its
+    outputs' shares from this party's own disk, with the origins and marks its approval gives."""
+    rt, store = _runtime(server), _store(server)
+    with server.run_lock:
+        gate = server._locals["gate"]
+        exe = gate.bind(digest, input_names, output_names)
+        gate.forget(*exe.output_names)
+        for name, key in zip(exe.output_names, keys):
+            rt.set_var(name, state.to_share(*store.load(key)))
+        gate.ran(digest, exe.output_names)
 
 
 # name -> (function, the kind of node it runs on, the roles that may call it). Nothing else runs.
@@ -532,8 +579,14 @@ FUNCTIONS = {
     "run": (run, "compute", ("data_owner",)),
     "get_share": (get_share, "compute", ("data_owner",)),
     "drop": (drop, "compute", ("data_owner",)),
+    "state_open": (state_open, "compute", ("data_owner",)),
+    "state_has": (state_has, "compute", ("data_owner",)),
+    "state_keep": (state_keep, "compute", ("data_owner",)),
+    "state_restore": (state_restore, "compute", ("data_owner",)),
     "set_share": (set_share, "compute", ("model_owner",)),
+    "admit": (admit, "compute", ("model_owner",)),
     "share_weights": (share_weights, "model_owner", ("data_owner",)),
+    "approve": (approve, "model_owner", ("data_owner",)),
     "embedding_table": (embedding_table, "model_owner", ("data_owner",)),
     "embedding_stats": (embedding_stats, "model_owner", ("data_owner",)),
 }
@@ -546,10 +599,12 @@ def main(argv=None) -> None:
     ap.add_argument("--party", required=True, help="a compute party or the model owner")
     ap.add_argument("--log-dir", default=None, help="SPU's log goes to LOGDIR/<party>.log")
     ap.add_argument("--model", default=None, help="the model owner's node: the one model it serves")
+    ap.add_argument("--state-dir", default=None, help="a compute party's kept set-up shares "
+                                                      "(default: $SECPTUNE_HOME/state/<party>)")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        run_node(args.policy, args.party, args.log_dir, args.model)
+        run_node(args.policy, args.party, args.log_dir, args.model, args.state_dir)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 

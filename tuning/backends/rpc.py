@@ -10,8 +10,9 @@ node when it sends weight shares.
 Wire format (both directions): a pickle read back by :func:`safe_loads`, which admits only plain
 data (numbers, strings, bytes, lists, tuples, dicts, numpy arrays, SPU shares) and the few
 project classes listed in ``SAFE_CLASSES``; a request is ``(function name, args)``, and a node
-runs only its own functions of that name (never code it is sent), a reply is ``("ok", value)``
-or ``("error", message)``.
+runs only its own functions of that name (never code it is sent), a reply is ``("ok", value)``,
+``("refused", message)`` (a rule of the node: nothing ran, the session goes on) or
+``("error", message)``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import grpc
 from spu.utils import distributed_pb2, distributed_pb2_grpc
 from spu.utils.distributed_impl import RPC, split_message
 
-from ..errors import UserError
+from ..errors import Refused, UserError
 
 HEARTBEAT_S = 2.0  # ping interval while a call is in flight
 # ppd's channel options, plus a short reconnect back-off (gRPC's default grows to minutes, which
@@ -38,13 +39,15 @@ CHANNEL_OPTIONS = [*RPC.OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
 
 # (module, name) a pickle on a party link may name: numpy's array and scalar reconstruction, SPU's
-# share, and the project's plain result types (dataclasses of numbers and strings)
+# share, and the project's plain data types (dataclasses of numbers, strings and tuples)
 SAFE_CLASSES = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy", "float32"), ("numpy", "float64"), ("numpy", "int64"),
     ("numpy", "int32"), ("numpy", "bool_"),
     ("spu.libspu", "Share"),
     ("tuning.backends.cost", "PartyCost"), ("tuning.assets.models", "EmbeddingStats"),
+    ("tuning.backends.approval", "ProgramRef"), ("tuning.backends.approval", "Request"),
+    ("tuning.backends.approval", "Approval"),
     ("spu_models.llama", "LlamaConfig"), ("spu_models.bert", "BertConfig"),
     ("jax._src.api", "ShapeDtypeStruct"), ("builtins", "slice"), ("builtins", "frozenset"), ("builtins", "set"),
     ("builtins", "complex"), ("collections", "OrderedDict"),
@@ -74,6 +77,10 @@ def ping(server, payload=None) -> dict:
 
 class PartyError(UserError, RuntimeError):
     """A party died, is unreachable, stopped answering, or failed; the message names it."""
+
+
+class PartyRefused(PartyError, Refused):
+    """A party refused a call by its rules (nothing ran, nothing left it); the session stays usable."""
 
 
 # ------------------------------------------------------------------------------------ the client
@@ -113,6 +120,8 @@ class Peer:
             status, result = safe_loads(data)
         except Exception as e:  # noqa: BLE001  (a reply that is not ours)
             raise PartyError(f"{self} sent a reply that is not a result ({type(e).__name__}: {e})") from None
+        if status == "refused":
+            raise PartyRefused(f"{self} refused {fname}: {_summary(str(result))}")
         if status != "ok":
             raise PartyError(f"{self} failed in {fname}: {_summary(str(result))}")
         return result

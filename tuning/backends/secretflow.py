@@ -25,7 +25,9 @@ learn it from the driver's calls.
 - data owner (``alice`` in the shipped files): reads the task, tokenizes, chooses examples,
   draws the subspace A, runs CMA-ES / SPSA, computes the losses and the dev selection, in
   plaintext, in its own process only. It compiles each program once per name and shape (SPU IR
-  from public shapes) and sends the executable to the compute parties once. It puts its values
+  from public shapes, the known programs of ``approval``) and sends the executable to the compute
+  parties once: here the model owner approves nothing and the compute parties open what the
+  data owner asks (the cluster back end's approval and caps are not built for SecretFlow). It puts its values
   (embeddings, masks, one-hot rows, ``A z``) on the SPU as shares (``PYU -> SPU``: shares are
   made in its process; compute party i gets share i only). It alone receives plaintext: the
   verbalizer logits it reveals (``SPU -> data owner PYU``: only its process gets the shares of a
@@ -65,7 +67,7 @@ import numpy as np
 from ..assets.models import EmbeddingStats, ModelBundle, load_model, policy_execution
 from ..errors import UserError
 from .cost import CallCost, PartyCost, parse_profile
-from .session import Session, finite
+from .session import Session
 from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
 from .spu_common import compile_session_program
 
@@ -470,10 +472,8 @@ class SecretFlowBackend(Session):
             self._table = self.job.lead({"op": "table"})
         return self._table
 
-    def put(self, name: str, value) -> None:
-        value = finite(name, value)
+    def _put(self, name: str, value) -> None:
         self.job.lead({"op": "put", "name": name, "shape": list(value.shape)}, value=value)
-        self.shapes[name] = value.shape
 
     def _compile(self, program, arg_shapes, out_keys):
         exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
@@ -485,7 +485,7 @@ class SecretFlowBackend(Session):
         return self.job.lead({"op": "run", "exe": digest, "new": new, "ins": list(ins), "outs": list(outs)},
                              exe=exe if new else None)
 
-    def _reconstruct(self, name: str) -> np.ndarray:
+    def _reconstruct(self, name: str, what: str | None = None) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")
         return self.job.lead({"op": "open", "name": name})
@@ -504,8 +504,7 @@ class SecretFlowBackend(Session):
 
 def _check_same_policy(policy, job_policy) -> None:
     """The session's policy (the run's) must compute as the job's (its cluster file's)."""
-    keys = ("protocol", "field", "fxp_fraction_bits", "runtime", "execution", "embedding", "reveal")
-    diff = [k for k in keys if getattr(policy, k) != getattr(job_policy, k)]
+    diff = [k for (k, a), (_, b) in zip(policy.computes_as(), job_policy.computes_as()) if a != b]
     if diff:
         raise UserError(f"the run's policy {policy.name!r} differs from the job's {job_policy.name!r} in "
                         f"{', '.join(diff)}: resume a run under the policy it started with")

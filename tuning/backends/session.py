@@ -5,42 +5,55 @@ and reveals results only as its policy allows:
 
     with make_backend("sim", bundle, policy) as s:   # the model owner shares its weights once
         s.put("x", array)                             # the data owner secret-shares an input
-        s.run(program, {"x": "x"}, ["y"], key="f",    # y = program(weights, x), stays on the parties,
-              reveal={"y": "verbalizer_logits"})      # marked as the output kind it will be opened as
-        s.reveal("y", what="verbalizer_logits")       # to the data owner, if the policy says so
+        s.run("forward", {"rows": "x", ...}, ["y"])   # the model owner approves and compiles the
+                                                      # named program; y stays on the parties
+        s.reveal("y", what="verbalizer_logits")       # to the data owner, if the approval and policy say so
         s.drop("x", "y")
 
-``reveal`` is the only way a value leaves the parties: it checks the policy's ``reveal`` map
-(which output, to whom) and that the variable is a program output marked as that kind when it
-was computed (``run(..., reveal=...)``; the cluster's nodes check the same mark and their own
-policy before they hand out a share), refuses anything else in one line, and records every reveal
-(``reveals``: what, which variable, shape, to whom, when). ``unsafe_open`` reconstructs any
-variable for benchmark checks, is recorded as such, and is refused by back ends whose parties
-are real processes (``allows_unsafe_open``).
+The data owner names a known program (a name or ``approval.ProgramRef``, with the public shapes
+of the variables it binds); it never sends code. The model owner builds and compiles it, and its
+approval says which outputs may be opened as which kind (``approval``): the data owner's call
+marks nothing. ``reveal`` is the only way a value leaves the parties: it checks the policy's
+``reveal`` map (which output, to whom) and that the variable is an output the approval opens as
+that kind (the compute parties check the same, and the policy's cap, before a share leaves),
+refuses anything else in one line, and records every reveal (``reveals``: what, which variable,
+shape, to whom, when). ``unsafe_open`` reconstructs any variable for benchmark checks, is recorded
+as such, and is refused by back ends whose parties are real processes (``allows_unsafe_open``).
 
-``program(params, **inputs) -> dict`` is a pure JAX function; the model owner's weights are
-always its first argument. Programs are compiled once per explicit ``key`` and argument shapes
-and bound to each call's variables. ``forward(batch)`` is the one-shot special case used by
-``secptune forward``; ``make_batch`` builds its data owner's arrays on every back end.
+A program is ``program(params, **inputs) -> dict``, a pure JAX function; the model owner's
+weights are always its first argument. Known programs are approved once per request (name,
+options, argument shapes, outputs) and bound to each call's variables. In-process back ends
+also run a function of the caller's own (a benchmark; compiled once per explicit ``key``),
+whose outputs never open (``unsafe_open`` only); the cluster's parties refuse it.
+``forward(batch)`` is the one-shot special case used by ``secptune forward``; ``make_batch``
+builds its data owner's arrays on every back end.
 
-A back end implements the abstract methods: ``put``, ``_reconstruct``, ``drop``, ``close``,
-``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``.
+A back end implements the abstract methods: ``_put``, ``_reconstruct``, ``drop``, ``close``,
+``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``;
+``_approve(request)`` where a model owner approves (default: the same registry, in process);
+back ends whose parties can keep shares on disk (``keep_state``) also ``_program_digest``,
+``_kept``, ``_keep`` and ``_restore``.
 The shared parts (``run``, ``forward``, ``make_batch``, what the data owner may learn of the
 weights, and the context manager) live here.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import time
 
 import numpy as np
 
-from spu_models.forward import embedding_table, make_forward
+from spu_models.forward import embedding_table
 
+from . import state
+from .cost import CallCost
 from ..assets.encode import make_batch
 from ..assets.models import EmbeddingStats, ModelBundle
 from ..errors import UserError
+from . import approval as approvals
+from .spu_common import shapes_of
 
 
 class RevealError(UserError):
@@ -52,13 +65,18 @@ class Session(abc.ABC):
     chunk: int | None = 16  # examples per secure call that bounds the parties' memory (None: any)
     pad_multiple = 16  # cached texts are padded to a multiple of this (coarser: fewer compilations)
     allows_unsafe_open = True  # in-process back ends; False where the parties are real processes
+    scan_layers = False  # run softmax layer runs as one lax.scan (spu_models.config.Execution)
 
     def __init__(self, bundle, policy):
         """``bundle``: the architecture, execution and tokenizer, and the model owner's weights
         (in-process back ends) or only their shapes (the cluster's driver)."""
-        self.config, self.execution, self.policy = bundle.config, bundle.execution, policy
+        self.config, self.policy = bundle.config, policy
+        # scanned layer runs compile in seconds under XLA; SPU compiles unrolled layers fast enough,
+        # and stacking the weights' shares for a scan would copy them all (+6 GB for SmolLM2)
+        self.execution = bundle.execution if bundle.execution is None else dataclasses.replace(
+            bundle.execution, scan_layers=self.scan_layers)
         self.tokenizer = bundle.tokenizer
-        self._params_shapes = _shapes(bundle.params)
+        self._params_shapes = shapes_of(bundle.params)
         self._owner_params = bundle.params
         self.shapes: dict = {}  # resident var name -> shape
         self._programs: dict = {}
@@ -67,16 +85,19 @@ class Session(abc.ABC):
         self.audit_path = None  # a file each reveal is also appended to (the run's reveals.jsonl)
         self.audit_command = None  # the command the reveals are recorded under there (tune, predict, eval)
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
+        self._digests: dict = {}  # resident var -> digest of what produced it (state.digest)
+        self.state = None  # where the parties keep set-up shares (keep_state), or None
+        self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, policy.computes_as())
 
     # ---- the back end's own parts
     @abc.abstractmethod
-    def put(self, name: str, value) -> None:
-        """Secret-share ``value`` (the data owner's) as resident variable ``name``."""
+    def _put(self, name: str, value: np.ndarray) -> None:
+        """Secret-share ``value`` (the data owner's, finite float32) as resident variable ``name``."""
 
     @abc.abstractmethod
-    def _reconstruct(self, name: str) -> np.ndarray:
-        """Reconstruct resident variable ``name`` here, at the data owner (only ``reveal`` and
-        ``unsafe_open`` call it)."""
+    def _reconstruct(self, name: str, what: str | None) -> np.ndarray:
+        """Reconstruct resident variable ``name`` here, at the data owner, as reveal kind ``what``
+        (``reveal``) or ``None`` (``unsafe_open``)."""
 
     @abc.abstractmethod
     def drop(self, *names: str) -> None:
@@ -94,6 +115,43 @@ class Session(abc.ABC):
     def _execute(self, compiled, ins: list, outs: list):
         """Run a compiled program on resident vars ``ins``, keeping its outputs as ``outs``; a CallCost."""
 
+    def put(self, name: str, value) -> None:
+        """Secret-share ``value`` (the data owner's) as resident variable ``name``."""
+        value = finite(name, value)
+        self._put(name, value)
+        self.shapes[name] = value.shape
+        self._unmark(name)
+        self._digests[name] = state.digest("put", value.shape, value.tobytes())
+
+    # ---- set-up shares the parties keep on disk (a resumed run does not prefill again)
+    def keep_state(self, root) -> None:
+        """From now on ``run(..., persist=True)`` outputs are kept by each party under ``root``
+        (one directory per party) and restored instead of recomputed when their digest recurs."""
+        raise UserError(f"the {self.name} back end cannot keep set-up shares on disk")
+
+    def _program_digest(self, compiled) -> str:
+        raise NotImplementedError
+
+    def _kept(self, keys: list) -> bool:
+        """Every party holds every one of ``keys``."""
+        raise NotImplementedError
+
+    def _keep(self, outs: list, keys: list) -> None:
+        """Each party files its share of var ``outs[i]`` under ``keys[i]``."""
+        raise NotImplementedError
+
+    def _restore(self, compiled, ins: list, outs: list, keys: list) -> None:
+        """Each party loads its share filed under ``keys[i]`` as var ``outs[i]``, as if ``compiled``
+        had run on ``ins`` (its checks and marks)."""
+        raise NotImplementedError
+    def _approve(self, request):
+        """(compiled, Approval) of a known program. Here, in process (plaintext, SecretFlow): the
+        registry's program and reveal marks, no party's check; back ends with parties override it."""
+        fn = approvals.build(self.config, self.execution, self.policy.embedding, request.program)
+        args, outs = dict(request.args), list(request.outs)
+        shapes = approvals.output_shapes(fn, self._params_shapes, args, outs)
+        return self._compile(fn, args, outs), approvals.describe(request, shapes, 0)
+
     # ---- the one reveal point
     def reveal(self, name: str, what: str = "verbalizer_logits", to: str = "data_owner") -> np.ndarray:
         """Reconstruct resident variable ``name`` for recipient role ``to``, if the policy's reveal
@@ -107,9 +165,9 @@ class Session(abc.ABC):
         if to != "data_owner":  # the only recipient this process can hand a value to
             raise RevealError(f"this process is the data owner's; it cannot reveal to the {to}")
         if name in self.shapes and self._marks.get(name) != what:
-            raise RevealError(f"{name!r} is not a program output marked as {what!r} when it was computed "
-                              "(run(..., reveal={...})); it stays on the parties")
-        return self._audited(name, what, to)
+            raise RevealError(f"{name!r} is not an output its approved program opens as {what!r}; it stays on "
+                              "the parties")
+        return self._audited(name, what, to, what)
 
     def unsafe_open(self, name: str, reason: str) -> np.ndarray:
         """Reconstruct any resident variable, bypassing the reveal policy: for benchmark checks
@@ -118,17 +176,18 @@ class Session(abc.ABC):
         if not self.allows_unsafe_open:
             raise RevealError(f"the {self.name} back end refuses unsafe_open ({reason}): only the policy's "
                               "reveals leave its parties")
-        return self._audited(name, f"UNSAFE: {reason}", "data_owner")
+        return self._audited(name, f"UNSAFE: {reason}", "data_owner", None)
 
     def _unmark(self, *names: str) -> None:
         """Back ends call this from ``put`` and ``drop``: the names no longer hold marked outputs."""
         for n in names:
             self._marks.pop(n, None)
+            self._digests.pop(n, None)
 
-    def _audited(self, name: str, what: str, to: str) -> np.ndarray:
+    def _audited(self, name: str, what: str, to: str, kind: str | None) -> np.ndarray:
         if name not in self.shapes:
             raise UserError(f"no resident variable {name!r} to reveal")
-        value = self._reconstruct(name)
+        value = self._reconstruct(name, kind)
         record = {"what": what, "var": name, "shape": list(value.shape), "to": to,
                   "party": self.policy.data_owner.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if self.audit_command is not None:
@@ -176,51 +235,62 @@ class Session(abc.ABC):
                           self.policy.embedding, seq_len, table=table)
 
     # ---- running programs
-    def run(self, program, inputs: dict, outputs, key: str, reveal: dict | None = None):
+    def run(self, program, inputs: dict, outputs, key: str | None = None, persist: bool = False):
         """Run ``program`` on resident vars. ``inputs`` maps argument name -> var name; ``outputs``
         lists the result keys to keep, or maps result key -> var name. Returns the CallCost.
-        ``reveal`` maps result keys to the output kind (a policy ``reveal`` key) they will be
-        opened as; only such marked outputs can be revealed.
 
-        A program is compiled once per ``key`` (its explicit name) and argument shapes, then bound
-        to whatever vars a call names: the same program over another example chunk of the same
-        shape reuses the compilation."""
-        if not key:
-            raise ValueError("a program needs an explicit key (its name in the session's program cache)")
+        ``program``: a known program's name or ``approval.ProgramRef``, which the model owner
+        approves once per request (its public argument shapes and outputs) and whose approval says
+        which outputs may be opened; or, on in-process back ends, a function of your own with an
+        explicit ``key`` (benchmarks: compiled once per key and shapes, its outputs never open).
+        ``persist``: a set-up output the parties keep on disk (``keep_state``); a later run with
+        the same digests restores it, computing nothing."""
         outmap = dict(outputs) if isinstance(outputs, dict) else {o: o for o in outputs}
-        args = sorted(inputs)
-        arg_shapes = {a: tuple(self.shapes[inputs[a]]) for a in args}
-        sig = (key, tuple(arg_shapes.items()), tuple(outmap))
-        if sig not in self._programs:
-            self._programs[sig] = (self._compile(program, arg_shapes, list(outmap)),
-                                   self._output_shapes(program, arg_shapes, list(outmap)))
-        compiled, out_shapes = self._programs[sig]
-        marks = {outmap[k]: kind for k, kind in (reveal or {}).items()}
-        if set(reveal or {}) - set(outmap):
-            raise ValueError(f"reveal marks {sorted(set(reveal) - set(outmap))} are not outputs of this run")
+        arg_shapes = {a: tuple(self.shapes[inputs[a]]) for a in sorted(inputs)}
+        compiled, out_shapes, opens = self._program(program, arg_shapes, list(outmap), key)
         for v in outmap.values():
             self._marks.pop(v, None)
-        self._call_marks = marks  # the cluster's _execute sends them to the nodes
-        cost = self._execute(compiled, [inputs[a] for a in args], [outmap[k] for k in outmap])
-        self._marks.update(marks)
+        ins, outs = [inputs[a] for a in arg_shapes], list(outmap.values())
+        keys = None
+        if persist and self.state is not None:
+            program_id = self._program_digest(compiled)
+            keys = [state.digest(self._identity, program_id, [(a, self._digests.get(inputs[a])) for a in arg_shapes],
+                                 k) for k in outmap]
+        if keys and None not in (self._digests.get(v) for v in ins) and self._kept(keys):
+            self._restore(compiled, ins, outs, keys)
+            cost = CallCost(0.0, {})
+        else:
+            cost = self._execute(compiled, ins, outs)
+            if keys:
+                self._keep(outs, keys)
+        self._digests.update(zip(outs, keys or [None] * len(outs)))
+        self._marks.update({outmap[k]: kind for k, kind in opens.items()})
         self.costs.append(cost)
         self.shapes.update({outmap[k]: shape for k, shape in out_shapes.items()})  # public: from the program
         return cost
 
-    def _output_shapes(self, program, arg_shapes: dict, out_keys: list) -> dict:
-        import jax
-
-        args = {a: jax.ShapeDtypeStruct(shape, np.float32) for a, shape in arg_shapes.items()}
-        res = jax.eval_shape(lambda p, a: program(p, **a), self._params_shapes, args)
-        return {k: tuple(res[k].shape) for k in out_keys}
+    def _program(self, program, arg_shapes: dict, out_keys: list, key):
+        """(compiled, output shapes, output key -> reveal kind) of ``program``, cached: a known
+        program's approval per request, a function of the caller's own per key (opening nothing)."""
+        if callable(program):
+            if not key:
+                raise ValueError("a program of your own needs an explicit key (its name in the program cache)")
+            sig = (key, tuple(arg_shapes.items()), tuple(out_keys))
+            if sig not in self._programs:
+                shapes = approvals.output_shapes(program, self._params_shapes, arg_shapes, out_keys)
+                self._programs[sig] = (self._compile(program, arg_shapes, out_keys), shapes, {})
+            return self._programs[sig]
+        request = approvals.Request.of(program, arg_shapes, out_keys)
+        if request not in self._programs:
+            compiled, approval = self._approve(request)
+            self._programs[request] = (compiled, approval.out_shapes, approval.opens)
+        return self._programs[request]
 
     def forward(self, batch: dict) -> np.ndarray:
         """Share ``batch``, run the verbalizer-logits forward, open the logits, drop everything."""
-        fwd = make_forward(self.config, self.execution, self.policy.embedding)
         for k, v in batch.items():
             self.put(f"x_{k}", v)
-        self.run(lambda params, **b: {"logits": fwd(params, b)}, {k: f"x_{k}" for k in batch}, ["logits"],
-                 key="forward", reveal={"logits": "verbalizer_logits"})
+        self.run("forward", {k: f"x_{k}" for k in batch}, ["logits"])
         try:
             return self.reveal("logits", "verbalizer_logits")
         finally:
@@ -248,9 +318,3 @@ def finite(name: str, value) -> np.ndarray:
         raise UserError(f"refusing to share {name!r}: {bad} of its {value.size} values are NaN or Inf "
                         "(fixed point cannot hold them)")
     return value
-
-
-def _shapes(params):
-    import jax
-
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), params)

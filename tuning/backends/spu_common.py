@@ -23,8 +23,21 @@ CENSUS = {
 }
 
 
+WEIGHT = re.compile(r"w[0-9]+")  # the model owner's variables (its weights); every other one is the data owner's
+
+
+def weight_names(n: int) -> list[str]:
+    """The runtime variables of the model owner's ``n`` weights, in the order programs read them."""
+    return [f"w{i}" for i in range(n)]
+
+
 def param_names(params) -> list[str]:
-    return [f"w{i}" for i in range(len(jax.tree_util.tree_leaves(params)))]
+    return weight_names(len(jax.tree_util.tree_leaves(params)))
+
+
+def shapes_of(params):
+    """The weights' tree of shapes (float32): all that compiling a program needs of them."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), params)
 
 
 def compile_forward(config, execution, embedding: str, params, batch: dict, copts=None):

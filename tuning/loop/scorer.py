@@ -38,6 +38,7 @@ from spu_models import llama
 from spu_models.forward import make_tuning_programs
 
 from ..assets.encode import pad_length, verbalizer_ids
+from ..backends.approval import ProgramRef
 from ..errors import UserError
 
 MODES = ("cached", "prefix")
@@ -136,7 +137,7 @@ class SecureScorer:
         self.n_tokens, self.depth, self.form = n_tokens, depth, form
         self.deep = depth < L
         self.scale_var = f"deep_scale_{form}{depth}"
-        self.programs = make_tuning_programs(cfg, bundle.execution, depth, form)
+        self.programs = make_tuning_programs(cfg, session.execution, depth, form)
         self.tok = bundle.tokenizer
         self.label_index = {l: i for i, l in enumerate(task.labels)}
         self.sets: dict = {}
@@ -151,7 +152,7 @@ class SecureScorer:
         rows = np.zeros((len(ids) + len(probe_ids), cfg.vocab_size), np.float32)
         rows[np.arange(len(rows)), ids + probe_ids] = 1.0
         self.s.put("rows", rows)
-        self.s.run(self.programs["head"], {"rows": "rows"}, ["head"], key="head")
+        self.s.run(self._program("head"), {"rows": "rows"}, ["head"], persist=True)  # zeros unless rows is one-hot
         self.s.drop("rows")
         if mode == "cached":
             tail = self._ids(self.tail_template)
@@ -161,6 +162,10 @@ class SecureScorer:
             self._share_tokens("tail", np.asarray(tail))
         if p0_ids is not None:  # P0: embeddings of the initial prompt tokens, resident
             self._share_tokens("p0", np.asarray(p0_ids))
+
+    def _program(self, name: str) -> ProgramRef:
+        """The tuning program ``name`` for this prompt's depth and form, as the model owner approves it."""
+        return ProgramRef(name, self.depth, self.form)
 
     @property
     def delta_shape(self) -> tuple:
@@ -179,7 +184,7 @@ class SecureScorer:
         else:  # one-hot tokens; the lookup is a matmul inside MPC
             onehot = np.eye(self.bundle.config.vocab_size, dtype=np.float32)[ids]
             self.s.put(name + "_onehot", onehot)
-            self.s.run(self.programs["embed"], {"onehot": name + "_onehot"}, {"embeds": name}, key="embed")
+            self.s.run(self._program("embed"), {"onehot": name + "_onehot"}, {"embeds": name}, persist=True)
             self.s.drop(name + "_onehot")
 
     def add_examples(self, name: str, examples: list, groups: list | None = None,
@@ -245,8 +250,8 @@ class SecureScorer:
         layers = self.programs["top"] if self.deep else range(L)
         cache = {f"cache_{kv}{i}": f"{name}_cache_{kv}{i}" for i in layers for kv in "kv"}
         if not self.deep:
-            self.s.run(self.programs["prefill"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache,
-                       key="prefill")
+            self.s.run(self._program("prefill"), {"text": f"{name}_text", "text_mask": f"{name}_mask", **shift}, cache,
+                       persist=True)
             self.s.drop(f"{name}_text")
             return {"text_mask": f"{name}_mask", **shift, **cache, "_name": name}
         deep = {"deep_h": f"{name}_deep_h"}
@@ -254,14 +259,13 @@ class SecureScorer:
             deep.update({f"prompt_{kv}{i}": f"{name}_prompt_{kv}{i}" for i in layers for kv in "kv"})
         zs = {"zs_logits": f"{name}_zs"} if zero_shot else {}
         p0 = {} if self.form == "virtual" else {"p0": "p0"}
-        self.s.run(self.programs["prefill_deep"], {"text": f"{name}_text", "text_mask": f"{name}_mask", **p0,
+        self.s.run(self._program("prefill_deep"), {"text": f"{name}_text", "text_mask": f"{name}_mask", **p0,
                                                    "tail": "tail", **({"head": "head"} if zero_shot else {}), **shift},
-                   {**cache, **deep, **zs}, key="prefill_deep_zs" if zero_shot else "prefill_deep",
-                   reveal={"zs_logits": "verbalizer_logits"} if zero_shot else None)
+                   {**cache, **deep, **zs}, persist=True)  # its approval opens zs_logits, as verbalizer logits
         self.s.drop(f"{name}_text")
         if self.scale_var not in self.s.shapes:  # from the first chunk shared (the trainer's: train)
             stats = {"text_mask": f"{name}_mask", **shift, **(cache if self.form == "virtual" else {**p0, **deep})}
-            self.s.run(self.programs["deep_scale"], stats, {"deep_scale": self.scale_var}, key="deep_scale")
+            self.s.run(self._program("deep_scale"), stats, {"deep_scale": self.scale_var}, persist=True)
         return {"text_mask": f"{name}_mask", **shift, **cache, **deep, "_name": name,
                 **({"_zs": f"{name}_zs"} if zero_shot else {})}
 
@@ -323,16 +327,16 @@ class SecureScorer:
         inputs = {"head": "head", **resident}
         if self.deep:
             inputs.update(delta="delta", deep_scale=self.scale_var)
-            prog, key = self.programs["score_deep"], "score_deep"
+            prog = "score_deep"
         elif self.mode == "cached":
             inputs.update(tail="tail", **({"p0": "p0", "delta": "delta"} if prompted else {}))
-            prog, key = self.programs["score_cached"], f"score_cached_{'p' if prompted else '0'}"
+            prog = "score_cached"
         else:
             name = chunk["_name"]
             inputs.update(select=f"{name}_select" if prompted else f"{name}_select0",
                           **({"p0": "p0", "delta": "delta"} if prompted else {}))
-            prog, key = self.programs["score_full"], f"score_full_{'p' if prompted else '0'}"
-        self.s.run(prog, inputs, ["logits"], key=key, reveal={"logits": "verbalizer_logits"})
+            prog = "score_full"
+        self.s.run(self._program(prog), inputs, ["logits"])  # its approval opens logits, as verbalizer logits
         try:
             return self.s.reveal("logits", "verbalizer_logits")  # to the data owner, per policy
         finally:

@@ -290,6 +290,9 @@ def train_groups(cfg: TuneConfig, train: list) -> list | None:
     return minibatches([l for _, l in train], cfg.train_batch, cfg.seed) if cfg.train_batch else None
 
 
+KEEPS_STATE = ("sim", "cluster")
+
+
 def make_scorer(cfg: TuneConfig, task, train: list, session, bundle, subspace) -> SecureScorer:
     """The run's secure scorer on ``session``: placement, depth, calibration and (--head fit)
     probe words from its config, P0 from its subspace. Nothing is shared yet but the head rows."""
@@ -305,6 +308,8 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy) -> tuple[SecureScore
     # tokenizer and public config only; the weights stay with the model owner
     session, bundle = open_backend(cfg.backend, cfg.model, policy)
     try:
+        if cfg.backend in KEEPS_STATE:  # set-up shares on the parties' disks: a resumed run does not prefill again
+            session.keep_state(Path(cfg.out) / "state")
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
         return make_scorer(cfg, task, train, session, bundle, subspace), subspace, cfg

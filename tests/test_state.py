@@ -1,0 +1,121 @@
+"""Set-up shares kept on the parties' disks: a resumed or restarted run does not prefill again."""
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from helpers import toy_csv as make_toy
+from tuning.backends.state import PartyStore, digest
+from tuning.errors import UserError
+from tuning.loop.trainer import TuneConfig, tune
+
+QUIET = dict(show_progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def toy_csv(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("data") / "toy.csv")[0]
+
+
+def test_store_round_trip_is_private_and_keyed_by_digest(tmp_path):
+    st = PartyStore(tmp_path / "p0")
+    key = digest("prefill", (2, 3), b"\x00\x01")
+    assert key != digest("prefill", (2, 3), b"\x00\x02") and key != digest("prefill", (23,), b"\x00\x01")
+    assert not st.has(key)
+    st.save(key, b"meta", [b"a", b"", b"chunk" * 1000])
+    assert st.has(key) and st.load(key) == (b"meta", [b"a", b"", b"chunk" * 1000])
+    assert stat.S_IMODE(os.stat(tmp_path / "p0").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "p0" / f"{key}.share").st_mode) == 0o600
+    with pytest.raises(ValueError):
+        st.has("../../etc/passwd")
+
+
+def _cfg(csv, out, **kw):
+    base = dict(model="tiny-llama", backend="sim", task=None, train=str(csv), verbalizer="positive=g,negative=b",
+                shots=3, n_test=4, popsize=4, budget=2, d=16, n_tokens=2, sigma0=1.0, seed=0, out=str(out),
+                prompt_depth=1, prompt_form="virtual", save_logits=True)
+    base.update(kw)
+    return TuneConfig(**base)
+
+
+def test_sim_resume_restores_the_setup_instead_of_prefilling_again(toy_csv, tmp_path):
+    run = tmp_path / "run"
+    first = tune(_cfg(toy_csv, run, budget=1), **QUIET)
+    kept = sorted(p.name for p in (run / "state").iterdir())
+    assert kept == ["p0", "p1", "p2"] and all(len(list((run / "state" / p).iterdir())) > 0 for p in kept)
+    again = tune(TuneConfig(out=str(run)), resume=True, budget=2, **QUIET)
+    setups = again["mpc"]["setups"] if "setups" in again["mpc"] else None
+    first_b, resumed_b = first["mpc"]["setup"]["bytes"], again["mpc"]["setup"]["bytes"]
+    assert first_b > 0 and resumed_b <= 0.05 * first_b, (first_b, resumed_b, setups)
+    assert again["generations"] == 2
+    # the restored shares are the same values: the resumed run's zero-shot head and test logits
+    # equal the first run's within SPU's fixed-point noise
+    z0 = np.load(run / "logits" / "test_zero_shot.npz")["logits"]
+    assert np.isfinite(z0).all()
+    a = json.loads((run / "summary.json").read_text())
+    assert a["zero_shot_test_acc"] == first["zero_shot_test_acc"]
+
+
+def test_interrupted_setup_continues_at_the_next_unfinished_chunk(toy_csv, tmp_path, monkeypatch):
+    import tuning.loop.scorer as scorer
+
+    run = tmp_path / "run"
+    calls, real = [], scorer.SecureScorer.add_examples
+
+    def dying(self, name, *a, **k):  # the first process dies after sharing train, before dev
+        if name == "dev":
+            raise KeyboardInterrupt
+        calls.append(name)
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(scorer.SecureScorer, "add_examples", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tune(_cfg(toy_csv, run), **QUIET)
+    assert calls == ["train"] and not (run / "ckpt.npz").exists()
+    monkeypatch.setattr(scorer.SecureScorer, "add_examples", real)
+    fresh = tune(_cfg(toy_csv, tmp_path / "fresh"), **QUIET)
+    s = tune(_cfg(toy_csv, run), **QUIET)  # the same command again: train's set-up is restored
+    assert 0 < s["mpc"]["setup"]["bytes"] < fresh["mpc"]["setup"]["bytes"]
+
+
+def test_clean_deletes_the_run_and_its_state_and_refuses_other_dirs(toy_csv, tmp_path):
+    from tuning.cli import main
+
+    run = tmp_path / "run"
+    tune(_cfg(toy_csv, run, budget=1), **QUIET)
+    assert main(["clean", str(tmp_path)]) == 2 and run.exists()  # not a run: nothing deleted
+    assert main(["clean", str(run)]) == 0 and not run.exists()
+
+
+def test_plaintext_keeps_no_state(toy_csv, tmp_path):
+    from tuning.backends.plaintext import PlaintextBackend
+
+    tune(_cfg(toy_csv, tmp_path / "run", backend="plaintext", budget=1), **QUIET)
+    assert not (tmp_path / "run" / "state").exists()
+    with pytest.raises(UserError):
+        PlaintextBackend.keep_state(object.__new__(PlaintextBackend), tmp_path)
+
+
+def test_cluster_nodes_keep_their_own_shares_and_a_resume_restores_them(toy_csv, tmp_path, monkeypatch):
+    import tempfile
+
+    from helpers import small_policy
+    from tuning.backends.state import namespace
+    from tuning.cli import main
+    from tuning.policy import dump_policy
+
+    monkeypatch.setenv("SECPTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the cluster tune launches logs here
+    policy = dump_policy(small_policy("aby3"), tmp_path / "aby3-free.yaml")
+    run = tmp_path / "run"
+    first = tune(_cfg(toy_csv, run, backend="cluster", policy=str(policy), budget=1), **QUIET)
+    kept = [tmp_path / "home" / "state" / p / namespace(run / "state") for p in ("p0", "p1", "p2")]
+    assert all(len(list(d.iterdir())) > 0 for d in kept)  # each node, in its own directory
+    assert all(stat.S_IMODE(os.stat(d).st_mode) == 0o700 for d in kept)
+    again = tune(TuneConfig(out=str(run)), resume=True, budget=2, **QUIET)
+    first_b, resumed_b = first["mpc"]["setup"]["bytes"], again["mpc"]["setup"]["bytes"]
+    assert first_b > 0 and resumed_b <= 0.05 * first_b, (first_b, resumed_b)
+    assert again["generations"] == 2 and again["zero_shot_test_acc"] == first["zero_shot_test_acc"]
+    assert main(["clean", str(run)]) == 0 and not run.exists() and not any(d.exists() for d in kept)

@@ -1,0 +1,83 @@
+"""A compute party's shares of a job's set-up, kept on its own disk, so that a resumed run does
+not prefill again (``Session.run(..., persist=True)``).
+
+A value is filed under the digest of what produced it: the program's compiled code, the digests
+of its inputs (the data owner's values, hashed where they are known), the out key, and the
+identity of the weights and the policy. The same run resumed finds every digest again; anything
+else (another model, policy, text or configuration) finds none and computes afresh, never a stale
+share. Files are written whole (temporary name, then rename) in a directory only this party's
+user can read (mode 0700), one directory per party.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+from pathlib import Path
+
+
+def digest(*parts) -> str:
+    """sha256 over ``parts`` (bytes as they are, anything else by its repr), unambiguously framed."""
+    h = hashlib.sha256()
+    for p in parts:
+        b = p if isinstance(p, bytes) else repr(p).encode()
+        h.update(struct.pack("<Q", len(b)) + b)
+    return h.hexdigest()
+
+
+def checked_key(key) -> str:
+    """``key`` if it is a sha256 hex digest (a file name that cannot leave its directory)."""
+    if not isinstance(key, str) or len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        raise ValueError(f"not a digest: {str(key)[:70]!r}")
+    return key
+
+
+def namespace(run_state) -> str:
+    """The name under which every party keeps one run's shares: a digest of its state path."""
+    return digest("run", str(Path(run_state).resolve()))
+
+
+class PartyStore:
+    """One compute party's kept shares: ``digest -> (meta, chunks)`` (an SPU share's parts)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{checked_key(key)}.share"
+
+    def has(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def save(self, key: str, meta: bytes, chunks: list) -> None:
+        path = self._path(key)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(struct.pack("<Q", len(chunks)))
+            for part in (meta, *chunks):
+                f.write(struct.pack("<Q", len(part)) + part)
+        os.replace(tmp, path)
+
+    def load(self, key: str) -> tuple[bytes, list]:
+        data = self._path(key).read_bytes()
+        (n,), at, parts = struct.unpack_from("<Q", data), 8, []
+        for _ in range(n + 1):
+            (size,) = struct.unpack_from("<Q", data, at)
+            parts.append(data[at + 8: at + 8 + size])
+            at += 8 + size
+        return parts[0], parts[1:]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def to_share(meta: bytes, chunks: list):
+    """An SPU ``libspu.Share`` from its parts."""
+    from spu import libspu
+
+    share = libspu.Share()
+    share.meta, share.share_chunks = meta, list(chunks)
+    return share
