@@ -399,19 +399,20 @@ def _cmd_sf_job(args):
 def _cmd_clean(args):
     """Delete a run directory and the set-up shares its parties kept in it (``RUN/state``)."""
     import shutil
-    from pathlib import Path
 
     from .assets.cache import secptune_home
     from .backends.state import namespace
+    from .loop.rundir import RunDir
 
-    run = Path(args.run)
-    if not ((run / "config.json").exists() or (run / "state").is_dir()):
-        raise UserError(f"{run} is not a run directory (no config.json, no state/): nothing deleted")
+    run = RunDir(args.run)
+    if not run.is_run():
+        raise UserError(f"{run.path} is not a run directory (no {run.config_path.name}, no {run.state_dir.name}/): "
+                        "nothing deleted")
     # what this machine's cluster nodes kept for the run (nodes on other hosts keep theirs)
-    kept = [d for d in (secptune_home() / "state").glob(f"*/{namespace(run / 'state')}") if d.is_dir()]
-    for d in [run, *kept]:
+    kept = [d for d in (secptune_home() / "state").glob(f"*/{namespace(run.state_dir)}") if d.is_dir()]
+    for d in [run.path, *kept]:
         shutil.rmtree(d)
-    print(f"deleted {run}" + (f" and {len(kept)} parties' kept shares" if kept else ""))
+    print(f"deleted {run.path}" + (f" and {len(kept)} parties' kept shares" if kept else ""))
 
 
 def _cmd_node(args):

@@ -16,7 +16,9 @@ The files (what writes them, what reads them):
 - ``summary.json``, ``best_z.npy`` (the kept prompt's z; written last, it marks the run finished),
   ``head.npz`` (``--head fit``) and ``curves.png``: written at the end of the run;
 - ``logits/``: ``--save-logits``' per-generation candidates and opened logits (``gen0001.npz``...)
-  and the test set's (``test_zero_shot.npz``, ``test_tuned.npz``).
+  and the test set's (``test_zero_shot.npz``, ``test_tuned.npz``);
+- ``state/``: the set-up shares the parties keep (``Session.keep_state``), so a resumed run does
+  not prefill again; a cluster's nodes keep theirs on their own disks, named by this path.
 
 Whole files go through a temporary file and a rename: a killed process leaves the old file or
 the new one, never half of one. The two logs are appended a line at a time (a torn last line is
@@ -37,6 +39,7 @@ from . import head as fitted
 
 CONFIG, CHECKPOINT, METRICS, AUDIT = "config.json", "ckpt.npz", "metrics.jsonl", "reveals.jsonl"
 SUMMARY, BEST_Z, HEAD, CURVES, LOGITS = "summary.json", "best_z.npy", "head.npz", "curves.png", "logits"
+STATE = "state"
 # the commands whose reveals a run's audit holds; records of older versions name none (they were tune's)
 COMMANDS = ("tune", "predict", "eval")
 
@@ -110,7 +113,15 @@ class RunDir:
     def generation_name(generation: int) -> str:
         return f"gen{generation:04d}"
 
+    @property
+    def state_dir(self) -> Path:
+        return self.path / STATE
+
     # ---------------------------------------------------------------------------- the run
+    def is_run(self) -> bool:
+        """A run wrote here: its settings, or its parties' kept shares (``secptune clean`` deletes it)."""
+        return self.config_path.exists() or self.state_dir.is_dir()
+
     def has_checkpoint(self) -> bool:
         """A run is there (finished or not): tune wrote its first checkpoint."""
         return self.checkpoint_path.exists()

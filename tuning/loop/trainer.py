@@ -309,7 +309,7 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy) -> tuple[SecureScore
     session, bundle = open_backend(cfg.backend, cfg.model, policy)
     try:
         if cfg.backend in KEEPS_STATE:  # set-up shares on the parties' disks: a resumed run does not prefill again
-            session.keep_state(Path(cfg.out) / "state")
+            session.keep_state(RunDir(cfg.out).state_dir)
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
         return make_scorer(cfg, task, train, session, bundle, subspace), subspace, cfg
