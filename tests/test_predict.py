@@ -174,8 +174,10 @@ def test_sim_predict_agrees_with_the_runs_tuned_test_logits(sim_run, cli, tmp_pa
     saved = np.load(run / "logits" / "test_tuned.npz")["logits"]
     order = _chunk_order([t for t, _ in examples], "sim")
     before = _audit(run)
+    kept = sorted((run / "state").rglob("*.share"))
     code, _, err = cli("predict", "--run", run, "--input", test_csv, "--out", tmp_path / "p.jsonl")
     assert code == 0, err
+    assert kept and sorted((run / "state").rglob("*.share")) == kept  # the run's set-up restored, nothing new kept
     rows = [json.loads(ln) for ln in (tmp_path / "p.jsonl").read_text().splitlines()]
     got = np.array([[r["probabilities"]["positive"], r["probabilities"]["negative"]] for r in rows])[order]
     want = _softmax(saved.astype(np.float64))

@@ -389,7 +389,7 @@ class ClusterBackend(Session):
         return approval.digest, approval
 
     # set-up shares on the parties' disks: each node keeps its own, under its own state directory
-    def keep_state(self, root) -> None:
+    def _open_state(self, root) -> None:
         ns = state.namespace(root)
         self._gather([(peer, node.state_open, (ns,)) for peer in self.peers])
         self.state = ns

@@ -87,6 +87,7 @@ class Session(abc.ABC):
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
         self._digests: dict = {}  # resident var -> digest of what produced it (state.digest)
         self.state = None  # where the parties keep set-up shares (keep_state), or None
+        self._state_writes = False
         self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, policy.computes_as())
 
     # ---- the back end's own parts
@@ -124,9 +125,14 @@ class Session(abc.ABC):
         self._digests[name] = state.digest("put", value.shape, value.tobytes())
 
     # ---- set-up shares the parties keep on disk (a resumed run does not prefill again)
-    def keep_state(self, root) -> None:
+    def keep_state(self, root, write: bool = True) -> None:
         """From now on ``run(..., persist=True)`` outputs are kept by each party under ``root``
-        (one directory per party) and restored instead of recomputed when their digest recurs."""
+        (one directory per party) and restored instead of recomputed when their digest recurs;
+        ``write=False``: restored only, nothing new kept."""
+        self._state_writes = write
+        self._open_state(root)
+
+    def _open_state(self, root) -> None:
         raise UserError(f"the {self.name} back end cannot keep set-up shares on disk")
 
     def _program_digest(self, compiled) -> str:
@@ -261,7 +267,7 @@ class Session(abc.ABC):
             cost = CallCost(0.0, {})
         else:
             cost = self._execute(compiled, ins, outs)
-            if keys:
+            if keys and self._state_writes:
                 self._keep(outs, keys)
         self._digests.update(zip(outs, keys or [None] * len(outs)))
         self._marks.update({outmap[k]: kind for k, kind in opens.items()})

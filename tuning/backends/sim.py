@@ -96,7 +96,7 @@ class SimBackend(Session):
         return approval.digest, approval
 
     # set-up shares on disk: one store per simulated party (the cluster's nodes keep their own)
-    def keep_state(self, root) -> None:
+    def _open_state(self, root) -> None:
         self.state = [PartyStore(Path(root) / p.name) for p in self.policy.compute]
 
     def _program_digest(self, compiled) -> str:

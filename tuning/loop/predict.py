@@ -208,7 +208,8 @@ def score_texts(job: Job, progress=None) -> tuple[np.ndarray, dict]:
     """Class scores [E, R] of the job's texts, in input order, at the run's kept prompt through
     its back end (the head's log-probabilities for a --head fit run), and the MPC cost."""
     run = job.run
-    scorer, subspace, cfg = open_scorer(run.cfg, job.task, job.train, load_policy(run.cfg.policy))
+    scorer, subspace, cfg = open_scorer(run.cfg, job.task, job.train, load_policy(run.cfg.policy),
+                                      keep_new=False)  # the run's set-up restored; the new texts are not kept
     try:
         if run.head is not None and not np.array_equal(run.word_groups, scorer.word_groups):
             raise UserError(f"--run {run.path}: its head reads {len(run.word_groups)} words, its task now gives "

@@ -301,15 +301,16 @@ def make_scorer(cfg: TuneConfig, task, train: list, session, bundle, subspace) -
                         probe_words=probe_words(cfg, task, train) if cfg.head == "fit" else ())
 
 
-def open_scorer(cfg: TuneConfig, task, train: list, policy) -> tuple[SecureScorer, object, TuneConfig]:
+def open_scorer(cfg: TuneConfig, task, train: list, policy, keep_new: bool = True) -> tuple[SecureScorer, object, TuneConfig]:
     """The run's back end, subspace and scorer as ``tune`` sets them up, and the config with the
-    subspace's n_tokens (--init text). The back end is closed again if the set-up fails."""
+    subspace's n_tokens (--init text). The back end is closed again if the set-up fails.
+    ``keep_new=False``: restore the run's kept set-up shares, keep no new ones (predict)."""
     # the model as this (the data owner's) process sees it: under the cluster back end, the
     # tokenizer and public config only; the weights stay with the model owner
     session, bundle = open_backend(cfg.backend, cfg.model, policy)
     try:
         if cfg.backend in KEEPS_STATE:  # set-up shares on the parties' disks: a resumed run does not prefill again
-            session.keep_state(RunDir(cfg.out).state_dir)
+            session.keep_state(RunDir(cfg.out).state_dir, write=keep_new)
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
         return make_scorer(cfg, task, train, session, bundle, subspace), subspace, cfg
