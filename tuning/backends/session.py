@@ -31,8 +31,8 @@ builds its data owner's arrays on every back end.
 A back end implements the abstract methods: ``_put``, ``_reconstruct``, ``drop``, ``close``,
 ``_compile(program, arg_shapes, out_keys)`` and ``_execute(compiled, ins, outs) -> CallCost``;
 ``_approve(request)`` where a model owner approves (default: the same registry, in process);
-back ends whose parties can keep shares on disk (``keep_state``) also ``_program_digest``,
-``_kept``, ``_keep`` and ``_restore``.
+back ends whose parties can keep shares on disk (``keep_state``) also ``_open_state``,
+``_program_digest``, ``_kept``, ``_keep`` and ``_restore``.
 The shared parts (``run``, ``forward``, ``make_batch``, what the data owner may learn of the
 weights, and the context manager) live here.
 """
