@@ -389,6 +389,8 @@ class ClusterBackend(Session):
         return approval.digest, approval
 
     # set-up shares on the parties' disks: each node keeps its own, under its own state directory
+    keeps_state = True
+
     def _open_state(self, root) -> None:
         ns = state.namespace(root)
         self._gather([(peer, node.state_open, (ns,)) for peer in self.peers])

@@ -549,9 +549,7 @@ def state_keep(server, names: list, keys: list) -> None:
     """File this party's shares of ``names`` (outputs of a run just made) under ``keys``."""
     rt, store = _runtime(server), _store(server)
     with server.run_lock:
-        for name, key in zip(names, keys):
-            share = rt.get_var(name)
-            store.save(key, share.meta, share.share_chunks)
+        store.keep(rt, names, keys)
 
 
 def state_restore(server, digest: str, input_names: list, output_names: list, keys: list) -> None:
@@ -562,8 +560,7 @@ def state_restore(server, digest: str, input_names: list, output_names: list, ke
         gate = server._locals["gate"]
         exe = gate.bind(digest, input_names, output_names)
         gate.forget(*exe.output_names)
-        for name, key in zip(exe.output_names, keys):
-            rt.set_var(name, state.to_share(*store.load(key)))
+        store.restore(rt, exe.output_names, keys)
         gate.ran(digest, exe.output_names)
 
 

@@ -66,6 +66,7 @@ class Session(abc.ABC):
     pad_multiple = 16  # cached texts are padded to a multiple of this (coarser: fewer compilations)
     allows_unsafe_open = True  # in-process back ends; False where the parties are real processes
     scan_layers = False  # run softmax layer runs as one lax.scan (spu_models.config.Execution)
+    keeps_state = False  # its parties can keep set-up shares on disk (keep_state)
 
     def __init__(self, bundle, policy):
         """``bundle``: the architecture, execution and tokenizer, and the model owner's weights
@@ -257,12 +258,12 @@ class Session(abc.ABC):
         for v in outmap.values():
             self._marks.pop(v, None)
         ins, outs = [inputs[a] for a in arg_shapes], list(outmap.values())
-        keys = None
-        if persist and self.state is not None:
+        keys = None  # only where every input's provenance is known: else a digest would not pin them
+        if persist and self.state is not None and all(self._digests.get(v) for v in ins):
             program_id = self._program_digest(compiled)
-            keys = [state.digest(self._identity, program_id, [(a, self._digests.get(inputs[a])) for a in arg_shapes],
-                                 k) for k in outmap]
-        if keys and None not in (self._digests.get(v) for v in ins) and self._kept(keys):
+            keys = [state.digest(self._identity, program_id, [(a, self._digests[inputs[a]]) for a in arg_shapes], k)
+                    for k in outmap]
+        if keys and self._kept(keys):
             self._restore(compiled, ins, outs, keys)
             cost = CallCost(0.0, {})
         else:

@@ -24,7 +24,7 @@ import numpy as np
 from .approval import Gate, approve, share_shape
 from .cost import CallCost, capture_fd_stdout, parse_profile
 from .session import Session
-from .state import PartyStore, digest, to_share
+from .state import PartyStore, digest
 from .spu_common import bind, compile_session_program, param_names
 
 
@@ -96,6 +96,8 @@ class SimBackend(Session):
         return approval.digest, approval
 
     # set-up shares on disk: one store per simulated party (the cluster's nodes keep their own)
+    keeps_state = True
+
     def _open_state(self, root) -> None:
         self.state = [PartyStore(Path(root) / p.name) for p in self.policy.compute]
 
@@ -107,9 +109,7 @@ class SimBackend(Session):
 
     def _keep(self, outs, keys):
         for st, rt in zip(self.state, self.runtimes):
-            for name, key in zip(outs, keys):
-                share = rt.get_var(name)
-                st.save(key, share.meta, share.share_chunks)
+            st.keep(rt, outs, keys)
 
     def _restore(self, compiled, ins, outs, keys):
         """As if the approved program ran: the same checks of its inputs, then its outputs' shares
@@ -117,8 +117,7 @@ class SimBackend(Session):
         if isinstance(compiled, str):
             self.gate.bind(compiled, param_names(self._params_shapes) + list(ins), outs)
         for st, rt in zip(self.state, self.runtimes):
-            for name, key in zip(outs, keys):
-                rt.set_var(name, to_share(*st.load(key)))
+            st.restore(rt, outs, keys)
         self.gate.forget(*outs)
         if isinstance(compiled, str):
             self.gate.ran(compiled, outs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -70,8 +69,16 @@ class PartyStore:
             at += 8 + size
         return parts[0], parts[1:]
 
-    def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+    def keep(self, rt, names: list, keys: list) -> None:
+        """File runtime ``rt``'s shares of ``names`` under ``keys``."""
+        for name, key in zip(names, keys):
+            share = rt.get_var(name)
+            self.save(key, share.meta, share.share_chunks)
+
+    def restore(self, rt, names: list, keys: list) -> None:
+        """Set runtime ``rt``'s variables ``names`` to the shares filed under ``keys``."""
+        for name, key in zip(names, keys):
+            rt.set_var(name, to_share(*self.load(key)))
 
 
 def to_share(meta: bytes, chunks: list):

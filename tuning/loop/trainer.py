@@ -290,9 +290,6 @@ def train_groups(cfg: TuneConfig, train: list) -> list | None:
     return minibatches([l for _, l in train], cfg.train_batch, cfg.seed) if cfg.train_batch else None
 
 
-KEEPS_STATE = ("sim", "cluster")
-
-
 def make_scorer(cfg: TuneConfig, task, train: list, session, bundle, subspace) -> SecureScorer:
     """The run's secure scorer on ``session``: placement, depth, calibration and (--head fit)
     probe words from its config, P0 from its subspace. Nothing is shared yet but the head rows."""
@@ -309,7 +306,7 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy, keep_new: bool = Tru
     # tokenizer and public config only; the weights stay with the model owner
     session, bundle = open_backend(cfg.backend, cfg.model, policy)
     try:
-        if cfg.backend in KEEPS_STATE:  # set-up shares on the parties' disks: a resumed run does not prefill again
+        if session.keeps_state:  # set-up shares on the parties' disks: a resumed run does not prefill again
             session.keep_state(RunDir(cfg.out).state_dir, write=keep_new)
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
