@@ -25,8 +25,8 @@ def _row(name, n, agree, err, diffs):
 
 
 def main(argv=None):
-    from tuning.loop.rundir import RunDir
-    from tuning.loop.trainer import score_candidates
+    from tuning.data_owner.rundir import RunDir
+    from tuning.data_owner.trainer import score_candidates
 
     ap = argparse.ArgumentParser(prog="secptune bench agreement")
     ap.add_argument("--run", required=True)

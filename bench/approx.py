@@ -47,8 +47,8 @@ def main(argv=None):
 
     import jax
 
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
     from tuning.policy import load_policy
 
     policy = load_policy(args.policy)

@@ -59,7 +59,7 @@ def program(variant: str, features: int, chunk: int, approx, learned_features: i
 
 def census(prog, shapes) -> dict:
     """Counts of the costly pphlo ops of ``prog`` (compiled for these shapes)."""
-    from tuning.backends.spu_common import compile_program, op_census
+    from tuning.programs import compile_program, op_census
 
     exe = compile_program(prog, {}, {k: np.zeros(s, np.float32) for k, s in shapes.items()}, ["out"])
     c = op_census(exe.code.decode("utf-8"))
@@ -116,8 +116,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.backends.cost import NETWORKS
-    from tuning.backends.sim import SimBackend
+    from tuning.transports.cost import NETWORKS
+    from tuning.transports.sim import SimBackend
     from tuning.policy import load_policy
 
     variants = args.variants.split(",")

@@ -47,10 +47,10 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.assets.models import load_model, with_policy
-    from tuning.assets.tasks import load_task
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import SecureScorer
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.data_owner.tasks import load_task
+    from tuning.transports import make_backend
+    from tuning.data_owner.scorer import SecureScorer
     from tuning.policy import load_policy
 
     policy = load_policy(args.policy)

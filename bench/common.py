@@ -39,12 +39,12 @@ def rescorer(run: Path, zero_shot: bool = False) -> Rescored:
     and dev sets shared as the run shared them (``zero_shot``: with P0's logits, and the test set
     too), and its objective, built as tune built it (an ``--objective head`` run's P0 head comes
     from its checkpoint), so that scores read through it are the ones its search read."""
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
-    from tuning.loop.config import load_run_config
-    from tuning.loop.rundir import RunDir
-    from tuning.loop.trainer import (build_subspace, load_checkpoint, make_objective, make_scorer, split_examples,
-                                     strategy_of, task_of, train_groups)
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
+    from tuning.data_owner.config import load_run_config
+    from tuning.data_owner.rundir import RunDir
+    from tuning.data_owner.trainer import (build_subspace, load_checkpoint, make_objective, make_scorer,
+                                           split_examples, strategy_of, task_of, train_groups)
     from tuning.policy import load_policy
 
     cfg = load_run_config(run, "--run")
@@ -54,7 +54,7 @@ def rescorer(run: Path, zero_shot: bool = False) -> Rescored:
     bundle = with_policy(load_model(cfg.model), policy)
     plain = make_backend("plaintext", bundle, policy)
     if cfg.backend != "plaintext":
-        from tuning.backends.session import Session
+        from tuning.transports.session import Session
 
         # an SPU run's chunks (16 texts) and padding (multiples of 16): its saved chunk ids then name
         # the same rows, and every program sees the shapes the parties saw

@@ -55,7 +55,7 @@ def compile_once(backend: str, scan: bool, program: str, layers: int) -> dict:
         specs = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in args.items()}
         size = len(jax.jit(lambda p, a: fn(p, **a)).lower(shapes, specs).compile().as_text())
     else:
-        from tuning.backends.spu_common import compile_session_program
+        from tuning.programs import compile_session_program
 
         outs = list(jax.eval_shape(lambda p, a: fn(p, **a), shapes,
                                    {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in args.items()}))

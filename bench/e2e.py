@@ -26,7 +26,7 @@ each method's steps to reach it, times its per-step MPC cost under ABY3 on all 3
 - forward-only: ``bench placement`` (``--placement``, all 30 layers) gives the per-row cost of a
   generation and the per-example prefill; a generation scores the rows of the run's settings
   (``tune``'s ``rows_per_generation``); the 64 train + dev examples are prefilled once.
-LAN and WAN figures use ``tuning.backends.cost``'s network model on the measured bytes and rounds.
+LAN and WAN figures use ``tuning.transports.cost``'s network model on the measured bytes and rounds.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ INIT = "text: Is this review positive or negative?"
 def _encode(bundle, task, examples, n_prompt: int = 0):
     """Token ids [E, L] right-padded, the index of each last real token (after ``n_prompt`` soft
     tokens), and labels."""
-    from tuning.assets.encode import pad_length
+    from tuning.data_owner.encode import pad_length
 
     seqs = [list(bundle.tokenizer(task.prompt(t), add_special_tokens=False)["input_ids"]) for t, _ in examples]
     L = pad_length(max(len(s) for s in seqs), 16)
@@ -64,9 +64,9 @@ def learning_curves(seed: int, sft_steps: int, pt_steps: int, sft_lr: float, pt_
     import optax
 
     from spu_models import llama
-    from tuning.assets.encode import verbalizer_ids
-    from tuning.assets.models import load_model
-    from tuning.loop.trainer import TuneConfig, split_examples, task_of
+    from tuning.data_owner.encode import verbalizer_ids
+    from tuning.model_owner.models import load_model
+    from tuning.data_owner.trainer import TuneConfig, split_examples, task_of
 
     cfg = TuneConfig(task="mr", shots=16, seed=seed)
     task = task_of(cfg)
@@ -126,7 +126,7 @@ def learning_curves(seed: int, sft_steps: int, pt_steps: int, sft_lr: float, pt_
 def forward_only_curves(table: str, results: Path) -> dict:
     """Seed -> dev accuracy of the search mean after each generation (index 0: before any), from
     the runs of a ``bench accuracy`` table."""
-    from tuning.loop.rundir import RunDir
+    from tuning.data_owner.rundir import RunDir
 
     d = json.loads((Path(table) if Path(table).suffix else results / f"{table}.json").read_text())
     a = d["args"]
@@ -195,8 +195,8 @@ def _mean_curve(curves: list) -> np.ndarray:
 
 
 def bill_main(args):
-    from tuning.backends.cost import NETWORKS
-    from tuning.loop.report import FULL_BUDGET, rows_per_generation
+    from tuning.transports.cost import NETWORKS
+    from tuning.data_owner.report import FULL_BUDGET, rows_per_generation
 
     res = Path(args.results)
     load = lambda n: json.loads((Path(n) if Path(n).suffix else res / f"{n}.json").read_text())  # noqa: E731

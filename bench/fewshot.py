@@ -47,8 +47,8 @@ POLICY = "aby3-fast"
 def fo_config(task: str, seed: int, out: Path, model: str = "smollm2-135m", budget: int = 25, shots: int = 16,
               n_test: int = 200, depth: int = 4, objective: str = "words"):
     """The shipped forward-only configuration for ``task``: one TuneConfig per task and seed."""
-    from tuning.assets.tasks import TASKS as SPECS
-    from tuning.loop.trainer import TuneConfig
+    from tuning.data_owner.tasks import TASKS as SPECS
+    from tuning.data_owner.trainer import TuneConfig
 
     n = len(SPECS[task].verbalizer)
     return TuneConfig(model=model, task=task, policy=POLICY, backend="plaintext", shots=shots,
@@ -69,8 +69,8 @@ REUSE = {"mr": "runs/mr_cached_plaintext_cma_v4t_b16m_fast_fit_rope_s{seed}",
 
 def run_fo(cfg, log=print) -> dict:
     """Forward-only tuning, resumed if interrupted (or a finished ``REUSE`` run's summary)."""
-    from tuning.loop.rundir import RunDir
-    from tuning.loop.trainer import tune
+    from tuning.data_owner.rundir import RunDir
+    from tuning.data_owner.trainer import tune
 
     old = RunDir(RESULTS / REUSE.get(cfg.task, "-").format(seed=cfg.seed))
     s = old.read_summary() if cfg.objective == "words" else None
@@ -134,9 +134,9 @@ def run_pt(cfg, bundle, policy, task, train, dev, test, steps: int, lr: float, l
     import jax
     import jax.numpy as jnp
 
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import SecureScorer
-    from tuning.loop.trainer import build_subspace
+    from tuning.transports import make_backend
+    from tuning.data_owner.scorer import SecureScorer
+    from tuning.data_owner.trainer import build_subspace
 
     session = make_backend("plaintext", bundle, policy)
     sub = build_subspace(cfg, bundle, session.embedding_stats())
@@ -181,7 +181,7 @@ def run_sft(cfg, bundle, task, train, dev, test, steps: int, lr: float, micro: i
     import jax.numpy as jnp
 
     from spu_models import llama
-    from tuning.assets.encode import pad_length, verbalizer_ids
+    from tuning.data_owner.encode import pad_length, verbalizer_ids
 
     model = llama.LlamaForCausalLM(bundle.config, bundle.execution)
     rows = jnp.asarray(verbalizer_ids(bundle.tokenizer, [task.verbalizer[l] for l in task.labels]))
@@ -230,8 +230,8 @@ def run_sft(cfg, bundle, task, train, dev, test, steps: int, lr: float, micro: i
 
 # --------------------------------------------------------------------------------------- run
 def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
-    from tuning.assets.models import load_model, with_policy
-    from tuning.loop.trainer import split_examples, task_of
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.data_owner.trainer import split_examples, task_of
     from tuning.policy import load_policy
 
     path = Path(args.out) / "runs" / f"{task_name}_s{seed}.json"

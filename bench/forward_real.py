@@ -29,8 +29,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.assets.models import load_model
-    from tuning.assets.tasks import load_task, truncate_words
+    from tuning.model_owner.models import load_model
+    from tuning.data_owner.tasks import load_task, truncate_words
     from tuning.policy import load_policy
 
     names = [p for p in args.policy.split(",") if p]
@@ -68,10 +68,10 @@ def main(argv=None):
 def measure(base, policy, prompts, words, args):
     """One secure forward of the prompts under ``policy`` in the simulator, against plaintext."""
     from bench.cache import truncated
-    from tuning.assets.encode import make_batch
-    from tuning.assets.models import with_policy
-    from tuning.backends import make_backend
-    from tuning.backends.cost import NETWORKS, top_ops
+    from tuning.data_owner.encode import make_batch
+    from tuning.model_owner.models import with_policy
+    from tuning.transports import make_backend
+    from tuning.transports.cost import NETWORKS, top_ops
 
     bundle = truncated(with_policy(base, policy), args.layers)
     batch = make_batch(bundle, prompts, words, policy.embedding)

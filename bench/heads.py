@@ -34,9 +34,9 @@ READS = ("words P0", "words tuned", "head P0", "head P0 @ tuned", "head refit @ 
 
 def read_run(run: Path) -> dict:
     """Test accuracy of every reading for one finished run (see the module doc)."""
-    from tuning.loop import head as fitted
-    from tuning.loop.rundir import RunDir
-    from tuning.loop.trainer import fit_head
+    from tuning.data_owner import head as fitted
+    from tuning.data_owner.rundir import RunDir
+    from tuning.data_owner.trainer import fit_head
 
     if RunDir(run).read_config().get("head") != "fit":
         raise ValueError(f"{run}: not a --head fit run")
@@ -57,8 +57,8 @@ def read_run(run: Path) -> dict:
 def head_cost(model: str, policy_name: str, word_counts: list) -> list:
     """Bytes, rounds and seconds of the one-off secure ``head`` program for each number of word
     rows, in one simulator session (the weights shared once)."""
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
     from tuning.policy import load_policy
 
     policy = load_policy(policy_name)
@@ -111,7 +111,7 @@ def main(argv=None):
 
 def cost_main(args):
     """--cost: the head program with the verbalizer's words and with the whole probe pool."""
-    from tuning.assets.tasks import TASKS
+    from tuning.data_owner.tasks import TASKS
 
     table = json.loads(Path(args.table).read_text()) if args.table else {"args": {}}
     a = table["args"]

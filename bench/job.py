@@ -24,7 +24,7 @@ SAME = ("task", "model", "policy", "shots", "popsize", "budget", "n_test", "seed
 
 def _load(run: Path):
     """A finished run's stored settings, summary and per-generation metrics."""
-    from tuning.loop.rundir import RunDir
+    from tuning.data_owner.rundir import RunDir
 
     d = RunDir(run)
     summary = d.read_summary()

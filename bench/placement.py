@@ -75,12 +75,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from bench.cache import truncated
-    from tuning.assets.models import load_model, with_policy
-    from tuning.assets.tasks import kshot, load_task
-    from tuning.backends import make_backend
-    from tuning.backends.cost import top_ops
-    from tuning.loop.scorer import SecureScorer, delta_shape
-    from tuning.loop.report import FULL_BUDGET, rows_per_generation
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.data_owner.tasks import kshot, load_task
+    from tuning.transports import make_backend
+    from tuning.transports.cost import top_ops
+    from tuning.data_owner.scorer import SecureScorer, delta_shape
+    from tuning.data_owner.report import FULL_BUDGET, rows_per_generation
     from tuning.policy import load_policy
 
     policy = load_policy(args.policy)

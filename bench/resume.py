@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=None, help="the run directory (default: a temporary one, deleted)")
     args = ap.parse_args(argv)
-    from tuning.loop.rundir import RunDir
+    from tuning.data_owner.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.out or Path(tmp) / "run")

@@ -84,8 +84,8 @@ def main(argv=None):
 
         raise UserError("bench sfjob: give the tune arguments without --out, --backend, --policy or --resume")
 
-    from tuning.backends.cluster import free_policy
-    from tuning.loop.rundir import RunDir
+    from tuning.transports.cluster import free_policy
+    from tuning.data_owner.rundir import RunDir
     from tuning.policy import dump_policy, load_policy
 
     work = Path(args.work or tempfile.mkdtemp(prefix="secptune-bench-sfjob-"))

@@ -63,7 +63,7 @@ def _timed(fn):
 
 
 def _summary(cost, div: int = 1) -> dict:
-    from tuning.backends.cost import NETWORKS
+    from tuning.transports.cost import NETWORKS
 
     d = {"wall_s": cost.wall_s / div, "send_bytes": cost.send_bytes / div, "rounds": cost.rounds / div}
     d.update({f"est_{n}_s": cost.estimate(n) / div for n in NETWORKS})
@@ -74,10 +74,10 @@ def measure_policy(policy_name: str, args, task, log=print) -> dict:
     """Every method under one policy, in one sim session. Returns raw figures (JSON-ready)."""
     from bench.cache import text_of_tokens, truncated
     from spu_models.forward import embedding_table
-    from tuning.assets.encode import verbalizer_ids
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import SecureScorer
+    from tuning.data_owner.encode import verbalizer_ids
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
+    from tuning.data_owner.scorer import SecureScorer
     from tuning.policy import load_policy
 
     policy = load_policy(policy_name)
@@ -210,7 +210,7 @@ def main(argv=None):
         envs = [e for r in runs for e in (r.get("measured_environment") or [r["environment"]])]
         return render([x for r in runs for x in r["results"]], args, sum(r["total_wall_s"] for r in runs), envs)
 
-    from tuning.assets.tasks import load_task
+    from tuning.data_owner.tasks import load_task
 
     task = load_task("mr", max_words=None)
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from tuning.assets.encode import pad_length, verbalizer_ids
+from tuning.data_owner.encode import pad_length, verbalizer_ids
 
 
 class RemappedTokenizer:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spu_models.baselines import EPS, LOSS_SCALE, LR, make_pt_program, make_sft_program
-from tuning.backends import make_backend
+from tuning.transports import make_backend
 
 
 def sft_setup(session, bundle, inputs: dict) -> int:

@@ -16,7 +16,7 @@ METHOD_ROWS = [  # (key, label, what one iteration is, divide by P)
 
 
 def build_rows(results: list, P: int) -> list:
-    from tuning.backends.cost import NETWORKS
+    from tuning.transports.cost import NETWORKS
 
     rows = []
     for r in results:
@@ -155,7 +155,7 @@ def render(results: list, args, total: float, environment=None):
             "placement: prompt then text); forward-only = one generation: P candidates scored on the E examples, "
             "only the [P, E, R] verbalizer logits opened. 'per candidate' = generation / P (amortised, rounds "
             f"included). {runs} Compilation never timed. MB and rounds (send actions) of the busiest party; "
-            "LAN/WAN = wall + bytes/bandwidth + rounds x latency (tuning.backends.cost.NETWORKS); wall times are the SPU "
+            "LAN/WAN = wall + bytes/bandwidth + rounds x latency (tuning.transports.cost.NETWORKS); wall times are the SPU "
             "simulator's, all parties on one 2-core machine shared with other jobs (inflated by contention; bytes "
             f"and rounds are not). "
             + (f"Measured in {len(environment)} runs (one process per policy), {total / 60:.1f} min in all.\n"

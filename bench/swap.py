@@ -71,10 +71,10 @@ def main(argv=None):
 
     from spu_models import llama
     from spu_models.config import Execution
-    from tuning.assets.encode import make_batch
-    from tuning.assets.generate import greedy
-    from tuning.assets.models import load_model
-    from tuning.assets.tasks import load_task
+    from tuning.data_owner.encode import make_batch
+    from tuning.model_owner.generate import greedy
+    from tuning.model_owner.models import load_model
+    from tuning.data_owner.tasks import load_task
     from tuning.policy import load_policy
 
     base = load_model(args.model)
@@ -151,7 +151,7 @@ def converted_configs(args) -> list:
     import json
     from pathlib import Path
 
-    from tuning.assets.models import load_model, model_dir, policy_execution
+    from tuning.model_owner.models import load_model, model_dir, policy_execution
     from tuning.policy import load_policy
 
     if args.converted == "none":

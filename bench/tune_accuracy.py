@@ -26,10 +26,10 @@ def prompt_accuracy(bundle, policy, task, train, test, demos_per_class: int, see
     and with contextual calibration (the content-free inputs after the same demos). Under the
     run's policy (attention, approximations), in plaintext, each class's words combined as the
     tuning runs combine them (log-sum-exp)."""
-    from tuning.assets.encode import make_batch, pad_length, tokenize_prompts
-    from tuning.assets.models import with_policy
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import CONTENT_FREE, calibrated, combine_words, verbalizer_words
+    from tuning.data_owner.encode import make_batch, pad_length, tokenize_prompts
+    from tuning.model_owner.models import with_policy
+    from tuning.transports import make_backend
+    from tuning.data_owner.scorer import CONTENT_FREE, calibrated, combine_words, verbalizer_words
 
     rng = np.random.default_rng(seed)
     demos = []
@@ -97,9 +97,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from tuning.assets.models import load_model
-    from tuning.loop.rundir import RunDir
-    from tuning.loop.trainer import TuneConfig, split_examples, task_of, tune
+    from tuning.model_owner.models import load_model
+    from tuning.data_owner.rundir import RunDir
+    from tuning.data_owner.trainer import TuneConfig, split_examples, task_of, tune
     from tuning.policy import load_policy
 
     rows = []

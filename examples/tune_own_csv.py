@@ -7,7 +7,7 @@ Equivalent CLI: secptune tune --train reviews.csv --label-column stars --verbali
 import argparse
 
 import tuning
-from tuning.loop.trainer import TuneConfig, tune
+from tuning.data_owner.trainer import TuneConfig, tune
 
 tuning.configure_jax()  # CPU, XLA flags, compilation cache: before JAX computes anything
 

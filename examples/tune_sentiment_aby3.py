@@ -10,7 +10,7 @@ parties (SPU's ABY3 protocol); only the verbalizer logits come back, to you. Pre
 import argparse
 
 import tuning
-from tuning.loop.trainer import TuneConfig, tune
+from tuning.data_owner.trainer import TuneConfig, tune
 
 tuning.configure_jax()  # CPU, XLA flags, compilation cache: before JAX computes anything
 

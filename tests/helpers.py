@@ -19,7 +19,7 @@ def toy_csv(path: Path) -> tuple[Path, list]:
 
 
 def pids_with(marker: str, module: str) -> list:
-    """Live processes running ``module`` (e.g. ``tuning.backends.node``) whose command line also
+    """Live processes running ``module`` (e.g. ``tuning.transports.node``) whose command line also
     contains ``marker`` (a run's own directory)."""
     out = []
     for d in os.listdir("/proc"):
@@ -41,8 +41,8 @@ def replay_search(run: Path, d: int, popsize: int, seed: int = 0, sigma0: float 
     dev-loss selection keeps and the per-generation rankings of the train losses."""
     import numpy as np
 
-    from tuning.loop.search import make_strategy
-    from tuning.loop.trainer import load_checkpoint, losses_from_logits
+    from tuning.data_owner.search import make_strategy
+    from tuning.data_owner.trainer import load_checkpoint, losses_from_logits
 
     strategy = make_strategy("cma", d, popsize, seed, sigma0=sigma0)
     if start is None:
@@ -67,7 +67,7 @@ def replay_search(run: Path, d: int, popsize: int, seed: int = 0, sigma0: float 
 
 def small_policy(name: str, timeout_s: float = 15):
     """Shipped policy ``name`` with every party on a free local port and a short timeout."""
-    from tuning.backends.cluster import free_policy
+    from tuning.transports.cluster import free_policy
     from tuning.policy import load_policy
 
     return dataclasses.replace(free_policy(load_policy(name)), timeout_s=timeout_s)
@@ -90,7 +90,7 @@ def port_free(addr: str) -> bool:
 def assert_cleaned_up(cluster, policy):
     """A closed local cluster left no process, port or key behind."""
     assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
-    assert pids_with(str(cluster.log_dir), "tuning.backends.node") == []
+    assert pids_with(str(cluster.log_dir), "tuning.transports.node") == []
     addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
     assert all(port_free(a) for a in addrs), addrs
     assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"

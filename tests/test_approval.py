@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 from helpers import assert_cleaned_up, small_policy, toy_csv
 
-from tuning.assets.models import load_model, with_policy
-from tuning.assets.tasks import load_user_task
-from tuning.backends import cluster as clustermod
-from tuning.backends import make_backend, tls
-from tuning.backends.approval import ProgramRef
-from tuning.backends.rpc import PartyRefused, Peer
-from tuning.backends.session import RevealError
-from tuning.backends.spu_common import compile_session_program, param_names
+from tuning.model_owner.models import load_model, with_policy
+from tuning.data_owner.encode import session_batch
+from tuning.data_owner.tasks import load_user_task
+from tuning.transports import cluster as clustermod
+from tuning.transports import make_backend, tls
+from tuning.model_owner.approval import ProgramRef
+from tuning.transports.rpc import PartyRefused, Peer
+from tuning.transports.session import RevealError
+from tuning.programs import compile_session_program, param_names
 from tuning.errors import Refused, UserError
-from tuning.loop.scorer import SecureScorer
+from tuning.data_owner.scorer import SecureScorer
 
 PROMPTS = ["Qzv!x", "Kp?yw"]  # byte tokenizer: L = 8
 WORDS = ["yes", "no"]
@@ -57,7 +58,7 @@ def test_cluster_runs_only_approved_programs(tmp_path, monkeypatch):
     plain = make_backend("plaintext", with_policy(bundle, policy), policy)
     with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
         cluster, keyed = be.cluster, be.policy
-        batch = be.make_batch(PROMPTS, WORDS)
+        batch = session_batch(be, PROMPTS, WORDS)
         # 1. an approved program: the model owner compiles it; this process compiles nothing
         with monkeypatch.context() as m:
             m.setattr(clustermod, "compile_session_program", lambda *a: pytest.fail("the data owner compiled"))
@@ -122,14 +123,14 @@ def test_cluster_refuses_a_reveal_over_the_cap(tmp_path):
                                      (PROMPTS, WORDS + ["maybe"], "2 rows x 3 words")):
             with pytest.raises(PartyRefused, match=rf"bob .*refused approve: .*forward's logits would open {what} "
                                                    r"of verbalizer_logits, over policy .*'s cap of 2 x 2") as e:
-                be.forward(be.make_batch(prompts, words))
+                be.forward(session_batch(be, prompts, words))
             assert "\n" not in str(e.value)
         be.put("rows", np.eye(3, bundle.config.vocab_size, 40, dtype=np.float32))
         with pytest.raises(PartyRefused, match="head would score 3 word rows, over policy .* cap of 2 words"):
             be.run("head", {"rows": "rows"}, ["head"])
         assert all(be.node_info(p.name)["run"] == 0 for p in be.policy.compute)  # nothing ran
         assert be.reveals == []
-        assert be.forward(be.make_batch(PROMPTS, WORDS)).shape == (2, 2)  # within the cap: runs
+        assert be.forward(session_batch(be, PROMPTS, WORDS)).shape == (2, 2)  # within the cap: runs
     assert_cleaned_up(cluster, policy)
 
 
@@ -154,7 +155,7 @@ def test_sim_opens_only_approved_outputs_within_the_cap(sim):
     with pytest.raises(Refused, match="'all' is not an output its approved program opens"):
         s._reconstruct("all", "verbalizer_logits")  # the parties' own check, under the session's
     s.drop("all")
-    batch = s.make_batch(PROMPTS, WORDS)
+    batch = session_batch(s, PROMPTS, WORDS)
     got = s.forward(batch)
     np.testing.assert_allclose(got, plain.forward(batch), atol=1e-2)
     assert np.abs(got).max() > 0.05
@@ -163,12 +164,13 @@ def test_sim_opens_only_approved_outputs_within_the_cap(sim):
         s.put(f"x_{k}", v)
     s.run("forward", {k: f"x_{k}" for k in batch}, ["logits"])
     strict = dataclasses.replace(s.policy, caps={"verbalizer_logits": {"rows": 1, "words": 2}})
-    s.gate.policy, loose = strict, s.gate.policy
+    gate = s.parties[0].gate  # one party is enough to keep the value closed
+    gate.policy, loose = strict, gate.policy
     try:
         with pytest.raises(Refused, match="would open 2 rows x 2 words of verbalizer_logits, over .* cap of 1 x 2"):
             s.reveal("logits")
     finally:
-        s.gate.policy = loose
+        gate.policy = loose
     assert s.reveal("logits").shape == (2, 2)
     s.drop("logits", *[f"x_{k}" for k in batch])
     with pytest.raises(Refused, match="no program 'steal' to approve"):

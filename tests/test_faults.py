@@ -153,7 +153,7 @@ _cell = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=1
 def test_data_loader_property(tmp_path_factory, rows, junk, kind):
     """Any rows (and trailing junk bytes): a task whose every split holds every class, or a
     one-line UserError."""
-    from tuning.assets.tasks import load_user_task
+    from tuning.data_owner.tasks import load_user_task
 
     f = tmp_path_factory.mktemp("d") / f"x.{kind}"
     if kind == "csv":
@@ -240,8 +240,8 @@ def test_truncated_foreign_and_nonfinite_checkpoints_are_refused_untouched(finis
                                                   max_size=3))
 def test_checkpoint_loader_property(finished_run, tmp_path_factory, cut, flips):
     """Any truncation or corruption of a checkpoint: loaded (then finite) or a one-line UserError."""
-    from tuning.loop.search import make_strategy
-    from tuning.loop.trainer import load_checkpoint
+    from tuning.data_owner.search import make_strategy
+    from tuning.data_owner.trainer import load_checkpoint
 
     run, _ = finished_run
     data = bytearray((run / "ckpt.npz").read_bytes())
@@ -263,7 +263,7 @@ def test_model_tensors_of_the_wrong_shape_or_nonfinite_are_refused():
     import jax
 
     from spu_models.loading import check_params
-    from tuning.assets.models import load_model
+    from tuning.model_owner.models import load_model
 
     b = load_model("tiny-llama")
     check_params(b.config, b.params, "tiny")
@@ -280,7 +280,7 @@ def test_model_tensors_of_the_wrong_shape_or_nonfinite_are_refused():
 def test_missing_tensor_in_a_model_directory(tmp_path):
     from spu_models import llama
     from spu_models.loading import load_hf_dir, write_safetensors
-    from tuning.assets.models import load_model
+    from tuning.model_owner.models import load_model
 
     b = load_model("tiny-llama")
     state = {k: np.asarray(v) for k, v in llama.params_to_hf_state(b.params, b.config).items()}
@@ -292,15 +292,15 @@ def test_missing_tensor_in_a_model_directory(tmp_path):
 
 
 def test_nan_is_never_shared_and_overlong_texts_are_refused_before_sharing(tmp_path):
-    from tuning.assets.models import load_model
-    from tuning.backends import make_backend
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.model_owner.models import load_model
+    from tuning.transports import make_backend
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     with make_backend("plaintext", load_model("tiny-llama"), load_policy("aby3")) as s:
         with pytest.raises(UserError, match="refusing to share 'x': 1 of its 3 values are NaN or Inf"):
             s.put("x", np.array([1.0, np.nan, 2.0]))
         assert "x" not in s.shapes
-    from tuning.backends.secretflow import SecretFlowBackend
+    from tuning.transports.secretflow import SecretFlowBackend
 
     sf = object.__new__(SecretFlowBackend)  # refused before the job is reached (it would raise otherwise)
     sf.job, sf.shapes = None, {}
@@ -320,7 +320,7 @@ def test_nan_is_never_shared_and_overlong_texts_are_refused_before_sharing(tmp_p
 
 # ----------------------------------------------------------------------------------- party keys
 def test_cluster_keys_writes_pinned_keys_and_a_cluster_file(tmp_path):
-    from tuning.backends import tls
+    from tuning.transports import tls
 
     rc, out, err = cli("cluster", "keys", "--policy", "semi2k", "--out", tmp_path / "k")
     assert rc == 0, err
@@ -347,8 +347,8 @@ def test_cluster_keys_writes_pinned_keys_and_a_cluster_file(tmp_path):
 
 
 def test_the_secretflow_model_owner_serves_the_model_of_its_own_command_line(tmp_path):
-    from tuning.backends import secretflow as sfb
-    from tuning.loop.sfjob import served_model
+    from tuning.transports import secretflow as sfb
+    from tuning.sfjob import served_model
 
     assert served_model({"tune": {"model": "tiny-llama"}}) == "tiny-llama"
     run = tmp_path / "run"
@@ -357,21 +357,23 @@ def test_the_secretflow_model_owner_serves_the_model_of_its_own_command_line(tmp
     assert served_model({"resume": str(run)}) == "tiny-bert"
     assert served_model({"resume": str(tmp_path / "elsewhere")}) == "smollm2-135m"
     assert served_model({"resume": str(run), "tune": {"model": "smollm2-135m"}}) == "tiny-bert"  # the run's
-    sfb.serve_model("tiny-llama")
+    sfb.serve_model("tiny-llama", load_policy("aby3"))
     try:
         for other in ("smollm2-135m", str(tmp_path), "/opt/models/x"):
             with pytest.raises(UserError, match="the model owner serves model 'tiny-llama', not"):
-                sfb._owner_bundle(other)
+                sfb._owner_meta(other)
         assert sfb._owner_meta("tiny-llama")["config"].hidden_size == 64
+        with pytest.raises(PermissionError, match="keeps the embedding table secret"):  # its own policy decides
+            sfb._owner_table()
     finally:
-        sfb._OWNER.clear()
+        sfb._OWNER = None
 
 
 # ------------------------------------------------------------------------------ faults (slow)
 def _cluster_policy(tmp_path, timeout_s=20):
     import dataclasses
 
-    from tuning.backends.cluster import free_policy
+    from tuning.transports.cluster import free_policy
     from tuning.policy import dump_policy
 
     return dump_policy(dataclasses.replace(free_policy(load_policy("aby3")), timeout_s=timeout_s),
@@ -397,7 +399,7 @@ def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    pids = [p for p in pids_with(str(tmp_path), "tuning.backends.node") if f"--party {victim}" in
+    pids = [p for p in pids_with(str(tmp_path), "tuning.transports.node") if f"--party {victim}" in
             Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
@@ -415,13 +417,13 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     proc, t0, out, policy = _tune_and_kill(tmp_path, victim, extra=("--save-logits",))
     stdout, stderr = proc.communicate(timeout=120)
     t_driver = time.monotonic() - t0
-    while pids_with(str(tmp_path), "tuning.backends.node") and time.monotonic() - t0 < 60:
+    while pids_with(str(tmp_path), "tuning.transports.node") and time.monotonic() - t0 < 60:
         time.sleep(0.2)
     t_all = time.monotonic() - t0
     pol = load_policy(str(policy))
     assert proc.returncode == 2, stderr[-3000:]
     one_line_error(stderr, f"party {victim}")
-    assert pids_with(str(tmp_path), "tuning.backends.node") == []
+    assert pids_with(str(tmp_path), "tuning.transports.node") == []
     assert t_all < pol.timeout_s, (t_driver, t_all)
     logs = list(tmp_path.glob("secptune-cluster-*/*.log"))
     survivors = [p for p in logs if p.stem not in (victim,)]
@@ -473,4 +475,4 @@ def test_retries_supervisor_restarts_and_finishes(tmp_path):
     assert "restarting the local cluster and resuming" in stderr and "retry 1 of 1" in stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "summary.json").read_text())["generations"] == 3
-    assert pids_with(str(tmp_path), "tuning.backends.node") == []
+    assert pids_with(str(tmp_path), "tuning.transports.node") == []

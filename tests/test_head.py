@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tuning.loop import head as fitted
+from tuning.data_owner import head as fitted
 
 
 def _toy(n, w, informative, seed=0, noise=1.0):
@@ -63,7 +63,7 @@ def test_choose_c_by_cross_validation():
 def test_run_id_of_older_runs_unchanged_by_the_new_settings():
     import dataclasses
 
-    from tuning.loop.trainer import LATER_DEFAULTS, TuneConfig, run_id
+    from tuning.data_owner.trainer import LATER_DEFAULTS, TuneConfig, run_id
 
     cfg = TuneConfig(model="tiny-llama", seed=3)
     assert {k: getattr(cfg, k) for k in LATER_DEFAULTS} == LATER_DEFAULTS
@@ -85,7 +85,7 @@ def test_fitted_head_run_keeps_the_search_and_reveals_only_verbalizer_logits(tmp
     """--head fit on the tiny model under SPU's simulator: the probe words are extra head rows,
     so the search (losses, dev) is exactly the --head words run's; the summary reports both
     classifiers and the zero-shot head; the only values opened are verbalizer logits."""
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     kw = dict(model="tiny-llama", backend="sim", task=None, train=_toy_csv(tmp_path),
               verbalizer="positive=g,negative=b", shots=3, n_test=6, popsize=4, budget=2, d=8,
@@ -113,7 +113,7 @@ def test_fitted_head_run_keeps_the_search_and_reveals_only_verbalizer_logits(tmp
 
 def test_bad_probe_words_and_heads_are_refused_before_anything_is_written(tmp_path):
     from tuning.errors import UserError
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     with pytest.raises(UserError, match="names no word"):
         tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
@@ -132,7 +132,7 @@ def test_head_objective_resumes_exactly(tmp_path, objective):
     which a resumed run restores from its checkpoint (not refitted): 2 + 1 generations replay 3
     exactly, and differ from the verbalizer objective's search."""
     from tuning.errors import UserError
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     kw = dict(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
               verbalizer="positive=g,negative=b", probe_words="d,m,f,x", head="fit", shots=3, n_test=6,
@@ -161,7 +161,7 @@ def test_benches_rescore_a_head_objective_run_as_its_search_did(tmp_path):
     so the two agree; `bench heads` reads the run every way."""
     from bench.agreement import main as agreement
     from bench.heads import READS, read_run
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     run = tmp_path / "run"
     tune(TuneConfig(model="tiny-llama", backend="sim", task=None, train=_toy_csv(tmp_path),
@@ -180,7 +180,7 @@ def test_benches_rescore_a_head_objective_run_as_its_search_did(tmp_path):
 
 
 def test_auto_pool_comes_from_the_training_texts_alone():
-    from tuning.loop.head import auto_pool
+    from tuning.data_owner.head import auto_pool
 
     train = [("a superb and lovely film", "pos"), ("lovely acting, superb plot", "pos"), ("the film was fine", "pos"),
              ("a dull and awful film", "neg"), ("awful plot, dull acting", "neg"), ("the film was long", "neg")]
@@ -194,7 +194,7 @@ def test_auto_pool_comes_from_the_training_texts_alone():
 def test_head_fit_on_a_users_task_without_a_pool_runs(tmp_path):
     """--head fit on a user's CSV (no task pool, no --probe-words): the pool comes from its k-shot
     training texts, and the run reads it through the head."""
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     s = tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
                         verbalizer="positive=g,negative=b", head="fit", shots=3, n_test=6, popsize=4, budget=1,

@@ -1,9 +1,9 @@
 """`bench accuracy`'s ICL column runs under the run's policy: a converted or RFA model's ICL is its
 own, not the softmax model's (the bug: ICL always ran policy aby3, i.e. softmax attention)."""
-import tuning.backends as backends
+import tuning.transports as backends
 from bench.tune_accuracy import prompt_accuracy
-from tuning.assets.models import load_model
-from tuning.assets.tasks import Task
+from tuning.model_owner.models import load_model
+from tuning.data_owner.tasks import Task
 from tuning.policy import load_policy
 
 EXAMPLES = [("a fine film", "positive"), ("a warm, funny story", "positive"),

@@ -12,17 +12,24 @@ import pytest
 REPO = Path(__file__).absolute().parent.parent
 PACKAGES = ("spu_models", "tuning", "bench")
 
-# what each part may import (besides itself, the standard library and third-party packages)
+# what each part may import (besides itself, the standard library and third-party packages):
+# the shared base, then one package per role, the transports that carry the roles' calls, the data
+# owner who drives a session over a transport, and the entry points (cli, sfjob) on top
+BASE = {"spu_models", "tuning.errors", "tuning.cache", "tuning.datasets", "tuning.policy", "tuning.programs"}
 ALLOWED = {
     "spu_models": set(),
     "tuning.errors": set(),
+    "tuning.cache": {"tuning.errors"},
+    "tuning.datasets": {"tuning.errors", "tuning.cache"},
     "tuning.policy": {"spu_models", "tuning.errors"},
-    "tuning.assets": {"spu_models", "tuning.errors"},
-    "tuning.backends": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets"},
-    "tuning.loop": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets", "tuning.backends"},
-    "tuning": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets", "tuning.backends", "tuning.loop",
-               "bench"},  # tuning/__init__.py and tuning/cli.py: the top
-    "bench": {"spu_models", "tuning.errors", "tuning.policy", "tuning.assets", "tuning.backends", "tuning.loop"},
+    "tuning.programs": {"spu_models", "tuning.errors"},
+    "tuning.model_owner": BASE,
+    "tuning.compute_party": BASE | {"tuning.model_owner"},  # it checks the model owner's approvals
+    "tuning.transports": BASE | {"tuning.model_owner", "tuning.compute_party"},
+    "tuning.data_owner": BASE | {"tuning.model_owner", "tuning.transports"},  # the tokenizer; its session
+    "tuning": BASE | {"tuning.model_owner", "tuning.compute_party", "tuning.transports", "tuning.data_owner",
+                      "bench"},  # tuning/__init__.py, cli.py, sfjob.py: the entry points
+    "bench": BASE | {"tuning.model_owner", "tuning.compute_party", "tuning.transports", "tuning.data_owner"},
 }
 
 
@@ -77,7 +84,7 @@ def graph():
 
 def test_every_import_follows_the_layers(graph):
     # the package ``tuning`` itself (its __init__: configure_jax, nothing else) is open to every
-    # process entry point, e.g. a SecretFlow party's process (tuning.loop.sfjob)
+    # process entry point, e.g. a SecretFlow party's process (tuning.sfjob)
     bad = [f"{m} imports {t}" for m, ts in graph.items() for t in ts
            if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)] and t != "tuning"]
     assert bad == []

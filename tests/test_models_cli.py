@@ -8,8 +8,8 @@ import pytest
 
 from spu_models import llama
 from spu_models.loading import CheckpointError, load_gguf, read_gguf
-from tuning.assets.cache import secptune_home
-from tuning.assets.models import ByteTokenizer, load_model
+from tuning.cache import secptune_home
+from tuning.model_owner.models import ByteTokenizer, load_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -83,7 +83,7 @@ def test_gguf_roundtrip_unpermutes_qk(tiny_gguf):
 
 def test_tokenizer_alone_reads_no_tensor(tiny_gguf, monkeypatch):
     """The data owner's part of a model (cluster back end): the tokenizer, never a weight."""
-    from tuning.assets.models import load_model, load_tokenizer
+    from tuning.model_owner.models import load_model, load_tokenizer
 
     path, _, _ = tiny_gguf
     ids = load_model(str(path)).tokenizer("t1t2t3", add_special_tokens=False)["input_ids"]
@@ -136,7 +136,7 @@ def test_cli_errors_are_one_line(tiny_gguf, tmp_path):
 
 
 def test_tiny_models_load_and_generate():
-    from tuning.assets.generate import greedy
+    from tuning.model_owner.generate import greedy
 
     b = load_model("tiny-llama")
     assert isinstance(b.tokenizer, ByteTokenizer)
@@ -169,7 +169,7 @@ def test_real_smollm2_tokenizer_and_config():
     assert tok("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
     assert tok("<|im_start|>user")["input_ids"][0] == 1  # special tokens are not split
     assert b.config.rope_theta == 100000.0 and b.config.num_hidden_layers == 30 and b.config.tie_word_embeddings
-    from tuning.assets.models import load_tokenizer
+    from tuning.model_owner.models import load_tokenizer
 
     alone = load_tokenizer("smollm2-135m")  # what a cluster data owner loads: same ids, no weights
     assert alone("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
@@ -186,7 +186,7 @@ def test_bench_tag_is_a_suffix_with_or_without_its_underscore():
 def _hf_dir_from(kind, tiny_gguf, tmp_path):
     """A directory as ``secptune prepare`` (a GGUF through convert_gguf) or convert-attention's
     writer (tiny-llama with its byte tokenizer, through write_hf_files) leaves it."""
-    from tuning.assets.models import convert_gguf, write_hf_files
+    from tuning.model_owner.models import convert_gguf, write_hf_files
 
     out = tmp_path / kind
     if kind == "gguf":
@@ -200,7 +200,7 @@ def _hf_dir_from(kind, tiny_gguf, tmp_path):
 
 def _transformers_agrees(path, text, atol=1e-4):
     """transformers (PyTorch) loads model and tokenizer from ``path``; its tokens and logits are
-    ours (tuning.assets.models.load_model, the Flax model); generate takes the tokenizer's output as is."""
+    ours (tuning.model_owner.models.load_model, the Flax model); generate takes the tokenizer's output as is."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -239,7 +239,7 @@ def test_converted_dir_base_weights_load_in_transformers(tmp_path):
 
     from spu_models.loading import FEATURE_MAPS_FILE, safetensors_metadata
     from spu_models.rfa import init_learned
-    from tuning.assets.convert import ConvertConfig, _write
+    from tuning.model_owner.convert import ConvertConfig, _write
 
     b = load_model("tiny-llama")
     c = b.config
@@ -280,7 +280,7 @@ def test_prepare_upgrades_older_dirs_in_place_and_a_kill_loses_nothing(tiny_gguf
     from safetensors.numpy import load_file
 
     from spu_models.loading import safetensors_metadata
-    from tuning.assets import models
+    from tuning.model_owner import models
 
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)

@@ -1,11 +1,11 @@
-"""The search objectives on hand-made word logits (tuning.loop.objective)."""
+"""The search objectives on hand-made word logits (tuning.data_owner.objective)."""
 import numpy as np
 import pytest
 
-from tuning.loop import head as fitted
-from tuning.loop.head import out_of_fold
-from tuning.loop.objective import frozen_head, refit_head, verbalizer
-from tuning.loop.trainer import losses_from_logits
+from tuning.data_owner import head as fitted
+from tuning.data_owner.head import out_of_fold
+from tuning.data_owner.objective import frozen_head, refit_head, verbalizer
+from tuning.data_owner.trainer import losses_from_logits
 
 
 def _words(seed=0, E=24):

@@ -2,13 +2,7 @@
 import pytest
 import yaml
 
-from tuning.policy import (
-    POLICY_DIR,
-    PolicyError,
-    available_policies,
-    load_policy,
-    parse_policy,
-)
+from tuning.policy import POLICY_DIR, PolicyError, available_policies, load_policy, parse_policy
 
 
 def test_shipped_policies_load():

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import tuning
-from tuning.backends.session import Session
-from tuning.loop import predict as pr
-from tuning.loop.scorer import length_groups
-from tuning.loop.trainer import TuneConfig, split_examples, task_of, tune, wilson
+from tuning.transports.session import Session
+from tuning.data_owner import predict as pr
+from tuning.data_owner.scorer import length_groups
+from tuning.data_owner.trainer import TuneConfig, split_examples, task_of, tune, wilson
 
 POS = ["great fun", "wonderful", "loved it", "brilliant", "superb", "a joy", "excellent", "delight"]
 NEG = ["terrible", "awful", "hated it", "boring", "dull mess", "a bore", "poor", "disaster"]
@@ -244,8 +244,8 @@ def test_bad_runs_and_inputs_are_one_line_and_write_nothing(plain_run, cli, tmp_
 def _as_older_version(run, **stored):
     """Rewrite a run as an older version left it: config.json holding ``stored`` as given, and its
     checkpoint under the id of those settings."""
-    from tuning.loop.config import run_id
-    from tuning.loop.rundir import RunDir, save_npz
+    from tuning.data_owner.config import run_id
+    from tuning.data_owner.rundir import RunDir, save_npz
 
     d = RunDir(run)
     cfg = {**d.read_config(), **stored}
@@ -298,7 +298,7 @@ def test_tunes_summary_counts_its_own_reveals_not_those_of_predict_and_eval(data
     reveals have the shape of the run's own test evaluation, so they used to be counted as tune's)."""
     from collections import Counter
 
-    from tuning.loop.rundir import RunDir
+    from tuning.data_owner.rundir import RunDir
 
     run, first, test_csv, _ = _tune(data, tmp_path / "run", popsize=4, budget=2, save_logits=False)
     assert cli("predict", "--run", run, "--input", test_csv)[0] == 0

@@ -121,10 +121,10 @@ def test_deep_scoring_under_spu_reuses_the_cache_and_matches_plaintext(tmp_path)
     """A deep kv prompt on tiny-llama through the scorer: plaintext and the SPU simulator agree;
     the prefill runs once per chunk, and every later score of any candidates reads the resident
     cache (one call per chunk, no prefill), also after other sets were shared."""
-    from tuning.assets.models import load_model, with_policy
-    from tuning.assets.tasks import load_user_task
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import SecureScorer, delta_shape
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.data_owner.tasks import load_user_task
+    from tuning.transports import make_backend
+    from tuning.data_owner.scorer import SecureScorer, delta_shape
     from tuning.policy import load_policy
 
     csv = tmp_path / "toy.csv"

@@ -190,9 +190,9 @@ def test_hybrid_layers_change_only_rfa_layers():
 
 
 def test_rfa_policy_reaches_the_model_and_runs_under_spu():
-    from tuning.assets.encode import make_batch
-    from tuning.assets.models import load_model, with_policy
-    from tuning.backends import make_backend
+    from tuning.data_owner.encode import make_batch
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.transports import make_backend
     from tuning.policy import PolicyError, load_policy, parse_policy
 
     pol = load_policy("aby3-rfa")
@@ -313,7 +313,7 @@ def test_learned_map_under_spu_holds_at_large_exponents(L, window):
 
 
 def test_learned_policy_needs_a_converted_model():
-    from tuning.assets.models import load_model, with_policy
+    from tuning.model_owner.models import load_model, with_policy
     from tuning.policy import load_policy
 
     with pytest.raises(ValueError, match="convert-attention"):
@@ -326,10 +326,10 @@ def test_cached_scoring_with_linear_attention_equals_the_uncached_forward(tmp_pa
     """Linear attention sees absolute positions, so the left-padded prefix cache shifts every text
     to start at position 0 (RoPE tables of minus its pad count, from the data owner): zero-shot
     logits through the cache == the plain forward, in plaintext and under SPU."""
-    from tuning.assets.models import load_model, with_policy
-    from tuning.assets.tasks import load_user_task
-    from tuning.backends import make_backend
-    from tuning.loop.scorer import SecureScorer
+    from tuning.model_owner.models import load_model, with_policy
+    from tuning.data_owner.tasks import load_user_task
+    from tuning.transports import make_backend
+    from tuning.data_owner.scorer import SecureScorer
     from tuning.policy import load_policy
 
     csv = tmp_path / "toy.csv"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tuning.errors import UserError
-from tuning.loop import head as fitted
-from tuning.loop.rundir import RunDir
+from tuning.data_owner import head as fitted
+from tuning.data_owner.rundir import RunDir
 
 
 def test_files_round_trip_under_their_names(tmp_path):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tuning.loop.search import CMAES, SPSA, make_strategy
-from tuning.loop.subspace import EmbeddingStats, make_subspace, subspace_from_stats
+from tuning.data_owner.search import CMAES, SPSA, make_strategy
+from tuning.data_owner.subspace import EmbeddingStats, make_subspace, subspace_from_stats
 
 D = 20
 SHIFT = np.linspace(-2.0, 2.0, D).astype(np.float32)
@@ -190,8 +190,8 @@ def test_subspace_from_statistics_is_the_same_search_without_the_table(table):
 def test_embedding_table_is_refused_when_the_policy_keeps_it_secret():
     import dataclasses
 
-    from tuning.assets.models import load_model
-    from tuning.backends import make_backend
+    from tuning.model_owner.models import load_model
+    from tuning.transports import make_backend
     from tuning.policy import load_policy
 
     bundle = load_model("tiny-llama")

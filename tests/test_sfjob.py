@@ -1,4 +1,4 @@
-"""SecretFlow jobs (`secptune sf-job`, tuning.backends.secretflow): cluster files, the watchdog, the
+"""SecretFlow jobs (`secptune sf-job`, tuning.transports.secretflow): cluster files, the watchdog, the
 one-line report of a failed job; a short tuning job on tiny-llama through SecretFlow under 3-party
 ABY3 and 2-party SEMI2K against the same job on the cluster back end (same search path, opened
 logits within fixed-point noise, the same traffic) and what every party but the data owner
@@ -24,8 +24,8 @@ import yaml
 from helpers import pids_with, replay_search, toy_csv
 from leakcheck import WindowDetector, leaks
 
-from tuning.backends import sfcluster as sc
-from tuning.backends.cluster import free_policy
+from tuning.transports import sfcluster as sc
+from tuning.transports.cluster import free_policy
 from tuning.policy import available_policies, dump_policy, load_policy
 
 REPO = Path(__file__).absolute().parent.parent
@@ -118,8 +118,8 @@ def test_sf_job_usage_errors_are_one_line(capsys):
 
 
 def test_the_secretflow_session_needs_a_job():
-    from tuning.backends import make_backend
-    from tuning.backends.secretflow import SecretFlowBackend
+    from tuning.transports import make_backend
+    from tuning.transports.secretflow import SecretFlowBackend
     from tuning.errors import UserError
 
     with pytest.raises(UserError, match="runs inside a SecretFlow job"):
@@ -211,7 +211,7 @@ def test_the_report_follows_the_blame_to_the_lost_party():
 # ---------------------------------------------------------------------------------- the jobs
 def _cluster_run(tmp_path, name, csv, out):
     """The same job on the cluster back end, in this process (the data owner's driver)."""
-    from tuning.loop.trainer import TuneConfig, tune
+    from tuning.data_owner.trainer import TuneConfig, tune
 
     policy = dump_policy(dataclasses.replace(free_policy(load_policy(name)), timeout_s=30), tmp_path / "cl.yaml")
     return tune(TuneConfig(model="tiny-llama", policy=str(policy), backend="cluster", task=None, train=str(csv),
@@ -222,7 +222,7 @@ def _cluster_run(tmp_path, name, csv, out):
 
 def _secrets(csv_texts, zs, deltas, labels, fxp_bits):
     from spu_models.forward import embedding_table
-    from tuning.assets.models import load_model
+    from tuning.model_owner.models import load_model
 
     bundle = load_model("tiny-llama")
     leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
@@ -267,7 +267,7 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])  # stdout: the result alone
     assert summary["backend"] == "secretflow" and summary["protocol"] == ref["protocol"] and summary["generations"] == 2
-    assert pids_with(str(tmp_path / "logs"), "tuning.loop.sfjob") == []
+    assert pids_with(str(tmp_path / "logs"), "tuning.sfjob") == []
     report = json.loads((tmp_path / "logs" / "job.json").read_text())
     assert report["ok"] and all(p_["status"]["kind"] == "ok" for p_ in report["parties"].values())
 
@@ -310,8 +310,8 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
 
     # privacy: what every party but the data owner received over SecretFlow's link
     from spu_models.forward import embedding_table
-    from tuning.assets.models import EmbeddingStats, load_model, with_policy
-    from tuning.loop.trainer import TuneConfig, build_subspace
+    from tuning.model_owner.models import EmbeddingStats, load_model, with_policy
+    from tuning.data_owner.trainer import TuneConfig, build_subspace
 
     bundle = with_policy(load_model("tiny-llama"), load_policy(name))
     stats = EmbeddingStats.of(np.asarray(embedding_table(bundle.config, bundle.params), np.float32))
@@ -364,7 +364,7 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
     for n in ("bob", "p0", "p1"):
         assert outs[n][0] == "" and f"{n}: up" in outs[n][1] and f"{n}: done" in outs[n][1]
         assert json.loads((tmp_path / n / "job.json").read_text())["ok"]
-        assert pids_with(str(tmp_path / n), "tuning.loop.sfjob") == []
+        assert pids_with(str(tmp_path / n), "tuning.sfjob") == []
 
 
 def _tls_without_certificate(addr: str) -> bytes:
@@ -407,7 +407,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
         assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)  # they ended by themselves
         assert p["status"]["kind"] == "lost" and p["status"]["peer"] in report["parties"]
         assert p["ended"] - t_kill < timeout, (name, p["ended"] - t_kill)
-    assert pids_with(str(logs), "tuning.loop.sfjob") == []
+    assert pids_with(str(logs), "tuning.sfjob") == []
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert 1 <= done < 4
 
@@ -417,7 +417,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     assert f"resumed at generation {done}" in p.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
     assert json.loads((out / "summary.json").read_text())["generations"] == 4
-    assert pids_with(str(tmp_path / "logs2"), "tuning.loop.sfjob") == []
+    assert pids_with(str(tmp_path / "logs2"), "tuning.sfjob") == []
 
 
 def test_stalled_party_ends_every_party_in_time(tmp_path):
@@ -430,7 +430,7 @@ def test_stalled_party_ends_every_party_in_time(tmp_path):
     try:
         _, stderr = proc.communicate(timeout=timeout + 60)
     finally:
-        os.kill(pids["p0"]["pid"], signal.SIGCONT) if pids["p0"]["pid"] in pids_with(str(logs), "tuning.loop.sfjob") else None
+        os.kill(pids["p0"]["pid"], signal.SIGCONT) if pids["p0"]["pid"] in pids_with(str(logs), "tuning.sfjob") else None
     assert proc.returncode == 2
     err = error_lines(stderr)
     assert len(err) == 1 and err[0].startswith("secptune: error: party p0 (compute) stopped answering"), err
@@ -440,7 +440,7 @@ def test_stalled_party_ends_every_party_in_time(tmp_path):
             assert p["returncode"] == sc.EXIT_PEER and not p["killed"], (name, p)
             assert p["ended"] - t_stop < timeout + 1, (name, p["ended"] - t_stop)
     assert report["parties"]["p0"]["killed"]  # the launcher reaped the stopped one
-    assert pids_with(str(logs), "tuning.loop.sfjob") == []
+    assert pids_with(str(logs), "tuning.sfjob") == []
 
 
 def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
@@ -450,7 +450,7 @@ def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
     report = json.loads((tmp_path / "logs" / "job.json").read_text())
     assert {n: q["status"]["kind"] for n, q in report["parties"].items()} == \
         {"alice": "error", "bob": "ended", "p0": "ended", "p1": "ended"}
-    assert pids_with(str(tmp_path / "logs"), "tuning.loop.sfjob") == []
+    assert pids_with(str(tmp_path / "logs"), "tuning.sfjob") == []
 
 
 def test_ctrl_c_reaps_every_party(tmp_path):
@@ -463,11 +463,11 @@ def test_ctrl_c_reaps_every_party(tmp_path):
                             # have had SIGINT set to ignored by a library by the time this test runs
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not (logs / "parties.json").exists() or len(pids_with(str(logs), "tuning.loop.sfjob")) < 4:
+    while not (logs / "parties.json").exists() or len(pids_with(str(logs), "tuning.sfjob")) < 4:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.2)
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)  # a bound on Ctrl-C to exit on a loaded 2-core machine
     assert proc.returncode == 130 and "secptune: interrupted" in stderr
-    assert pids_with(str(logs), "tuning.loop.sfjob") == []
+    assert pids_with(str(logs), "tuning.sfjob") == []

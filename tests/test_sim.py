@@ -4,11 +4,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tuning.assets.encode import make_batch
-from tuning.assets.models import load_model, with_policy
-from tuning.backends import make_backend
-from tuning.backends.cost import NETWORKS, CallCost, PartyCost, parse_profile
-from tuning.backends.spu_common import compile_forward, op_census
+from tuning.data_owner.encode import make_batch
+from tuning.model_owner.models import load_model, with_policy
+from tuning.transports import make_backend
+from tuning.compute_party.traffic import PartyCost, parse_profile
+from tuning.transports.cost import NETWORKS, CallCost
+from tuning.programs import compile_forward, op_census
 from tuning.policy import load_policy
 
 PROMPTS = ["good film", "awful"]

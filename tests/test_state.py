@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from helpers import toy_csv as make_toy
-from tuning.backends.state import PartyStore, digest
+from tuning.compute_party.state import PartyStore, digest
 from tuning.errors import UserError
-from tuning.loop.trainer import TuneConfig, tune
+from tuning.data_owner.trainer import TuneConfig, tune
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
 
@@ -59,7 +59,7 @@ def test_sim_resume_restores_the_setup_instead_of_prefilling_again(toy_csv, tmp_
 
 
 def test_interrupted_setup_continues_at_the_next_unfinished_chunk(toy_csv, tmp_path, monkeypatch):
-    import tuning.loop.scorer as scorer
+    import tuning.data_owner.scorer as scorer
 
     run = tmp_path / "run"
     calls, real = [], scorer.SecureScorer.add_examples
@@ -90,7 +90,7 @@ def test_clean_deletes_the_run_and_its_state_and_refuses_other_dirs(toy_csv, tmp
 
 
 def test_plaintext_keeps_no_state(toy_csv, tmp_path):
-    from tuning.backends.plaintext import PlaintextBackend
+    from tuning.transports.plaintext import PlaintextBackend
 
     tune(_cfg(toy_csv, tmp_path / "run", backend="plaintext", budget=1), **QUIET)
     assert not (tmp_path / "run" / "state").exists()
@@ -102,7 +102,7 @@ def test_cluster_nodes_keep_their_own_shares_and_a_resume_restores_them(toy_csv,
     import tempfile
 
     from helpers import small_policy
-    from tuning.backends.state import namespace
+    from tuning.compute_party.state import namespace
     from tuning.cli import main
     from tuning.policy import dump_policy
 

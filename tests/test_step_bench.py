@@ -10,10 +10,10 @@ from bench.step_data import one_hot_labels, sft_inputs
 from bench.step_drivers import pt_run, pt_setup, sft_run, sft_setup
 from spu_models.baselines import fixed_point_adam, make_pt_program
 from spu_models.forward import embedding_table
-from tuning.assets.models import load_model, with_policy
-from tuning.assets.tasks import Task
-from tuning.backends import make_backend
-from tuning.loop.scorer import SecureScorer
+from tuning.model_owner.models import load_model, with_policy
+from tuning.data_owner.tasks import Task
+from tuning.transports import make_backend
+from tuning.data_owner.scorer import SecureScorer
 from tuning.policy import load_policy
 
 N_TOKENS = 2

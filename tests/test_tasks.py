@@ -3,17 +3,9 @@ from collections import Counter
 
 import pytest
 
-from tuning.assets.cache import AssetError
-from tuning.assets.datasets import stratified_split, write_table
-from tuning.assets.tasks import (
-    TASKS,
-    kshot,
-    load_task,
-    load_user_task,
-    parse_verbalizer,
-    split_dev,
-    truncate_words,
-)
+from tuning.cache import AssetError
+from tuning.datasets import stratified_split, write_table
+from tuning.data_owner.tasks import TASKS, kshot, load_task, load_user_task, parse_verbalizer, split_dev, truncate_words
 
 
 def write_csv(path, header, rows, sep=","):

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from tuning.loop.trainer import TuneConfig, accuracy, losses_from_logits, tune
+from tuning.data_owner.encode import session_batch
+from tuning.data_owner.trainer import TuneConfig, accuracy, losses_from_logits, tune
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_resume_after_kill_continues_exactly(toy_csv, tmp_path):
     # all 8 generations between two polls): the process kills itself as it is about to checkpoint
     # generation 3, after that generation's metrics line was written, the worst moment to die
     killer = ("import os, signal, sys\n"
-              "import tuning.loop.trainer as t\n"
+              "import tuning.data_owner.trainer as t\n"
               "save, calls = t.save_checkpoint, []\n"
               "def dying(*a, **k):\n"
               "    calls.append(1)\n"
@@ -111,8 +112,8 @@ def test_existing_run_is_not_overwritten(toy_csv, tmp_path):
 
 
 def test_old_checkpoint_fails_with_one_line_error(tmp_path):
-    from tuning.loop.search import make_strategy
-    from tuning.loop.trainer import load_checkpoint
+    from tuning.data_owner.search import make_strategy
+    from tuning.data_owner.trainer import load_checkpoint
 
     np.savez(tmp_path / "ckpt.npz", generation=3, best_dev=0.5)  # a pre-dev-loss checkpoint
     with pytest.raises(ValueError, match="older version .*best_dev_loss"):
@@ -129,8 +130,8 @@ def test_compute_parties_never_receive_labels_losses_or_z(toy_csv, tmp_path, mon
     from leakcheck import WindowDetector, leaks
     from spu import spu_pb2
 
-    from tuning.backends import sim as simmod
-    from tuning.loop.search import CMAES
+    from tuning.transports import sim as simmod
+    from tuning.data_owner.search import CMAES
 
     shared, received, asked, told = [], [], [], []
     orig_set, orig_ask, orig_tell = simmod.SimBackend._set, CMAES.ask, CMAES.tell
@@ -185,9 +186,9 @@ def test_reveal_is_the_policys_and_audited(toy_csv, tmp_path):
     recipient are refused in one line; a short run's audit holds exactly its logits reveals."""
     import dataclasses
 
-    from tuning.assets.models import load_model
-    from tuning.backends import make_backend
-    from tuning.backends.session import RevealError
+    from tuning.model_owner.models import load_model
+    from tuning.transports import make_backend
+    from tuning.transports.session import RevealError
     from tuning.policy import load_policy
 
     pol = load_policy("aby3")
@@ -212,7 +213,7 @@ def test_reveal_is_the_policys_and_audited(toy_csv, tmp_path):
             with pytest.raises(RevealError, match=f"'{v}' is not an output its approved program opens"):
                 s.reveal(v)
         assert s.reveals == []  # nothing left the parties
-        batch = s.make_batch(["a fine film", "dull"], [" yes", " no"])
+        batch = session_batch(s, ["a fine film", "dull"], [" yes", " no"])
         for k, v in batch.items():
             s.put(f"b_{k}", v)
         s.run("forward", {k: f"b_{k}" for k in batch}, {"logits": "y"})  # its approval opens the logits

@@ -1,14 +1,21 @@
-"""The plaintext side of SecP-Tuning: everything outside MPC, grouped by who runs it.
+"""The plaintext side of SecP-Tuning: everything outside MPC, one package per party.
 
-- ``tuning.assets``: models, tokenizers, data sets and tasks, the asset cache, and the model
-  owner's offline tools (``convert``, ``generate``). Run by whoever holds the asset.
-- ``tuning.backends``: how values move between parties, the only code that secret-shares or
-  reconstructs: the session contract, the plaintext reference, the SPU simulator, and the
-  cluster (the driver's client half ``rpc`` and the party processes ``node``).
-- ``tuning.loop``: the data owner's forward-only tuning: encoding, the subspace, the search,
-  the secure scorer and the trainer (``run_generation`` is one generation, top to bottom).
-- ``tuning.policy``: the policies in ``policies/`` (protocol, numerics, parties, reveal).
-- ``tuning.cli``: the ``secptune`` command.
+- ``tuning.data_owner``: the data owner. Its data and tasks, the encoding of its texts, the
+  forward-only tuning loop (subspace, search, the secure scorer, the trainer), the heads it fits
+  on opened logits, the run directory, ``predict``/``eval``.
+- ``tuning.model_owner``: the model owner. Its checkpoints (``models``), the one model it serves
+  and what others get of it (``owner.ModelOwner``), the programs it approves (``approval``), and
+  its offline tools (``convert``: attention transfer; ``generate``).
+- ``tuning.compute_party``: a compute party. SPU's runtime over the shares it holds
+  (``party.ComputeParty``), its gate (``gate``), its kept set-up shares (``state``), its own
+  traffic (``traffic``).
+- ``tuning.transports``: how the roles' calls travel. The data owner's session contract
+  (``session``) and its back ends: ``plaintext``, the in-process simulator (``sim``), gRPC
+  nodes (``cluster`` the driver, ``node`` the party processes, ``rpc``, ``tls``) and SecretFlow
+  (``secretflow``, ``sfcluster``); ``procs`` launches and reaps party processes.
+- The shared base: ``policy`` (protocol, numerics, parties, reveal), ``programs`` (compiling and
+  binding SPU programs), ``datasets`` and ``cache`` (public corpora and the asset cache),
+  ``errors``. The entry points: ``cli`` (``secptune``) and ``sfjob`` (a SecretFlow party's process).
 
 Importing any of them changes nothing in the environment; :func:`configure_jax` does, and the
 CLI, the tests and the example scripts call it first.
@@ -40,7 +47,7 @@ def configure_jax(cache_dir=None) -> None:
         return
     import jax
 
-    from .assets.cache import secptune_home
+    from .cache import secptune_home
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir or secptune_home() / "jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

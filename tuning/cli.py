@@ -14,9 +14,9 @@ from .errors import UserError
 
 
 def _cmd_prepare(args):
-    from .assets.cache import log, secptune_home
-    from .assets.datasets import prepare_datasets
-    from .assets.models import prepare_smollm2
+    from .cache import log, secptune_home
+    from .datasets import prepare_datasets
+    from .model_owner.models import prepare_smollm2
 
     home = secptune_home()
     log(f"asset cache: {home}")
@@ -30,7 +30,7 @@ def _cmd_prepare(args):
 
 
 def _cmd_convert(args):
-    from .assets.convert import ConvertConfig, convert
+    from .model_owner.convert import ConvertConfig, convert
 
     cfg = ConvertConfig(model=args.model, out=args.out, corpus=tuple(c for c in args.corpus.split(",") if c),
                         n_seqs=args.n_seqs, seq_len=args.seq_len, features=args.features, steps=args.steps,
@@ -50,8 +50,8 @@ def _cmd_convert(args):
 
 
 def _cmd_generate(args):
-    from .assets.generate import greedy
-    from .assets.models import load_model
+    from .model_owner.generate import greedy
+    from .model_owner.models import load_model
 
     bundle = load_model(args.model)
     text = greedy(bundle, args.prompt, args.max_new_tokens)
@@ -74,7 +74,7 @@ def add_task_args(s: argparse.ArgumentParser) -> None:
 
 
 def task_from_args(args):
-    from .assets.tasks import load_task, load_user_task
+    from .data_owner.tasks import load_task, load_user_task
 
     if bool(args.task) == bool(args.train):
         raise UserError("give exactly one of --task NAME or --train FILE")
@@ -85,7 +85,7 @@ def task_from_args(args):
 
 
 def _cmd_tasks(args):
-    from .assets.tasks import TASKS, kshot
+    from .data_owner.tasks import TASKS, kshot
 
     if args.name:
         args.task = args.name
@@ -127,11 +127,12 @@ def _forward_prompts(args) -> tuple[list, list]:
 
 
 def _cmd_compile(args):
+    import dataclasses
     from pathlib import Path
 
-    from .assets.encode import make_batch
-    from .assets.models import load_model, with_policy
-    from .backends.spu_common import compile_forward, op_census
+    from .data_owner.encode import make_batch
+    from .model_owner.models import load_model, with_policy
+    from .programs import compile_forward, op_census
 
     policy = _forward_policy(args)
     bundle = with_policy(load_model(args.model), policy)  # the model owner's tool: it has the weights
@@ -159,14 +160,15 @@ def _cmd_compile(args):
 def _cmd_forward(args):
     import numpy as np
 
-    from .backends import open_backend
-    from .backends.cost import format_cost, top_ops
+    from .data_owner.encode import session_batch
+    from .transports import open_backend
+    from .transports.cost import format_cost, top_ops
 
     policy = _forward_policy(args)
     prompts, words = _forward_prompts(args)
     backend, _ = open_backend(args.backend, args.model, policy)  # cluster: no weights here
     with backend:
-        batch = backend.make_batch(prompts, words, args.seq_len)  # the table, if the policy gives it
+        batch = session_batch(backend, prompts, words, args.seq_len)  # the table, if the policy gives it
         logits = backend.forward(batch)
         cost = backend.costs[-1]
     if args.json:
@@ -199,8 +201,8 @@ def _cmd_tune(args):
     """``--retries N``: a supervisor for the local cluster the run launches. When a party is lost
     (PartyError: the cluster has been torn down by then), it starts a new cluster and resumes from
     the last checkpoint, up to N times; without a checkpoint yet it starts the run again."""
-    from .backends.rpc import PartyError
-    from .loop.rundir import RunDir
+    from .transports.rpc import PartyError
+    from .data_owner.rundir import RunDir
 
     retries = args.retries or 0
     if retries < 0:
@@ -227,7 +229,7 @@ def _cmd_tune(args):
 def _tune_once(args):
     import dataclasses
 
-    from .loop.trainer import TuneConfig, tune
+    from .data_owner.trainer import TuneConfig, tune
 
     if args.resume:
         summary = tune(TuneConfig(out=args.resume), resume=True, show_progress=not args.json,
@@ -278,7 +280,7 @@ def _print_tune_summary(summary: dict, as_json: bool, out) -> None:
 def _applied(args, labelled: bool):
     """A finished run applied to ``--input`` (predict and eval): the job and its rows, written to
     ``--out`` if given. Every check runs before anything is shared; a summary line goes to stderr."""
-    from .loop import predict as pr
+    from .data_owner import predict as pr
 
     job = pr.prepare(args.run, args.input, args.out, args.text_column, getattr(args, "label_column", None),
                      labelled)
@@ -295,7 +297,7 @@ def _applied(args, labelled: bool):
 
 
 def _cmd_predict(args):
-    from .loop import predict as pr
+    from .data_owner import predict as pr
 
     job, rows = _applied(args, labelled=False)
     if not args.out:
@@ -303,7 +305,7 @@ def _cmd_predict(args):
 
 
 def _cmd_eval(args):
-    from .loop import predict as pr
+    from .data_owner import predict as pr
 
     job, rows = _applied(args, labelled=True)
     ev = pr.evaluation(job.truth, [r["predicted"] for r in rows], job.labels)
@@ -329,7 +331,7 @@ def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
     party's process receives) and the run's output directory."""
     import dataclasses
 
-    from .loop.trainer import TuneConfig
+    from .data_owner.trainer import TuneConfig
 
     tune_args = tune_args[1:] if tune_args[:1] == ["--"] else tune_args
     for opt in ("--backend", "--policy"):
@@ -350,9 +352,9 @@ def _cmd_sf_job(args):
     import tempfile
     from pathlib import Path
 
-    from .backends import sfcluster as sc
-    from .backends import tls
-    from .loop.rundir import RunDir
+    from .transports import sfcluster as sc
+    from .transports import tls
+    from .data_owner.rundir import RunDir
 
     spec, out = _sf_job_spec(args.tune_args)
     if args.mode == "local":
@@ -400,9 +402,9 @@ def _cmd_clean(args):
     """Delete a run directory and the set-up shares its parties kept in it (``RUN/state``)."""
     import shutil
 
-    from .assets.cache import secptune_home
-    from .backends.state import namespace
-    from .loop.rundir import RunDir
+    from .cache import secptune_home
+    from .compute_party.state import namespace
+    from .data_owner.rundir import RunDir
 
     run = RunDir(args.run)
     if not run.is_run():
@@ -416,13 +418,13 @@ def _cmd_clean(args):
 
 
 def _cmd_node(args):
-    from .backends.node import run_node
+    from .transports.node import run_node
 
     run_node(args.cluster, args.party, args.log_dir, args.model, args.state_dir)
 
 
 def _cmd_cluster(args):
-    from .backends.cluster import start_local_cluster
+    from .transports.cluster import start_local_cluster
     from .policy import load_policy
 
     policy = load_policy(args.policy)
@@ -441,7 +443,7 @@ def _cluster_keys(policy, args):
     import dataclasses
     from pathlib import Path
 
-    from .backends import tls
+    from .transports import tls
     from .policy import dump_policy
 
     if not args.out:

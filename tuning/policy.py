@@ -73,6 +73,17 @@ class Policy:
         """What decides what this policy computes and opens (not where the parties are or their keys)."""
         return tuple((k, getattr(self, k)) for k in self.COMPUTES)
 
+    def view(self, parties: bool = True) -> dict:
+        """What processes must agree on to work together, as text: what it computes and opens and,
+        with ``parties``, who runs where (not their keys: TLS checks those)."""
+        out = {k: repr(v) for k, v in self.computes_as()}
+        if parties:
+            out.update({f"parties.compute[{i}]": f"{p.name} {p.address} link {p.link}"
+                        for i, p in enumerate(self.compute)})
+            out["parties.data_owner"] = self.data_owner.name
+            out["parties.model_owner"] = f"{self.model_owner.name} {self.model_owner.address}"
+        return out
+
     def runtime_config(self, profile: bool = True):
         """The ``spu_pb2.RuntimeConfig`` this policy asks for."""
         from spu import spu_pb2
@@ -87,6 +98,11 @@ class Policy:
 
     def with_parties(self, compute, data_owner: Party, model_owner: Party) -> "Policy":
         return dataclasses.replace(self, compute=tuple(compute), data_owner=data_owner, model_owner=model_owner)
+
+
+def view_differences(mine: dict, theirs: dict) -> list:
+    """The keys at which two :meth:`Policy.view` s differ, sorted."""
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
 
 def _set_runtime_field(rc, key: str, value: Any, source: str) -> None:
@@ -225,7 +241,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
 def _reveal(r: Any, source: str) -> tuple:
     """``reveal: {KIND: {to: ROLE, rows: N, words: W}}`` -> ({kind: role}, {kind: {rows, words}}).
     Every kind that may be opened has a cap: the compute parties open at most rows x words of it
-    per reveal (``backends.approval.check_cap``)."""
+    per reveal (``model_owner.approval.check_cap``)."""
     if not isinstance(r, dict) or not r:
         raise PolicyError(f"{source}: reveal must be a mapping KIND -> {{to: data_owner, rows: N, words: W}}")
     roles, caps = {}, {}

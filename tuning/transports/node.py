@@ -1,6 +1,6 @@
 """A party's process in a SecP-Tuning cluster.
 
-    python -m tuning.backends.node --policy aby3 --party p0 [--log-dir DIR]
+    python -m tuning.transports.node --policy aby3 --party p0 [--log-dir DIR]
 
 serves a gRPC node (SPU's ppd ``NodeService`` messages) at the party's ``address``, with mutual
 TLS: only clients holding the key of a party certificate pinned in the cluster file get through,
@@ -16,7 +16,7 @@ node, by the party's role in the policy:
   resident variables, whose outputs stay resident too (``run``, which returns only this party's
   traffic), asks for this party's share of a result it opens (``get_share``; only the data owner
   reconstructs, only what the approval opens, within the policy's cap) and deletes variables
-  (``drop``). Each check is ``approval.Gate``'s.
+  (``drop``). Each is a call into its ``compute_party.ComputeParty``, whose gate checks it.
 - the **model owner** loads its model itself and secret-shares it straight to the compute parties
   (``share_weights``); the data owner only ever learns shapes and the config. It builds and
   compiles every program the data owner names, and gives the compute parties the approved
@@ -38,38 +38,27 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import ctypes
 import hashlib
 import os
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from ..assets.cache import secptune_home
-from ..assets.models import EmbeddingStats, load_model, policy_execution
+from ..cache import secptune_home
+from ..compute_party.party import ComputeParty
+from ..compute_party.traffic import LogTraffic, flush_c_stdout
 from ..errors import Refused, UserError
-from ..policy import load_policy
-from . import approval as approvals
-from . import procs, state
-from .cost import PartyCost, parse_profile
+from ..model_owner.owner import ModelOwner
+from ..policy import load_policy, view_differences
+from . import procs
 from .rpc import Peer, ping
-from .spu_common import WEIGHT, param_names, shapes_of
-from .state import PartyStore
 
-ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every request payload (tests)
 
 
 # ------------------------------------------------------------------------------------- servicer
-def _flush_c_stdout():
-    """Flush C stdio buffers (SPU's log lines) so the log file is complete."""
-    sys.stdout.flush()
-    ctypes.CDLL(None).fflush(None)
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -96,9 +85,8 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
         def __init__(self):
             self.node_id, self.address, self.policy, self.ident = party, address, policy, ident
             self.role, self.rank, self.log_path, self.record_path = role, rank, log_path, record_path
-            self.run_lock, self._record_lock = threading.Lock(), threading.Lock()
-            self._locals = {"counters": {"share_weights": 0, "set_share": 0, "put": 0, "run": 0, "open": 0,
-                                         "drop": 0, "refused": 0, "approved": 0}}
+            self._record_lock = threading.Lock()
+            self._locals = {"counters": {"share_weights": 0, "refused": 0}}
 
         def _refuse(self, ctx, caller, what: str, why: str = ""):
             self._locals["counters"]["refused"] += 1
@@ -161,23 +149,16 @@ def _find_party(policy, name: str):
 
 
 def cluster_view(policy) -> dict:
-    """What every node and the driver must agree on: the parties, their addresses and links, and
-    the settings that shape the protocol and what leaves it. (Certificates are checked by TLS.)"""
-    return {"protocol": policy.protocol, "field": policy.field, "fxp_fraction_bits": policy.fxp_fraction_bits,
-            "embedding": policy.embedding,
-            "reveal": {k: {"to": to, **policy.caps.get(k, {})} for k, to in policy.reveal.items()},
-            **{f"parties.compute[{i}]": f"{p.name} {p.address} link {p.link}" for i, p in enumerate(policy.compute)},
-            "parties.data_owner": policy.data_owner.name,
-            "parties.model_owner": f"{policy.model_owner.name} {policy.model_owner.address}"}
+    """What every node and the driver must agree on (``Policy.view``)."""
+    return policy.view()
 
 
 def check_view(server, view: dict) -> None:
     """Refuse a driver whose cluster file differs from this node's (one line naming the key)."""
     mine = cluster_view(server.policy)
-    for k in sorted(set(mine) | set(view)):
-        if mine.get(k) != view.get(k):
-            raise UserError(f"{server.node_id}'s cluster file differs from the driver's at {k}: "
-                            f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
+    for k in view_differences(mine, view)[:1]:
+        raise UserError(f"{server.node_id}'s cluster file differs from the driver's at {k}: "
+                        f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
 
 
 def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None, state_dir=None):
@@ -193,7 +174,8 @@ def serve(policy, party_name: str, log_path: Path, record_path=None, model: str 
     ident = tls.identity(policy, party.name)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
     servicer = _make_servicer(policy, party.name, party.address, role, rank, ident, log_path, record_path)
-    servicer._locals["model"] = model
+    if role == "model_owner":
+        servicer._locals["owner"] = ModelOwner(policy, model)
     servicer._locals["state_root"] = Path(state_dir) if state_dir else secptune_home() / "state" / party.name
     distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     # any party's pinned certificate passes the handshake; FUNCTIONS then decides per call
@@ -227,10 +209,7 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None, st
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-node-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{party.name}.log"
-    record = os.environ.get(ENV_RECORD)
-    record_path = Path(record) / f"{party.name}.bin" if record else None
-    if record_path:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path = procs.record_path(party.name)
     print(f"node {party.name} ({role}) at {party.address}; log {log_path}", flush=True)
     procs.log_fds_to(log_path)
     import logging
@@ -240,7 +219,7 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None, st
 
     def _stop(signum, frame):  # a launcher's SIGTERM: one line, then out (no teardown that could hang)
         _log(f"node {party.name}: stopped by signal {signal.Signals(signum).name}")
-        _flush_c_stdout()
+        flush_c_stdout()
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
@@ -250,6 +229,8 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None, st
 
 
 # --------------------------------------------------------------- functions run on the nodes
+# Each is a thin call into this node's role: ``compute_party.ComputeParty`` on a compute node,
+# ``model_owner.ModelOwner`` on the model owner's. FUNCTIONS says who may call which.
 def _require(server, role: str):
     if server.role != role:
         raise PermissionError(f"{server.node_id} is a {server.role} node, not a {role} node")
@@ -257,7 +238,9 @@ def _require(server, role: str):
 
 def info(server) -> dict:
     """Identity, call counters, and whether a run is in progress (``busy``)."""
-    return {**ping(server), **server._locals["counters"], "busy": server.run_lock.locked()}
+    party = server._locals.get("party")
+    counters = {**server._locals["counters"], **(party.counters if party else {})}
+    return {**ping(server), **counters, "busy": bool(party and party.lock.locked())}
 
 
 def reset(server, view: dict | None = None) -> None:
@@ -266,9 +249,14 @@ def reset(server, view: dict | None = None) -> None:
     _require(server, "compute")
     if view is not None:
         check_view(server, view)
-    with server.run_lock:
-        for key in ("rt", "link", "gate"):
-            server._locals.pop(key, None)
+    _drop_session(server)
+
+
+def _drop_session(server) -> None:
+    party = server._locals.pop("party", None)
+    if party is not None:
+        with party.lock:
+            server._locals.pop("link", None)
 
 
 def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_s: float, view: dict) -> None:
@@ -291,134 +279,67 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
         raise ValueError(f"{server.node_id} is rank {server.rank} with links {[p.link for p in server.policy.compute]}, "
                          f"the driver thinks rank {rank} with {links}")
     reset(server)
-    with server.run_lock:
-        server._locals["gate"] = approvals.Gate(server.policy, server.node_id)  # approvals come with the session
-        desc = libspu.link.Desc()
-        desc.recv_timeout_ms = int(timeout_s * 1000)
-        desc.http_timeout_ms = int(timeout_s * 1000)
-        desc.connect_retry_interval_ms = 200
-        desc.connect_retry_times = max(1, int(timeout_s * 5))
-        desc.http_max_payload_size = 32 * 1024 * 1024
-        for r, addr in enumerate(links):
-            desc.add_party(f"r{r}", addr)
-        tls.link_ssl(desc, server.policy, server.node_id, server.log_path.parent)
-        link = libspu.link.create_brpc(desc, rank)
-        rc = spu_pb2.RuntimeConfig()
-        rc.ParseFromString(runtime_config)
-        rc.enable_pphlo_profile = True  # every party logs its own traffic
-        server._locals["link"] = link
-        server._locals["rt"] = spu_api.Runtime(link, rc)
+    desc = libspu.link.Desc()
+    desc.recv_timeout_ms = int(timeout_s * 1000)
+    desc.http_timeout_ms = int(timeout_s * 1000)
+    desc.connect_retry_interval_ms = 200
+    desc.connect_retry_times = max(1, int(timeout_s * 5))
+    desc.http_max_payload_size = 32 * 1024 * 1024
+    for r, addr in enumerate(links):
+        desc.add_party(f"r{r}", addr)
+    tls.link_ssl(desc, server.policy, server.node_id, server.log_path.parent)
+    link = libspu.link.create_brpc(desc, rank)
+    rc = spu_pb2.RuntimeConfig()
+    rc.ParseFromString(runtime_config)
+    rc.enable_pphlo_profile = True  # every party logs its own traffic
+    server._locals["link"] = link
+    server._locals["party"] = ComputeParty(server.node_id, server.policy, spu_api.Runtime(link, rc),
+                                           LogTraffic(server.log_path), server._locals["state_root"])
 
 
-def _runtime(server):
+def _party(server) -> ComputeParty:
     _require(server, "compute")
-    if "rt" not in server._locals:
+    if "party" not in server._locals:
         raise RuntimeError(f"{server.node_id}: no runtime; the driver must call init_runtime first")
-    return server._locals["rt"]
-
-
-def _owner_writes(server, name: str, weights: bool) -> None:
-    """Each input is written by the role that owns it: the model owner its weights only, the
-    data owner (and a program's outputs) anything but a weight."""
-    if bool(WEIGHT.fullmatch(str(name))) != weights:
-        raise PermissionError(f"{server.node_id}: {str(name)[:40]!r} is " + ("not a weight; the model owner writes "
-                              "weights only" if weights else "a weight; only the model owner writes it"))
+    return server._locals["party"]
 
 
 def set_share(server, name: str, share) -> None:
-    """Model owner -> compute party: store one weight share as runtime variable ``name`` (resident)."""
-    _owner_writes(server, name, weights=True)
-    rt = _runtime(server)
-    with server.run_lock:
-        rt.set_var(name, share)
-    server._locals["counters"]["set_share"] += 1
+    """Model owner -> compute party: one weight share, resident."""
+    _party(server).set_weight(name, share)
 
 
 def admit(server, approval, exe: bytes) -> None:
-    """Model owner -> compute party: an executable it approved, with what of it may be opened
-    (``approval.Gate.admit`` checks the digest and this node's own policy's caps)."""
-    _runtime(server)
-    with server.run_lock:
-        server._locals["gate"].admit(approval, exe)
-    server._locals["counters"]["approved"] += 1
+    """Model owner -> compute party: an executable it approved, with what of it may be opened."""
+    _party(server).admit(approval, exe)
 
 
 def put(server, name: str, share) -> None:
-    """Data owner -> compute party: store its share of a value as runtime variable ``name``.
-
-    The variable stays resident until the data owner drops it (or the runtime is reset)."""
-    _owner_writes(server, name, weights=False)
-    rt = _runtime(server)
-    with server.run_lock:
-        rt.set_var(name, share)
-        server._locals["gate"].forget(name)
-    server._locals["counters"]["put"] += 1
+    """Data owner -> compute party: its share of a value, resident until dropped."""
+    _party(server).put(name, share)
 
 
 def run(server, executable, input_names: list, output_names: list):
-    """Run one approved program on this party's resident variables; return (its PartyCost, per-op table).
-
-    ``executable`` is the sha256 hex digest of an executable the model owner approved (``admit``);
-    bytes of one are taken by their digest. Anything else is refused, naming the digest, before
-    anything runs. ``input_names`` / ``output_names`` bind it to this call's variables: it reads
-    the weights (w0.., in order) and the data owner's variables, and writes its outputs as new
-    resident variables, marked as its approval says (``get_share`` opens nothing else).
-    """
-    rt = _runtime(server)
+    """Run one approved program (by its sha256 digest; bytes of one are taken by their digest) on
+    this party's resident variables; return (its PartyCost, per-op table)."""
     digest = hashlib.sha256(executable).hexdigest() if isinstance(executable, bytes) else str(executable)
-    with server.run_lock:
-        gate = server._locals["gate"]
-        exe = gate.bind(digest, input_names, output_names)
-        _flush_c_stdout()
-        start = server.log_path.stat().st_size
-        gate.forget(*exe.output_names)
-        rt.run(exe)
-        gate.ran(digest, exe.output_names)
-        _flush_c_stdout()
-        with open(server.log_path, "rb") as f:
-            f.seek(start)
-            links, ops = parse_profile(f.read().decode("utf-8", errors="replace"))
-        server._locals["counters"]["run"] += 1
-        return (links[-1] if links else PartyCost()), ops
+    return _party(server).run(digest, input_names, output_names)
 
 
 def get_share(server, name: str, what: str):
-    """This party's share of variable ``name``, for the data owner to reconstruct (``reveal``).
-
-    Only the data owner may call it (``FUNCTIONS``), and only for an output its approved program
-    opens as kind ``what``, of a kind this node's own policy reveals to the data owner, within
-    that policy's cap (checked on the share's own shape). Weight shares, the data owner's own
-    inputs, caches and every other output are refused."""
-    rt = _runtime(server)
-    with server.run_lock:
-        share = rt.get_var(name) if name in server._locals["gate"].marks else None
-        server._locals["gate"].check_open(name, what, approvals.share_shape(share) if share else ())
-    server._locals["counters"]["open"] += 1
-    return share
+    """This party's share of an output its approval opens as ``what``, for the data owner."""
+    return _party(server).share_of(name, what)
 
 
 def drop(server, names: list) -> None:
     """Delete variables (absent ones are ignored)."""
-    rt = _runtime(server)
-    with server.run_lock:
-        for name in names:
-            server._locals["gate"].forget(name)
-            try:
-                rt.del_var(name)
-            except Exception:  # noqa: BLE001  (absent, e.g. the output of a failed run)
-                pass
-    server._locals["counters"]["drop"] += len(names)
+    _party(server).drop(names)
 
 
-def _bundle(server, model_name: str):
-    """The model this node serves, if the caller names it: a request never makes it load another
-    (nor learn which paths exist on this host)."""
-    served = server._locals.get("model")
-    if model_name != served:
-        raise PermissionError(f"{server.node_id} serves model {served!r}, not {str(model_name)[:80]!r}")
-    if "bundle" not in server._locals:
-        server._locals["bundle"] = load_model(served)
-    return server._locals["bundle"]
+def _owner(server, model_name: str) -> ModelOwner:
+    _require(server, "model_owner")
+    server._locals["owner"].bundle(model_name)  # refuses a model it does not serve
+    return server._locals["owner"]
 
 
 @contextlib.contextmanager
@@ -438,73 +359,43 @@ def _compute_peers(server, timeout_s: float):
 
 
 def share_weights(server, model_name: str, runtime_config: bytes, compute: list, timeout_s: float) -> dict:
-    """Model owner: load ``model_name``, send share i of every weight to compute party i.
-
-    ``compute`` lists (name, address) of the compute nodes in rank order. Returns only public
-    metadata: the config and the parameter tree of shapes (what compilation needs), never values.
-    """
-    import jax
+    """Model owner: send share i of every weight to compute party i. ``compute`` lists (name,
+    address) of the compute nodes in rank order. Returns only the config and the weights' shapes."""
     import spu.api as spu_api
     from spu import spu_pb2
 
-    _require(server, "model_owner")
-    bundle = _bundle(server, model_name)
+    owner = _owner(server, model_name)
     rc = spu_pb2.RuntimeConfig()
     rc.ParseFromString(runtime_config)
     io = spu_api.Io(len(compute), rc)
     if [(p.name, p.address) for p in server.policy.compute] != [tuple(c) for c in compute]:
         raise ValueError(f"{server.node_id}: the driver's compute parties {compute} are not this cluster file's")
     with _compute_peers(server, timeout_s) as each:
-        for name, leaf in zip(param_names(bundle.params), jax.tree_util.tree_leaves(bundle.params)):
-            shares = io.make_shares(np.asarray(leaf, np.float32), spu_pb2.Visibility.VIS_SECRET)
+        for name, value in owner.weights():
+            shares = io.make_shares(value, spu_pb2.Visibility.VIS_SECRET)
             each(lambda i: (set_share, name, shares[i]))  # noqa: B023  (called before the next leaf)
     server._locals["counters"]["share_weights"] += 1
-    return {"config": bundle.config, "shapes": shapes_of(bundle.params)}
+    meta = owner.meta()
+    return {"config": meta["config"], "shapes": meta["shapes"]}
 
 
-def approve(server, model_name: str, request) -> "approvals.Approval":
-    """Model owner: build the program ``request`` names from its own registry, check it against
-    this node's policy (its caps), compile it, and give every compute party the executable with
-    its approval (``admit``). Returns the approval (public: the digest the data owner runs it
-    by, what may be opened, shapes); the data owner never sends code. Compiled once per request."""
-    _require(server, "model_owner")
-    if not isinstance(request, approvals.Request):
-        raise ValueError(f"{server.node_id}: not a program request")
-    bundle = _bundle(server, model_name)
-    cache = server._locals.setdefault("approved", {})
-    if request not in cache:
-        execution = policy_execution(bundle.config, server.policy)
-        cache[request] = approvals.approve(bundle.config, execution, server.policy, shapes_of(bundle.params), request)
-    approval, exe = cache[request]
+def approve(server, model_name: str, request):
+    """Model owner: approve and compile the program ``request`` names and give every compute party
+    the executable with its approval (``admit``). Returns the approval (public)."""
+    approval, exe = _owner(server, model_name).approve(request)
     with _compute_peers(server, server.policy.timeout_s) as each:
         each(lambda i: (admit, approval, exe))
     return approval
 
 
 def embedding_table(server, model_name: str) -> np.ndarray:
-    """Model owner -> data owner, policy ``embedding: data_owner`` only: the token-embedding table.
-
-    This reveals the table (a part of the weights) to the data owner; it is what that policy
-    means. Under ``embedding: secret`` the driver never asks for it.
-    """
-    from spu_models.forward import embedding_table as table
-
-    _require(server, "model_owner")
-    if server.policy.embedding != "data_owner":  # this node's own policy decides, not the caller
-        raise PermissionError(f"{server.node_id}: policy {server.policy.name!r} keeps the embedding table secret "
-                              f"(embedding: {server.policy.embedding})")
-    bundle = _bundle(server, model_name)
-    return np.asarray(table(bundle.config, bundle.params), np.float32)
+    """Model owner -> data owner, under this node's policy ``embedding: data_owner`` only."""
+    return _owner(server, model_name).embedding_table()
 
 
 def embedding_stats(server, model_name: str):
-    """Model owner -> data owner, every policy: the embedding table's shape and the std of its
-    entries (three public numbers; the search subspace's scale). Not the table."""
-    from spu_models.forward import embedding_table as table
-
-    _require(server, "model_owner")
-    bundle = _bundle(server, model_name)
-    return EmbeddingStats.of(np.asarray(table(bundle.config, bundle.params), np.float32))
+    """Model owner -> data owner: the embedding table's shape and std, not the table."""
+    return _owner(server, model_name).embedding_stats()
 
 
 def shutdown(server, reason: str) -> None:
@@ -514,54 +405,35 @@ def shutdown(server, reason: str) -> None:
     reason = " ".join(str(reason).split())[:300]
     if procs.under_launcher():
         _log(f"node {server.node_id}: error: {reason}; exiting")
-        _flush_c_stdout()
+        flush_c_stdout()
         threading.Timer(0.2, os._exit, (3,)).start()  # after the reply has gone out
         return
     _log(f"node {server.node_id}: error: {reason}; dropping this session")
-    if server.role == "compute" and server.run_lock.acquire(timeout=1.0):
+    party = server._locals.get("party")
+    if server.role == "compute" and party is not None and party.lock.acquire(timeout=1.0):
         try:
-            for key in ("rt", "link", "gate"):
-                server._locals.pop(key, None)
+            server._locals.pop("party", None)
+            server._locals.pop("link", None)
         finally:
-            server.run_lock.release()
+            party.lock.release()
 
 
 # ------------------------------------------------------------- set-up shares on this party's disk
 def state_open(server, namespace: str) -> None:
     """Keep this job's set-up shares under STATE_DIR/``namespace`` (a digest naming the run)."""
-    _runtime(server)
-    server._locals["store"] = PartyStore(server._locals["state_root"] / state.checked_key(namespace))
-
-
-def _store(server) -> PartyStore:
-    if "store" not in server._locals:
-        raise RuntimeError(f"{server.node_id}: no state opened; the driver must call state_open first")
-    return server._locals["store"]
+    _party(server).open_state(namespace)
 
 
 def state_has(server, keys: list) -> bool:
-    """Does this party hold a kept share under every one of ``keys``."""
-    store = _store(server)
-    return all(store.has(k) for k in keys)
+    return _party(server).has(keys)
 
 
 def state_keep(server, names: list, keys: list) -> None:
-    """File this party's shares of ``names`` (outputs of a run just made) under ``keys``."""
-    rt, store = _runtime(server), _store(server)
-    with server.run_lock:
-        store.keep(rt, names, keys)
+    _party(server).keep(names, keys)
 
 
 def state_restore(server, digest: str, input_names: list, output_names: list, keys: list) -> None:
-    """As if the approved program ``digest`` ran on ``input_names``: its input checks, then its
-    outputs' shares from this party's own disk, with the origins and marks its approval gives."""
-    rt, store = _runtime(server), _store(server)
-    with server.run_lock:
-        gate = server._locals["gate"]
-        exe = gate.bind(digest, input_names, output_names)
-        gate.forget(*exe.output_names)
-        store.restore(rt, exe.output_names, keys)
-        gate.ran(digest, exe.output_names)
+    _party(server).restore(digest, input_names, output_names, keys)
 
 
 # name -> (function, the kind of node it runs on, the roles that may call it). Nothing else runs.
@@ -591,7 +463,7 @@ FUNCTIONS = {
 
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tuning.backends.node", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tuning.transports.node", description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", required=True, help="policy name or YAML path (its parties give the addresses)")
     ap.add_argument("--party", required=True, help="a compute party or the model owner")
     ap.add_argument("--log-dir", default=None, help="SPU's log goes to LOGDIR/<party>.log")
@@ -607,8 +479,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    # run from the importable module, so functions cloudpickled as ``tuning.backends.node.<fn>`` find the
+    # run from the importable module, so functions cloudpickled as ``tuning.transports.node.<fn>`` find the
     # same module state as this process's main
-    from tuning.backends.node import main as _main
+    from tuning.transports.node import main as _main
 
     _main()

@@ -6,12 +6,12 @@
 Devices (SecretFlow 1.11 production mode, ``brpc_link``, no Ray): a PYU for the data owner
 (its data, labels, search and losses), a PYU for the model owner (its weights), and an SPU device
 over the policy's compute parties, with the policy's runtime config. Each party is a process
-(``tuning.loop.sfjob``) that calls :class:`SFJob`; the cluster file (``sfcluster``) says where
+(``tuning.sfjob``) that calls :class:`SFJob`; the cluster file (``sfcluster``) says where
 each listens.
 
 **The SPMD constraint.** SecretFlow matches messages by sequence number, so every party must
 make the same sequence of ``sf`` calls. Here the data owner's process drives the job: it runs
-``tuning.loop.trainer.tune`` unchanged over :class:`SecretFlowBackend` (a ``Session``), and every
+``tuning.data_owner.trainer.tune`` unchanged over :class:`SecretFlowBackend` (a ``Session``), and every
 session operation is *announced* first: the data owner's PYU broadcasts a public descriptor (the
 operation, variable names, shapes, an executable's digest), and then every party makes that
 operation's ``sf`` calls (:meth:`SFJob.lead` at the data owner, :meth:`SFJob.follow` everywhere
@@ -55,27 +55,27 @@ parties must be restarted, and ``--resume`` continues from the data owner's last
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..assets.models import EmbeddingStats, ModelBundle, load_model, policy_execution
+from ..compute_party.traffic import LogTraffic
 from ..errors import UserError
-from .cost import CallCost, PartyCost, parse_profile
+from ..model_owner.models import ModelBundle, policy_execution
+from ..model_owner.owner import ModelOwner
+from ..policy import view_differences
+from ..programs import compile_session_program
+from . import procs
+from .cost import CallCost
 from .session import Session
 from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
-from .spu_common import compile_session_program
 
-ENV_RECORD = "SECPTUNE_RECORD_DIR"  # record every message a party receives over SecretFlow's link (tests)
 PROTOCOL = 1  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
 
-_JOB = None  # this process's party, when it runs one (tuning.loop.sfjob sets it)
+_JOB = None  # this process's party, when it runs one (tuning.sfjob sets it)
 
 
 def current_job():
@@ -100,71 +100,38 @@ def _ack():
 
 
 # ------------------------------------------------------------- what runs inside one party's process
-_OWNER: dict = {}  # model owner: the loaded model
-_PROFILE: dict = {}  # compute party: its log and how far its profile has been read
+# (module-level: SecretFlow runs a PYU's function in that party's process, found by its name)
+_OWNER: ModelOwner | None = None  # the model owner's process: the one model it serves
+_TRAFFIC: LogTraffic | None = None  # a compute party's process: its own traffic
 
 
-def serve_model(model: str) -> None:
-    """Model owner's process: the one model it serves, from its own command line."""
-    _OWNER.clear()
-    _OWNER["served"] = model
-
-
-def _owner_bundle(model: str):
-    """The served model, if the data owner names it: a request never makes the model owner load
-    another (nor learn which paths exist on its host)."""
-    served = _OWNER.get("served")
-    if model != served:
-        raise UserError(f"the model owner serves model {served!r}, not {str(model)[:80]!r} "
-                        "(start it with that model)")
-    if "bundle" not in _OWNER:
-        _OWNER["bundle"] = load_model(served)
-    return _OWNER["bundle"]
+def serve_model(model: str, policy) -> None:
+    """Model owner's process: the one model it serves, from its own command line, under its own
+    cluster file's policy (which alone decides whether the embedding table leaves)."""
+    global _OWNER
+    _OWNER = ModelOwner(policy, model)
 
 
 def _owner_meta(model: str) -> dict:
-    """Model owner: load ``model``; return what every party may know of it (public)."""
-    import jax
-
-    from spu_models.forward import embedding_table
-
-    b = _owner_bundle(model)
-    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), b.params)
-    stats = EmbeddingStats.of(np.asarray(embedding_table(b.config, b.params), np.float32))
-    return {"model": model, "config": b.config, "shapes": shapes, "stats": stats,
-            "n_leaves": len(jax.tree_util.tree_leaves(b.params))}
+    """Model owner: what every party may know of the model the data owner names (public)."""
+    _OWNER.bundle(model)  # refuses a model it does not serve
+    return _OWNER.meta()
 
 
 def _owner_leaf(i: int) -> np.ndarray:
-    """Model owner: weight ``i`` (jax tree order, the executables' w<i>), to be shared."""
-    import jax
-
-    return np.asarray(jax.tree_util.tree_leaves(_OWNER["bundle"].params)[i], np.float32)
+    """Model owner: weight ``i`` (the executables' w<i>), to be shared."""
+    return _OWNER.weights()[i][1]
 
 
 def _owner_table() -> np.ndarray:
-    """Model owner -> data owner, policy ``embedding: data_owner`` only: the embedding table."""
-    from spu_models.forward import embedding_table
-
-    b = _OWNER["bundle"]
-    return np.asarray(embedding_table(b.config, b.params), np.float32)
-
-
-def _flush_c_stdout():
-    sys.stdout.flush()
-    ctypes.CDLL(None).fflush(None)
+    """Model owner -> data owner, under its policy ``embedding: data_owner`` only."""
+    return _OWNER.embedding_table()
 
 
 def _read_profile(_after):
     """Compute party, after a run (``_after``: one of its outputs, so this waits for it): its
     traffic and per-op table from the new part of its SPU log."""
-    _flush_c_stdout()
-    with open(_PROFILE["path"], "rb") as f:
-        f.seek(_PROFILE["offset"])
-        text = f.read()
-    _PROFILE["offset"] += len(text)
-    links, ops = parse_profile(text.decode("utf-8", errors="replace"))
-    return (links[-1] if links else PartyCost()), ops
+    return _TRAFFIC.read()
 
 
 def _first_line(e) -> str:
@@ -251,12 +218,12 @@ class SFJob:
                 cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
                 logging_level="info", tls_config=tls_config)
         self.sf = sf
-        record = os.environ.get(ENV_RECORD)
+        record = procs.record_path(self.me.name)
         if record:
             from secretflow.distributed.fed.global_context import get_global_context
 
             proxy = get_global_context()._proxy
-            proxy._linker = _RecordingLink(proxy._linker, Path(record) / f"{self.me.name}.bin")
+            proxy._linker = _RecordingLink(proxy._linker, record)
         self.alice = sf.PYU(self.cluster.data_owner.name)
         self.bob = sf.PYU(self.cluster.model_owner.name)
         self.pyus = {p.name: sf.PYU(p.name) for p in self.cluster.parties}
@@ -271,8 +238,8 @@ class SFJob:
         self.spu = sf.SPU({"nodes": nodes, "runtime_config": rc}, link_desc=link, log_options=log_opts)
         assert [p.name for p in self.cluster.compute] == list(self.spu.actors), "SPU node order"
         if self.me.role == "compute":
-            log = self.log_dir / f"{self.me.name}.log"
-            _PROFILE.update(path=log, offset=log.stat().st_size if log.exists() else 0)
+            global _TRAFFIC
+            _TRAFFIC = LogTraffic(self.log_dir / f"{self.me.name}.log")
 
     def _tls(self) -> tuple:
         """This party's TLS for SecretFlow's link (``sf.init``'s ``tls_config``) and, on a compute
@@ -441,7 +408,7 @@ class SFJob:
 # -------------------------------------------------------------------------------- the session
 class SecretFlowBackend(Session):
     """The data owner's session over a SecretFlow job (this process's :class:`SFJob`, set by
-    ``tuning.loop.sfjob``). ``bundle`` gives the model's name and tokenizer; the config and the
+    ``tuning.sfjob``). ``bundle`` gives the model's name and tokenizer; the config and the
     weights' shapes come from the model owner, the weights stay on the SPU."""
 
     name = "secretflow"
@@ -504,7 +471,7 @@ class SecretFlowBackend(Session):
 
 def _check_same_policy(policy, job_policy) -> None:
     """The session's policy (the run's) must compute as the job's (its cluster file's)."""
-    diff = [k for (k, a), (_, b) in zip(policy.computes_as(), job_policy.computes_as()) if a != b]
+    diff = view_differences(policy.view(parties=False), job_policy.view(parties=False))
     if diff:
         raise UserError(f"the run's policy {policy.name!r} differs from the job's {job_policy.name!r} in "
                         f"{', '.join(diff)}: resume a run under the policy it started with")

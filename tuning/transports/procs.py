@@ -1,23 +1,73 @@
 """The party processes this machine starts (the cluster back end's nodes, a SecretFlow job's
 parties), from both sides:
-- the launcher: ``launch_env`` names it to the child; ``kill_groups`` ends them (each runs in its
-  own process group, ``start_new_session``, so a group signal reaches whatever it spawned);
+- the launcher: ``launch`` starts one (``python -m MODULE``, named to the child by
+  ``launch_env``, in its own process group, ``start_new_session``, so a group signal reaches
+  whatever it spawned); ``kill_groups`` ends them; ``log_tail`` quotes a party's log;
+  ``free_addresses`` picks local ports;
 - the party: ``die_with_launcher`` (no orphans) and ``log_fds_to`` (its C++ and Python logs to
   its log file)."""
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 ENV_PARENT = "SECPTUNE_LAUNCHER_PID"  # set by a launcher: the party dies with it
+ENV_RECORD = "SECPTUNE_RECORD_DIR"  # a party appends every message it receives to DIR/<party>.bin (tests)
+REPO = Path(__file__).absolute().parents[2]
+STARTUP_S = 180.0  # bound on a party coming up (imports, links) on a busy machine
 
 
 def launch_env() -> dict:
     """The environment for a party process this one launches (and outlives)."""
     return dict(os.environ, **{ENV_PARENT: str(os.getpid())})
+
+
+def launch(module: str, args: list, stdout, stderr) -> subprocess.Popen:
+    """``python -m module args`` as a party process of this one: this checkout importable, CPU
+    only, unbuffered, in its own process group; it dies with this process (``die_with_launcher``)."""
+    env = launch_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr, env=env, start_new_session=True)
+
+
+def log_tail(path, n: int = 15, indent: str = "") -> str:
+    """The last ``n`` lines of a party's log (without the entropy-source notices), or ""."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(indent + s for s in [s for s in lines if "entropy source" not in s][-n:])
+
+
+def free_addresses(n: int, host: str = "127.0.0.1") -> list:
+    """``n`` distinct host:port addresses free on this machine now (all held until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [f"{host}:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def record_path(party: str):
+    """Where a party records the messages it receives (``ENV_RECORD``), or None."""
+    base = os.environ.get(ENV_RECORD)
+    if not base:
+        return None
+    Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(base) / f"{party}.bin"
 
 
 def under_launcher() -> bool:

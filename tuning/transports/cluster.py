@@ -6,10 +6,10 @@
                                                     # model owner approved and compiled the program
         y = be.reveal("y")                          # opened here, at the data owner only, per approval and policy
         be.drop("x", "y")
-        logits = be.forward(be.make_batch(prompts, words))  # the one-shot special case
+        logits = be.forward(session_batch(be, prompts, words))  # encode.session_batch: the one-shot case
         be.costs[-1].parties                        # every compute party's traffic, per run
 
-Process model (see ``tuning.backends.node``): one node process per compute party and one for the model
+Process model (see ``tuning.transports.node``): one node process per compute party and one for the model
 owner; this process is the data owner (the driver). At start the driver has every compute party
 build its runtime, then asks the model owner to load its model and send share i of every weight
 to compute party i (once; the shares stay resident). The model owner returns only the config and
@@ -26,7 +26,7 @@ Links: every call to a node is mutual TLS with the pinned party certificates of 
 file (``tls``); a local cluster without them gets a fresh set in its log directory. A node runs
 only its own named functions, and only for the roles that may call them (``node.FUNCTIONS``);
 a compute node runs only executables the model owner approved and hands out its share only of
-the outputs their approvals open, within the policy's caps (``approval.Gate``). A refusal
+the outputs their approvals open, within the policy's caps (``compute_party.gate.Gate``). A refusal
 (``rpc.PartyRefused``) leaves the session usable: nothing ran.
 
 Failure: a party that dies or stops answering (a compute party or the model owner, whose presence
@@ -44,10 +44,9 @@ import concurrent.futures
 import hashlib
 import os
 import signal
-import socket
 import shutil
+import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,19 +54,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets.models import ModelBundle, policy_execution
+from ..compute_party import state
 from ..errors import UserError
+from ..model_owner.models import ModelBundle, policy_execution
 from ..policy import dump_policy
-from . import node, state, tls
+from ..programs import compile_session_program, param_names
+from . import node, procs, tls
 from .cost import CallCost
-from .procs import kill_groups, launch_env
 from .rpc import PartyError, PartyRefused, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
 from .session import Session
-from .spu_common import compile_session_program, param_names
-
-REPO = Path(__file__).absolute().parents[2]
-STARTUP_S = 60.0  # bound on a launched node's start-up (imports jax and spu)
 
 
 # ---------------------------------------------------------------------------------- local cluster
@@ -106,23 +102,12 @@ def _install_handlers():
 
 def free_policy(policy, host: str = "127.0.0.1"):
     """``policy`` with every party's address (and link) on a free local port."""
-    socks = []
-
-    def addr():
-        s = socket.socket()
-        s.bind((host, 0))
-        socks.append(s)
-        return f"{host}:{s.getsockname()[1]}"
-
     import dataclasses
 
-    try:
-        compute = [dataclasses.replace(p, address=addr(), link=addr()) for p in policy.compute]
-        return policy.with_parties(compute, dataclasses.replace(policy.data_owner, address=addr()),
-                                   dataclasses.replace(policy.model_owner, address=addr()))
-    finally:
-        for s in socks:
-            s.close()
+    addrs = iter(procs.free_addresses(2 * len(policy.compute) + 2, host))
+    compute = [dataclasses.replace(p, address=next(addrs), link=next(addrs)) for p in policy.compute]
+    return policy.with_parties(compute, dataclasses.replace(policy.data_owner, address=next(addrs)),
+                               dataclasses.replace(policy.model_owner, address=next(addrs)))
 
 
 def _accepts(address: str) -> bool:
@@ -135,13 +120,8 @@ def _accepts(address: str) -> bool:
         return False
 
 
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    lines = [s for s in lines if "entropy source" not in s]
-    return "\n".join("    " + s for s in lines[-n:]) or "(empty log)"
+def _tail(path: Path) -> str:
+    return procs.log_tail(path, 15, "    ") or "    (no log)"
 
 
 def check_ports_free(policy) -> None:
@@ -169,12 +149,12 @@ def check_ports_free(policy) -> None:
 class LocalCluster:
     """Every node of ``policy`` (compute parties + model owner) as a child process of this one.
 
-    Each child runs ``python -m tuning.backends.node`` in its own process group, logs to
+    Each child runs ``python -m tuning.transports.node`` in its own process group, logs to
     ``log_dir/<party>.log`` and dies with this process (PR_SET_PDEATHSIG). ``close()`` (also at
     exit, on SIGTERM/SIGINT and leaving a ``with`` block) terminates, then kills, and reaps them.
     """
 
-    def __init__(self, policy, log_dir=None, startup_s: float = STARTUP_S, model: str = "smollm2-135m"):
+    def __init__(self, policy, log_dir=None, startup_s: float = procs.STARTUP_S, model: str = "smollm2-135m"):
         check_ports_free(policy)
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -186,20 +166,15 @@ class LocalCluster:
         self.parties = [*policy.compute, policy.model_owner]
         self.procs: dict = {}
         self.closed = False
-        env = launch_env()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.setdefault("JAX_PLATFORMS", "cpu")
         _install_handlers()
         _LIVE.add(self)
         try:
             for p in self.parties:
                 with open(self.log_dir / f"{p.name}.log", "ab") as log:
-                    self.procs[p.name] = subprocess.Popen(
-                        [sys.executable, "-m", "tuning.backends.node", "--policy", str(self.policy_path),
-                         "--party", p.name, "--log-dir", str(self.log_dir),
-                         *(["--model", model] if p is policy.model_owner else [])],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                        start_new_session=True)
+                    self.procs[p.name] = procs.launch(
+                        "tuning.transports.node", ["--policy", self.policy_path, "--party", p.name, "--log-dir",
+                                                   self.log_dir, *(["--model", model] if p is policy.model_owner else [])],
+                        stdout=log, stderr=subprocess.STDOUT)
             self.wait_ready(startup_s)
         except BaseException:
             self.close()
@@ -250,7 +225,7 @@ class LocalCluster:
         """SIGTERM every node's process group, SIGKILL what is left after ``grace_s``, reap all."""
         _LIVE.discard(self)
         self.closed = True
-        kill_groups(list(self.procs.values()), grace_s)
+        procs.kill_groups(list(self.procs.values()), grace_s)
         shutil.rmtree(self._key_dir, ignore_errors=True)
 
     def __enter__(self):
@@ -276,7 +251,7 @@ class ClusterBackend(Session):
     ``bundle.name``). ``launch=False`` connects to nodes already running at the policy's
     addresses (``secptune cluster up`` / ``secptune node``).
 
-    Only ``bundle.name`` and ``bundle.tokenizer`` are read: ``backends.open_backend`` gives
+    Only ``bundle.name`` and ``bundle.tokenizer`` are read: ``transports.open_backend`` gives
     a bundle without weights (``params=None``), and the data owner's process never loads them.
     What it learns of the weights comes from the model owner's node, per the policy:
     ``embedding_stats()`` (shape and std of the embedding table, for the subspace's scale) always,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets.tasks import clean_text, read_records, read_text, truncate_words
+from .tasks import clean_text, read_records, read_text, truncate_words
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted

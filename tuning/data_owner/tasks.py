@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .cache import AssetError, secptune_home
-from .datasets import Row, read_table, stratified_split
+from ..cache import AssetError, secptune_home
+from ..datasets import Row, read_table, stratified_split
 
 SENTIMENT = {"positive": " positive", "negative": " negative"}
 # probe words: extra head rows whose logits a fitted head (--head fit) reads beside the verbalizer's;

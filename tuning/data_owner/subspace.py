@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from ..assets.models import EmbeddingStats
+from ..model_owner.models import EmbeddingStats
 from ..errors import UserError
 
 N_SPECIAL = 20  # SmolLM2 ids < 20 are special tokens (<|endoftext|>, <|im_start|>, ...)

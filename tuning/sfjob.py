@@ -1,9 +1,9 @@
 """One party's process in a SecretFlow tuning job (``secptune sf-job`` starts it).
 
-    python -m tuning.loop.sfjob --cluster FILE --party NAME --log-dir DIR --job JSON
+    python -m tuning.sfjob --cluster FILE --party NAME --log-dir DIR --job JSON
 
 Every party runs this module with the same cluster file and job; what it does depends on its role
-(``tuning.backends.secretflow`` has the design):
+(``tuning.transports.secretflow`` has the design):
 
 - the **data owner** runs ``tune()`` over the ``secretflow`` back end (its progress goes to this
   process's stdout, which ``secptune sf-job`` streams) and then ends the job for everyone;
@@ -28,10 +28,10 @@ import threading
 import traceback
 from pathlib import Path
 
-from ..backends import procs
-from ..backends import secretflow as sfb
-from ..backends.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, load_cluster, write_status
-from ..errors import UserError
+from .transports import procs
+from .transports import secretflow as sfb
+from .transports.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, load_cluster, write_status
+from .errors import UserError
 
 
 def _redirect(log_path: Path):
@@ -97,8 +97,8 @@ def _on_sigint(party: Party):
 
 
 def run_data_owner(job, spec: dict, party: Party) -> None:
-    from .rundir import RunDir
-    from .trainer import TuneConfig, tune
+    from .data_owner.rundir import RunDir
+    from .data_owner.trainer import TuneConfig, tune
 
     resume = spec.get("resume")
     sfb.set_current_job(job)
@@ -139,8 +139,8 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
 def served_model(spec: dict) -> str:
     """The model owner's model, from its own job spec: its tune arguments' --model, or the model of
     the run it resumes (when that run's directory is on this host), or tune's default."""
-    from .config import TuneConfig
-    from .rundir import RunDir
+    from .data_owner.config import TuneConfig
+    from .data_owner.rundir import RunDir
 
     run = RunDir(spec.get("resume") or "-")
     if spec.get("resume") and run.config_path.exists():
@@ -149,7 +149,7 @@ def served_model(spec: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tuning.loop.sfjob", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tuning.sfjob", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--party", required=True)
     ap.add_argument("--log-dir", required=True)
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     procs.die_with_launcher(signal.SIGKILL)
     party = Party(args.party, log_dir, progress)
     try:
-        from .. import configure_jax
+        from . import configure_jax
 
         configure_jax()
         spec = json.loads(args.job)
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
         print(f"party {me.name} ({me.role}) of job {cluster.job_name}, policy {cluster.policy.name}: "
               f"{', '.join(f'{k} {v}' for k, v in me.ports.items())}", file=sys.stderr, flush=True)
         if me.role == "model_owner":
-            sfb.serve_model(served_model(spec))
+            sfb.serve_model(served_model(spec), cluster.policy)
         job = sfb.SFJob(cluster, me.name, log_dir, party.fatal)
         signal.signal(signal.SIGINT, _on_sigint(party))
         party.say(f"{me.name}: up ({me.role}; {cluster.policy.protocol} over {', '.join(p.name for p in cluster.compute)})")

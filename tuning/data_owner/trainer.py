@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets.tasks import kshot, load_task, load_user_task, split_dev, with_label_words
-from ..backends import open_backend
-from ..backends.session import group_reveals
+from .tasks import kshot, load_task, load_user_task, split_dev, with_label_words
+from ..transports import open_backend
+from ..transports.session import group_reveals
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted

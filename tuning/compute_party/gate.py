@@ -1,0 +1,94 @@
+"""A compute party's gate: it runs only executables the model owner approved, and hands out a
+share only of an output whose approval opens it, within its own policy's cap.
+
+    gate.admit(approval, exe)                                # the model owner's approved program
+    bound = gate.bind(digest, input_names, output_names)     # before a run
+    gate.ran(digest, output_names)                           # after it
+    gate.check_open(name, what, shape)                       # before a share leaves
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ..errors import Refused
+from ..model_owner.approval import Approval, check_cap, check_request
+from ..programs import WEIGHT, weight_names
+
+class Gate:
+    """A compute party's record of what it may run and open: the model owner's approvals by
+    digest, and each resident variable's origin (the approved program and output that wrote it)
+    and reveal mark. Every refusal is :class:`Refused`, in one line, raised before anything runs
+    or leaves."""
+
+    def __init__(self, policy, party: str):
+        self.policy, self.party = policy, party
+        self.approved: dict = {}  # digest -> (Approval, ExecutableProto)
+        self.origin: dict = {}  # var -> (program name, output key)
+        self.marks: dict = {}  # var -> the reveal kind its approval lets it open as
+
+    def admit(self, approval: Approval, exe: bytes) -> None:
+        """Keep the model owner's approved executable, re-checked against this party's own policy."""
+        from spu import spu_pb2
+
+        if hashlib.sha256(exe).hexdigest() != approval.digest:
+            raise Refused(f"{self.party}: the executable's digest is not its approval's {approval.digest}")
+        check_request(self.policy, approval)
+        self.approved[approval.digest] = (approval, spu_pb2.ExecutableProto.FromString(exe))
+
+    def bind(self, digest: str, input_names: list, output_names: list):
+        """The approved executable ``digest`` reading ``input_names`` (the weights w0.. in order,
+        then one variable per argument, none a weight, each holding what its approval needs) and
+        writing ``output_names`` (no weight)."""
+        from spu import spu_pb2
+
+        if digest not in self.approved:
+            raise Refused(f"{self.party} refuses executable {digest}: the model owner has not approved it; "
+                                  "nothing ran")
+        approval, exe = self.approved[digest]
+        ins, outs, name = list(input_names), list(output_names), approval.request.program.name
+        n, arg_names = approval.n_params, [a for a, _ in approval.request.args]
+        if ins[:n] != weight_names(n) or len(ins) != n + len(arg_names) or len(outs) != len(approval.request.outs):
+            raise Refused(f"{self.party} refuses {name} ({digest[:12]}): it must read the weights in order, "
+                                  f"then {len(arg_names)} arguments, and write {len(approval.request.outs)} outputs")
+        for var in ins[n:] + outs:
+            if WEIGHT.fullmatch(var):
+                raise Refused(f"{self.party} refuses {name} ({digest[:12]}): a weight ({var}) is bound to an "
+                                      "argument or an output")
+        for arg, var in zip(arg_names, ins[n:]):
+            need = approval.needs.get(arg)
+            if need and self.origin.get(var) != tuple(need):
+                raise Refused(f"{self.party} refuses {name} ({digest[:12]}): its {arg!r} must be the {need[1]!r} "
+                                      f"output of an approved {need[0]!r} program, and {var!r} is not")
+        return spu_pb2.ExecutableProto(name=exe.name, code=exe.code, input_names=ins, output_names=outs)
+
+    def ran(self, digest: str, output_names: list) -> None:
+        """After an approved run: its outputs' origins and reveal marks."""
+        approval = self.approved[digest][0]
+        self.forget(*output_names)
+        for key, var in zip(approval.request.outs, output_names):
+            self.origin[var] = (approval.request.program.name, key)
+            if key in approval.opens:
+                self.marks[var] = approval.opens[key]
+
+    def forget(self, *names: str) -> None:
+        """``names`` were overwritten (by the data owner, or a program of no approval) or dropped."""
+        for n in names:
+            self.origin.pop(n, None)
+            self.marks.pop(n, None)
+
+    def check_open(self, name: str, what: str, shape) -> None:
+        """May a share of ``name`` leave, to the data owner, as ``what``: an output its approval
+        marks as that kind, within this party's policy's cap for it."""
+        if self.marks.get(name) != what:
+            raise Refused(f"{self.party}: {name!r} is not an output its approved program opens as {what!r}; "
+                                  "its share stays here")
+        check_cap(self.policy, what, shape, f"{name!r}")
+
+
+def share_shape(share) -> tuple:
+    """The shape of an SPU share, from its own metadata (not from anyone's claim)."""
+    from spu import spu_pb2
+
+    meta = spu_pb2.ValueMetaProto()
+    meta.ParseFromString(share.meta)
+    return tuple(meta.shape.dims)
