@@ -32,6 +32,8 @@ demo: prepare
 	rm -rf runs/demo runs/demo_full
 	@echo "== 1/2: the private job through SPU (ABY3 simulator)"
 	$(CLI) tune $(DEMO_SPU_ARGS) --out runs/demo
+	@echo "== the private run applied to three new reviews (same back end and policy; the labels go to the data owner only)"
+	$(CLI) predict --run runs/demo --input examples/data/new_reviews.txt
 	@echo "== 2/2: the full 16-shot job, same configuration, plaintext back end"
 	$(CLI) tune $(DEMO_FULL_ARGS) --out runs/demo_full
 

@@ -471,3 +471,59 @@ def test_ctrl_c_reaps_every_party(tmp_path):
     _, stderr = proc.communicate(timeout=120)  # a bound on Ctrl-C to exit on a loaded 2-core machine
     assert proc.returncode == 130 and "secptune: interrupted" in stderr
     assert pids_with(str(logs), "tuning.sfjob") == []
+
+
+# A deviating data owner: it skips its own session's checks and asks the parties directly, through
+# the job's descriptors: the head program's output (rows of the LM head) opened as if it were
+# verbalizer logits, or a run of an executable the model owner never approved.
+_HOSTILE = r"""
+import sys
+import numpy as np
+import tuning.sfjob as sj
+from tuning.model_owner.approval import ProgramRef, Request
+from tuning.transports import secretflow as sfb
+
+def hostile(job, spec, party):
+    job.check_run = job.check_open = lambda *a, **k: None  # its own gate skipped
+    meta = job.lead({"op": "setup", "model": "tiny-llama", "version": sfb.PROTOCOL})
+    V = meta["config"].vocab_size
+    rows = np.eye(V, dtype=np.float32)[:2]
+    job.lead({"op": "put", "name": "rows", "shape": list(rows.shape)}, value=rows)
+    approval = job.lead({"op": "approve", "request": Request.of(ProgramRef("head"), {"rows": rows.shape}, ["head"])})
+    if spec["attack"] == "run":
+        job.lead({"op": "run", "exe": "0" * 64, "ins": ["rows"], "outs": ["stolen"]})
+    else:
+        job.lead({"op": "run", "exe": approval.digest, "ins": ["rows"], "outs": ["head"]})
+        got = job.lead({"op": "open", "name": "head", "what": "verbalizer_logits"})
+        print("OPENED", np.asarray(got).shape, flush=True)
+
+sj.run_data_owner = hostile
+sj.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("attack,refusal", [("open", "is not an output its approved program opens"),
+                                            pytest.param("run", "has not approved it", marks=pytest.mark.soak)])
+def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path):
+    cluster = sc.with_keys(sc.local_cluster(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
+    path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
+    job = json.dumps({"tune": {"model": "tiny-llama"}, "attack": attack})
+    procs = {}
+    for p in reversed(cluster.parties):
+        args = ["--cluster", str(path), "--party", p.name, "--log-dir", str(tmp_path / p.name), "--job", job]
+        cmd = [sys.executable, "-c", _HOSTILE, *args] if p.role == "data_owner" else \
+            [sys.executable, "-m", "tuning.sfjob", *args]
+        procs[p.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                         env=env())
+    outs = {n: p.communicate(timeout=600) for n, p in procs.items()}
+    assert "OPENED" not in outs["alice"][0]
+    assert procs["alice"].returncode != 0
+    # every compute party refuses as it reads the operation; one that sees another leave first ends
+    # on that (the order is the scheduler's), so at least one names the refusal and none went on
+    statuses = {n: sc.read_status(tmp_path / n, n) for n in ("p0", "p1", "p2")}
+    refused = [n for n, s in statuses.items() if s["kind"] == "error" and refusal in s["message"]]
+    assert refused, statuses
+    for n, s in statuses.items():
+        assert n in refused or (s["kind"] in ("lost", "failed") and s["peer"] in refused), (n, s)
+    for n in procs:
+        assert pids_with(str(tmp_path / n), "tuning.sfjob") == []

@@ -10,6 +10,7 @@ from helpers import toy_csv as make_toy
 from tuning.compute_party.state import PartyStore, digest
 from tuning.errors import UserError
 from tuning.data_owner.trainer import TuneConfig, tune
+from tuning.data_owner.rundir import RunDir
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
 
@@ -56,6 +57,18 @@ def test_sim_resume_restores_the_setup_instead_of_prefilling_again(toy_csv, tmp_
     assert np.isfinite(z0).all()
     a = json.loads((run / "summary.json").read_text())
     assert a["zero_shot_test_acc"] == first["zero_shot_test_acc"]
+
+    # the parties' own audit logs agree with the data owner's across the resume, one record each
+    from tuning.audit import audit
+
+    rows, bad = audit(run)
+    assert bad == 0 and len(rows) == len(RunDir(run).read_audit()) > 0
+    assert all(set(r["parties"]) == {"p0", "p1", "p2"} for r in rows)
+    # a data owner whose file drops a reveal is caught by every party's log
+    lines = (run / "reveals.jsonl").read_text().splitlines()
+    (run / "reveals.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    rows, bad = audit(run)
+    assert bad > 0 and any("p0 logged" in d for r in rows for d in r["differences"])
 
 
 def test_interrupted_setup_continues_at_the_next_unfinished_chunk(toy_csv, tmp_path, monkeypatch):

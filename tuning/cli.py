@@ -417,6 +417,22 @@ def _cmd_clean(args):
     print(f"deleted {run.path}" + (f" and {len(kept)} parties' kept shares" if kept else ""))
 
 
+def _cmd_audit(args):
+    from .audit import audit, party_logs, render
+    from .data_owner.rundir import RunDir
+
+    rows, bad = audit(args.run, args.party_log)
+    parties = sorted(party_logs(RunDir(args.run), args.party_log))
+    if args.json:
+        print(json.dumps({"rows": rows, "differences": bad, "parties": parties}, default=list))
+    else:
+        print(render(rows, parties))
+        if not parties:
+            print("no compute party's log for this run here (a plaintext run has none; another host's: --party-log)")
+        print(f"{len(rows)} values opened; {bad} with a difference" + ("" if bad else " (the records agree)"))
+    return 1 if bad else 0
+
+
 def _cmd_node(args):
     from .transports.node import run_node
 
@@ -587,6 +603,15 @@ def _add_run_commands(sub) -> None:
     s.set_defaults(fn=_cmd_clean)
 
 
+def _add_audit_command(sub) -> None:
+    s = sub.add_parser("audit", help="what a run opened, by the data owner's record and each compute party's")
+    s.add_argument("run", help="a run directory")
+    s.add_argument("--party-log", action="append", default=[], metavar="FILE",
+                   help="a compute party's audit.jsonl from another host (repeatable)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_audit)
+
+
 def _add_party_commands(sub) -> None:
     """The parsers of node, cluster and sf-job: the parties' processes."""
     s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
@@ -667,7 +692,7 @@ def _add_tool_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secptune", description="Privacy-preserving forward-only prompt tuning on SPU")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for add in (_add_asset_commands, _add_forward_commands, _add_tune_command, _add_run_commands,
+    for add in (_add_asset_commands, _add_forward_commands, _add_tune_command, _add_run_commands, _add_audit_command,
                 _add_party_commands, _add_convert_command, _add_tool_commands):  # as --help lists them
         add(sub)
     return p
@@ -703,7 +728,7 @@ def main(argv=None) -> int:
     from spu_models.config import CheckpointError, ConfigError
 
     try:
-        args.fn(args)
+        code = args.fn(args)
     except (UserError, CheckpointError, ConfigError) as e:  # expected: one line; anything else is a bug
         msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
         print(f"secptune: error: {msg}", file=sys.stderr)
@@ -711,7 +736,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("secptune: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

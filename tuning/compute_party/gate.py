@@ -9,6 +9,10 @@ share only of an output whose approval opens it, within its own policy's cap.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import time
+from pathlib import Path
 
 from ..errors import Refused
 from ..model_owner.approval import Approval, check_cap, check_request
@@ -25,6 +29,7 @@ class Gate:
         self.approved: dict = {}  # digest -> (Approval, ExecutableProto)
         self.origin: dict = {}  # var -> (program name, output key)
         self.marks: dict = {}  # var -> the reveal kind its approval lets it open as
+        self.source: dict = {}  # var -> the digest of the approved program that wrote it
 
     def admit(self, approval: Approval, exe: bytes) -> None:
         """Keep the model owner's approved executable, re-checked against this party's own policy."""
@@ -67,6 +72,7 @@ class Gate:
         self.forget(*output_names)
         for key, var in zip(approval.request.outs, output_names):
             self.origin[var] = (approval.request.program.name, key)
+            self.source[var] = digest
             if key in approval.opens:
                 self.marks[var] = approval.opens[key]
 
@@ -75,6 +81,7 @@ class Gate:
         for n in names:
             self.origin.pop(n, None)
             self.marks.pop(n, None)
+            self.source.pop(n, None)
 
     def check_open(self, name: str, what: str, shape) -> None:
         """May a share of ``name`` leave, to the data owner, as ``what``: an output its approval
@@ -83,6 +90,23 @@ class Gate:
             raise Refused(f"{self.party}: {name!r} is not an output its approved program opens as {what!r}; "
                                   "its share stays here")
         check_cap(self.policy, what, shape, f"{name!r}")
+
+
+    def record(self, name: str, what: str, shape, job: str | None = None) -> dict:
+        """The audit record of a share of ``name`` handed to the data owner as ``what``."""
+        program, output = self.origin.get(name, (None, None))
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "party": self.party, "job": job, "var": name,
+                "what": what, "shape": list(shape), "to": "data_owner", "program": program, "output": output,
+                "digest": self.source.get(name)}
+
+
+def append_audit(path, record: dict) -> None:
+    """Append ``record`` to a party's own audit log (JSONL, its directory 0700, the file 0600)."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def share_shape(share) -> tuple:

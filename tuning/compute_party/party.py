@@ -18,22 +18,25 @@ import threading
 from pathlib import Path
 
 from ..programs import WEIGHT
-from .gate import Gate, share_shape
+from .gate import Gate, append_audit, share_shape
 from .state import PartyStore, checked_key
 
 COUNTERS = ("set_share", "put", "run", "open", "drop", "approved")
+AUDIT = "audit.jsonl"  # in its state directory: every share it handed out, one JSON line each
 
 
 class ComputeParty:
     """``runtime``: an ``spu.api.Runtime`` linked to the other compute parties. ``traffic``: a
     reader of this party's own traffic per run (``traffic.LogTraffic``), or None where the
-    transport measures it. ``state_root``: where its kept set-up shares go, one directory per job."""
+    transport measures it. ``state_root``: where its kept set-up shares go, one directory per job, and its audit log
+    (``AUDIT``: every share it hands out, appended before the share leaves)."""
 
     def __init__(self, name: str, policy, runtime, traffic=None, state_root=None):
         self.name, self.policy, self.rt, self.traffic = name, policy, runtime, traffic
         self.gate = Gate(policy, name)
         self.state_root = Path(state_root) if state_root else None
         self.store: PartyStore | None = None
+        self.job: str | None = None  # the namespace of the job whose set-up shares it keeps
         self.lock = threading.Lock()  # one call at a time on the runtime
         self.counters = dict.fromkeys(COUNTERS, 0)
 
@@ -99,7 +102,10 @@ class ComputeParty:
         shape). Weights, the data owner's inputs, caches and every other output stay here."""
         with self.lock:
             share = self.rt.get_var(name) if name in self.gate.marks else None
-            self.gate.check_open(name, what, share_shape(share) if share else ())
+            shape = share_shape(share) if share else ()
+            self.gate.check_open(name, what, shape)
+            if self.state_root is not None:  # its own record of what it handed out, before it leaves
+                append_audit(self.state_root / AUDIT, self.gate.record(name, what, shape, self.job))
         self.counters["open"] += 1
         return share
 
@@ -126,6 +132,7 @@ class ComputeParty:
         if self.state_root is None:
             raise RuntimeError(f"{self.name}: no state directory")
         self.store = PartyStore(self.state_root / checked_key(namespace) if namespace else self.state_root)
+        self.job = namespace
 
     def _store(self) -> PartyStore:
         if self.store is None:

@@ -24,22 +24,25 @@ learn it from the driver's calls.
 
 - data owner (``alice`` in the shipped files): reads the task, tokenizes, chooses examples,
   draws the subspace A, runs CMA-ES / SPSA, computes the losses and the dev selection, in
-  plaintext, in its own process only. It compiles each program once per name and shape (SPU IR
-  from public shapes, the known programs of ``approval``) and sends the executable to the compute
-  parties once: here the model owner approves nothing and the compute parties open what the
-  data owner asks (the cluster back end's approval and caps are not built for SecretFlow). It puts its values
+  plaintext, in its own process only. It names each program it needs (an ``approval.Request``:
+  a known program, public shapes); it never sends code. It puts its values
   (embeddings, masks, one-hot rows, ``A z``) on the SPU as shares (``PYU -> SPU``: shares are
   made in its process; compute party i gets share i only). It alone receives plaintext: the
   verbalizer logits it reveals (``SPU -> data owner PYU``: only its process gets the shares of a
   revealed value; never ``sf.reveal``, which would send them to every party), the embedding
   table under ``embedding: data_owner``, and each compute party's traffic counters.
-- model owner (``bob``): loads its model, publishes the public metadata (architecture config,
-  weight shapes, the embedding table's shape and std: everybody receives these), and puts each
-  weight on the SPU once (shares made in its process). The weights stay resident on the SPU
-  for the whole job.
+- model owner (``bob``): loads the one model of its own command line (``ModelOwner``),
+  publishes the public metadata (architecture config, weight shapes, the embedding table's shape
+  and std: everybody receives these), and puts each weight on the SPU once (shares made in its
+  process). The weights stay resident on the SPU for the whole job. It builds, checks against
+  its own policy's caps and compiles every program the data owner requests, and the SPU nodes
+  run its executable, never one of the data owner's.
 - compute parties (``p0``..): run SPU's runtime on shares: the weights, the data owner's
-  inputs, the resident prefix caches, every intermediate. They send shares of a revealed value
-  to the data owner only.
+  inputs, the resident prefix caches, every intermediate. Each keeps a ``Gate`` under its own
+  cluster file's policy: it takes part in a run only of an executable the model owner approved
+  (the weights bound in order, required inputs from the right programs), and sends its share of
+  a value to the data owner only if that value's approval opens it, within the policy's cap. A
+  refusal ends the job (an honest data owner checks the same before it announces anything).
 - every party receives the descriptors (operation kinds, variable names such as
   ``train0_text``, shapes, executable digests) and SecretFlow's own public counts (share chunk
   counts); none but the data owner ever holds a label, a loss, z, A, a text or a plaintext prompt.
@@ -55,24 +58,24 @@ parties must be restarted, and ``--resume`` continues from the data owner's last
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..compute_party.gate import Gate, append_audit
 from ..compute_party.traffic import LogTraffic
 from ..errors import UserError
 from ..model_owner.models import ModelBundle, policy_execution
 from ..model_owner.owner import ModelOwner
 from ..policy import view_differences
-from ..programs import compile_session_program
+from ..programs import weight_names
 from . import procs
 from .cost import CallCost
 from .session import Session
 from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
 
-PROTOCOL = 1  # version of the descriptors: a follower refuses a data owner that speaks another
+PROTOCOL = 2  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
 
 _JOB = None  # this process's party, when it runs one (tuning.sfjob sets it)
@@ -121,6 +124,18 @@ def _owner_meta(model: str) -> dict:
 def _owner_leaf(i: int) -> np.ndarray:
     """Model owner: weight ``i`` (the executables' w<i>), to be shared."""
     return _OWNER.weights()[i][1]
+
+
+def _owner_approve(request):
+    """Model owner: (Approval, executable) of the known program ``request`` names (public)."""
+    return _OWNER.approve(request)
+
+
+def _exe_of(pair):
+    """The approved executable itself, as SPU's nodes run it."""
+    from spu import spu_pb2
+
+    return spu_pb2.ExecutableProto.FromString(pair[1])
 
 
 def _owner_table() -> np.ndarray:
@@ -194,7 +209,9 @@ class SFJob:
         self.log_dir = Path(log_dir)
         self.vars: dict = {}  # resident variable name -> SPUObject
         self.weights: list = []  # SPUObject per weight leaf, resident for the job
-        self.exes: dict = {}  # executable digest -> the data owner's PYUObject holding it
+        self.exes: dict = {}  # approved executable digest -> the model owner's PYUObject holding it
+        self.gate = Gate(self.policy, party)  # what may run and open (the compute parties enforce it)
+        self.out_shapes: dict = {}  # resident output -> its shape, from its approval
         self.meta: dict = {}
         self.broken = ""  # set when an operation failed half-way: the parties are out of step
         self.ops = 0
@@ -305,10 +322,12 @@ class SFJob:
             return self._setup(desc)
         if op == "put":
             return self._put(desc["name"], payload.get("value"))
+        if op == "approve":
+            return self._approve(desc)
         if op == "run":
-            return self._run(desc, payload.get("exe"))
+            return self._run(desc)
         if op == "open":
-            return self._open(desc["name"])
+            return self._open(desc["name"], desc.get("what", ""))
         if op == "drop":
             return self._drop(desc["names"])
         if op == "table":
@@ -340,18 +359,41 @@ class SFJob:
         """The data owner's value (None elsewhere) as shares on the SPU, resident as ``name``."""
         if name in self.vars:
             self._delete(name)
+        self.gate.forget(name)
         self.vars[name] = self.alice(_ident)(value).to(self.spu)
 
-    def _run(self, desc: dict, exe):
-        """Every SPU node runs the executable on the weights and the named resident values; the
-        outputs stay resident. The executable reaches each node once (SecretFlow sends an object
-        to a party once); each node then reads its own traffic and sends it to the data owner."""
+    def _approve(self, desc: dict):
+        """The model owner builds, checks and compiles the program the request names; every party
+        learns the approval and the executable (public: shapes and code, no weight) and admits it
+        into its gate under its own policy; the SPU nodes will run the model owner's copy."""
+        import secretflow.distributed as sfd
+
+        pair = self.bob(_owner_approve)(desc["request"])
+        approval, exe = sfd.get(pair.data)
+        self.gate.admit(approval, exe)
+        if approval.digest not in self.exes:
+            self.exes[approval.digest] = self.bob(_exe_of)(pair)
+        return approval
+
+    def check_run(self, digest: str, ins: list, outs: list) -> None:
+        """Refused unless the model owner approved ``digest`` for these variables (every party
+        checks the same before it takes part; the data owner before it announces the run)."""
+        self.gate.bind(digest, weight_names(len(self.weights)) + list(ins), outs)
+
+    def check_open(self, name: str, what: str) -> None:
+        """Refused unless ``name`` is an output its approval opens as ``what``, within the cap."""
+        self.gate.check_open(name, what, self.out_shapes.get(name, ()))
+
+    def _run(self, desc: dict):
+        """Every SPU node runs the approved executable on the weights and the named resident
+        values; the outputs stay resident, marked as the approval says. The model owner's
+        executable reaches each node once (SecretFlow sends an object to a party once); each node
+        then reads its own traffic and sends it to the data owner."""
         from secretflow.device.device.spu import SPUCompilerNumReturnsPolicy, SPUObject
 
         t0 = time.perf_counter()
         digest, ins, outs = desc["exe"], desc["ins"], desc["outs"]
-        if desc.get("new"):
-            self.exes[digest] = self.alice(_ident)(exe)
+        self.check_run(digest, ins, outs)  # at every party: a refused run ends the job at the compute parties
         exe_obj = self.exes[digest]
         n = len(outs)
         results = []
@@ -359,10 +401,14 @@ class SFJob:
             args = [w.shares_name[i] for w in self.weights] + [self.vars[v].shares_name[i] for v in ins]
             results.append(actor.run.options(num_returns=2 * n).remote(
                 SPUCompilerNumReturnsPolicy.FROM_COMPILER, None, exe_obj.data, *args))
+        self.gate.forget(*outs)
+        approval = self.gate.approved[digest][0]
         for k, name in enumerate(outs):
             if name in self.vars:
                 self._delete(name)
             self.vars[name] = SPUObject(self.spu, results[0][k], [r[n + k] for r in results])
+            self.out_shapes[name] = tuple(approval.out_shapes[approval.request.outs[k]])
+        self.gate.ran(digest, outs)
         costs = [self.pyus[p](_read_profile)(r[n]) for p, r in zip(self.spu.actors, results)]
         got = self.alice(_collect)(*[c.to(self.alice) for c in costs])
         if not self.leader:
@@ -371,12 +417,18 @@ class SFJob:
         parties = {p: cost for p, (cost, _) in zip(self.spu.actors, per_party)}
         return CallCost(time.perf_counter() - t0, parties, per_party[0][1])
 
-    def _open(self, name: str):
-        """Shares of ``name`` go to the data owner's PYU only; only its process reconstructs."""
+    def _open(self, name: str, what: str):
+        """Shares of ``name`` go to the data owner's PYU only, and only if every compute party's
+        gate lets ``name`` open as ``what``; only the data owner's process reconstructs."""
+        self.check_open(name, what)
+        if self.me.role == "compute":  # its own record of the share it hands out
+            append_audit(self.log_dir / f"{self.me.name}.audit.jsonl",
+                         self.gate.record(name, what, self.out_shapes.get(name, ())))
         obj = self.vars[name].to(self.alice)
         return np.asarray(obj.data.get_object(), np.float32) if self.leader else None
 
     def _drop(self, names: list) -> None:
+        self.gate.forget(*names)
         for name in names:
             if name in self.vars:
                 self._delete(name)
@@ -443,19 +495,22 @@ class SecretFlowBackend(Session):
         self.job.lead({"op": "put", "name": name, "shape": list(value.shape)}, value=value)
 
     def _compile(self, program, arg_shapes, out_keys):
-        exe = compile_session_program(program, self._params_shapes, arg_shapes, out_keys)
-        return exe, hashlib.sha256(exe.SerializeToString()).hexdigest()
+        raise UserError("a SecretFlow job runs only the programs the model owner approves, not one of your own")
+
+    def _approve(self, request):
+        """The model owner approves and compiles; every party admits it. Compiled: the digest."""
+        approval = self.job.lead({"op": "approve", "request": request})
+        return approval.digest, approval
 
     def _execute(self, compiled, ins, outs):
-        exe, digest = compiled
-        new = digest not in self.job.exes
-        return self.job.lead({"op": "run", "exe": digest, "new": new, "ins": list(ins), "outs": list(outs)},
-                             exe=exe if new else None)
+        self.job.check_run(compiled, ins, outs)  # refused here, before anything is announced
+        return self.job.lead({"op": "run", "exe": compiled, "ins": list(ins), "outs": list(outs)})
 
     def _reconstruct(self, name: str, what: str | None = None) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(f"no resident variable {name!r}")
-        return self.job.lead({"op": "open", "name": name})
+        self.job.check_open(name, what or "")
+        return self.job.lead({"op": "open", "name": name, "what": what or ""})
 
     def drop(self, *names: str) -> None:
         """The parties delete ``names``; a no-op once the job failed (its values are gone)."""
