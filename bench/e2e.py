@@ -7,7 +7,7 @@ accuracy, priced at its measured per-step MPC cost on the full 30-layer model.
 ``curves`` (plaintext, the real SmolLM2 and the real 16-shot MR split of each seed: 16 + 16
 examples per class for train and dev, as ``secptune tune`` draws them):
 - SFT: Adam on every weight (tied embedding included), full batch of the 32 training examples
-  per step, cross-entropy over the verbalizer logits (the loss ``spu_models.baselines`` runs);
+  per step, cross-entropy over the verbalizer logits (the loss ``bench.baselines`` runs);
 - PT: Adam on an n-token soft prompt placed before the template (BBT placement, as the MPC PT
   step), initialised at the same hard prompt P0 the forward-only runs start from;
 - forward-only: read from finished ``bench accuracy`` runs (``--fo``): the dev accuracy of the
