@@ -7,7 +7,7 @@ accuracy, priced at its measured per-step MPC cost on the full 30-layer model.
 ``curves`` (plaintext, the real SmolLM2 and the real 16-shot MR split of each seed: 16 + 16
 examples per class for train and dev, as ``secptune tune`` draws them):
 - SFT: Adam on every weight (tied embedding included), full batch of the 32 training examples
-  per step, cross-entropy over the verbalizer logits (the loss ``spu_models.baselines`` runs);
+  per step, cross-entropy over the verbalizer logits (the loss ``bench.baselines`` runs);
 - PT: Adam on an n-token soft prompt placed before the template (BBT placement, as the MPC PT
   step), initialised at the same hard prompt P0 the forward-only runs start from;
 - forward-only: read from finished ``bench accuracy`` runs (``--fo``): the dev accuracy of the
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, markdown_table, save, tag_suffix
-from bench.tune_accuracy import run_dir
+from bench.tune_accuracy import table_run_dir
 
 INIT = "text: Is this review positive or negative?"
 
@@ -128,11 +128,12 @@ def forward_only_curves(table: str, results: Path) -> dict:
     the runs of a ``bench accuracy`` table."""
     from tuning.data_owner.rundir import RunDir
 
-    d = json.loads((Path(table) if Path(table).suffix else results / f"{table}.json").read_text())
+    path = Path(table) if Path(table).suffix else results / f"{table}.json"
+    d = json.loads(path.read_text())
     a = d["args"]
     out = {}
     for r in d["rows"]:
-        run = run_dir(a, r["seed"])
+        run = table_run_dir(path, a, r["seed"])
         ms = RunDir(run).read_metrics()
         out[r["seed"]] = [ms[0]["dev_acc_of_mean"]] + [m["dev_acc_of_mean"] for m in ms]  # gen 1 scores z = 0
     return out, a

@@ -145,15 +145,17 @@ def run_pt(cfg, bundle, policy, task, train, dev, test, steps: int, lr: float, l
     if not np.array_equal(sc.word_groups, np.arange(len(task.labels))):
         raise ValueError("pt: one verbalizer word per class expected")
     prog, sets = sc.programs["score_deep"], {}
+    why = "bench fewshot pt: the gradient runs through the resident prefill in plaintext"
     for name, ex in (("train", train), ("dev", dev), ("test", test)):
         es = sc.add_examples(name, ex)
-        res = {k: jnp.asarray(session.vars[v]) for k, v in es.chunks[0].items() if not k.startswith("_")}
+        res = {k: jnp.asarray(session.unsafe_open(v, why)) for k, v in es.arguments(0).items()}
         sets[name] = (res, jnp.asarray(es.labels))
-    fixed = {"head": jnp.asarray(session.vars["head"]), "deep_scale": jnp.asarray(session.vars[sc.scale_var])}
+    fixed = {"head": jnp.asarray(session.unsafe_open("head", why)),
+             "deep_scale": jnp.asarray(session.unsafe_open(sc.scale_var, why))}
 
     def logits(delta, name):
         res, _ = sets[name]
-        return prog(session.params, delta=delta, **fixed, **res)["logits"][0]
+        return prog(bundle.params, delta=delta, **fixed, **res)["logits"][0]
 
     tr_y = sets["train"][1]
     loss_grad = jax.jit(jax.value_and_grad(lambda d: _ce(logits(d, "train"), tr_y)))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, markdown_table, rescorer, save, tag_suffix
-from bench.tune_accuracy import run_dir
+from bench.tune_accuracy import table_run_dir
 
 READS = ("words P0", "words tuned", "head P0", "head P0 @ tuned", "head refit @ tuned", "ensemble")
 
@@ -98,7 +98,7 @@ def main(argv=None):
     a = table["args"]
     rows = []
     for r in table["rows"]:
-        run = run_dir(a, r["seed"])
+        run = table_run_dir(path, a, r["seed"])
         rows.append({"seed": r["seed"], **read_run(run)})
         print(rows[-1], flush=True)
     mean = {"seed": "mean", **{k: round(float(np.mean([r[k] for r in rows])), 3) for k in READS}}

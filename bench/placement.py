@@ -120,7 +120,7 @@ def main(argv=None):
                 rows.append(row)
                 ops[name] = {"generation": dict(top_ops(gen.ops, 8)), "prefill": dict(top_ops(_merge_ops(setup), 8))}
                 print(row, flush=True)
-            session.drop(*[v for c in sc.sets[set_name].chunks for k_, v in c.items() if not k_.startswith("_")])
+            sc.drop_examples(set_name)
     finally:
         session.close()
     first = f"{args.popsize} x {args.examples}"

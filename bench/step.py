@@ -47,7 +47,7 @@ from bench.step_drivers import (
     sft_setup,
 )
 from bench.step_render import render
-from spu_models.baselines import EPS, LOSS_SCALE, LR
+from bench.baselines import EPS, LOSS_SCALE, LR
 
 
 def _peak_rss_gb() -> float:

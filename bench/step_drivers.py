@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spu_models.baselines import EPS, LOSS_SCALE, LR, make_pt_program, make_sft_program
+from bench.baselines import EPS, LOSS_SCALE, LR, make_pt_program, make_sft_program
 from tuning.transports import make_backend
 
 

@@ -66,6 +66,13 @@ def run_dir(args: dict, seed) -> Path:
             / f"{args['task']}_{args['mode']}_{args['backend']}_{args['strategy']}{args['tag']}_s{seed}")
 
 
+def table_run_dir(table: Path, args: dict, seed) -> Path:
+    """A seed's run directory of the ``bench accuracy`` table at ``table``: ``runs/`` beside the table,
+    where ``bench accuracy`` writes both, wherever the table now lives (its recorded ``--out`` may be
+    another checkout's or relative to another working directory)."""
+    return run_dir({**args, "out": str(Path(table).parent)}, seed)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench accuracy")
     ap.add_argument("--task", default="mr")

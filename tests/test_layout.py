@@ -27,10 +27,13 @@ ALLOWED = {
     "tuning.compute_party": BASE | {"tuning.model_owner"},  # it checks the model owner's approvals
     "tuning.transports": BASE | {"tuning.model_owner", "tuning.compute_party"},
     "tuning.data_owner": BASE | {"tuning.model_owner", "tuning.transports"},  # the tokenizer; its session
-    "tuning": BASE | {"tuning.model_owner", "tuning.compute_party", "tuning.transports", "tuning.data_owner",
-                      "bench"},  # tuning/__init__.py, cli.py, sfjob.py: the entry points
+    # tuning/__init__.py, cli.py, sfjob.py: the entry points
+    "tuning": BASE | {"tuning.model_owner", "tuning.compute_party", "tuning.transports", "tuning.data_owner"},
     "bench": BASE | {"tuning.model_owner", "tuning.compute_party", "tuning.transports", "tuning.data_owner"},
 }
+# bench stands outside the product: the one way in is `secptune bench NAME`, tuning.cli reading
+# bench's registry (the package ``bench`` itself: BENCHES, run), never a benchmark's module
+PRODUCT_TO_BENCH = {("tuning.cli", "bench")}
 
 
 def modules() -> dict:
@@ -86,7 +89,32 @@ def test_every_import_follows_the_layers(graph):
     # the package ``tuning`` itself (its __init__: configure_jax, nothing else) is open to every
     # process entry point, e.g. a SecretFlow party's process (tuning.sfjob)
     bad = [f"{m} imports {t}" for m, ts in graph.items() for t in ts
-           if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)] and t != "tuning"]
+           if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)] and t != "tuning"
+           and (m, t) not in PRODUCT_TO_BENCH]
+    assert bad == []
+
+
+def test_the_product_imports_bench_only_where_the_cli_dispatches_to_its_registry(graph):
+    into_bench = {(m, t) for m, ts in graph.items() if part_of(m) != "bench" for t in ts if part_of(t) == "bench"}
+    assert into_bench == PRODUCT_TO_BENCH
+
+
+def test_bench_uses_only_the_products_public_names():
+    # no "from tuning.x import _y", no module "_z", no "obj._attr": the benchmarks read the product
+    # as a user's code would, so a private change inside it cannot break (or be hidden by) a bench
+    bad = []
+    for m, path in modules().items():
+        if part_of(m) != "bench":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] in PACKAGES[:2]:
+                names = node.module.split(".") + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [part for a in node.names if a.name.split(".")[0] in PACKAGES[:2] for part in a.name.split(".")]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            bad += [f"{m}:{node.lineno} {n}" for n in names if n.startswith("_") and not n.startswith("__")]
     assert bad == []
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from bench.step_data import one_hot_labels, sft_inputs
 from bench.step_drivers import pt_run, pt_setup, sft_run, sft_setup
-from spu_models.baselines import fixed_point_adam, make_pt_program
+from bench.baselines import fixed_point_adam, make_pt_program
 from spu_models.forward import embedding_table
 from tuning.model_owner.models import load_model, with_policy
 from tuning.data_owner.tasks import Task

@@ -103,6 +103,10 @@ def length_groups(texts: list, chunk: int | None) -> list[list[int]]:
     return [[int(i) for i in g] for g in np.array_split(order, k)]
 
 
+def _arguments(chunk: dict) -> dict:
+    return {k: v for k, v in chunk.items() if not k.startswith("_")}  # "_name", "_size", "_zs": bookkeeping
+
+
 @dataclasses.dataclass
 class ExampleSet:
     name: str
@@ -110,6 +114,12 @@ class ExampleSet:
     n: int
     chunks: list = dataclasses.field(default_factory=list)  # per chunk: program argument -> resident var
     order: np.ndarray | None = None  # [E] the examples' indices in chunk order (the rows every score returns)
+
+    def arguments(self, c: int) -> dict:
+        """Chunk ``c``'s program arguments -> the resident variables that hold them (what a score of
+        it reads besides the head, the prompt and the deep scale); the scorer's own bookkeeping
+        (the chunk's name, size, zero-shot logits) left out."""
+        return _arguments(self.chunks[c])
 
     def chunk_labels(self, which) -> np.ndarray:
         sizes = np.cumsum([0] + [c["_size"] for c in self.chunks])
@@ -319,7 +329,7 @@ class SecureScorer:
         return calibrated(logits, self.calibrate, cf)
 
     def _score_chunk(self, chunk: dict, prompted: bool) -> np.ndarray:
-        resident = {k: v for k, v in chunk.items() if not k.startswith("_")}
+        resident = _arguments(chunk)
         if self.deep and not prompted:  # zero-shot logits were computed by the prefill
             if "_zs" not in chunk:
                 raise UserError(f"example set chunk {chunk['_name']!r} was shared without zero_shot=True")

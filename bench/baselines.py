@@ -1,8 +1,9 @@
 """The gradient baselines' MPC programs: one SFT step and one gradient prompt-tuning step.
 
-Pure JAX, like every program that runs inside MPC (``forward``): ``bench step`` and
+Pure JAX, like every program that runs inside MPC (``spu_models.forward``): ``bench step`` and
 ``bench e2e`` price them against forward-only tuning under the same policy. Adam is
-``fixed_point_adam``, optax's update reordered for SPU's fixed point (see below).
+``fixed_point_adam``, optax's update reordered for SPU's fixed point (see below). They live in
+bench, not in ``spu_models``: the product never runs them, only the benchmarks that price them.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .forward import build_model, embedding_table, make_tuning_programs
+from spu_models.forward import build_model, embedding_table, make_tuning_programs
 
 # Adam hyper-parameters (the cost does not depend on them). SPU's fixed point (FM64, 18 fraction
 # bits: resolution 2^-18 ~ 3.8e-6; its sqrt returns 0 for inputs >= 2^18; x * x wraps for
