@@ -475,7 +475,7 @@ def test_ctrl_c_reaps_every_party(tmp_path):
 
 # A deviating data owner: it skips its own session's checks and asks the parties directly, through
 # the job's descriptors: the head program's output (rows of the LM head) opened as if it were
-# verbalizer logits, or a run of an executable the model owner never approved.
+# verbalizer logits, or an approved program run to overwrite a weight with its output.
 _HOSTILE = r"""
 import sys
 import numpy as np
@@ -491,7 +491,7 @@ def hostile(job, spec, party):
     job.lead({"op": "put", "name": "rows", "shape": list(rows.shape)}, value=rows)
     approval = job.lead({"op": "approve", "request": Request.of(ProgramRef("head"), {"rows": rows.shape}, ["head"])})
     if spec["attack"] == "run":
-        job.lead({"op": "run", "exe": "0" * 64, "ins": ["rows"], "outs": ["stolen"]})
+        job.lead({"op": "run", "exe": approval.digest, "ins": ["rows"], "outs": ["w0"]})
     else:
         job.lead({"op": "run", "exe": approval.digest, "ins": ["rows"], "outs": ["head"]})
         got = job.lead({"op": "open", "name": "head", "what": "verbalizer_logits"})
@@ -503,7 +503,7 @@ sj.main(sys.argv[1:])
 
 
 @pytest.mark.parametrize("attack,refusal", [("open", "is not an output its approved program opens"),
-                                            pytest.param("run", "has not approved it", marks=pytest.mark.soak)])
+                                            pytest.param("run", "a weight (w0) is bound to", marks=pytest.mark.soak)])
 def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path):
     cluster = sc.with_keys(sc.local_cluster(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
     path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
@@ -523,7 +523,36 @@ def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path
     statuses = {n: sc.read_status(tmp_path / n, n) for n in ("p0", "p1", "p2")}
     refused = [n for n, s in statuses.items() if s["kind"] == "error" and refusal in s["message"]]
     assert refused, statuses
-    for n, s in statuses.items():
-        assert n in refused or (s["kind"] in ("lost", "failed") and s["peer"] in refused), (n, s)
+    assert all(n in refused or s["kind"] in ("lost", "failed") for n, s in statuses.items()), statuses
     for n in procs:
         assert pids_with(str(tmp_path / n), "tuning.sfjob") == []
+
+
+def test_a_party_decodes_its_link_with_an_allow_list(tmp_path):
+    """brpc answers plaintext messages on a TLS port, so a forged message can reach the decoder: a
+    party decodes with an allow-list, where SecretFlow's deny-list lets ``builtins.exec`` through."""
+    import pickle
+
+    from secretflow.distributed.fed.proxy.brpc_link import brpc_link
+    from secretflow.utils import secure_pickle
+
+    from tuning.model_owner.approval import ProgramRef, Request
+    from tuning.transports import secretflow as sfb
+
+    marker = tmp_path / "ran"
+
+    class Exec:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    forged = pickle.dumps({"seq_id": 1, "payload": Exec(), "job": "j"})
+    secure_pickle.loads(forged, filter_type=secure_pickle.FilterType.BLACKLIST)  # control: SecretFlow's runs it
+    assert marker.exists()
+    marker.unlink()
+    sfb._decode_with_allow_list()  # what every party does before sf.init
+    with pytest.raises(pickle.UnpicklingError, match="builtins.exec is not allowed on a SecretFlow link"):
+        brpc_link.secure_pickle.loads(forged, filter_type=secure_pickle.FilterType.BLACKLIST)
+    assert not marker.exists()
+    # what a job sends still decodes (the SecretFlow job tests run whole jobs through it)
+    msg = {"seq_id": 2, "payload": Request.of(ProgramRef("head"), {"rows": (2, 5)}, ["head"]), "job": "j"}
+    assert brpc_link.secure_pickle.loads(brpc_link.secure_pickle.dumps(msg)) == msg
