@@ -106,7 +106,8 @@ def _deployment_of(args):
     with ``secptune node``, this command drives; nothing is launched. None without it. Its policy is
     the run's: a different ``--policy`` is refused here, one that differs in memory by the nodes."""
     from .policy import load_policy
-    from .transports.deployment import deployment_path, load_deployment
+    from .transports import tls
+    from .transports.deployment import DATA_OWNER, deployment_path, load_deployment
 
     if not getattr(args, "cluster", None):
         return None
@@ -114,6 +115,7 @@ def _deployment_of(args):
         raise UserError(f"--cluster FILE drives the cluster nodes that file names: give --backend cluster, not "
                         f"{args.backend}")
     dep = load_deployment(args.cluster).require("cluster")
+    tls.identity(dep, DATA_OWNER)  # this process is the data owner: its key and every certificate, before any data
     if args.policy and load_policy(args.policy).view() != dep.policy.view():
         raise UserError(f"--policy {args.policy} is not the policy of {dep.source} ({dep.policy_ref}); leave "
                         "--policy out: the deployment names it")

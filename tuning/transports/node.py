@@ -157,7 +157,7 @@ def check_view(server, view: dict) -> None:
     """Refuse a driver whose deployment differs from this node's (one line naming the key)."""
     mine = cluster_view(server.deployment)
     for k in view_differences(mine, view)[:1]:
-        raise UserError(f"{server.node_id}'s cluster file differs from the driver's at {k}: "
+        raise UserError(f"{server.node_id}'s deployment differs from the driver's at {k}: "
                         f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
 
 
