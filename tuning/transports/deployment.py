@@ -49,8 +49,8 @@ DEPLOYMENT_DIR = REPO / "deployments"
 DATA_OWNER, MODEL_OWNER = "alice", "bob"
 TOP_KEYS = {"policy", "job_name", "parties", "description"}
 PARTY_KEYS = {"cluster", "secretflow", "cert", "key"}
-SECTION_KEYS = {"cluster": {"address", "link"},
-                "secretflow": {"address", "spu", "watch", "listen", "spu_listen", "watch_listen"}}
+SECTION_KEYS = {"cluster": ("address", "link"),  # in the order a written file lists them
+                "secretflow": ("address", "spu", "watch", "listen", "spu_listen", "watch_listen")}
 ROLE_TEXT = {"compute": "a compute party", "data_owner": "the data owner", "model_owner": "the model owner"}
 
 
@@ -177,7 +177,7 @@ def _section(spec: dict, section: str, name: str, role: str, source: str) -> dic
     d = spec[section]
     if not isinstance(d, dict):
         raise DeploymentError(f"{source}: {where} must be a mapping of addresses")
-    bad = set(d) - SECTION_KEYS[section]
+    bad = set(d) - set(SECTION_KEYS[section])
     if bad:
         raise DeploymentError(f"{source}: unknown key {where}.{sorted(bad, key=str)[0]}")
     if section == "cluster":
