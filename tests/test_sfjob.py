@@ -513,8 +513,8 @@ sj.main(sys.argv[1:])
 @pytest.mark.parametrize("attack,refusal", [("open", "is not an output its approved program opens"),
                                             pytest.param("run", "a weight (w0) is bound to", marks=pytest.mark.soak)])
 def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path):
-    cluster = sc.with_keys(sc.local_cluster(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
-    path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
+    cluster = tls.with_local_keys(dp.local_deployment(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
+    path = dp.dump_deployment(cluster, tmp_path / "deployment.yaml")
     job = json.dumps({"tune": {"model": "tiny-llama"}, "attack": attack})
     procs = {}
     for p in reversed(cluster.parties):
