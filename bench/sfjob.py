@@ -84,9 +84,8 @@ def main(argv=None):
 
         raise UserError("bench sfjob: give the tune arguments without --out, --backend, --policy or --resume")
 
-    from tuning.transports.cluster import free_policy
     from tuning.data_owner.rundir import RunDir
-    from tuning.policy import dump_policy, load_policy
+    from tuning.policy import load_policy
 
     work = Path(args.work or tempfile.mkdtemp(prefix="secptune-bench-sfjob-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -94,8 +93,7 @@ def main(argv=None):
     cli = [sys.executable, "-m", "tuning.cli"]
     runs = {}
     # 1. the cluster back end: `secptune tune`, its nodes on free local ports
-    free = dump_policy(free_policy(policy), work / "cluster-policy.yaml")
-    runs["cluster"] = _run(cli + ["tune", "--backend", "cluster", "--policy", str(free), *tune_args, "--save-logits",
+    runs["cluster"] = _run(cli + ["tune", "--backend", "cluster", "--policy", args.policy, *tune_args, "--save-logits",
                                   "--out", str(work / "cluster")], work / "rec-cluster" if args.record else None,
                               work / "cluster.log")
     print(f"cluster: {runs['cluster']['wall_s']}s", flush=True)

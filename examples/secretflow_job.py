@@ -8,9 +8,9 @@ log directory. Prerequisite: `secptune prepare` (or `make demo`).
     python examples/secretflow_job.py                                  # SmolLM2, ABY3, 1 generation
     python examples/secretflow_job.py --model tiny-llama --policy semi2k --budget 2   # a quick check
 
-On three hosts, every party runs the same command on its own host instead, e.g. with
-policies/clusters/aby3-3hosts.yaml (put your addresses in, and point its policy at one that names
-every party's certificate and this host's keys: docs/multi-host.md, "On three hosts"):
+On three hosts, every party runs the same command on its own host instead, e.g. with the deployment
+deployments/aby3-3hosts.yaml (put your addresses in, every party's certificate and this host's
+keys: docs/multi-host.md, "On three hosts"):
 
     secptune sf-job --cluster aby3-3hosts.yaml --party p0 -- --task mr --model smollm2-135m ...
 

@@ -1,5 +1,6 @@
-"""What several test modules share: the toy data set, the scan for a job's live processes, and a
-local cluster's policy on free ports and the check that it left nothing behind."""
+"""What several test modules share: the toy data set, the scan for a job's live processes, a
+policy with a short timeout and a deployment of it on free local ports, and the check that a local
+cluster left nothing behind."""
 from __future__ import annotations
 
 import dataclasses
@@ -66,11 +67,29 @@ def replay_search(run: Path, d: int, popsize: int, seed: int = 0, sigma0: float 
 
 
 def small_policy(name: str, timeout_s: float = 15):
-    """Shipped policy ``name`` with every party on a free local port and a short timeout."""
-    from tuning.transports.cluster import free_policy
+    """Shipped policy ``name`` with a short timeout (a launched cluster puts it on free local ports)."""
     from tuning.policy import load_policy
 
-    return dataclasses.replace(free_policy(load_policy(name)), timeout_s=timeout_s)
+    return dataclasses.replace(load_policy(name), timeout_s=timeout_s)
+
+
+def small_deployment(name: str, timeout_s: float = 15, key_dir=None):
+    """Every party of shipped policy ``name`` on free local ports, with a short timeout; with
+    ``key_dir``, a throwaway key and certificate per party there."""
+    from tuning.transports import tls
+    from tuning.transports.deployment import local_deployment
+
+    dep = local_deployment(small_policy(name, timeout_s))
+    return tls.with_local_keys(dep, key_dir) if key_dir is not None else dep
+
+
+def deployment_file(tmp_path: Path, name: str, timeout_s: float = 15) -> Path:
+    """:func:`small_deployment` with keys, as a file (its policy beside it): what each host of a
+    deployment would hold (``secptune node --cluster FILE``)."""
+    from tuning.transports.deployment import dump_deployment
+
+    dep = small_deployment(name, timeout_s, tmp_path / "keys")
+    return dump_deployment(dep, tmp_path / f"{name}-deployment.yaml", tmp_path / f"{name}-policy.yaml")
 
 
 def port_free(addr: str) -> bool:
@@ -87,10 +106,10 @@ def port_free(addr: str) -> bool:
         s.close()
 
 
-def assert_cleaned_up(cluster, policy):
+def assert_cleaned_up(cluster):
     """A closed local cluster left no process, port or key behind."""
     assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
     assert pids_with(str(cluster.log_dir), "tuning.transports.node") == []
-    addrs = [a for p in policy.compute for a in (p.address, p.link)] + [policy.model_owner.address]
+    addrs = [a for p in cluster.deployment.nodes for a in (p.node, p.link) if a]
     assert all(port_free(a) for a in addrs), addrs
     assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"

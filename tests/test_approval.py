@@ -57,7 +57,7 @@ def test_cluster_runs_only_approved_programs(tmp_path, monkeypatch):
     bundle = load_model("tiny-llama")
     plain = make_backend("plaintext", with_policy(bundle, policy), policy)
     with make_backend("cluster", bundle, policy, log_dir=tmp_path / "logs") as be:
-        cluster, keyed = be.cluster, be.policy
+        cluster, keyed = be.cluster, be.deployment
         batch = session_batch(be, PROMPTS, WORDS)
         # 1. an approved program: the model owner compiles it; this process compiles nothing
         with monkeypatch.context() as m:
@@ -79,7 +79,7 @@ def test_cluster_runs_only_approved_programs(tmp_path, monkeypatch):
         exe = compile_session_program(steal, be._params_shapes, {}, ["all"]).SerializeToString()
         digest = hashlib.sha256(exe).hexdigest()
         for p in keyed.compute:
-            do = Peer(p.name, p.address, 10, tls.identity(keyed, keyed.data_owner.name))
+            do = Peer(p.name, p.node, 10, tls.identity(keyed, keyed.data_owner.name))
             try:
                 with pytest.raises(PartyRefused, match=f"{p.name} refuses executable {digest}: .*nothing ran"):
                     do.call("run", exe, param_names(be._params_shapes), ["all"])
@@ -109,7 +109,7 @@ def test_cluster_runs_only_approved_programs(tmp_path, monkeypatch):
         with pytest.raises(PartyRefused, match="its 'head' must be the 'head' output of an approved 'head' program"):
             sc.score("ex", None)
         assert _forward(be, batch).shape == got.shape  # still usable
-    assert_cleaned_up(cluster, policy)
+    assert_cleaned_up(cluster)
 
 
 def test_cluster_refuses_a_reveal_over_the_cap(tmp_path):
@@ -128,10 +128,10 @@ def test_cluster_refuses_a_reveal_over_the_cap(tmp_path):
         be.put("rows", np.eye(3, bundle.config.vocab_size, 40, dtype=np.float32))
         with pytest.raises(PartyRefused, match="head would score 3 word rows, over policy .* cap of 2 words"):
             be.run("head", {"rows": "rows"}, ["head"])
-        assert all(be.node_info(p.name)["run"] == 0 for p in be.policy.compute)  # nothing ran
+        assert all(be.node_info(p.name)["run"] == 0 for p in be.deployment.compute)  # nothing ran
         assert be.reveals == []
         assert be.forward(session_batch(be, PROMPTS, WORDS)).shape == (2, 2)  # within the cap: runs
-    assert_cleaned_up(cluster, policy)
+    assert_cleaned_up(cluster)
 
 
 # ------------------------------------------------------------------------------------ simulator

@@ -51,16 +51,13 @@ def base_policy() -> dict:
 
 def test_policy_refusals_name_the_problem(tmp_path):
     cases = {
-        "duplicate port": (lambda d: d["parties"]["compute"][1].update(address=d["parties"]["compute"][0]["link"]),
-                           "is also parties.compute[0].link"),
         "fxp too high for massive activations": (lambda d: d.update(fxp_fraction_bits=24), "massive activations"),
         "fxp too high under FM128": (lambda d: d.update(field="FM128", fxp_fraction_bits=56), "use at most 55"),
         "exp limit past its range": (lambda d: d.update(approx={"exp": "limit"}, attention={
             "kind": "rfa", "feature_map": "positive", "stabilizer": "mean"}), "approx.exp limit is valid on"),
         "timeout NaN": (lambda d: d.update(timeout_s=float("nan")), "timeout_s"),
         "bool fxp": (lambda d: d.update(fxp_fraction_bits=True), "fxp_fraction_bits"),
-        "cert for some parties only": (lambda d: d["parties"]["compute"][0].update(cert="p0.pem"), "name no cert"),
-        "port out of range": (lambda d: d["parties"]["data_owner"].update(address="127.0.0.1:70000"), "host:port"),
+        "a parties block": (lambda d: d.update(parties={}), "a policy names no party"),
     }
     for name, (mutate, needle) in cases.items():
         d = base_policy()
@@ -73,6 +70,38 @@ def test_policy_refusals_name_the_problem(tmp_path):
     rc, _, err = cli("forward", "--model", "tiny-llama", "--policy", bad, "--text", "x", "--backend", "plaintext")
     assert rc == 2
     one_line_error(err, "not valid YAML")
+
+
+def test_deployment_refusals_name_the_problem(tmp_path):
+    from tuning.transports.deployment import DEPLOYMENT_DIR, DeploymentError, parse_deployment
+
+    (tmp_path / "p0.pem").write_text("x")
+    cases = {
+        "duplicate port": (lambda d: d["parties"]["p1"]["cluster"].update(address=d["parties"]["p0"]["cluster"]["link"]),
+                           "parties.p1.cluster.address 127.0.0.1:61510 is also parties.p0.cluster.link"),
+        "a port shared across back ends": (lambda d: d["parties"]["bob"]["secretflow"].update(
+            watch=d["parties"]["p2"]["cluster"]["address"]), "is also parties.bob.secretflow.watch"),
+        "cert for some parties only": (lambda d: d["parties"]["p0"].update(cert="p0.pem"), "name no cert"),
+        "a cert that is not there": (lambda d: d["parties"]["p0"].update(cert="nope.pem"), "parties.p0.cert"),
+        "port out of range": (lambda d: d["parties"]["alice"]["secretflow"].update(address="127.0.0.1:70000"),
+                              "host:port"),
+        "unknown party": (lambda d: d["parties"].update(p3={}), "unknown party 'p3'"),
+        "a missing party": (lambda d: d["parties"].pop("p2"), "p2 (a compute party) is not listed"),
+        "a node for the data owner": (lambda d: d["parties"]["alice"].update(cluster={"address": "127.0.0.1:1"}),
+                                      "the data owner, the driver, and runs no node"),
+        "a link for the model owner": (lambda d: d["parties"]["bob"]["cluster"].update(link="127.0.0.1:2"),
+                                       "only compute parties run the SPU link"),
+        "a node missing": (lambda d: d["parties"]["p1"].pop("cluster"), "missing key parties.p1.cluster"),
+        "unknown key": (lambda d: d["parties"]["p0"].update(port=1), "unknown key parties.p0.port"),
+        "a policy that does not exist": (lambda d: d.update(policy="nope"), "policy: unknown policy 'nope'"),
+    }
+    for name, (mutate, needle) in cases.items():
+        d = yaml.safe_load((DEPLOYMENT_DIR / "aby3.yaml").read_text())
+        mutate(d)
+        with pytest.raises(DeploymentError) as e:
+            parse_deployment(d, "d.yaml", tmp_path)
+        assert needle in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("d.yaml: "), \
+            (name, str(e.value))
 
 
 def test_every_approximation_states_its_range_and_the_guard_matches_the_field():
@@ -319,23 +348,25 @@ def test_nan_is_never_shared_and_overlong_texts_are_refused_before_sharing(tmp_p
 
 
 # ----------------------------------------------------------------------------------- party keys
-def test_cluster_keys_writes_pinned_keys_and_a_cluster_file(tmp_path):
+def test_cluster_keys_writes_pinned_keys_and_a_deployment_file(tmp_path):
     from tuning.transports import tls
+    from tuning.transports.deployment import load_deployment
 
-    rc, out, err = cli("cluster", "keys", "--policy", "semi2k", "--out", tmp_path / "k")
+    rc, out, err = cli("cluster", "keys", "--cluster", "semi2k", "--out", tmp_path / "k")
     assert rc == 0, err
-    pol = load_policy(str(tmp_path / "k" / "semi2k.yaml"))
-    for p in tls.all_parties(pol):
+    dep = load_deployment(tmp_path / "k" / "semi2k.yaml")
+    assert dep.policy.name == "semi2k" and dep.party("p0").node == load_deployment("semi2k").party("p0").node
+    for p in dep.parties:
         assert Path(p.cert).exists() and oct(os.stat(p.key).st_mode & 0o777) == "0o600"
-        assert tls.identity(pol, p.name).name == p.name
-    rc, _, err = cli("cluster", "keys", "--policy", "semi2k", "--out", tmp_path / "k")
+        assert tls.identity(dep, p.name).name == p.name
+    rc, _, err = cli("cluster", "keys", "--cluster", "semi2k", "--out", tmp_path / "k")
     assert rc == 2
     one_line_error(err, "already exists")
     # a key that is not the certificate's, and a missing key, are named
     import dataclasses
 
-    p0 = dataclasses.replace(pol.compute[0], key=pol.compute[1].key)
-    swapped = pol.with_parties([p0, pol.compute[1]], pol.data_owner, pol.model_owner)
+    swapped = dataclasses.replace(dep, parties=tuple(
+        dataclasses.replace(p, key=dep.party("p1").key) if p.name == "p0" else p for p in dep.parties))
     with pytest.raises(UserError, match="does not belong to its certificate"):
         tls.identity(swapped, "p0")
     rc, _, err = cli("node", "--cluster", "semi2k", "--party", "p0")
@@ -373,11 +404,10 @@ def test_the_secretflow_model_owner_serves_the_model_of_its_own_command_line(tmp
 def _cluster_policy(tmp_path, timeout_s=20):
     import dataclasses
 
-    from tuning.transports.cluster import free_policy
     from tuning.policy import dump_policy
 
-    return dump_policy(dataclasses.replace(free_policy(load_policy("aby3")), timeout_s=timeout_s),
-                       tmp_path / "aby3-free.yaml")
+    # a launched cluster puts its nodes on free local ports
+    return dump_policy(dataclasses.replace(load_policy("aby3"), timeout_s=timeout_s), tmp_path / "aby3-short.yaml")
 
 
 def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
@@ -434,7 +464,10 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
         assert "terminate called" not in t and "Aborted" not in t and "core dumped" not in t
     from helpers import port_free
 
-    assert all(port_free(a) for p in pol.compute for a in (p.address, p.link))
+    deps = list(tmp_path.glob("secptune-cluster-*/deployment.yaml"))  # where the launched nodes were
+    addrs = [a for f in deps for p in yaml.safe_load(f.read_text())["parties"].values()
+             for a in p.get("cluster", {}).values()]
+    assert addrs and all(port_free(a) for a in addrs)
     print(f"\n{victim} killed: driver exited after {t_driver:.1f}s, every process gone after {t_all:.1f}s")
     import shutil
 

@@ -24,8 +24,9 @@ import yaml
 from helpers import pids_with, replay_search, toy_csv
 from leakcheck import WindowDetector, leaks
 
+from tuning.transports import deployment as dp
 from tuning.transports import sfcluster as sc
-from tuning.transports.cluster import free_policy
+from tuning.transports import tls
 from tuning.policy import available_policies, dump_policy, load_policy
 
 REPO = Path(__file__).absolute().parent.parent
@@ -56,49 +57,55 @@ def error_lines(stderr: str) -> list:
     return [ln for ln in stderr.splitlines() if ln.startswith("secptune: error:")]
 
 
-# ------------------------------------------------------------------------------- cluster files
-def test_shipped_cluster_files_load_and_keep_out_of_the_policies():
+# ---------------------------------------------------------------------------- deployment files
+def test_shipped_deployments_load_and_keep_out_of_the_policies():
     for name, n_compute in (("aby3", 3), ("semi2k", 2), ("cheetah", 2), ("aby3-3hosts", 3)):
-        c = sc.load_cluster(name)
+        c = dp.load_deployment(name).require("secretflow").require("cluster")
         assert len(c.compute) == n_compute == c.policy.world_size
-        assert c.data_owner.name == c.policy.data_owner.name and c.model_owner.name == c.policy.model_owner.name
+        assert [p.name for p in c.compute] == [f"p{i}" for i in range(n_compute)]
+        assert (c.data_owner.name, c.model_owner.name) == ("alice", "bob")
         ports = [a for p in c.parties for a in p.ports.values()]
         assert len(ports) == len(set(ports))
         assert all(("spu" in p.ports) == (p.role == "compute") for p in c.parties)
-    assert not any(n.startswith("clusters") for n in available_policies())  # the policy loader ignores them
-    hosts = sc.load_cluster("aby3-3hosts")
+    assert not any(n.startswith("deployments") for n in available_policies())
+    hosts = dp.load_deployment("aby3-3hosts")
     assert {p.address.rpartition(":")[0] for p in hosts.parties} == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
     assert hosts.party("p0").ports["secretflow"] == "0.0.0.0:63000"
 
 
-def _cluster_dict():
-    return yaml.safe_load((sc.CLUSTER_DIR / "semi2k.yaml").read_text())
+def _deployment_dict():
+    return yaml.safe_load((dp.DEPLOYMENT_DIR / "semi2k.yaml").read_text())
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (lambda d: d["parties"].pop("bob"), "has party 'bob', which parties does not list"),
-    (lambda d: d["parties"].update(carol={"address": "127.0.0.1:1", "watch": "127.0.0.1:2"}), "has no party 'carol'"),
-    (lambda d: d["parties"]["alice"].update(spu="127.0.0.1:3"), "parties.alice.spu: only compute parties"),
-    (lambda d: d["parties"]["p0"].pop("watch"), "missing key parties.p0.watch"),
-    (lambda d: d["parties"]["p1"].pop("spu"), "missing key parties.p1.spu"),
-    (lambda d: d["parties"]["p0"].update(address="nohost"), "parties.p0.address 'nohost' is not host:port"),
-    (lambda d: d["parties"]["p1"].update(watch=d["parties"]["p0"]["address"]), "is also p0's secretflow port"),
+    (lambda d: d["parties"].pop("bob"), "parties: bob (the model owner) is not listed"),
+    (lambda d: d["parties"].update(carol={"secretflow": {"address": "127.0.0.1:1", "watch": "127.0.0.1:2"}}),
+     "unknown party 'carol'"),
+    (lambda d: d["parties"]["alice"]["secretflow"].update(spu="127.0.0.1:3"),
+     "parties.alice.secretflow.spu: only compute parties"),
+    (lambda d: d["parties"]["p0"]["secretflow"].pop("watch"), "missing key parties.p0.secretflow.watch"),
+    (lambda d: d["parties"]["p1"]["secretflow"].pop("spu"), "missing key parties.p1.secretflow.spu"),
+    (lambda d: d["parties"]["p0"]["secretflow"].update(address="nohost"),
+     "parties.p0.secretflow.address 'nohost' is not host:port"),
+    (lambda d: d["parties"]["p1"]["secretflow"].update(watch=d["parties"]["p0"]["secretflow"]["address"]),
+     "is also parties.p0.secretflow.address"),
     (lambda d: d["parties"]["p0"].update(port=1), "unknown key parties.p0.port"),
     (lambda d: d.update(hosts=[]), "unknown key 'hosts'"),
     (lambda d: d.pop("policy"), "missing key policy"),
 ])
-def test_bad_cluster_files_rejected_naming_the_key(edit, needle):
-    d = _cluster_dict()
+def test_bad_deployment_files_rejected_naming_the_key(edit, needle):
+    d = _deployment_dict()
     edit(d)
-    with pytest.raises(sc.ClusterFileError, match=needle.replace("(", r"\(").replace(")", r"\)")) as err:
-        sc.parse_cluster(d, "c.yaml")
+    with pytest.raises(dp.DeploymentError, match=needle.replace("(", r"\(").replace(")", r"\)")) as err:
+        dp.parse_deployment(d, "c.yaml")
     assert "\n" not in str(err.value)
 
 
-def test_local_cluster_round_trips_through_its_file(tmp_path):
-    c = sc.local_cluster("aby3")
-    back = sc.load_cluster(sc.dump_cluster(c, tmp_path / "c.yaml"))
+def test_local_deployment_round_trips_through_its_file(tmp_path):
+    c = tls.with_local_keys(dp.local_deployment("aby3"), tmp_path / "keys")
+    back = dp.load_deployment(dp.dump_deployment(c, tmp_path / "c.yaml"))
     assert back.parties == c.parties and back.job_name == c.job_name and back.policy == c.policy
+    assert back.view() == c.view()
 
 
 def test_sf_job_usage_errors_are_one_line(capsys):
@@ -108,7 +115,7 @@ def test_sf_job_usage_errors_are_one_line(capsys):
              (["sf-job", "local", "--policy", "aby3", "--", "--policy", "semi2k"], "--policy is not a tune argument"),
              (["sf-job", "local", "--", "--task", "mr"], "give --policy NAME"),
              (["sf-job", "--cluster", "aby3", "--", "--task", "mr"], "give --cluster FILE --party NAME"),
-             (["sf-job", "--cluster", "nope", "--party", "p0"], "cluster file nope not found"),
+             (["sf-job", "--cluster", "nope", "--party", "p0"], "deployment file nope not found"),
              (["sf-job", "--cluster", "aby3", "--party", "carol"], "no party 'carol'"),
              (["sf-job", "--cluster", "aby3", "--party", "p0"], "names no certificate")]  # no keys: no job
     for argv, needle in cases:
@@ -138,7 +145,7 @@ def _free_addr():
 
 def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go():
     fired = []
-    mk = lambda name: sc.SFParty(name, "compute", _free_addr(), _free_addr())  # noqa: E731
+    mk = lambda name: sc.SFParty(name, "compute", address=_free_addr(), watch=_free_addr())  # noqa: E731
     me, lost, stalled, leaver = mk("me"), mk("lost"), mk("stalled"), mk("leaver")
 
     def server(party, behaviour):  # a peer's watch port: answers, then closes / never answers
@@ -185,7 +192,7 @@ def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go():
 
 
 def test_the_report_follows_the_blame_to_the_lost_party():
-    c = sc.local_cluster("aby3")
+    c = dp.local_deployment("aby3")
     st = lambda kind, peer="", msg="", t=0.0: {"kind": kind, "peer": peer, "message": msg, "time": t}  # noqa: E731
     base = {n: {"role": c.party(n).role, "returncode": 3, "ended": 10.5, "killed": False, "log": f"{n}.log"}
             for n in ("alice", "bob", "p0", "p1", "p2")}
@@ -213,7 +220,7 @@ def _cluster_run(tmp_path, name, csv, out):
     """The same job on the cluster back end, in this process (the data owner's driver)."""
     from tuning.data_owner.trainer import TuneConfig, tune
 
-    policy = dump_policy(dataclasses.replace(free_policy(load_policy(name)), timeout_s=30), tmp_path / "cl.yaml")
+    policy = dump_policy(dataclasses.replace(load_policy(name), timeout_s=30), tmp_path / "cl.yaml")
     return tune(TuneConfig(model="tiny-llama", policy=str(policy), backend="cluster", task=None, train=str(csv),
                            verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=2, d=8,
                            n_tokens=2, seed=0, out=str(out), save_logits=True),
@@ -350,8 +357,8 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
     """`sf-job --cluster FILE --party NAME`, one command per party (what each host runs): the data
     owner's command prints the result, every other party's prints that it is up and done."""
     csv, _ = toy_csv(tmp_path / "toy.csv")
-    cluster = sc.with_keys(sc.local_cluster(str(policy_file(tmp_path, "semi2k", 20))), tmp_path / "keys")
-    path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
+    cluster = tls.with_local_keys(dp.local_deployment(str(policy_file(tmp_path, "semi2k", 20))), tmp_path / "keys")
+    path = dp.dump_deployment(cluster, tmp_path / "deployment.yaml")
     tune = ["--train", str(csv), *TOY_ARGS, "--budget", "1", "--out", str(tmp_path / "run")]
     procs = {p.name: subprocess.Popen([sys.executable, "-m", "tuning.cli", "sf-job", "--cluster", str(path), "--party",
                                        p.name, "--log-dir", str(tmp_path / p.name), "--", *tune],
@@ -388,8 +395,9 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "run"
     proc, pids = _start_job(tmp_path, policy, 4, logs, out)
     # every SecretFlow and SPU port speaks TLS and wants a pinned client certificate
-    cluster = yaml.safe_load((logs / "cluster.yaml").read_text())
-    for name, ports in cluster["parties"].items():
+    cluster = yaml.safe_load((logs / "deployment.yaml").read_text())
+    for name, party in cluster["parties"].items():
+        ports = party["secretflow"]
         for kind in ("address", "spu"):
             if kind in ports:
                 assert _tls_without_certificate(ports[kind]) == b"", (name, kind)
@@ -505,8 +513,8 @@ sj.main(sys.argv[1:])
 @pytest.mark.parametrize("attack,refusal", [("open", "is not an output its approved program opens"),
                                             pytest.param("run", "a weight (w0) is bound to", marks=pytest.mark.soak)])
 def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path):
-    cluster = sc.with_keys(sc.local_cluster(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
-    path = sc.dump_cluster(cluster, tmp_path / "cluster.yaml")
+    cluster = tls.with_local_keys(dp.local_deployment(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
+    path = dp.dump_deployment(cluster, tmp_path / "deployment.yaml")
     job = json.dumps({"tune": {"model": "tiny-llama"}, "attack": attack})
     procs = {}
     for p in reversed(cluster.parties):

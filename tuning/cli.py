@@ -101,10 +101,33 @@ def _cmd_tasks(args):
             print(f"  [{label}] {task.prompt(text)!r}")
 
 
+def _deployment_of(args):
+    """``--cluster FILE`` (with ``--backend cluster``): the deployment whose nodes, started there
+    with ``secptune node``, this command drives; nothing is launched. None without it. Its policy is
+    the run's: a different ``--policy`` is refused here, one that differs in memory by the nodes."""
+    from .policy import load_policy
+    from .transports import tls
+    from .transports.deployment import DATA_OWNER, deployment_path, load_deployment
+
+    if not getattr(args, "cluster", None):
+        return None
+    if args.backend != "cluster":
+        raise UserError(f"--cluster FILE drives the cluster nodes that file names: give --backend cluster, not "
+                        f"{args.backend}")
+    dep = load_deployment(args.cluster).require("cluster")
+    tls.identity(dep, DATA_OWNER)  # this process is the data owner: its key and every certificate, before any data
+    if args.policy and load_policy(args.policy).view() != dep.policy.view():
+        raise UserError(f"--policy {args.policy} is not the policy of {dep.source} ({dep.policy_ref}); leave "
+                        "--policy out: the deployment names it")
+    args.cluster, args.policy = str(deployment_path(args.cluster)), args.policy or dep.policy_ref
+    return dep
+
+
 def _forward_policy(args):
     from .policy import load_policy
 
-    policy = load_policy(args.policy)
+    dep = _deployment_of(args)
+    policy = dep.policy if dep is not None else load_policy(args.policy or "aby3")
     if args.embedding:
         import dataclasses
 
@@ -166,7 +189,8 @@ def _cmd_forward(args):
 
     policy = _forward_policy(args)
     prompts, words = _forward_prompts(args)
-    backend, _ = open_backend(args.backend, args.model, policy)  # cluster: no weights here
+    dep = {"deployment": args.cluster} if getattr(args, "cluster", None) else {}  # nodes started elsewhere
+    backend, _ = open_backend(args.backend, args.model, policy, **dep)  # cluster: no weights here
     with backend:
         batch = session_batch(backend, prompts, words, args.seq_len)  # the table, if the policy gives it
         logits = backend.forward(batch)
@@ -187,7 +211,7 @@ def _cmd_forward(args):
 
 def add_forward_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-bert, an HF dir or .gguf")
-    s.add_argument("--policy", default="aby3", help="policy name in policies/ or a YAML path")
+    s.add_argument("--policy", help="policy name in policies/ or a YAML path (default aby3)")
     s.add_argument("--embedding", choices=["data_owner", "secret"], help="override the policy's embedding mode")
     s.add_argument("--text", action="append", help="input text (repeatable); with --task it fills the template")
     s.add_argument("--words", default=" positive, negative", help="verbalizer words, comma-separated (with --text)")
@@ -217,12 +241,13 @@ def _cmd_tune(args):
                 raise
             attempt += 1
             msg = " ".join(str(e).split())
+            again = f"reconnecting to the nodes of {args.cluster}" if args.cluster else "restarting the local cluster"
             if out.has_checkpoint():
                 args.resume = str(out.path)
-                print(f"secptune: {msg}; restarting the local cluster and resuming {out.path} "
+                print(f"secptune: {msg}; {again} and resuming {out.path} "
                       f"(retry {attempt} of {retries})", file=sys.stderr, flush=True)
             else:
-                print(f"secptune: {msg}; restarting the local cluster and the run (retry {attempt} of {retries})",
+                print(f"secptune: {msg}; {again} and the run (retry {attempt} of {retries})",
                       file=sys.stderr, flush=True)
 
 
@@ -235,6 +260,7 @@ def _tune_once(args):
         summary = tune(TuneConfig(out=args.resume), resume=True, show_progress=not args.json,
                        log=(lambda *a: None) if args.json else print, budget=args.budget)
     else:
+        _deployment_of(args)  # --cluster FILE: checked, and its policy is the run's
         fields = {f.name for f in dataclasses.fields(TuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
         if args.train:  # your own files replace the default task
@@ -334,12 +360,12 @@ def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
     from .data_owner.trainer import TuneConfig
 
     tune_args = tune_args[1:] if tune_args[:1] == ["--"] else tune_args
-    for opt in ("--backend", "--policy"):
+    for opt in ("--backend", "--policy", "--cluster"):
         if any(t == opt or t.startswith(opt + "=") for t in tune_args):
             raise UserError(f"sf-job: {opt} is not a tune argument here: the job runs on the secretflow back end, "
                             "under the policy of its cluster (sf-job --cluster FILE, or sf-job local --policy NAME)")
     a = build_parser().parse_args(["tune", *tune_args])
-    fields = {f.name for f in dataclasses.fields(TuneConfig)} - {"backend", "policy"}
+    fields = {f.name for f in dataclasses.fields(TuneConfig)} - {"backend", "policy", "cluster"}
     kw = {k: v for k, v in vars(a).items() if k in fields and v is not None}
     if a.train:  # your own files replace the default task
         kw["task"] = None
@@ -352,6 +378,7 @@ def _cmd_sf_job(args):
     import tempfile
     from pathlib import Path
 
+    from .transports import deployment as dp
     from .transports import sfcluster as sc
     from .transports import tls
     from .data_owner.rundir import RunDir
@@ -364,20 +391,21 @@ def _cmd_sf_job(args):
             raise UserError("sf-job local runs every party; --party is for `sf-job --cluster FILE --party NAME`")
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="secptune-sfjob-"))
         log_dir.mkdir(parents=True, exist_ok=True)
-        cluster = sc.local_cluster(args.policy) if args.policy else sc.load_cluster(args.cluster)
-        spec["policy"] = cluster.policy_ref  # the run records the policy as named, not its keyed copy
+        cluster = dp.local_deployment(args.policy) if args.policy else dp.load_deployment(args.cluster)
+        cluster.require("secretflow")
+        spec["policy"] = cluster.policy_ref  # the run records the policy as named
         key_dir = Path(tempfile.mkdtemp(prefix="keys-", dir=log_dir))  # throwaway keys, removed at the end
-        cluster = sc.with_keys(cluster, key_dir)
-        path = sc.dump_cluster(cluster, log_dir / "cluster.yaml")
+        cluster = tls.with_local_keys(cluster, key_dir)
+        path = dp.dump_deployment(cluster, log_dir / "deployment.yaml")
         parties = [p.name for p in cluster.parties]
     else:
         if not args.cluster or not args.party or args.policy:
             raise UserError("sf-job: give --cluster FILE --party NAME (run one party; every party runs the same "
                             "command), or `sf-job local --policy NAME` (every party here)")
-        path = sc.cluster_path(args.cluster)
-        cluster = sc.load_cluster(path)
+        path = dp.deployment_path(args.cluster)
+        cluster = dp.load_deployment(path).require("secretflow")
         cluster.party(args.party)
-        tls.identity(cluster.policy, args.party)  # every link is TLS with pinned certificates: no keys, no job
+        tls.identity(cluster, args.party)  # every link is TLS with pinned certificates: no keys, no job
         key_dir = None
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"secptune-sfjob-{args.party}-"))
         parties = [args.party]
@@ -440,52 +468,61 @@ def _cmd_node(args):
 
 
 def _cmd_cluster(args):
-    from .transports.cluster import start_local_cluster
+    """``cluster up``: every node of a deployment (``--cluster FILE``; or a policy's on free local
+    ports) here until Ctrl-C; ``cluster keys``: the parties' keys and a deployment naming them."""
     from .policy import load_policy
+    from .transports.cluster import start_local_cluster
+    from .transports.deployment import load_deployment
 
-    policy = load_policy(args.policy)
+    if args.cluster and args.policy:
+        raise UserError(f"cluster {args.action}: give --cluster FILE (its policy and ports) or --policy NAME, not both")
+    dep = load_deployment(args.cluster) if args.cluster else None
     if args.action == "keys":
-        return _cluster_keys(policy, args)
-    with start_local_cluster(policy, args.log_dir, args.model) as cluster:
-        names = ", ".join(f"{p.name}@{p.address}" for p in (*policy.compute, policy.model_owner))
-        print(f"cluster up ({policy.protocol}): {names}; logs in {cluster.log_dir}; cluster file (with the keys) "
-              f"{cluster.policy_path}. Ctrl-C stops it.", flush=True)
+        return _cluster_keys(dep, load_policy(args.policy or "aby3") if dep is None else dep.policy, args)
+    with start_local_cluster(dep or load_policy(args.policy or "aby3"), args.log_dir, args.model) as cluster:
+        d = cluster.deployment
+        names = ", ".join(f"{p.name}@{p.node}" for p in d.nodes)
+        print(f"cluster up ({d.policy.protocol}): {names}; logs in {cluster.log_dir}; deployment file (with the "
+              f"keys; `--cluster` it) {cluster.deployment_path}. Ctrl-C stops it.", flush=True)
         cluster.wait()
 
 
-def _cluster_keys(policy, args):
-    """``secptune cluster keys``: a key and a pinned certificate per party, and the cluster file
-    naming them (OUT/<policy>.yaml, paths relative to it); ``--party`` makes only that party's."""
+def _cluster_keys(dep, policy, args):
+    """``secptune cluster keys``: a key and a pinned certificate per party, and the deployment file
+    naming them (OUT/<deployment>.yaml, paths relative to it); ``--party`` makes only that party's."""
     import dataclasses
     from pathlib import Path
 
+    import yaml
+
     from .transports import tls
-    from .policy import dump_policy
+    from .transports.deployment import deployment_dict, party_roles
 
     if not args.out:
         raise UserError("cluster keys needs --out DIR")
     out = Path(args.out)
-    names = [p.name for p in tls.all_parties(policy)]
+    names = sorted(party_roles(policy))
     if args.party:
         if args.party not in names:
-            raise UserError(f"party {args.party!r} is not in policy {policy.name!r} ({', '.join(names)})")
+            raise UserError(f"party {args.party!r} is not a party of policy {policy.name!r} ({', '.join(names)})")
         cert, key = tls.generate_keys([args.party], out)[args.party]
         print(f"{args.party}: key {key} (keep it on this machine), certificate {cert} (send it to the other "
-              f"parties; the cluster file names it as parties...{args.party}.cert)")
+              f"parties; the deployment file names it as parties.{args.party}.cert)")
         return
-    target = out / f"{policy.name}.yaml"
+    if dep is None:
+        raise UserError("cluster keys needs --cluster FILE: the deployment whose parties get keys (or --party NAME)")
+    target = out / Path(dep.source).name
     if target.exists():
         raise UserError(f"{target} already exists; choose another --out")
     tls.generate_keys(names, out)
-
-    def keyed(p):
-        return dataclasses.replace(p, cert=f"{p.name}.pem", key=f"{p.name}.key")
-
-    keyed_policy = policy.with_parties([keyed(p) for p in policy.compute], keyed(policy.data_owner),
-                                       keyed(policy.model_owner))
-    dump_policy(keyed_policy, target)
-    print(f"keys for {', '.join(names)} in {out}; cluster file {target}\n"
-          f"use it as --policy {target} (each party needs only its own .key; every .pem is public)")
+    keyed = dataclasses.replace(dep, parties=tuple(dataclasses.replace(p, cert=f"{p.name}.pem", key=f"{p.name}.key")
+                                                   for p in dep.parties))
+    d = deployment_dict(keyed)
+    if Path(d["policy"]).is_absolute():  # a policy file: named relative to the new file's directory
+        d["policy"] = os.path.relpath(d["policy"], out.absolute())
+    target.write_text(yaml.safe_dump(d, sort_keys=False))
+    print(f"keys for {', '.join(names)} in {out}; deployment file {target}\n"
+          f"use it as --cluster {target} (each party needs only its own .key; every .pem is public)")
 
 
 def _cmd_bench(args):
@@ -518,6 +555,8 @@ def _add_forward_commands(sub) -> None:
     s = sub.add_parser("forward", help="verbalizer logits of a secure forward, and its cost")
     add_forward_args(s)
     s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
+    s.add_argument("--cluster", metavar="FILE", help="--backend cluster: drive the nodes this deployment file names "
+                                                     "(started with `secptune node`) instead of launching them here")
     s.set_defaults(fn=_cmd_forward)
 
 
@@ -525,8 +564,10 @@ def _add_tune_command(sub) -> None:
     """The parsers of tune: forward-only prompt tuning against the secure forward."""
     s = sub.add_parser("tune", help="forward-only prompt tuning (CMA-ES/SPSA) against the secure forward")
     s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--policy", default="aby3")
+    s.add_argument("--policy", help="policy name or YAML path (default aby3; with --cluster, the deployment's)")
     s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
+    s.add_argument("--cluster", metavar="FILE", help="--backend cluster: drive the nodes this deployment file names "
+                                                     "(started with `secptune node`) instead of launching them here")
     add_task_args(s)
     s.add_argument("--shots", type=int, help="training examples per class (default 16); dev uses as many")
     s.add_argument("--n-test", dest="n_test", type=int, help="test examples to evaluate (default 200)")
@@ -615,20 +656,23 @@ def _add_audit_command(sub) -> None:
 def _add_party_commands(sub) -> None:
     """The parsers of node, cluster and sf-job: the parties' processes."""
     s = sub.add_parser("node", help="run one party's process (compute party or model owner)")
-    s.add_argument("--cluster", required=True, help="policy name or YAML file with the parties section")
-    s.add_argument("--party", required=True, help="party name from that file")
+    s.add_argument("--cluster", required=True, help="deployment file (deployments/NAME.yaml, or a path): the "
+                                                    "policy, every party's addresses and certificates")
+    s.add_argument("--party", required=True, help="the party this node is: p0, p1, ... or bob (the model owner)")
     s.add_argument("--log-dir", dest="log_dir", help="where the party's log goes (default: a temp dir)")
     s.add_argument("--model", help="the model owner's node: the one model it serves (name or prepared path)")
     s.add_argument("--state-dir", dest="state_dir",
                    help="a compute party's kept set-up shares (default: $SECPTUNE_HOME/state/<party>)")
     s.set_defaults(fn=_cmd_node)
 
-    s = sub.add_parser("cluster", help="`cluster up`: start every party of a policy locally until Ctrl-C; "
-                                       "`cluster keys`: generate the parties' keys and a cluster file naming them")
+    s = sub.add_parser("cluster", help="`cluster up`: start every node of a deployment (or of a policy, on free "
+                                       "ports) locally until Ctrl-C; `cluster keys`: generate the parties' keys and "
+                                       "a deployment file naming them")
     s.add_argument("action", choices=["up", "keys"])
-    s.add_argument("--policy", default="aby3")
+    s.add_argument("--cluster", metavar="FILE", help="deployment file (or a shipped name)")
+    s.add_argument("--policy", help="up: this policy's nodes on free local ports (default aby3)")
     s.add_argument("--log-dir", dest="log_dir")
-    s.add_argument("--out", help="keys: directory for the keys and the cluster file")
+    s.add_argument("--out", help="keys: directory for the keys and the deployment file")
     s.add_argument("--party", help="keys: only this party's key and certificate")
     s.add_argument("--model", default="smollm2-135m", help="up: the one model the model owner's node serves")
     s.set_defaults(fn=_cmd_cluster)
@@ -637,8 +681,8 @@ def _add_party_commands(sub) -> None:
                                       "(`sf-job --cluster FILE --party NAME -- <tune args>` on each host, or "
                                       "`sf-job local --policy NAME -- <tune args>`)")
     s.add_argument("mode", nargs="?", choices=["local"], help="local: start every party on this machine")
-    s.add_argument("--cluster", help="cluster file (policies/clusters/NAME.yaml, or a path): the policy and "
-                                     "every party's ports")
+    s.add_argument("--cluster", help="deployment file (deployments/NAME.yaml, or a path): the policy and "
+                                     "every party's ports and certificates")
     s.add_argument("--party", help="the party this command runs (with --cluster)")
     s.add_argument("--policy", help="with local: run this policy's parties on free local ports")
     s.add_argument("--log-dir", dest="log_dir", help="each party's log and status (default: a temp dir)")

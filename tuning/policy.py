@@ -1,5 +1,7 @@
 """MPC policies: declarative YAML in ``policies/`` naming the protocol, the fixed-point settings,
-the approximations, the attention kind, the parties and their roles, and what is revealed to whom.
+the approximations, the attention kind, and what is revealed to whom (to a role). A policy names
+no party, address or key: where the parties run is a deployment's
+(``tuning.transports.deployment``).
 
 ``load_policy("aby3")`` reads ``policies/aby3.yaml``; a path works too. Every problem is rejected
 with a one-line :class:`PolicyError` naming the key.
@@ -26,8 +28,7 @@ ATTENTION = ("softmax", "rfa")
 RFA_FIELDS = ("features", "sincos", "bound", "chunk", "seed", "eps", "stabilizer")  # RFAConfig's, by name
 RFA_KEYS = {"kind", "feature_map", "softmax_layers", *RFA_FIELDS}
 TOP_KEYS = {"name", "description", "protocol", "field", "fxp_fraction_bits", "runtime", "approx",
-            "attention", "embedding", "parties", "reveal", "timeout_s"}
-PARTY_KEYS = {"compute", "data_owner", "model_owner"}
+            "attention", "embedding", "reveal", "timeout_s"}
 REVEAL_TARGETS = {"data_owner"}
 REVEALABLE = {"verbalizer_logits"}
 CAP_KEYS = ("rows", "words")  # an opened [..., W] array: rows = the product of its leading dims, words = W
@@ -35,15 +36,6 @@ CAP_KEYS = ("rows", "words")  # an opened [..., W] array: rows = the product of 
 
 class PolicyError(UserError):
     """An invalid policy; the message names the file and the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Party:
-    name: str
-    address: str  # node control address (gRPC), host:port
-    link: str = ""  # SPU link address (brpc), compute parties only
-    cert: str = ""  # its certificate (PEM), pinned by every party (``secptune cluster keys``)
-    key: str = ""  # its private key: read only by this party's own process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +47,6 @@ class Policy:
     runtime: dict
     execution: Execution  # approximations and attention: how the model runs (spu_models.config)
     embedding: str
-    compute: tuple
-    data_owner: Party
-    model_owner: Party
     reveal: dict  # output kind -> the role it is opened to
     timeout_s: float
     source: str = ""
@@ -67,22 +56,17 @@ class Policy:
 
     @property
     def world_size(self) -> int:
-        return len(self.compute)
+        """How many compute parties the protocol runs on."""
+        return PROTOCOL_PARTIES[self.protocol]
 
     def computes_as(self) -> tuple:
         """What decides what this policy computes and opens (not where the parties are or their keys)."""
         return tuple((k, getattr(self, k)) for k in self.COMPUTES)
 
-    def view(self, parties: bool = True) -> dict:
-        """What processes must agree on to work together, as text: what it computes and opens and,
-        with ``parties``, who runs where (not their keys: TLS checks those)."""
-        out = {k: repr(v) for k, v in self.computes_as()}
-        if parties:
-            out.update({f"parties.compute[{i}]": f"{p.name} {p.address} link {p.link}"
-                        for i, p in enumerate(self.compute)})
-            out["parties.data_owner"] = self.data_owner.name
-            out["parties.model_owner"] = f"{self.model_owner.name} {self.model_owner.address}"
-        return out
+    def view(self) -> dict:
+        """What it computes and opens, as text: the part of what processes must agree on that the
+        policy decides (a deployment's ``view`` adds who runs where)."""
+        return {k: repr(v) for k, v in self.computes_as()}
 
     def runtime_config(self, profile: bool = True):
         """The ``spu_pb2.RuntimeConfig`` this policy asks for."""
@@ -95,9 +79,6 @@ class Policy:
             _set_runtime_field(rc, key, value, self.source)
         rc.enable_pphlo_profile = profile
         return rc
-
-    def with_parties(self, compute, data_owner: Party, model_owner: Party) -> "Policy":
-        return dataclasses.replace(self, compute=tuple(compute), data_owner=data_owner, model_owner=model_owner)
 
 
 def view_differences(mine: dict, theirs: dict) -> list:
@@ -125,53 +106,12 @@ def _require(d: dict, key: str, source: str, where: str = ""):
     return d[key]
 
 
-def _party(d: Any, source: str, where: str, compute: bool) -> Party:
-    if not isinstance(d, dict):
-        raise PolicyError(f"{source}: {where} must be a mapping with name and address")
-    allowed = {"name", "address", "link", "cert", "key"} if compute else {"name", "address", "cert", "key"}
-    extra = set(d) - allowed
-    if extra:
-        raise PolicyError(f"{source}: unknown key {where}.{sorted(extra, key=str)[0]}")
-    name = _require(d, "name", source, where + ".")
-    if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise PolicyError(f"{source}: {where}.name must be a non-empty string without surrounding spaces")
-    addr = _require(d, "address", source, where + ".")
-    for a, k in ((addr, "address"), (d.get("link", "127.0.0.1:1"), "link")):
-        host, _, port = str(a).rpartition(":")
-        if not isinstance(a, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise PolicyError(f"{source}: {where}.{k} {a!r} is not host:port (port 1-65535)")
-    if compute and "link" not in d:
-        raise PolicyError(f"{source}: missing key {where}.link")
-    files = {}
-    for k in ("cert", "key"):
-        v = d.get(k, "")
-        if not isinstance(v, str):
-            raise PolicyError(f"{source}: {where}.{k} must be a file path")
-        # relative paths are the cluster file's own: resolve them against its directory
-        files[k] = str(Path(source).absolute().parent / v) if v and not Path(v).is_absolute() else v
-    if files["key"] and not files["cert"]:
-        raise PolicyError(f"{source}: {where} names a key but no cert")
-    return Party(name, addr, str(d.get("link", "")), files["cert"], files["key"])
-
-
-def _check_ports(parties: list, source: str) -> None:
-    """Every node address and link is a distinct port (two parties on one host:port cannot both listen)."""
-    seen: dict = {}
-    for where, p in parties:
-        for k, a in (("address", p.address), ("link", p.link)):
-            if not a:
-                continue
-            host, _, port = a.rpartition(":")
-            key = (host.lower().replace("localhost", "127.0.0.1"), int(port))
-            if key in seen:
-                raise PolicyError(f"{source}: {where}.{k} {a} is also {seen[key]}: every address and link needs "
-                                  "its own port")
-            seen[key] = f"{where}.{k}"
-
-
 def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     if not isinstance(d, dict):
         raise PolicyError(f"{source}: a policy must be a YAML mapping")
+    if "parties" in d:
+        raise PolicyError(f"{source}: unknown key 'parties': a policy names no party; addresses, ports and keys "
+                          "are a deployment's (deployments/*.yaml)")
     extra = set(d) - TOP_KEYS
     if extra:
         raise PolicyError(f"{source}: unknown key {sorted(extra, key=str)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
@@ -202,30 +142,6 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     embedding = d.get("embedding", "data_owner")
     if embedding not in EMBEDDING:
         raise PolicyError(f"{source}: embedding {embedding!r} is unknown (known: {', '.join(EMBEDDING)})")
-    parties = _require(d, "parties", source)
-    if not isinstance(parties, dict):
-        raise PolicyError(f"{source}: parties must be a mapping with compute, data_owner, model_owner")
-    extra = set(parties) - PARTY_KEYS
-    if extra:
-        raise PolicyError(f"{source}: unknown key parties.{sorted(extra, key=str)[0]}")
-    compute = _require(parties, "compute", source, "parties.")
-    if not isinstance(compute, list):
-        raise PolicyError(f"{source}: parties.compute must be a list")
-    want = PROTOCOL_PARTIES[protocol]
-    if len(compute) != want:
-        raise PolicyError(f"{source}: parties.compute lists {len(compute)} parties but {protocol} needs {want}")
-    compute = tuple(_party(p, source, f"parties.compute[{i}]", True) for i, p in enumerate(compute))
-    downer = _party(_require(parties, "data_owner", source, "parties."), source, "parties.data_owner", False)
-    mowner = _party(_require(parties, "model_owner", source, "parties."), source, "parties.model_owner", False)
-    names = [p.name for p in compute] + [downer.name, mowner.name]
-    if len(set(names)) != len(names):
-        raise PolicyError(f"{source}: parties: names must be distinct, got {names}")
-    wheres = [f"parties.compute[{i}]" for i in range(len(compute))] + ["parties.data_owner", "parties.model_owner"]
-    _check_ports(list(zip(wheres, [*compute, downer, mowner])), source)
-    with_cert = [p.name for p in (*compute, downer, mowner) if p.cert]
-    if with_cert and len(with_cert) != len(names):
-        raise PolicyError(f"{source}: parties: {', '.join(n for n in names if n not in with_cert)} name no cert "
-                          "while others do: every party needs its certificate (secptune cluster keys)")
     reveal, caps = _reveal(d.get("reveal"), source)
     timeout = d.get("timeout_s", 60)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < 86400:
@@ -233,7 +149,7 @@ def parse_policy(d: Any, source: str = "<policy>") -> Policy:
     execution = Execution(approx, attention, rfa, softmax_layers)
     _check_fixed_point(execution, field, fxp, source)
     pol = Policy(str(d.get("name", Path(source).stem)), protocol, field, fxp, dict(runtime), execution,
-                 embedding, compute, downer, mowner, reveal, float(timeout), source, caps)
+                 embedding, reveal, float(timeout), source, caps)
     pol.runtime_config()  # validates the runtime knobs now, not at first use
     return pol
 
@@ -338,11 +254,8 @@ def read_yaml(path: Path, error=PolicyError):
 
 # ------------------------------------------------------------------------------ policy <-> file
 def policy_dict(policy) -> dict:
-    """The YAML mapping that :func:`parse_policy` reads back as ``policy`` (a cluster's nodes read it)."""
-    def party(p, compute):
-        return {"name": p.name, "address": p.address, **({"link": p.link} if compute else {}),
-                **({"cert": p.cert} if p.cert else {}), **({"key": p.key} if p.key else {})}
-
+    """The YAML mapping that :func:`parse_policy` reads back as ``policy`` (a local deployment's
+    party processes read it)."""
     ex = policy.execution
     attention = {"kind": ex.attention, "softmax_layers": list(ex.softmax_layers),
                  "feature_map": ex.rfa.kind, **{k: getattr(ex.rfa, k) for k in RFA_FIELDS}}
@@ -350,10 +263,7 @@ def policy_dict(policy) -> dict:
             "fxp_fraction_bits": policy.fxp_fraction_bits, "runtime": dict(policy.runtime),
             "approx": dataclasses.asdict(ex.approx), "attention": attention,
             "embedding": policy.embedding, "timeout_s": policy.timeout_s,
-            "reveal": {k: {"to": to, **policy.caps[k]} for k, to in policy.reveal.items()},
-            "parties": {"compute": [party(p, True) for p in policy.compute],
-                        "data_owner": party(policy.data_owner, False),
-                        "model_owner": party(policy.model_owner, False)}}
+            "reveal": {k: {"to": to, **policy.caps[k]} for k, to in policy.reveal.items()}}
 
 
 def dump_policy(policy, path) -> Path:

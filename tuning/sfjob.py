@@ -2,7 +2,7 @@
 
     python -m tuning.sfjob --cluster FILE --party NAME --log-dir DIR --job JSON
 
-Every party runs this module with the same cluster file and job; what it does depends on its role
+Every party runs this module with the same deployment file and job; what it does depends on its role
 (``tuning.transports.secretflow`` has the design):
 
 - the **data owner** runs ``tune()`` over the ``secretflow`` back end (its progress goes to this
@@ -30,7 +30,8 @@ from pathlib import Path
 
 from .transports import procs
 from .transports import secretflow as sfb
-from .transports.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, load_cluster, write_status
+from .transports.deployment import load_deployment
+from .transports.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, write_status
 from .errors import UserError
 
 
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
 
         configure_jax()
         spec = json.loads(args.job)
-        cluster = load_cluster(args.cluster)
+        cluster = load_deployment(args.cluster).require("secretflow")
         me = cluster.party(args.party)
         print(f"party {me.name} ({me.role}) of job {cluster.job_name}, policy {cluster.policy.name}: "
               f"{', '.join(f'{k} {v}' for k, v in me.ports.items())}", file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ class TuneConfig:
     model: str = "smollm2-135m"
     policy: str = "aby3"
     backend: str = "sim"
+    cluster: str | None = None  # --backend cluster: the deployment whose running nodes it drives (None: launch here)
     task: str | None = "mr"
     train: str | None = None
     test: str | None = None
@@ -95,9 +96,9 @@ LATER_DEFAULTS = {"head": "words", "probe_words": None, "select": "dev-loss", "o
 
 
 def run_id(cfg: TuneConfig) -> str:
-    """What makes a checkpoint this run's: its settings but the budget and where it lives."""
+    """What makes a checkpoint this run's: its settings but the budget and where it (and its nodes) live."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items()
-         if k not in ("budget", "out", "n_tokens") and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+         if k not in ("budget", "out", "n_tokens", "cluster") and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

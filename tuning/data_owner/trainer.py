@@ -304,7 +304,9 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy, keep_new: bool = Tru
     ``keep_new=False``: restore the run's kept set-up shares, keep no new ones (predict)."""
     # the model as this (the data owner's) process sees it: under the cluster back end, the
     # tokenizer and public config only; the weights stay with the model owner
-    session, bundle = open_backend(cfg.backend, cfg.model, policy)
+    # --cluster FILE: the nodes started there (secptune node); otherwise the back end launches its own
+    where = {"deployment": cfg.cluster} if cfg.cluster and cfg.backend == "cluster" else {}
+    session, bundle = open_backend(cfg.backend, cfg.model, policy, **where)
     try:
         if session.keeps_state:  # set-up shares on the parties' disks: a resumed run does not prefill again
             session.keep_state(RunDir(cfg.out).state_dir, write=keep_new)

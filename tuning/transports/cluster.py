@@ -1,6 +1,6 @@
 """Cluster back end: one OS process per party, SPU runtimes linked over brpc.
 
-    with ClusterBackend(bundle, policy) as be:      # launches the nodes locally (launch=True)
+    with ClusterBackend(bundle, policy) as be:      # launches the nodes locally, on free ports
         be.put("x", array)                          # a session (``session.Session``): values
         be.run("forward", {"rows": "x", ...}, ["y"])  # stay resident as shares on the parties; the
                                                     # model owner approved and compiled the program
@@ -22,8 +22,11 @@ returning only its own traffic (read from its own log); ``open`` has every party
 share of one variable and reconstructs it here; ``drop`` deletes. Only the driver ever
 reconstructs, and only what the approvals open; no compute node receives another party's share.
 
-Links: every call to a node is mutual TLS with the pinned party certificates of the cluster
-file (``tls``); a local cluster without them gets a fresh set in its log directory. A node runs
+Where the nodes run is a deployment (``deployment``): without one the back end launches every
+node here on free local ports (``LocalCluster``); with one (``--cluster FILE``) it drives the
+nodes started there (``secptune node --cluster FILE --party NAME``) and launches nothing. Links:
+every call to a node is mutual TLS with the deployment's pinned party certificates (``tls``); a
+local cluster without them gets a fresh set in its log directory. A node runs
 only its own named functions, and only for the roles that may call them (``node.FUNCTIONS``);
 a compute node runs only executables the model owner approved and hands out its share only of
 the outputs their approvals open, within the policy's caps (``compute_party.gate.Gate``). A refusal
@@ -57,9 +60,9 @@ import numpy as np
 from ..compute_party import state
 from ..errors import UserError
 from ..model_owner.models import ModelBundle, policy_execution
-from ..policy import dump_policy
 from ..programs import compile_session_program, param_names
 from . import node, procs, tls
+from .deployment import DATA_OWNER, Deployment, dump_deployment, load_deployment, local_deployment
 from .cost import CallCost
 from .rpc import PartyError, PartyRefused, Peer, check_alive, gather
 from .rpc import ping as rpc_ping
@@ -100,16 +103,6 @@ def _install_handlers():
             signal.signal(sig, _on_signal)
 
 
-def free_policy(policy, host: str = "127.0.0.1"):
-    """``policy`` with every party's address (and link) on a free local port."""
-    import dataclasses
-
-    addrs = iter(procs.free_addresses(2 * len(policy.compute) + 2, host))
-    compute = [dataclasses.replace(p, address=next(addrs), link=next(addrs)) for p in policy.compute]
-    return policy.with_parties(compute, dataclasses.replace(policy.data_owner, address=next(addrs)),
-                               dataclasses.replace(policy.model_owner, address=next(addrs)))
-
-
 def _accepts(address: str) -> bool:
     """Whether something accepts TCP connections at host:port."""
     host, _, port = address.rpartition(":")
@@ -124,12 +117,11 @@ def _tail(path: Path) -> str:
     return procs.log_tail(path, 15, "    ") or "    (no log)"
 
 
-def check_ports_free(policy) -> None:
+def check_ports_free(deployment) -> None:
     """UserError naming the first address or link of a launched node that something already
     listens on (before any node starts)."""
-    nodes = [*policy.compute, policy.model_owner]
-    for p in nodes:
-        for what, a in (("address", p.address), ("link", p.link)):
+    for p in deployment.nodes:
+        for what, a in (("address", p.node), ("link", p.link)):
             if not a:
                 continue
             host, _, port = a.rpartition(":")
@@ -141,29 +133,34 @@ def check_ports_free(policy) -> None:
                 s.bind((host.strip("[]"), int(port)))
             except OSError as e:
                 raise UserError(f"port {port} ({p.name}'s {what} {a}) is not available: {e.strerror or e}; stop "
-                                "what holds it or choose other ports in the cluster file") from None
+                                "what holds it or choose other ports in the deployment file") from None
             finally:
                 s.close()
 
 
 class LocalCluster:
-    """Every node of ``policy`` (compute parties + model owner) as a child process of this one.
+    """Every node of a deployment (compute parties + model owner) as a child process of this one;
+    given a policy, on free local ports (``deployment.local_deployment``).
 
     Each child runs ``python -m tuning.transports.node`` in its own process group, logs to
     ``log_dir/<party>.log`` and dies with this process (PR_SET_PDEATHSIG). ``close()`` (also at
     exit, on SIGTERM/SIGINT and leaving a ``with`` block) terminates, then kills, and reaps them.
     """
 
-    def __init__(self, policy, log_dir=None, startup_s: float = procs.STARTUP_S, model: str = "smollm2-135m"):
-        check_ports_free(policy)
+    def __init__(self, deployment, log_dir=None, startup_s: float = procs.STARTUP_S, model: str = "smollm2-135m"):
+        if not isinstance(deployment, Deployment):
+            deployment = local_deployment(deployment)
+        check_ports_free(deployment.require("cluster"))
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # a throwaway local cluster gets throwaway keys (a new directory per launch, removed by close)
         self._key_dir = Path(tempfile.mkdtemp(prefix="keys-", dir=self.log_dir))
-        self.policy = policy = tls.with_local_keys(policy, self._key_dir)
-        self.ident = tls.identity(policy, policy.data_owner.name)  # the launcher speaks as the data owner
-        self.policy_path = dump_policy(policy, self.log_dir / "cluster.yaml")
-        self.parties = [*policy.compute, policy.model_owner]
+        self.deployment = dep = tls.with_local_keys(deployment, self._key_dir)
+        self.policy = dep.policy
+        self.ident = tls.identity(dep, DATA_OWNER)  # the launcher speaks as the data owner
+        # the nodes read this policy object itself (a test's may differ from its file), named by the deployment
+        self.deployment_path = dump_deployment(dep, self.log_dir / "deployment.yaml", self.log_dir / "policy.yaml")
+        self.parties = dep.nodes
         self.procs: dict = {}
         self.closed = False
         _install_handlers()
@@ -172,8 +169,8 @@ class LocalCluster:
             for p in self.parties:
                 with open(self.log_dir / f"{p.name}.log", "ab") as log:
                     self.procs[p.name] = procs.launch(
-                        "tuning.transports.node", ["--policy", self.policy_path, "--party", p.name, "--log-dir",
-                                                   self.log_dir, *(["--model", model] if p is policy.model_owner else [])],
+                        "tuning.transports.node", ["--cluster", self.deployment_path, "--party", p.name, "--log-dir",
+                                                   self.log_dir, *(["--model", model] if p.role == "model_owner" else [])],
                         stdout=log, stderr=subprocess.STDOUT)
             self.wait_ready(startup_s)
         except BaseException:
@@ -194,15 +191,15 @@ class LocalCluster:
             while True:
                 code = self.procs[p.name].poll()
                 if code is not None:
-                    raise PartyError(f"party {p.name} ({p.address}) exited with code {code} during start-up; "
+                    raise PartyError(f"party {p.name} ({p.node}) exited with code {code} during start-up; "
                                      f"log {self.log_path(p.name)}:\n{_tail(self.log_path(p.name))}")
-                if _accepts(p.address):
+                if _accepts(p.node):
                     break
                 if time.monotonic() > deadline:
-                    raise PartyError(f"party {p.name} ({p.address}) did not come up within {bound_s:g}s; "
+                    raise PartyError(f"party {p.name} ({p.node}) did not come up within {bound_s:g}s; "
                                      f"log {self.log_path(p.name)}:\n{_tail(self.log_path(p.name))}")
                 time.sleep(0.2)
-            peer = Peer(p.name, p.address, 2.0, self.ident)
+            peer = Peer(p.name, p.node, 2.0, self.ident)
             try:
                 peer.call(rpc_ping, timeout=max(5.0, deadline - time.monotonic()))
             except PartyError as e:
@@ -235,10 +232,10 @@ class LocalCluster:
         self.close()
 
 
-def start_local_cluster(policy, log_dir=None, model: str = "smollm2-135m") -> LocalCluster:
-    """Launch ``policy``'s nodes on this machine, the model owner's serving ``model``, and wait
-    until they answer (``secptune cluster up``)."""
-    return LocalCluster(policy, log_dir, model=model)
+def start_local_cluster(deployment, log_dir=None, model: str = "smollm2-135m") -> LocalCluster:
+    """Launch a deployment's nodes (a policy's: on free ports) on this machine, the model owner's
+    serving ``model``, and wait until they answer (``secptune cluster up``)."""
+    return LocalCluster(deployment, log_dir, model=model)
 
 
 # ------------------------------------------------------------------------------------ the backend
@@ -248,8 +245,10 @@ class ClusterBackend(Session):
     ``bundle`` gives the config and tokenizer; the weights this session computes with are the
     model owner's, shared by its node, and the driver compiles from their shapes alone
     (``share_weights`` returns them). ``model`` is the name the model owner loads (default
-    ``bundle.name``). ``launch=False`` connects to nodes already running at the policy's
-    addresses (``secptune cluster up`` / ``secptune node``).
+    ``bundle.name``). ``deployment`` (a Deployment or a file): the nodes already running there
+    (``secptune node --cluster FILE``, ``cluster up``), driven under ``policy``: a node whose
+    deployment differs (its policy included) refuses in one line. Without one, every node is
+    launched here on free ports; ``launch`` overrides either default.
 
     Only ``bundle.name`` and ``bundle.tokenizer`` are read: ``transports.open_backend`` gives
     a bundle without weights (``params=None``), and the data owner's process never loads them.
@@ -261,7 +260,8 @@ class ClusterBackend(Session):
     name = "cluster"
     allows_unsafe_open = False  # real party processes: only the policy's reveals leave them
 
-    def __init__(self, bundle, policy, model: str | None = None, launch: bool = True, log_dir=None):
+    def __init__(self, bundle, policy, model: str | None = None, launch: bool | None = None, log_dir=None,
+                 deployment=None):
         import spu.api as spu_api
         from spu import spu_pb2
 
@@ -276,13 +276,18 @@ class ClusterBackend(Session):
         self._broken = ""
         self.peers, self.owner, self.cluster = [], None, None
         try:
+            if isinstance(deployment, (str, Path)):
+                deployment = load_deployment(deployment)
+            launch = deployment is None if launch is None else launch
+            dep = (deployment or local_deployment(policy)).require("cluster").with_policy(policy)
             if launch:
-                self.cluster = start_local_cluster(policy, log_dir, self.model)
-                self.policy = policy = self.cluster.policy  # with the local cluster's keys
+                self.cluster = start_local_cluster(dep, log_dir, self.model)
+                dep = self.cluster.deployment  # with the local cluster's keys
+            self.deployment = dep
             t = policy.timeout_s
-            ident = tls.identity(policy, policy.data_owner.name)  # we are the data owner
-            self.peers = [Peer(p.name, p.address, t, ident) for p in policy.compute]
-            self.owner = Peer(policy.model_owner.name, policy.model_owner.address, t, ident)
+            ident = tls.identity(dep, DATA_OWNER)  # we are the data owner
+            self.peers = [Peer(p.name, p.node, t, ident) for p in dep.compute]
+            self.owner = Peer(dep.model_owner.name, dep.model_owner.node, t, ident)
             self._all = [*self.peers, self.owner]
             config, shapes = self._setup()
             # the session compiles from the model owner's public metadata (config, weight shapes),
@@ -297,13 +302,13 @@ class ClusterBackend(Session):
         check_alive(self._all)
         # every party drops the previous session's link before any builds a new one: a new link
         # could otherwise handshake with a peer's old link, still listening on the same port
-        view = node.cluster_view(self.policy)
+        view = self.deployment.view()
         gather([(peer, node.reset, (view,)) for peer in self.peers], self._all)
         rc = self._rc.SerializeToString()
-        links = [p.link for p in self.policy.compute]
+        links = [p.link for p in self.deployment.compute]
         gather([(peer, node.init_runtime, (r, links, rc, self.policy.timeout_s, view))
                 for r, peer in enumerate(self.peers)], self._all)
-        compute = [(p.name, p.address) for p in self.policy.compute]
+        compute = [(p.name, p.node) for p in self.deployment.compute]
         (meta,) = gather([(self.owner, node.share_weights, (self.model, rc, compute, self.policy.timeout_s))],
                          self._all)
         return meta["config"], meta["shapes"]

@@ -1,13 +1,15 @@
 """A party's process in a SecP-Tuning cluster.
 
-    python -m tuning.transports.node --policy aby3 --party p0 [--log-dir DIR]
+    python -m tuning.transports.node --cluster DEPLOYMENT --party p0 [--log-dir DIR]
+    secptune node --cluster DEPLOYMENT --party p0        (the same, from the command line)
 
-serves a gRPC node (SPU's ppd ``NodeService`` messages) at the party's ``address``, with mutual
-TLS: only clients holding the key of a party certificate pinned in the cluster file get through,
+serves a gRPC node (SPU's ppd ``NodeService`` messages) at the party's ``cluster.address`` in the
+deployment file, with mutual TLS: only clients holding the key of a party certificate pinned in
+the deployment get through,
 and each may call only the functions its role may call (``FUNCTIONS``: the data owner drives
 sessions, the model owner sends weight shares, compute parties may only ping); a request names a
 function of this module and carries plain data (``rpc.safe_loads``), never code. Two kinds of
-node, by the party's role in the policy:
+node, by the party's role (its name in the deployment):
 
 - a **compute party** holds one SPU runtime, linked to the other compute parties over brpc
   (``init_runtime``). The model owner puts its weight shares there once (``set_share``), and the
@@ -52,8 +54,9 @@ from ..compute_party.party import ComputeParty
 from ..compute_party.traffic import LogTraffic, flush_c_stdout
 from ..errors import Refused, UserError
 from ..model_owner.owner import ModelOwner
-from ..policy import load_policy, view_differences
+from ..policy import view_differences
 from . import procs
+from .deployment import DeploymentError, load_deployment
 from .rpc import Peer, ping
 
 
@@ -63,7 +66,7 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident, log_path: Path, record_path):
+def _make_servicer(deployment, party: str, address: str, role: str, rank: int, ident, log_path: Path, record_path):
     """The node service: authenticated callers only, and each only for the calls its role may make.
 
     gRPC has already checked (mutual TLS) that the client holds the key of one of the pinned party
@@ -78,12 +81,12 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
     from . import tls
     from .rpc import dumps, safe_loads
 
-    roles = {p.name: "compute" for p in policy.compute}
-    roles.update({policy.data_owner.name: "data_owner", policy.model_owner.name: "model_owner"})
+    roles = {p.name: p.role for p in deployment.parties}
 
     class PartyServicer(distributed_pb2_grpc.NodeServiceServicer):
         def __init__(self):
-            self.node_id, self.address, self.policy, self.ident = party, address, policy, ident
+            self.node_id, self.address, self.ident = party, address, ident
+            self.deployment, self.policy = deployment, deployment.policy
             self.role, self.rank, self.log_path, self.record_path = role, rank, log_path, record_path
             self._record_lock = threading.Lock()
             self._locals = {"counters": {"share_weights": 0, "refused": 0}}
@@ -137,31 +140,28 @@ def _make_servicer(policy, party: str, address: str, role: str, rank: int, ident
     return PartyServicer()
 
 
-def _find_party(policy, name: str):
-    for rank, p in enumerate(policy.compute):
-        if p.name == name:
-            return p, "compute", rank
-    if policy.model_owner.name == name:
-        return policy.model_owner, "model_owner", -1
-    known = [p.name for p in policy.compute] + [policy.model_owner.name]
-    raise UserError(f"party {name!r} runs no node in policy {policy.name!r} (nodes: {', '.join(known)}; "
-                     f"the data owner {policy.data_owner.name!r} is the driver)")
+def _find_party(deployment, name: str):
+    p = deployment.party(name)
+    if p.role == "data_owner":
+        raise DeploymentError(f"{deployment.source}: party {name!r} is the data owner, the driver: it runs no node "
+                              f"(nodes: {', '.join(q.name for q in deployment.nodes)})")
+    return p, p.role, p.rank
 
 
-def cluster_view(policy) -> dict:
-    """What every node and the driver must agree on (``Policy.view``)."""
-    return policy.view()
+def cluster_view(deployment) -> dict:
+    """What every node and the driver must agree on (``Deployment.view``)."""
+    return deployment.view()
 
 
 def check_view(server, view: dict) -> None:
-    """Refuse a driver whose cluster file differs from this node's (one line naming the key)."""
-    mine = cluster_view(server.policy)
+    """Refuse a driver whose deployment differs from this node's (one line naming the key)."""
+    mine = cluster_view(server.deployment)
     for k in view_differences(mine, view)[:1]:
-        raise UserError(f"{server.node_id}'s cluster file differs from the driver's at {k}: "
+        raise UserError(f"{server.node_id}'s deployment differs from the driver's at {k}: "
                         f"{mine.get(k)!r} here, {view.get(k)!r} at the driver")
 
 
-def serve(policy, party_name: str, log_path: Path, record_path=None, model: str | None = None, state_dir=None):
+def serve(deployment, party_name: str, log_path: Path, record_path=None, model: str | None = None, state_dir=None):
     """Start ``party_name``'s node server (mutual TLS) and return it (and its servicer).
     ``model``: the one model a model owner's node serves (fixed here, never taken from a request)."""
     import grpc
@@ -170,28 +170,28 @@ def serve(policy, party_name: str, log_path: Path, record_path=None, model: str 
 
     from . import tls
 
-    party, role, rank = _find_party(policy, party_name)
-    ident = tls.identity(policy, party.name)
+    party, role, rank = _find_party(deployment, party_name)
+    ident = tls.identity(deployment, party.name)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=ppd.RPC.OPTIONS)
-    servicer = _make_servicer(policy, party.name, party.address, role, rank, ident, log_path, record_path)
+    servicer = _make_servicer(deployment, party.name, party.node, role, rank, ident, log_path, record_path)
     if role == "model_owner":
-        servicer._locals["owner"] = ModelOwner(policy, model)
+        servicer._locals["owner"] = ModelOwner(deployment.policy, model)
     servicer._locals["state_root"] = Path(state_dir) if state_dir else secptune_home() / "state" / party.name
     distributed_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     # any party's pinned certificate passes the handshake; FUNCTIONS then decides per call
-    creds = ident.server_credentials([p.name for p in tls.all_parties(policy)])
+    creds = ident.server_credentials([p.name for p in deployment.parties])
     try:
-        bound = server.add_secure_port(party.address, creds)
+        bound = server.add_secure_port(party.node, creds)
     except RuntimeError:
         bound = 0
     if not bound:
-        raise UserError(f"node {party.name}: cannot listen on {party.address} (in use, or not an address of "
+        raise UserError(f"node {party.name}: cannot listen on {party.node} (in use, or not an address of "
                         "this machine)")
     server.start()
     return server, servicer
 
 
-def run_node(policy, party_name: str, log_dir=None, model: str | None = None, state_dir=None) -> None:
+def run_node(deployment, party_name: str, log_dir=None, model: str | None = None, state_dir=None) -> None:
     """Serve ``party_name``'s node until killed. SPU's log (fd 1) and stderr go to LOGDIR/<party>.log.
     The model owner's node serves ``model`` and no other; a compute party keeps set-up shares
     under ``state_dir`` (default ``$SECPTUNE_HOME/state/<party>``)."""
@@ -199,18 +199,18 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None, st
 
     from . import tls
 
-    if isinstance(policy, (str, Path)):
-        policy = load_policy(str(policy))
-    party, role, rank = _find_party(policy, party_name)
+    if isinstance(deployment, (str, Path)):
+        deployment = load_deployment(deployment)
+    party, role, rank = _find_party(deployment.require("cluster"), party_name)
     if role == "model_owner" and not model:
         raise UserError(f"node {party.name} is the model owner: give --model NAME, the one model it serves")
-    tls.identity(policy, party.name)  # refuse to start without keys, before anything else
+    tls.identity(deployment, party.name)  # refuse to start without keys, before anything else
     procs.die_with_launcher(signal.SIGTERM)  # no orphans
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="secptune-node-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{party.name}.log"
     record_path = procs.record_path(party.name)
-    print(f"node {party.name} ({role}) at {party.address}; log {log_path}", flush=True)
+    print(f"node {party.name} ({role}) at {party.node}; log {log_path}", flush=True)
     procs.log_fds_to(log_path)
     import logging
 
@@ -223,8 +223,9 @@ def run_node(policy, party_name: str, log_dir=None, model: str | None = None, st
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
-    server, _ = serve(policy, party.name, log_path, record_path, model if role == "model_owner" else None, state_dir)
-    print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.address} (mutual TLS)", flush=True)
+    server, _ = serve(deployment, party.name, log_path, record_path, model if role == "model_owner" else None,
+                      state_dir)
+    print(f"node {party.name} ({role}, pid {os.getpid()}) serving at {party.node} (mutual TLS)", flush=True)
     server.wait_for_termination()
 
 
@@ -275,8 +276,9 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
 
     _require(server, "compute")
     check_view(server, view)
-    if rank != server.rank or list(links) != [p.link for p in server.policy.compute]:
-        raise ValueError(f"{server.node_id} is rank {server.rank} with links {[p.link for p in server.policy.compute]}, "
+    mine = [p.link for p in server.deployment.compute]
+    if rank != server.rank or list(links) != mine:
+        raise ValueError(f"{server.node_id} is rank {server.rank} with links {mine}, "
                          f"the driver thinks rank {rank} with {links}")
     reset(server)
     desc = libspu.link.Desc()
@@ -287,7 +289,7 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
     desc.http_max_payload_size = 32 * 1024 * 1024
     for r, addr in enumerate(links):
         desc.add_party(f"r{r}", addr)
-    tls.link_ssl(desc, server.policy, server.node_id, server.log_path.parent)
+    tls.link_ssl(desc, server.deployment, server.node_id, server.log_path.parent)
     link = libspu.link.create_brpc(desc, rank)
     rc = spu_pb2.RuntimeConfig()
     rc.ParseFromString(runtime_config)
@@ -344,9 +346,9 @@ def _owner(server, model_name: str) -> ModelOwner:
 
 @contextlib.contextmanager
 def _compute_peers(server, timeout_s: float):
-    """Model owner: links to every compute party of its own cluster file, and ``each(calls)``,
+    """Model owner: links to every compute party of its own deployment, and ``each(calls)``,
     which makes ``calls(i)`` = (node function, *args) on compute party i, on all at once."""
-    peers = [Peer(p.name, p.address, timeout_s, server.ident) for p in server.policy.compute]
+    peers = [Peer(p.name, p.node, timeout_s, server.ident) for p in server.deployment.compute]
     try:
         with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
             def each(calls):
@@ -368,8 +370,8 @@ def share_weights(server, model_name: str, runtime_config: bytes, compute: list,
     rc = spu_pb2.RuntimeConfig()
     rc.ParseFromString(runtime_config)
     io = spu_api.Io(len(compute), rc)
-    if [(p.name, p.address) for p in server.policy.compute] != [tuple(c) for c in compute]:
-        raise ValueError(f"{server.node_id}: the driver's compute parties {compute} are not this cluster file's")
+    if [(p.name, p.node) for p in server.deployment.compute] != [tuple(c) for c in compute]:
+        raise ValueError(f"{server.node_id}: the driver's compute parties {compute} are not this deployment's")
     with _compute_peers(server, timeout_s) as each:
         for name, value in owner.weights():
             shares = io.make_shares(value, spu_pb2.Visibility.VIS_SECRET)
@@ -464,7 +466,8 @@ FUNCTIONS = {
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tuning.transports.node", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policy", required=True, help="policy name or YAML path (its parties give the addresses)")
+    ap.add_argument("--cluster", required=True, help="deployment file (or a shipped name): the policy, every "
+                                                     "party's addresses and certificates")
     ap.add_argument("--party", required=True, help="a compute party or the model owner")
     ap.add_argument("--log-dir", default=None, help="SPU's log goes to LOGDIR/<party>.log")
     ap.add_argument("--model", default=None, help="the model owner's node: the one model it serves")
@@ -473,7 +476,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        run_node(args.policy, args.party, args.log_dir, args.model, args.state_dir)
+        run_node(args.cluster, args.party, args.log_dir, args.model, args.state_dir)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 

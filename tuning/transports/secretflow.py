@@ -1,13 +1,13 @@
 """SecretFlow back end: the tuning job as a SecretFlow application, one OS process per party.
 
     secptune sf-job local --policy aby3 -- --task mr --model tiny-llama ...        # all parties here
-    secptune sf-job --cluster policies/clusters/aby3.yaml --party p0 -- <same>    # one party, any host
+    secptune sf-job --cluster deployments/aby3.yaml --party p0 -- <same>         # one party, any host
 
 Devices (SecretFlow 1.11 production mode, ``brpc_link``, no Ray): a PYU for the data owner
 (its data, labels, search and losses), a PYU for the model owner (its weights), and an SPU device
 over the policy's compute parties, with the policy's runtime config. Each party is a process
-(``tuning.sfjob``) that calls :class:`SFJob`; the cluster file (``sfcluster``) says where
-each listens.
+(``tuning.sfjob``) that calls :class:`SFJob`; the deployment file's ``secretflow`` section
+(``deployment``) says where each listens.
 
 **The SPMD constraint.** SecretFlow matches messages by sequence number, so every party must
 make the same sequence of ``sf`` calls. Here the data owner's process drives the job: it runs
@@ -77,7 +77,8 @@ from ..programs import weight_names
 from . import procs
 from .cost import CallCost
 from .session import Session
-from .sfcluster import STARTUP_S, JobError, SFCluster, Watchdog
+from .deployment import Deployment
+from .sfcluster import STARTUP_S, JobError, Watchdog
 
 PROTOCOL = 2  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
@@ -263,7 +264,7 @@ class SFJob:
     lost or stalled. The constructor starts the watchdog, then ``sf.init`` (which waits for the
     other parties) and the SPU device."""
 
-    def __init__(self, cluster: SFCluster, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S):
+    def __init__(self, cluster: Deployment, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S):
         self.cluster, self.me, self.policy = cluster, cluster.party(party), cluster.policy
         self.leader = self.me.role == "data_owner"
         self.log_dir = Path(log_dir)
@@ -323,18 +324,17 @@ class SFJob:
         """This party's TLS for SecretFlow's link (``sf.init``'s ``tls_config``) and, on a compute
         party, for the SPU link (its node's ``tls_opts``): its own certificate and key, and the
         pinned certificates of the parties it talks to as the only trust roots (no authority).
-        A cluster whose policy names no keys is refused (KeyFileError, one line)."""
+        A deployment that names no keys is refused (KeyFileError, one line)."""
         from . import tls
 
-        tls.identity(self.policy, self.me.name)  # its key readable here, every party's certificate pinned
-        mine = next(p for p in tls.all_parties(self.policy) if p.name == self.me.name)
-        cert, key = str(Path(mine.cert).absolute()), str(Path(mine.key).absolute())
-        peers = tls.pinned_bundle(self.policy, [p.name for p in self.cluster.parties],
+        tls.identity(self.cluster, self.me.name)  # its key readable here, every party's certificate pinned
+        cert, key = str(Path(self.me.cert).absolute()), str(Path(self.me.key).absolute())
+        peers = tls.pinned_bundle(self.cluster, [p.name for p in self.cluster.parties],
                                   self.log_dir / f"sf-peers-{self.me.name}.pem")
         tls_config = {"cert": cert, "key": key, "ca_cert": str(peers.absolute())}
         if self.me.role != "compute":
             return tls_config, None
-        links = tls.pinned_bundle(self.policy, [p.name for p in self.cluster.compute],
+        links = tls.pinned_bundle(self.cluster, [p.name for p in self.cluster.compute],
                                   self.log_dir / f"spu-peers-{self.me.name}.pem")
         opts = {"certificate_path": cert, "private_key_path": key, "ca_file_path": str(links.absolute()),
                 "verify_depth": 1}
@@ -589,7 +589,7 @@ class SecretFlowBackend(Session):
 
 def _check_same_policy(policy, job_policy) -> None:
     """The session's policy (the run's) must compute as the job's (its cluster file's)."""
-    diff = view_differences(policy.view(parties=False), job_policy.view(parties=False))
+    diff = view_differences(policy.view(), job_policy.view())
     if diff:
         raise UserError(f"the run's policy {policy.name!r} differs from the job's {job_policy.name!r} in "
                         f"{', '.join(diff)}: resume a run under the policy it started with")

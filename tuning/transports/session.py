@@ -52,6 +52,7 @@ from ..model_owner.models import EmbeddingStats
 from ..model_owner.owner import ModelOwner
 from ..programs import shapes_of
 from .cost import CallCost
+from .deployment import DATA_OWNER
 
 
 class RevealError(UserError):
@@ -194,7 +195,7 @@ class Session(abc.ABC):
             raise UserError(f"no resident variable {name!r} to reveal")
         value = self._reconstruct(name, kind)
         record = {"what": what, "var": name, "shape": list(value.shape), "to": to,
-                  "party": self.policy.data_owner.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "party": DATA_OWNER, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if self.audit_command is not None:
             record["command"] = self.audit_command
         self.reveals.append(record)

@@ -1,24 +1,11 @@
-"""Where the parties of a SecretFlow job run, whether they are alive, and the processes that run them.
+"""Whether the parties of a SecretFlow job are alive, and the processes that run them.
 
-A **cluster file** (``policies/clusters/*.yaml``) names the policy a job runs under and, for every
-party of that policy, the ports it opens::
-
-    policy: aby3                      # a policy name, or a path relative to this file
-    job_name: secptune-aby3           # SecretFlow matches messages by job name and sequence number
-    parties:
-      p0:    {address: 10.0.0.1:63000, spu: 10.0.0.1:63010, watch: 10.0.0.1:63020}
-      alice: {address: 10.0.0.1:63003, watch: 10.0.0.1:63023, listen: 0.0.0.0:63003}
-      ...
-
-- ``address``: SecretFlow's cross-silo link (``brpc_link``): the control messages, the shares
-  that enter and leave the SPU device, and the executables;
-- ``spu`` (compute parties only): the SPU runtimes' own link (the MPC protocol's traffic);
-- ``watch``: the liveness heartbeats (:class:`Watchdog`);
-- ``listen`` / ``spu_listen`` / ``watch_listen`` (optional): the local address to bind when the
-  advertised one is not local (NAT, ``0.0.0.0``).
-
-Roles come from the policy: its compute parties are the SPU device's nodes, its data owner and
-model owner are PYU devices. Every party of the policy must be listed, and nothing else.
+Where each party listens is its deployment file's ``secretflow`` section (``deployment``):
+``address`` (SecretFlow's cross-silo link, ``brpc_link``: the control messages, the shares that
+enter and leave the SPU device, the executables), ``spu`` (compute parties: the SPU runtimes' own
+link), ``watch`` (the liveness heartbeats, :class:`Watchdog`), and the bind addresses
+``listen`` / ``spu_listen`` / ``watch_listen``. Its compute parties are the SPU device's nodes,
+its data owner and model owner PYU devices.
 
 **Liveness** (:class:`Watchdog`): every party's process keeps a TCP connection to every other
 party's ``watch`` port and pings it every second. A party whose process ends closes its
@@ -47,190 +34,17 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from ..errors import UserError
-from ..policy import dump_policy, load_policy, read_yaml
-from .procs import REPO, STARTUP_S, free_addresses, kill_groups, launch
+from .deployment import Deployment
+from .deployment import Party as SFParty
+from .procs import STARTUP_S, kill_groups, launch
 
-CLUSTER_DIR = REPO / "policies" / "clusters"
-PARTY_KEYS = {"address", "spu", "watch", "listen", "spu_listen", "watch_listen"}
-TOP_KEYS = {"policy", "job_name", "parties", "description"}
 GRACE_S = 10.0  # after the first party ends abnormally, how long past timeout_s the rest may take
 EXIT_OK, EXIT_ERROR, EXIT_PEER = 0, 2, 3  # a worker's exit codes: done / its own error / a peer failed
 
 
-class ClusterFileError(UserError):
-    """An invalid cluster file; the message names the file and the key."""
-
-
 class JobError(UserError):
     """A SecretFlow job failed; the message names the party that was lost or failed, and why."""
-
-
-# ------------------------------------------------------------------------------------ cluster files
-@dataclasses.dataclass(frozen=True)
-class SFParty:
-    name: str
-    role: str  # compute | data_owner | model_owner
-    address: str  # SecretFlow cross-silo link, host:port as the other parties reach it
-    watch: str  # liveness heartbeats
-    spu: str = ""  # SPU link (compute parties)
-    listen: str = ""
-    spu_listen: str = ""
-    watch_listen: str = ""
-
-    @property
-    def ports(self) -> dict:
-        """What this party's process listens on, by purpose (the bind addresses)."""
-        out = {"secretflow": self.listen or self.address, "watch": self.watch_listen or self.watch}
-        if self.spu:
-            out["spu"] = self.spu_listen or self.spu
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class SFCluster:
-    policy: object  # tuning.policy.Policy
-    policy_ref: str  # as the file names it (a name, or an absolute path)
-    job_name: str
-    parties: tuple  # SFParty, sorted by name (SecretFlow's link ranks and SPU's node order)
-    source: str = ""
-
-    def party(self, name: str) -> SFParty:
-        for p in self.parties:
-            if p.name == name:
-                return p
-        raise ClusterFileError(f"{self.source}: no party {name!r} (parties: {', '.join(p.name for p in self.parties)})")
-
-    @property
-    def compute(self) -> list:
-        """The SPU device's nodes, in SPU rank order (``sf.SPU`` sorts them by name)."""
-        return sorted((p for p in self.parties if p.role == "compute"), key=lambda p: p.name)
-
-    @property
-    def data_owner(self) -> SFParty:
-        return next(p for p in self.parties if p.role == "data_owner")
-
-    @property
-    def model_owner(self) -> SFParty:
-        return next(p for p in self.parties if p.role == "model_owner")
-
-    @property
-    def timeout_s(self) -> float:
-        return float(self.policy.timeout_s)
-
-
-def _hostport(value, source: str, where: str) -> str:
-    s = str(value)
-    host, _, port = s.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ClusterFileError(f"{source}: {where} {s!r} is not host:port")
-    return s
-
-
-def parse_cluster(d, source: str = "<cluster>", base: Path | None = None) -> SFCluster:
-    """A cluster file's mapping -> :class:`SFCluster` (one-line :class:`ClusterFileError` otherwise)."""
-    if not isinstance(d, dict):
-        raise ClusterFileError(f"{source}: a cluster file must be a YAML mapping")
-    extra = set(d) - TOP_KEYS
-    if extra:
-        raise ClusterFileError(f"{source}: unknown key {sorted(extra)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
-    if "policy" not in d:
-        raise ClusterFileError(f"{source}: missing key policy (a policy name or a path)")
-    ref = str(d["policy"])
-    if Path(ref).suffix and not Path(ref).is_absolute() and base is not None:
-        ref = str((base / ref).resolve())
-    policy = load_policy(ref)
-    job = str(d.get("job_name", "secptune"))
-    parties = d.get("parties")
-    if not isinstance(parties, dict) or not parties:
-        raise ClusterFileError(f"{source}: parties must map each party's name to its addresses")
-    roles = {p.name: "compute" for p in policy.compute}
-    roles[policy.data_owner.name], roles[policy.model_owner.name] = "data_owner", "model_owner"
-    missing = sorted(set(roles) - set(parties))
-    if missing:
-        raise ClusterFileError(f"{source}: policy {policy.name!r} has party {missing[0]!r}, which parties does not list")
-    out, seen = [], {}
-    for name in sorted(parties):
-        spec = parties[name]
-        where = f"parties.{name}"
-        if name not in roles:
-            raise ClusterFileError(f"{source}: {where}: policy {policy.name!r} has no party {name!r} "
-                                   f"(its parties: {', '.join(sorted(roles))})")
-        if not isinstance(spec, dict):
-            raise ClusterFileError(f"{source}: {where} must be a mapping with address and watch")
-        bad = set(spec) - PARTY_KEYS
-        if bad:
-            raise ClusterFileError(f"{source}: unknown key {where}.{sorted(bad)[0]}")
-        for key in ("address", "watch") + (("spu",) if roles[name] == "compute" else ()):
-            if key not in spec:
-                raise ClusterFileError(f"{source}: missing key {where}.{key}")
-        if roles[name] != "compute" and ("spu" in spec or "spu_listen" in spec):
-            raise ClusterFileError(f"{source}: {where}.spu: only compute parties run the SPU link "
-                                   f"({name} is the {roles[name].replace('_', ' ')})")
-        kw = {k: _hostport(v, source, f"{where}.{k}") for k, v in spec.items()}
-        party = SFParty(name, roles[name], **kw)
-        for purpose, addr in party.ports.items():
-            if addr in seen:
-                raise ClusterFileError(f"{source}: {where}.{purpose} {addr} is also {seen[addr]}")
-            seen[addr] = f"{name}'s {purpose} port"
-        out.append(party)
-    return SFCluster(policy, ref, job, tuple(out), source)
-
-
-def cluster_path(ref) -> Path:
-    """A cluster file's path: ``ref`` itself, or a shipped name (``policies/clusters/NAME.yaml``)."""
-    p = Path(ref)
-    if not p.suffix and not p.exists():
-        p = CLUSTER_DIR / f"{ref}.yaml"
-    if not p.exists():
-        shipped = ", ".join(sorted(q.stem for q in CLUSTER_DIR.glob("*.yaml")))
-        raise ClusterFileError(f"cluster file {ref} not found (shipped: {shipped})")
-    return p.absolute()
-
-
-def load_cluster(path) -> SFCluster:
-    p = cluster_path(path)
-    return parse_cluster(read_yaml(p, ClusterFileError), str(p), p.absolute().parent)
-
-
-def cluster_dict(cluster: SFCluster) -> dict:
-    """The mapping :func:`parse_cluster` reads back as ``cluster``."""
-    parties = {}
-    for p in cluster.parties:
-        parties[p.name] = {k: v for k, v in dataclasses.asdict(p).items() if k not in ("name", "role") and v}
-    return {"policy": cluster.policy_ref, "job_name": cluster.job_name, "parties": parties}
-
-
-def dump_cluster(cluster: SFCluster, path) -> Path:
-    path = Path(path)
-    path.write_text(yaml.safe_dump(cluster_dict(cluster), sort_keys=False))
-    return path
-
-
-def with_keys(cluster: SFCluster, key_dir) -> SFCluster:
-    """``cluster`` with throwaway keys for every party in ``key_dir`` (``sf-job local``), its policy
-    written beside them; unchanged if its policy names certificates already."""
-    from . import tls
-
-    policy = tls.with_local_keys(cluster.policy, key_dir)
-    if policy is cluster.policy:
-        return cluster
-    ref = dump_policy(policy, Path(key_dir) / "policy.yaml").absolute()
-    return dataclasses.replace(cluster, policy=policy, policy_ref=str(ref))
-
-
-def local_cluster(policy_ref: str, host: str = "127.0.0.1", job_name: str | None = None) -> SFCluster:
-    """Every party of policy ``policy_ref`` on this machine, on free ports (``sf-job local``)."""
-    ref = str(Path(policy_ref).absolute()) if Path(policy_ref).suffix else policy_ref
-    policy = load_policy(ref)
-    addrs = iter(free_addresses(3 * len(policy.compute) + 4, host))
-    parties = {p.name: {"address": next(addrs), "spu": next(addrs), "watch": next(addrs)} for p in policy.compute}
-    for p in (policy.data_owner, policy.model_owner):
-        parties[p.name] = {"address": next(addrs), "watch": next(addrs)}
-    return parse_cluster({"policy": ref, "job_name": job_name or f"secptune-{policy.name}-{os.getpid()}",
-                          "parties": parties}, f"<local {policy.name}>")
 
 
 # ------------------------------------------------------------------------------------- liveness
@@ -427,7 +241,7 @@ class Supervisor:
     """Runs one worker process per party here, streams their output, reaps every process group
     on exit (or Ctrl-C) and explains the job's end (:meth:`report`)."""
 
-    def __init__(self, cluster: SFCluster, cluster_path, parties: list, job: dict, log_dir, out=None):
+    def __init__(self, cluster: Deployment, cluster_path, parties: list, job: dict, log_dir, out=None):
         self.cluster, self.log_dir, self.out = cluster, Path(log_dir), out or sys.stdout
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workers: dict = {}
@@ -541,7 +355,7 @@ class Supervisor:
 BLAMES = ("missing", "lost", "stalled", "failed")  # status kinds that name another party as the cause
 
 
-def explain(parties: dict, cluster: SFCluster) -> str:
+def explain(parties: dict, cluster: Deployment) -> str:
     """The job's outcome as one line, or "" when every party ended cleanly.
 
     The cause is found by following the blame in the status records (a party that reports a lost,

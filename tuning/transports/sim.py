@@ -26,6 +26,7 @@ from ..compute_party.traffic import capture_fd_stdout, parse_profile
 from ..model_owner.owner import ModelOwner
 from ..programs import bind, compile_session_program, param_names
 from .cost import CallCost
+from .deployment import compute_names
 from .session import Session
 
 
@@ -74,7 +75,7 @@ class SimBackend(Session):
             return mk
 
         runtimes = _run_parallel([make_rt(r) for r in range(self.n)])
-        self.parties = [ComputeParty(p.name, policy, rt) for p, rt in zip(policy.compute, runtimes)]
+        self.parties = [ComputeParty(name, policy, rt) for name, rt in zip(compute_names(policy), runtimes)]
         self.owner = ModelOwner(policy, bundle, self.execution)
         for name, value in self.owner.weights():  # shared once; resident in every party's runtime
             for party, share in zip(self.parties, self.io.make_shares(value, self._vis)):
@@ -129,7 +130,7 @@ class SimBackend(Session):
         with capture_fd_stdout() as log:  # the parties share this process's stdout: party 0 profiles
             _run_parallel(calls)
         links, ops = parse_profile(log[0])
-        parties = {self.policy.compute[0].name: links[-1]} if links else {}
+        parties = {self.parties[0].name: links[-1]} if links else {}
         return CallCost(time.perf_counter() - t0, parties, ops)
 
     def _reconstruct(self, name: str, what: str | None) -> np.ndarray:

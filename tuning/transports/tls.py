@@ -1,10 +1,9 @@
 """Authenticated party links: one key and one self-signed certificate per party, pinned by name.
 
 Every party of a cluster (compute parties, the model owner, the data owner) holds a private key
-and a certificate whose subject and DNS name are the party's name. The cluster file (the
-policy's ``parties`` section) names each party's certificate (``cert``) and, on the machine of
-that party, its key (``key``). Trust is *pinning*: a party trusts exactly the certificates the
-cluster file names, and no certificate authority, so no party (nor whoever generated the keys)
+and a certificate whose subject and DNS name are the party's name. The deployment file
+(``deployment``) names each party's certificate (``cert``) and, on the machine of that party, its
+key (``key``). Trust is *pinning*: a party trusts exactly the certificates the deployment names, and no certificate authority, so no party (nor whoever generated the keys)
 can mint a certificate for another name that anyone accepts. The certificates are not CAs
 (``CA:FALSE``): a party's key cannot sign a certificate that would chain to it.
 
@@ -107,7 +106,7 @@ class Identity:
         import grpc
 
         if target not in self.certs:
-            raise KeyFileError(f"no certificate for party {target!r} in the cluster file")
+            raise KeyFileError(f"no certificate for party {target!r} in the deployment file")
         return grpc.ssl_channel_credentials(root_certificates=self.certs[target], private_key=self.key,
                                             certificate_chain=self.cert)
 
@@ -158,48 +157,38 @@ def _check_pair(name: str, cert: bytes, key: bytes, cert_path: str, key_path: st
                         f"({c.not_valid_before_utc:%Y-%m-%d} to {c.not_valid_after_utc:%Y-%m-%d})")
 
 
-def with_local_keys(policy, key_dir):
-    """``policy`` with a fresh key and certificate for every party in ``key_dir`` (a throwaway
+def with_local_keys(deployment, key_dir):
+    """``deployment`` with a fresh key and certificate for every party in ``key_dir`` (a throwaway
     local cluster's or SecretFlow job's), unless it names certificates already."""
-    import dataclasses
-
-    if has_keys(policy):
-        return policy
-    paths = generate_keys([p.name for p in all_parties(policy)], key_dir)
-
-    def keyed(p):
-        return dataclasses.replace(p, cert=str(paths[p.name][0]), key=str(paths[p.name][1]))
-
-    return policy.with_parties([keyed(p) for p in policy.compute], keyed(policy.data_owner), keyed(policy.model_owner))
+    if has_keys(deployment):
+        return deployment
+    paths = generate_keys([p.name for p in deployment.parties], key_dir)
+    return dataclasses.replace(deployment, parties=tuple(
+        dataclasses.replace(p, cert=str(paths[p.name][0]), key=str(paths[p.name][1])) for p in deployment.parties))
 
 
-def pinned_bundle(policy, names, path) -> Path:
+def pinned_bundle(deployment, names, path) -> Path:
     """The pinned certificates of parties ``names``, one PEM file (a brpc link's trust roots)."""
-    by = {p.name: p for p in all_parties(policy)}
     path = Path(path)
-    path.write_bytes(b"".join(Path(by[n].cert).read_bytes() for n in names))
+    path.write_bytes(b"".join(Path(deployment.party(n).cert).read_bytes() for n in names))
     return path
 
 
-def has_keys(policy) -> bool:
-    return all(p.cert for p in all_parties(policy))
+def has_keys(deployment) -> bool:
+    return all(p.cert for p in deployment.parties)
 
 
-def all_parties(policy) -> list:
-    return [*policy.compute, policy.data_owner, policy.model_owner]
-
-
-def identity(policy, me: str) -> Identity:
-    """Party ``me``'s identity under ``policy``: its key must be readable here; every party's
+def identity(deployment, me: str) -> Identity:
+    """Party ``me``'s identity under ``deployment``: its key must be readable here; every party's
     certificate is pinned. UserError (one line) naming what is missing."""
-    parties = {p.name: p for p in all_parties(policy)}
-    if not has_keys(policy):
+    parties = {p.name: p for p in deployment.parties}
+    if not has_keys(deployment):
         missing = [p.name for p in parties.values() if not p.cert]
-        raise KeyFileError(f"policy {policy.name!r} names no certificate for {', '.join(missing)}: every link between "
-                        "parties is authenticated; run `secptune cluster keys --policy ... --out DIR` and use the "
-                        "cluster file it writes")
+        raise KeyFileError(f"{deployment.source} names no certificate for {', '.join(missing)}: every link between "
+                           "parties is authenticated; run `secptune cluster keys --cluster FILE --out DIR` and use the "
+                           "deployment file it writes")
     if me not in parties:
-        raise KeyFileError(f"party {me!r} is not in policy {policy.name!r}")
+        raise KeyFileError(f"party {me!r} is not in {deployment.source}")
     certs = {n: _read(p.cert, f"party {n}'s certificate") for n, p in parties.items()}
     ders = {}
     for n, pem in certs.items():
@@ -212,8 +201,8 @@ def identity(policy, me: str) -> Identity:
         ders[d] = n
     p = parties[me]
     if not p.key:
-        raise KeyFileError(f"the cluster file names no private key for party {me} (parties...{me}.key)")
-    key = _read(p.key, f"party {me}'s private key")
+        raise KeyFileError(f"{deployment.source} names no private key for party {me} (parties.{me}.key)")
+    key = _read(deployment.key_of(me), f"party {me}'s private key")
     _check_pair(me, certs[me], key, p.cert, p.key)
     return Identity(me, certs[me], key, certs)
 
@@ -235,12 +224,12 @@ def caller_of(context, ident: Identity) -> str | None:
 
 
 # --------------------------------------------------------------------------------- brpc links
-def link_ssl(desc, policy, me: str, out_dir) -> Path:
+def link_ssl(desc, deployment, me: str, out_dir) -> Path:
     """Turn on TLS for an SPU brpc link description: this party presents its certificate and
     verifies its peer's against the compute parties' pinned certificates (a file written to
     ``out_dir``). Returns that file."""
-    compute = [p for p in policy.compute]
-    ident = identity(policy, me)
+    compute = deployment.compute
+    ident = identity(deployment, me)
     me_p = next(p for p in compute if p.name == me)
     roots = Path(out_dir) / f"link-peers-{me}.pem"
     roots.write_bytes(b"".join(ident.certs[p.name] for p in compute))
