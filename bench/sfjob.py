@@ -89,7 +89,7 @@ def main(argv=None):
 
     work = Path(args.work or tempfile.mkdtemp(prefix="secptune-bench-sfjob-"))
     work.mkdir(parents=True, exist_ok=True)
-    policy = load_policy(args.policy)
+    load_policy(args.policy)  # a bad policy is refused before anything runs
     cli = [sys.executable, "-m", "tuning.cli"]
     runs = {}
     # 1. the cluster back end: `secptune tune`, its nodes on free local ports
