@@ -68,7 +68,7 @@ def test_content_free_rows_reach_the_parties_only_as_shares(tmp_path, monkeypatc
     csv = tmp_path / "toy.csv"
     csv.write_text("\n".join(rows) + "\n")
     shared, received = [], []
-    orig_set = simmod.SimBackend._set
+    orig_set = simmod.SimBackend._put
 
     def _set(self, name, value):
         if not name.startswith("w"):
@@ -76,7 +76,7 @@ def test_content_free_rows_reach_the_parties_only_as_shares(tmp_path, monkeypatc
             received.extend(pickle.dumps(sh) for sh in self.io.make_shares(np.asarray(value, np.float32), self._vis))
         return orig_set(self, name, value)
 
-    monkeypatch.setattr(simmod.SimBackend, "_set", _set)
+    monkeypatch.setattr(simmod.SimBackend, "_put", _set)
     # embedding: data_owner, the opt-in under which the data owner holds the rows as embeddings in
     # the clear (under the default, one-hot tokens, they are shared the same way)
     import dataclasses

@@ -134,7 +134,7 @@ def test_compute_parties_never_receive_labels_losses_or_z(toy_csv, tmp_path, mon
     from tuning.data_owner.search import CMAES
 
     shared, received, asked, told = [], [], [], []
-    orig_set, orig_ask, orig_tell = simmod.SimBackend._set, CMAES.ask, CMAES.tell
+    orig_set, orig_ask, orig_tell = simmod.SimBackend._put, CMAES.ask, CMAES.tell
 
     def _set(self, name, value):  # SimBackend's own sharing, recorded per party
         if not name.startswith("w"):  # the model owner's weights are not the data owner's
@@ -152,7 +152,7 @@ def test_compute_parties_never_receive_labels_losses_or_z(toy_csv, tmp_path, mon
         told.append(np.asarray(losses).copy())
         return orig_tell(self, st, Z, losses)
 
-    monkeypatch.setattr(simmod.SimBackend, "_set", _set)
+    monkeypatch.setattr(simmod.SimBackend, "_put", _set)
     monkeypatch.setattr(CMAES, "ask", ask)
     monkeypatch.setattr(CMAES, "tell", tell)
     summary = tune(_cfg(toy_csv, tmp_path / "p", backend="sim", budget=2, popsize=4), show_progress=False,
