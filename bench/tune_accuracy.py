@@ -107,13 +107,13 @@ def main(argv=None):
     policy = load_policy(args.policy)
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = run_dir(vars(args), seed)
-        cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
-                         shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
-                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run),
-                         prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
-                         dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
-                         label_words=args.label_words, head=args.head, probe_words=args.probe_words,
-                         select=args.select, objective=args.objective)
+        cfg = TuneConfig.of(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
+                            shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
+                            mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run),
+                            prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
+                            dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
+                            label_words=args.label_words, head=args.head, probe_words=args.probe_words,
+                            select=args.select, objective=args.objective)
         done = RunDir(run).read_summary()
         if done is not None and done["generations"] >= args.budget:
             s = done
