@@ -113,7 +113,8 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
             cfg = TuneConfig.of(out=resume)
         else:
             kw = {k: v for k, v in spec.get("tune", {}).items() if k in GROUP_OF}
-            cfg = TuneConfig.of(**{**kw, "backend": "secretflow", "policy": spec.get("policy") or job.cluster.policy_ref})
+            cfg = TuneConfig.of(**{**kw, "backend": "secretflow",
+                                   "policy": spec.get("policy") or job.cluster.policy_ref})
         quiet = spec.get("json", False)
         saved = sys.stderr
         sys.stderr = party.progress  # tune's progress bar

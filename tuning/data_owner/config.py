@@ -45,6 +45,7 @@ OBJECTIVES = ("words", "head", "refit")
 SELECT = ("dev-loss", "final-mean")
 BACKENDS = ("plaintext", "sim", "cluster", "secretflow")  # secretflow: the back end of `secptune sf-job`
 DEEP_DEFAULT = 4  # --prompt-depth auto: the top 4 layers (the demo's: of SmolLM2's 30)
+FAST_SILU_MODELS = {"smollm2-135m": "aby3-fast"}  # where relu_poly SiLU's agreement was measured (docs/numerics.md)
 
 
 def setting(default, help: str, *, choices: tuple = (), metavar: str | None = None, parse=None):
@@ -117,10 +118,10 @@ class PromptConfig(_Group):
                                   "text's states computed once) or prefix (BBT's: the prompt first, all recomputed "
                                   "per candidate)", choices=MODES)
     prompt_depth: int | str | None = setting(
-        None, "the prompt enters the top K layers only; below them everything is computed once per example. "
-                "'all' (default): every layer, the prompt at the input; 'auto': the top 4 (every layer under "
-                "--mode prefix or in a model of 4 layers or fewer)", metavar="K|all|auto", parse=_depth)
-    prompt_form: str = setting("kv", "how a deep prompt enters its layers: virtual = key/value prefixes in the "
+        "auto", "the prompt enters the top K layers only; below them everything is computed once per example. "
+                "'all': every layer, the prompt at the input; 'auto': the top 4 (every layer under --mode prefix "
+                "or in a model of 4 layers or fewer)", metavar="K|all|auto", parse=_depth)
+    prompt_form: str = setting("virtual", "how a deep prompt enters its layers: virtual = key/value prefixes in the "
                                           "top layers only (no prompt token below them; measured best), kv = "
                                           "key/value offsets of P0's tokens, hidden = offsets of their hidden "
                                           "states entering layer L-K", choices=PROMPT_FORMS)
@@ -150,9 +151,9 @@ class SearchConfig(_Group):
     popsize: int = setting(20, "candidates per generation")
     budget: int = setting(100, "generations")
     sigma0: float = setting(1.0, "CMA-ES's initial step size")
-    train_batch: int = setting(0, "score each generation on a stratified mini-batch of B training examples "
+    train_batch: int = setting(16, "score each generation on a stratified mini-batch of B training examples "
                                    "(0: all of them)", metavar="B")
-    dev_eval: str = setting("all", "candidates scored on dev each generation: mean (only the search mean, the "
+    dev_eval: str = setting("mean", "candidates scored on dev each generation: mean (only the search mean, the "
                                     "selection candidate) or all", choices=DEV_EVAL)
     loss: str = setting("ce", "the training loss the search minimises", choices=LOSSES)
     select: str = setting("dev-loss", "the prompt kept: the lowest dev loss seen or the search's final mean",
@@ -213,7 +214,9 @@ class RunConfig(_Group):
     """Where and as what the run executes: the model, the policy, the back end, the seed, the
     output directory."""
     model: str = setting("smollm2-135m", "smollm2-135m, tiny-llama, an HF model directory or a .gguf")
-    policy: str = setting("aby3", "policy name in policies/ or a YAML path")
+    policy: str | None = setting(None, "policy name in policies/ or a YAML path (default: aby3-fast, SiLU as "
+                                       "relu_poly, for smollm2-135m, where its agreement was measured; aby3 for "
+                                       "any other model)")
     backend: str = setting("sim", "plaintext (the same programs in the clear), sim (SPU's simulator) or cluster "
                                   "(one process per party)", choices=BACKENDS, metavar="{plaintext,sim,cluster}")
     seed: int = setting(0, "seeds the k-shot split, the subspace and the search")
@@ -221,6 +224,8 @@ class RunConfig(_Group):
     save_logits: bool = setting(False, "keep each generation's candidates and opened logits in OUT/logits/")
 
     def __post_init__(self):
+        if self.policy is None:
+            object.__setattr__(self, "policy", FAST_SILU_MODELS.get(self.model, "aby3"))
         self._choice("backend")
         self._integer("seed", 0)
         if not self.out:
@@ -299,8 +304,16 @@ def given(options: dict) -> dict:
 # ------------------------------------------------------------------- what a stored run ran with
 # Defaults that changed, one row each: (the old default, the new). A stored config.json without
 # one of these fields was written before the field existed, so it ran with the old value; every
-# other absent field takes its default (it had that value before it was stored).
-CHANGED_DEFAULTS = {}
+# other absent field takes its default (it had that value before it was stored). Issue 29: the
+# demo's configuration (late-layer virtual prompt, mini-batches, dev for the search mean, the cheap
+# SiLU where its agreement was measured) became the default.
+CHANGED_DEFAULTS = {
+    "policy": ("aby3", "aby3-fast for smollm2-135m, else aby3"),
+    "prompt_depth": (None, "auto: the top 4 layers"),
+    "prompt_form": ("kv", "virtual"),
+    "train_batch": (0, 16),
+    "dev_eval": ("all", "mean"),
+}
 
 
 def absent_value(name: str):
@@ -376,7 +389,7 @@ def config_line(cfg: TuneConfig) -> str:
     """The run's configuration in one line, as it starts."""
     where = "prompt at the input" if cfg.prompt_depth in (None, "all") else (
         f"{cfg.prompt_form} prompt in the top {cfg.prompt_depth} layers")
-    batch = f"{cfg.train_batch} training examples per generation" if cfg.train_batch else "all training examples"
+    batch = f"mini-batches of {cfg.train_batch} training examples" if cfg.train_batch else "all training examples"
     return (f"config: {cfg.mode} placement, {where}, P0 {cfg.init!r} ({cfg.n_tokens} tokens), subspace d={cfg.d}; "
             f"{cfg.strategy} popsize {cfg.popsize} x {cfg.budget} generations, sigma0 {cfg.sigma0:g}; {batch}; "
             f"dev: {cfg.dev_eval}; loss {cfg.loss}, objective {cfg.objective}, head {cfg.head}, select {cfg.select}, "
