@@ -9,7 +9,6 @@ predictions.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import numpy as np
 
@@ -56,5 +55,5 @@ def main(argv=None):
     rows.append(_row("all", n, agree, max(errs), np.concatenate(diffs)))
     note = (f"\nrun {run.path} ({cfg.model}, {cfg.policy}, {cfg.backend}, {cfg.mode}, prompt depth {cfg.prompt_depth or 'all'}); "
             "per generation: the candidates x the training examples scored, and the dev rows scored.\n")
-    save("agreement_" + run.path.name, {"rows": rows, "config": dataclasses.asdict(cfg)},
+    save("agreement_" + run.path.name, {"rows": rows, "config": cfg.flat()},
          markdown_table(rows, list(rows[0])) + note, args.out)

@@ -68,7 +68,7 @@ def learning_curves(seed: int, sft_steps: int, pt_steps: int, sft_lr: float, pt_
     from tuning.model_owner.models import load_model
     from tuning.data_owner.trainer import TuneConfig, split_examples, task_of
 
-    cfg = TuneConfig(task="mr", shots=16, seed=seed)
+    cfg = TuneConfig.of(task="mr", shots=16, seed=seed)
     task = task_of(cfg)
     train, dev, _ = split_examples(cfg, task)
     bundle = load_model("smollm2-135m")

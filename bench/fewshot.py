@@ -26,7 +26,6 @@ method is written as it finishes, so a killed run loses at most the method it wa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -51,14 +50,14 @@ def fo_config(task: str, seed: int, out: Path, model: str = "smollm2-135m", budg
     from tuning.data_owner.trainer import TuneConfig
 
     n = len(SPECS[task].verbalizer)
-    return TuneConfig(model=model, task=task, policy=POLICY, backend="plaintext", shots=shots,
-                      n_test=-(-n_test // n) * n, popsize=20, budget=budget, init=f"text: {INSTRUCTIONS[task]}",
-                      prompt_depth=depth, prompt_form="virtual", train_batch=8 * n, dev_eval="mean", head="fit",
-                      objective=objective, seed=seed, out=str(out))
+    return TuneConfig.of(model=model, task=task, policy=POLICY, backend="plaintext", shots=shots,
+                         n_test=-(-n_test // n) * n, popsize=20, budget=budget, init=f"text: {INSTRUCTIONS[task]}",
+                         prompt_depth=depth, prompt_form="virtual", train_batch=8 * n, dev_eval="mean", head="fit",
+                         objective=objective, seed=seed, out=str(out))
 
 
 def _same_run(cfg, stored: dict) -> bool:
-    want = dataclasses.asdict(cfg)
+    want = cfg.flat()
     return all(stored.get(k) == v for k, v in want.items() if k not in ("out", "n_tokens"))
 
 
@@ -251,7 +250,7 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
         if m == "fo":
             res = run_fo(cfg, log)
         elif m == "fo-refit":  # the search's objective: each candidate's own head, held out (loop.objective)
-            rcfg = dataclasses.replace(cfg, objective="refit", out=str(Path(args.out) / "runs" / f"{task_name}_fo-refit_s{seed}"))
+            rcfg = cfg.replace(objective="refit", out=str(Path(args.out) / "runs" / f"{task_name}_fo-refit_s{seed}"))
             res = {("fo-refit" + k[2:] if k.startswith("fo") else f"fo-refit {k}"): v
                    for k, v in run_fo(rcfg, log).items() if k not in ("zero-shot", "head@P0")}
         else:

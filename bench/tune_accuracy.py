@@ -114,13 +114,13 @@ def main(argv=None):
     policy = load_policy(args.policy)
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = run_dir(vars(args), seed)
-        cfg = TuneConfig(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
-                         shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
-                         mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run),
-                         prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
-                         dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
-                         label_words=args.label_words, head=args.head, probe_words=args.probe_words,
-                         select=args.select, objective=args.objective)
+        cfg = TuneConfig.of(model=args.model, task=args.task, backend=args.backend, policy=args.policy,
+                            shots=args.shots, n_test=args.n_test, popsize=args.popsize, budget=args.budget,
+                            mode=args.mode, strategy=args.strategy, init=args.init, seed=seed, out=str(run),
+                            prompt_depth=args.prompt_depth, prompt_form=args.prompt_form, train_batch=args.train_batch,
+                            dev_eval=args.dev_eval, sigma0=args.sigma0, d=args.d, calibrate=args.calibrate,
+                            label_words=args.label_words, head=args.head, probe_words=args.probe_words,
+                            select=args.select, objective=args.objective)
         done = RunDir(run).read_summary()
         if done is not None and done["generations"] >= args.budget:
             s = done
@@ -170,21 +170,17 @@ SAME_RUN = ("task", "model", "shots", "popsize", "budget", "n_test", "backend", 
             "calibrate", "label_words", "head", "probe_words", "select", "objective")
 
 
-# settings added after tables were written: a table without them ran with these
-NEW_DEFAULTS = {"prompt_depth": None, "prompt_form": "kv", "train_batch": 0, "dev_eval": "all", "sigma0": 1.0,
-                "d": 500, "calibrate": "none", "label_words": None, "head": "words", "probe_words": None,
-                "select": "dev-loss", "objective": "words"}
-
-
 def merge_rows(path: Path, rows: list, args: dict) -> list:
     """This invocation's rows plus the seeds an earlier invocation of the same table measured:
     ``--seeds 3,4`` adds to a table of seeds 0-2 instead of replacing it. A table of other
     settings is replaced (and said so)."""
+    from tuning.data_owner.config import absent_value  # what a setting a table lacks ran with, as for a run
+
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
     old_args = old.get("args", {})
-    differ = [k for k in SAME_RUN if old_args.get(k, NEW_DEFAULTS.get(k)) != args.get(k, NEW_DEFAULTS.get(k))]
+    differ = [k for k in SAME_RUN if old_args.get(k, absent_value(k)) != args.get(k, absent_value(k))]
     if differ:
         print(f"note: {path.name} held a run with other settings ({', '.join(differ)}); replacing it")
         return rows

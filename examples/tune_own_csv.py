@@ -26,8 +26,8 @@ ap.add_argument("--budget", type=int, default=4)
 ap.add_argument("--out", default="runs/example-own-csv")
 a = ap.parse_args()
 
-s = tune(TuneConfig(model=a.model, task=None, train=a.train, test=a.test, text_column=a.text_column,
-                    label_column=a.label_column, verbalizer=a.verbalizer, template=a.template, policy=a.policy,
-                    backend=a.backend, shots=a.shots, n_test=16, max_words=32, popsize=4, budget=a.budget,
-                    out=a.out))
+s = tune(TuneConfig.of(model=a.model, task=None, train=a.train, test=a.test, text_column=a.text_column,
+                       label_column=a.label_column, verbalizer=a.verbalizer, template=a.template, policy=a.policy,
+                       backend=a.backend, shots=a.shots, n_test=16, max_words=32, popsize=4, budget=a.budget,
+                       out=a.out))
 print(f"zero-shot {s['zero_shot_test_acc']:.3f} -> tuned {s['tuned_test_acc']:.3f}")

@@ -21,7 +21,7 @@ ap.add_argument("--budget", type=int, default=4)
 ap.add_argument("--out", default="runs/example-mr-aby3")
 args = ap.parse_args()
 
-summary = tune(TuneConfig(model="smollm2-135m", task="mr", policy=args.policy, backend=args.backend,
-                          shots=2, n_test=8, max_words=12, popsize=4, budget=args.budget, out=args.out))
+summary = tune(TuneConfig.of(model="smollm2-135m", task="mr", policy=args.policy, backend=args.backend,
+                             shots=2, n_test=8, max_words=12, popsize=4, budget=args.budget, out=args.out))
 print(f"zero-shot {summary['zero_shot_test_acc']:.3f} -> tuned {summary['tuned_test_acc']:.3f}; "
       f"MPC per generation {summary['mpc']['per_generation_median']['mpc_s']:.0f}s")

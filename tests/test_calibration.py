@@ -84,9 +84,9 @@ def test_content_free_rows_reach_the_parties_only_as_shares(tmp_path, monkeypatc
     from tuning.policy import dump_policy, load_policy
 
     policy = dump_policy(dataclasses.replace(load_policy("aby3"), embedding="data_owner"), tmp_path / "do.yaml")
-    s = tune(TuneConfig(model="tiny-llama", backend="sim", policy=str(policy), task=None, train=str(csv),
-                        verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=1, d=8, n_tokens=2,
-                        calibrate="cf", out=str(tmp_path / "r")),
+    s = tune(TuneConfig.of(model="tiny-llama", backend="sim", policy=str(policy), task=None, train=str(csv),
+                           verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=1, d=8, n_tokens=2,
+                           calibrate="cf", out=str(tmp_path / "r")),
              show_progress=False, log=lambda *a: None)
     assert s["content_free_rows_per_call"] == len(CONTENT_FREE)
     texts = [v for n, v in shared if n.endswith("_text")]

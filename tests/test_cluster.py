@@ -166,9 +166,9 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tuning.model_owner.models, "load_model", no_weights_here)
-        summary = tune(TuneConfig(model="tiny-llama", policy=str(policy_path), backend="cluster", task=None,
-                                  train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4,
-                                  popsize=4, budget=2, d=8, n_tokens=2, seed=0, out=str(out)),
+        summary = tune(TuneConfig.of(model="tiny-llama", policy=str(policy_path), backend="cluster", task=None,
+                                     train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4,
+                                     popsize=4, budget=2, d=8, n_tokens=2, seed=0, out=str(out)),
                        show_progress=False, log=lambda *a: None)
     assert summary["generations"] == 2 and summary["backend"] == "cluster"
     assert json.loads((out / "summary.json").read_text())["tuned_test_acc"] == summary["tuned_test_acc"]

@@ -340,8 +340,9 @@ def test_nan_is_never_shared_and_overlong_texts_are_refused_before_sharing(tmp_p
     rows[1] = "positive " * 0 + ("word " * 300).strip() + ",positive"
     f.write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    cfg = TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=str(f), verbalizer="positive=g,negative=b",
-                     shots=4, n_test=4, popsize=4, budget=1, d=8, n_tokens=2, out=str(out))
+    cfg = TuneConfig.of(model="tiny-llama", backend="plaintext", task=None, train=str(f),
+                        verbalizer="positive=g,negative=b", shots=4, n_test=4, popsize=4, budget=1, d=8, n_tokens=2,
+                        out=str(out))
     with pytest.raises(UserError, match="positions .* but the model has 256"):
         tune(cfg, show_progress=False, log=lambda *a: None)
     assert not out.exists()  # nothing written

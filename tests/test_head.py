@@ -61,16 +61,14 @@ def test_choose_c_by_cross_validation():
 
 
 def test_run_id_of_older_runs_unchanged_by_the_new_settings():
-    import dataclasses
-
     from tuning.data_owner.trainer import LATER_DEFAULTS, TuneConfig, run_id
 
-    cfg = TuneConfig(model="tiny-llama", seed=3)
+    cfg = TuneConfig.of(model="tiny-llama", seed=3)
     assert {k: getattr(cfg, k) for k in LATER_DEFAULTS} == LATER_DEFAULTS
     # an older run's config.json has none of them: it loads with the defaults, and keeps its id
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LATER_DEFAULTS}
-    assert run_id(TuneConfig(**old)) == run_id(cfg)
-    assert run_id(dataclasses.replace(cfg, head="fit")) != run_id(cfg)
+    old = {k: v for k, v in cfg.flat().items() if k not in LATER_DEFAULTS}
+    assert run_id(TuneConfig.of(**old)) == run_id(cfg) == run_id(old)
+    assert run_id(cfg.replace(head="fit")) != run_id(cfg)
 
 
 def _toy_csv(tmp_path):
@@ -91,8 +89,8 @@ def test_fitted_head_run_keeps_the_search_and_reveals_only_verbalizer_logits(tmp
               verbalizer="positive=g,negative=b", shots=3, n_test=6, popsize=4, budget=2, d=8,
               prompt_depth=1, prompt_form="virtual", train_batch=4, dev_eval="mean")
     quiet = dict(show_progress=False, log=lambda *a: None)
-    words = tune(TuneConfig(**kw, out=str(tmp_path / "words")), **quiet)
-    fit = tune(TuneConfig(**kw, head="fit", probe_words="d,m,f,x", out=str(tmp_path / "fit")), **quiet)
+    words = tune(TuneConfig.of(**kw, out=str(tmp_path / "words")), **quiet)
+    fit = tune(TuneConfig.of(**kw, head="fit", probe_words="d,m,f,x", out=str(tmp_path / "fit")), **quiet)
 
     def losses(d):
         return [(m["loss_best"], m["loss_mean"], m["dev_loss_of_mean"]) for m in
@@ -116,13 +114,13 @@ def test_bad_probe_words_and_heads_are_refused_before_anything_is_written(tmp_pa
     from tuning.data_owner.trainer import TuneConfig, tune
 
     with pytest.raises(UserError, match="names no word"):
-        tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
-                        head="fit", probe_words=" , ,", shots=2, n_test=4, popsize=2, budget=1, d=4,
-                        out=str(tmp_path / "r")),
+        tune(TuneConfig.of(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
+                           head="fit", probe_words=" , ,", shots=2, n_test=4, popsize=2, budget=1, d=4,
+                           out=str(tmp_path / "r")),
              show_progress=False, log=lambda *a: None)
     assert not (tmp_path / "r").exists()
     with pytest.raises(UserError, match="--head"):
-        tune(TuneConfig(model="tiny-llama", backend="plaintext", task="mr", head="linear", out=str(tmp_path / "r")),
+        tune(TuneConfig.of(model="tiny-llama", backend="plaintext", task="mr", head="linear", out=str(tmp_path / "r")),
              show_progress=False, log=lambda *a: None)
 
 
@@ -139,11 +137,11 @@ def test_head_objective_resumes_exactly(tmp_path, objective):
               popsize=4, d=8, prompt_depth=1, prompt_form="virtual")
     quiet = dict(show_progress=False, log=lambda *a: None)
     with pytest.raises(UserError, match="needs --head fit"):
-        tune(TuneConfig(**{**kw, "head": "words"}, objective=objective, budget=1, out=str(tmp_path / "x")), **quiet)
-    full = tune(TuneConfig(**kw, objective=objective, budget=3, out=str(tmp_path / "full")), **quiet)
-    tune(TuneConfig(**kw, objective=objective, budget=2, out=str(tmp_path / "part")), **quiet)
-    part = tune(TuneConfig(out=str(tmp_path / "part")), resume=True, budget=3, **quiet)
-    tune(TuneConfig(**kw, budget=3, out=str(tmp_path / "words")), **quiet)
+        tune(TuneConfig.of(**{**kw, "head": "words"}, objective=objective, budget=1, out=str(tmp_path / "x")), **quiet)
+    full = tune(TuneConfig.of(**kw, objective=objective, budget=3, out=str(tmp_path / "full")), **quiet)
+    tune(TuneConfig.of(**kw, objective=objective, budget=2, out=str(tmp_path / "part")), **quiet)
+    part = tune(TuneConfig.of(out=str(tmp_path / "part")), resume=True, budget=3, **quiet)
+    tune(TuneConfig.of(**kw, budget=3, out=str(tmp_path / "words")), **quiet)
 
     def lines(d):
         return [{k: v for k, v in json.loads(ln).items() if not k.startswith("mpc")}
@@ -164,10 +162,10 @@ def test_benches_rescore_a_head_objective_run_as_its_search_did(tmp_path):
     from tuning.data_owner.trainer import TuneConfig, tune
 
     run = tmp_path / "run"
-    tune(TuneConfig(model="tiny-llama", backend="sim", task=None, train=_toy_csv(tmp_path),
-                    verbalizer="positive=g,negative=b", probe_words="d,m,f,x", head="fit", objective="head",
-                    shots=3, n_test=6, popsize=4, budget=2, d=8, prompt_depth=1, prompt_form="virtual",
-                    save_logits=True, out=str(run)), show_progress=False, log=lambda *a: None)
+    tune(TuneConfig.of(model="tiny-llama", backend="sim", task=None, train=_toy_csv(tmp_path),
+                       verbalizer="positive=g,negative=b", probe_words="d,m,f,x", head="fit", objective="head",
+                       shots=3, n_test=6, popsize=4, budget=2, d=8, prompt_depth=1, prompt_form="virtual",
+                       save_logits=True, out=str(run)), show_progress=False, log=lambda *a: None)
     agreement(["--run", str(run), "--out", str(tmp_path / "o")])
     res = json.loads((tmp_path / "o" / "agreement_run.json").read_text())
     assert res["rows"][-1]["argmax agree"] == 1.0
@@ -196,8 +194,8 @@ def test_head_fit_on_a_users_task_without_a_pool_runs(tmp_path):
     training texts, and the run reads it through the head."""
     from tuning.data_owner.trainer import TuneConfig, tune
 
-    s = tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
-                        verbalizer="positive=g,negative=b", head="fit", shots=3, n_test=6, popsize=4, budget=1,
-                        d=8, prompt_depth=1, prompt_form="virtual", out=str(tmp_path / "r")),
+    s = tune(TuneConfig.of(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
+                           verbalizer="positive=g,negative=b", head="fit", shots=3, n_test=6, popsize=4, budget=1,
+                           d=8, prompt_depth=1, prompt_form="virtual", out=str(tmp_path / "r")),
              show_progress=False, log=lambda *a: None)
     assert s["fitted_head"]["probe_words"] > 0 and s["head"] == "fit"

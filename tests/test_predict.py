@@ -42,7 +42,7 @@ def _tune(data, out, **kw):
     base = dict(model="tiny-llama", backend="plaintext", task=None, train=str(train), test=str(test),
                 verbalizer="positive=g,negative=b", shots=4, n_test=20, popsize=6, budget=4, d=16, n_tokens=2,
                 seed=0, out=str(out), save_logits=True)
-    summary = tune(TuneConfig(**{**base, **kw}), show_progress=False, log=lambda *a: None)
+    summary = tune(TuneConfig.of(**{**base, **kw}), show_progress=False, log=lambda *a: None)
     cfg = pr.load_run(out).cfg
     examples = split_examples(cfg, task_of(cfg))[2]
     return out, summary, _write_csv(out.parent / f"{out.name}_test.csv", examples), examples
@@ -252,7 +252,7 @@ def _as_older_version(run, **stored):
     d.write_config(cfg)
     with np.load(d.checkpoint_path) as f:
         ckpt = {k: f[k] for k in f.files}
-    save_npz(d.checkpoint_path, **{**ckpt, "run": run_id(TuneConfig(**cfg))})
+    save_npz(d.checkpoint_path, **{**ckpt, "run": run_id(TuneConfig.of(**cfg))})
 
 
 def test_a_run_is_usable_from_any_directory(data, tmp_path, monkeypatch, cli):
@@ -264,9 +264,9 @@ def test_a_run_is_usable_from_any_directory(data, tmp_path, monkeypatch, cli):
     train, test = data
     monkeypatch.chdir(train.parent)
     run = tmp_path / "rel"
-    tune(TuneConfig(model="tiny-llama", backend="plaintext", task=None, train=train.name, test=test.name,
-                    verbalizer="positive=g,negative=b", shots=4, n_test=6, popsize=4, budget=1, d=8, n_tokens=2,
-                    out=str(run)), show_progress=False, log=lambda *a: None)
+    tune(TuneConfig.of(model="tiny-llama", backend="plaintext", task=None, train=train.name, test=test.name,
+                       verbalizer="positive=g,negative=b", shots=4, n_test=6, popsize=4, budget=1, d=8, n_tokens=2,
+                       out=str(run)), show_progress=False, log=lambda *a: None)
     stored = json.loads((run / "config.json").read_text())
     assert all(os.path.isabs(stored[k]) and os.path.samefile(stored[k], p) for k, p in (("train", train),
                                                                                        ("test", test)))
@@ -303,7 +303,7 @@ def test_tunes_summary_counts_its_own_reveals_not_those_of_predict_and_eval(data
     run, first, test_csv, _ = _tune(data, tmp_path / "run", popsize=4, budget=2, save_logits=False)
     assert cli("predict", "--run", run, "--input", test_csv)[0] == 0
     assert cli("eval", "--run", run, "--input", test_csv)[0] == 0
-    s = tune(TuneConfig(out=str(run)), resume=True, budget=3, show_progress=False, log=lambda *a: None)
+    s = tune(TuneConfig.of(out=str(run)), resume=True, budget=3, show_progress=False, log=lambda *a: None)
     by = Counter(r["command"] for r in RunDir(run).read_audit())
     assert by["predict"] == by["eval"] == 1 and set(by) == {"tune", "predict", "eval"}
     total = lambda reveals: sum(r["count"] for r in reveals)  # noqa: E731

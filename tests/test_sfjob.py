@@ -221,9 +221,9 @@ def _cluster_run(tmp_path, name, csv, out):
     from tuning.data_owner.trainer import TuneConfig, tune
 
     policy = dump_policy(dataclasses.replace(load_policy(name), timeout_s=30), tmp_path / "cl.yaml")
-    return tune(TuneConfig(model="tiny-llama", policy=str(policy), backend="cluster", task=None, train=str(csv),
-                           verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=2, d=8,
-                           n_tokens=2, seed=0, out=str(out), save_logits=True),
+    return tune(TuneConfig.of(model="tiny-llama", policy=str(policy), backend="cluster", task=None, train=str(csv),
+                              verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=2, d=8,
+                              n_tokens=2, seed=0, out=str(out), save_logits=True),
                 show_progress=False, log=lambda *a: None)
 
 
@@ -322,7 +322,7 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
 
     bundle = with_policy(load_model("tiny-llama"), load_policy(name))
     stats = EmbeddingStats.of(np.asarray(embedding_table(bundle.config, bundle.params), np.float32))
-    sub = build_subspace(TuneConfig(model="tiny-llama", d=8, n_tokens=2, seed=0), bundle, stats)
+    sub = build_subspace(TuneConfig.of(model="tiny-llama", d=8, n_tokens=2, seed=0), bundle, stats)
     deltas = [sub.offsets(z) for z in zs]
     data, model, clear = _secrets(texts, zs, deltas, labels, load_policy(name).fxp_fraction_bits)
     for party in ("bob", "p0", "p1", "p2"):

@@ -38,7 +38,7 @@ def _cfg(csv, out, **kw):
                 shots=3, n_test=4, popsize=4, budget=2, d=16, n_tokens=2, sigma0=1.0, seed=0, out=str(out),
                 prompt_depth=1, prompt_form="virtual", save_logits=True)
     base.update(kw)
-    return TuneConfig(**base)
+    return TuneConfig.of(**base)
 
 
 def test_sim_resume_restores_the_setup_instead_of_prefilling_again(toy_csv, tmp_path):
@@ -46,7 +46,7 @@ def test_sim_resume_restores_the_setup_instead_of_prefilling_again(toy_csv, tmp_
     first = tune(_cfg(toy_csv, run, budget=1), **QUIET)
     kept = sorted(p.name for p in (run / "state").iterdir())
     assert kept == ["p0", "p1", "p2"] and all(len(list((run / "state" / p).iterdir())) > 0 for p in kept)
-    again = tune(TuneConfig(out=str(run)), resume=True, budget=2, **QUIET)
+    again = tune(TuneConfig.of(out=str(run)), resume=True, budget=2, **QUIET)
     setups = again["mpc"]["setups"] if "setups" in again["mpc"] else None
     first_b, resumed_b = first["mpc"]["setup"]["bytes"], again["mpc"]["setup"]["bytes"]
     assert first_b > 0 and resumed_b <= 0.05 * first_b, (first_b, resumed_b, setups)
@@ -127,7 +127,7 @@ def test_cluster_nodes_keep_their_own_shares_and_a_resume_restores_them(toy_csv,
     kept = [tmp_path / "home" / "state" / p / namespace(run / "state") for p in ("p0", "p1", "p2")]
     assert all(len(list(d.iterdir())) > 0 for d in kept)  # each node, in its own directory
     assert all(stat.S_IMODE(os.stat(d).st_mode) == 0o700 for d in kept)
-    again = tune(TuneConfig(out=str(run)), resume=True, budget=2, **QUIET)
+    again = tune(TuneConfig.of(out=str(run)), resume=True, budget=2, **QUIET)
     first_b, resumed_b = first["mpc"]["setup"]["bytes"], again["mpc"]["setup"]["bytes"]
     assert first_b > 0 and resumed_b <= 0.05 * first_b, (first_b, resumed_b)
     assert again["generations"] == 2 and again["zero_shot_test_acc"] == first["zero_shot_test_acc"]

@@ -28,7 +28,7 @@ def _cfg(csv, out, **kw):
     base = dict(model="tiny-llama", backend="plaintext", task=None, train=str(csv), verbalizer="positive=g,negative=b",
                 shots=4, n_test=8, popsize=8, budget=12, d=16, n_tokens=2, sigma0=1.0, seed=0, out=str(out))
     base.update(kw)
-    return TuneConfig(**base)
+    return TuneConfig.of(**base)
 
 
 def test_losses_and_accuracy():
@@ -98,7 +98,7 @@ def test_finished_run_extends_to_a_larger_budget_exactly(toy_csv, tmp_path):
     tune(_cfg(toy_csv, tmp_path / "ref", budget=6), **quiet)
     short = tune(_cfg(toy_csv, tmp_path / "ext", budget=3), **quiet)
     assert short["generations"] == 3
-    s = tune(TuneConfig(out=str(tmp_path / "ext")), resume=True, budget=6, **quiet)
+    s = tune(TuneConfig.of(out=str(tmp_path / "ext")), resume=True, budget=6, **quiet)
     assert s["generations"] == 6
     assert json.loads((tmp_path / "ext" / "config.json").read_text())["budget"] == 6
     a, b = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "ext"))
@@ -223,16 +223,19 @@ def test_reveal_is_the_policys_and_audited(toy_csv, tmp_path):
         s.put("y", np.zeros((2, 3), np.float32))  # overwritten by an input: the mark is gone
         with pytest.raises(RevealError, match="'y' is not an output its approved program opens"):
             s.reveal("y")
-    summary = tune(_cfg(toy_csv, tmp_path / "a", budget=2, popsize=4), show_progress=False, log=lambda *a: None)
-    P1, n_train, n_dev, n_test = 5, summary["n_train"], summary["n_dev"], summary["n_test"]
-    got = sorted((r["what"], tuple(r["shape"]), r["count"], r["to"]) for r in summary["reveals"])
-    want = sorted([("verbalizer_logits", (P1, n_train, 2), 2, "data_owner"),  # each generation: train,
-                   ("verbalizer_logits", (P1, n_dev, 2), 2, "data_owner"),    # then dev
-                   ("verbalizer_logits", (1, n_test, 2), 2, "data_owner")])   # zero-shot and tuned test
-    if n_train == n_dev:
-        want = sorted([("verbalizer_logits", (P1, n_train, 2), 4, "data_owner"),
-                       ("verbalizer_logits", (1, n_test, 2), 2, "data_owner")])
-    assert got == want
+    from collections import Counter
+
+    for dev_eval in ("all", "mean"):  # mean (the default): only the search mean is scored on dev
+        summary = tune(_cfg(toy_csv, tmp_path / dev_eval, budget=2, popsize=4, dev_eval=dev_eval),
+                       show_progress=False, log=lambda *a: None)
+        P1, n_train, n_dev, n_test = 5, summary["n_train"], summary["n_dev"], summary["n_test"]
+        got = Counter({(r["what"], tuple(r["shape"]), r["to"]): r["count"] for r in summary["reveals"]})
+        want = Counter()
+        for shape, count in (((P1, n_train, 2), 2),                                 # each generation: train,
+                             ((P1 if dev_eval == "all" else 1, n_dev, 2), 2),       # then dev,
+                             ((1, n_test, 2), 2)):                                  # zero-shot and tuned test
+            want[("verbalizer_logits", shape, "data_owner")] += count
+        assert got == want, dev_eval
 
 
 def test_deep_prompt_minibatches_and_dev_mean_run_and_resume(toy_csv, tmp_path):
@@ -253,7 +256,8 @@ def test_deep_prompt_minibatches_and_dev_mean_run_and_resume(toy_csv, tmp_path):
     assert reveals[(7, 4, 2)] == 6 and reveals[(1, ref["n_dev"], 2)] == 6 + same_shape_tests  # mini-batch; dev: the mean
     short = tune(_cfg(toy_csv, tmp_path / "ext", budget=3, **kw), show_progress=False, log=lambda *a: None)
     assert short["generations"] == 3
-    again = tune(TuneConfig(out=str(tmp_path / "ext")), resume=True, budget=6, show_progress=False, log=lambda *a: None)
+    again = tune(TuneConfig.of(out=str(tmp_path / "ext")), resume=True, budget=6, show_progress=False,
+                 log=lambda *a: None)
     a = [json.loads(x)["loss_best"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss_best"] for x in (tmp_path / "ext" / "metrics.jsonl").read_text().splitlines()]
     assert a == b and again["tuned_test_acc"] == ref["tuned_test_acc"]

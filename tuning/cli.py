@@ -252,21 +252,17 @@ def _cmd_tune(args):
 
 
 def _tune_once(args):
-    import dataclasses
-
+    from .data_owner.config import given
     from .data_owner.trainer import TuneConfig, tune
 
     if args.resume:
-        summary = tune(TuneConfig(out=args.resume), resume=True, show_progress=not args.json,
+        summary = tune(TuneConfig.of(out=args.resume), resume=True, show_progress=not args.json,
                        log=(lambda *a: None) if args.json else print, budget=args.budget)
     else:
         _deployment_of(args)  # --cluster FILE: checked, and its policy is the run's
-        fields = {f.name for f in dataclasses.fields(TuneConfig)}
-        kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-        if args.train:  # your own files replace the default task
-            kw["task"] = None
-        summary = tune(TuneConfig(**kw), show_progress=not args.json, log=(lambda *a: None) if args.json else print)
-    _print_tune_summary(summary, args.json, args.out or args.resume)
+        summary = tune(TuneConfig.of(**given(vars(args))), show_progress=not args.json,
+                       log=(lambda *a: None) if args.json else print)
+    _print_tune_summary(summary, args.json, args.resume or args.out or TuneConfig.default("out"))
 
 
 def _print_tune_summary(summary: dict, as_json: bool, out) -> None:
@@ -355,9 +351,7 @@ def add_apply_args(s: argparse.ArgumentParser, labelled: bool) -> None:
 def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
     """``sf-job``'s tune arguments, parsed as `secptune tune` parses them: the job's spec (what every
     party's process receives) and the run's output directory."""
-    import dataclasses
-
-    from .data_owner.trainer import TuneConfig
+    from .data_owner.config import TuneConfig, given
 
     tune_args = tune_args[1:] if tune_args[:1] == ["--"] else tune_args
     for opt in ("--backend", "--policy", "--cluster"):
@@ -365,12 +359,9 @@ def _sf_job_spec(tune_args: list) -> tuple[dict, str]:
             raise UserError(f"sf-job: {opt} is not a tune argument here: the job runs on the secretflow back end, "
                             "under the policy of its cluster (sf-job --cluster FILE, or sf-job local --policy NAME)")
     a = build_parser().parse_args(["tune", *tune_args])
-    fields = {f.name for f in dataclasses.fields(TuneConfig)} - {"backend", "policy", "cluster"}
-    kw = {k: v for k, v in vars(a).items() if k in fields and v is not None}
-    if a.train:  # your own files replace the default task
-        kw["task"] = None
+    kw = {k: v for k, v in given(vars(a)).items() if k not in ("backend", "policy", "cluster")}
     spec = {"tune": kw, "resume": a.resume, "budget": a.budget if a.resume else None, "json": bool(a.json)}
-    return spec, a.resume or kw.get("out") or TuneConfig.out
+    return spec, a.resume or kw.get("out") or TuneConfig.default("out")
 
 
 def _cmd_sf_job(args):
@@ -562,65 +553,15 @@ def _add_forward_commands(sub) -> None:
 
 def _add_tune_command(sub) -> None:
     """The parsers of tune: forward-only prompt tuning against the secure forward."""
+    from .data_owner.config import add_options
+
     s = sub.add_parser("tune", help="forward-only prompt tuning (CMA-ES/SPSA) against the secure forward")
-    s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--policy", help="policy name or YAML path (default aby3; with --cluster, the deployment's)")
-    s.add_argument("--backend", default="sim", choices=["plaintext", "sim", "cluster"])
-    s.add_argument("--cluster", metavar="FILE", help="--backend cluster: drive the nodes this deployment file names "
-                                                     "(started with `secptune node`) instead of launching them here")
-    add_task_args(s)
-    s.add_argument("--shots", type=int, help="training examples per class (default 16); dev uses as many")
-    s.add_argument("--n-test", dest="n_test", type=int, help="test examples to evaluate (default 200)")
-    s.add_argument("--max-words", dest="max_words", type=int, help="truncate texts to this many words")
-    s.add_argument("--popsize", type=int, help="candidates per generation (default 20)")
-    s.add_argument("--budget", type=int, help="generations (default 100)")
-    s.add_argument("--strategy", choices=["cma", "spsa"])
-    s.add_argument("--d", type=int, help="subspace dimension (default 500)")
-    s.add_argument("--n-tokens", dest="n_tokens", type=int, help="soft prompt tokens (default 5)")
-    s.add_argument("--init", help="P0: 'vocab' (sampled token embeddings, default) or 'text:<words>' "
-                                  "(a hard prompt's embeddings; sets --n-tokens to its token count)")
-    s.add_argument("--mode", choices=["cached", "prefix"], help="prompt placement (default cached)")
-    s.add_argument("--prompt-depth", dest="prompt_depth", type=int, metavar="K",
-                   help="the prompt enters the top K layers only; below them everything is computed once "
-                        "per example (default: all layers, the prompt at the input)")
-    s.add_argument("--prompt-form", dest="prompt_form", choices=["kv", "hidden", "virtual"],
-                   help="how a deep prompt enters its layers: kv = key/value offsets of P0's tokens (default), "
-                        "hidden = offsets of their hidden states entering layer L-K, virtual = key/value "
-                        "prefixes in the top layers only (no prompt token below them)")
-    s.add_argument("--train-batch", dest="train_batch", type=int, metavar="B",
-                   help="score each generation on a stratified mini-batch of B training examples (default: all)")
-    s.add_argument("--dev-eval", dest="dev_eval", choices=["all", "mean"],
-                   help="candidates scored on dev each generation: all (default) or only the search mean")
-    s.add_argument("--label-words", dest="label_words", metavar="SPEC",
-                   help="verbalizer words per label, several allowed: 'positive=positive|great,negative=negative|bad' "
-                        "(any task; with --train the default is --verbalizer)")
-    s.add_argument("--combine", choices=["lse", "mean"], help="how a label's words combine (default lse)")
-    s.add_argument("--calibrate", choices=["none", "cf", "batch"],
-                   help="calibration at the data owner: cf = content-free inputs (3 extra rows per secure call), "
-                        "batch = the scored examples' mean (no extra rows); default none")
-    s.add_argument("--loss", choices=["ce", "hinge"])
-    s.add_argument("--head", choices=["words", "fit"],
-                   help="the classifier over the opened logits: words = the verbalizer's (default); fit = a "
-                        "logistic regression over them and probe words, fitted on train + dev at the data owner "
-                        "(W logits opened per row instead of one per class; train + dev scored once more)")
-    s.add_argument("--probe-words", dest="probe_words", metavar="W1,W2,...",
-                   help="--head fit: the probe words (default: the task's pool)")
-    s.add_argument("--objective", choices=["words", "head", "refit"],
-                   help="what the search minimises: the verbalizer's cross-entropy (default), that of the head "
-                        "fitted at P0, or (refit) the k-fold held-out cross-entropy of a head fitted on each "
-                        "candidate's own logits (with --head fit; the head is fitted again at the kept prompt)")
-    s.add_argument("--select", choices=["dev-loss", "final-mean"],
-                   help="the prompt kept: the lowest dev loss seen (default) or the search's final mean")
-    s.add_argument("--patience", type=int, help="early stop after N generations without dev gain")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--out", help="output directory (default runs/tune)")
+    add_options(s)  # one option per setting of the run's config, its default and help stated there
     s.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR exactly where it stopped (with --budget: up to that many generations)")
     s.add_argument("--retries", type=int, default=0, metavar="N",
                    help="--backend cluster: when a party is lost, restart the local cluster and resume from the "
                         "last checkpoint, up to N times")
-    s.add_argument("--save-logits", dest="save_logits", action="store_true", default=None,
-                   help="keep each generation's candidates and opened logits in OUT/logits/")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_tune)
 

@@ -18,7 +18,6 @@ it, and it leaves through ``os._exit`` (SecretFlow's links can hang at interpret
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import faulthandler
 import json
 import os
@@ -99,6 +98,7 @@ def _on_sigint(party: Party):
 
 def run_data_owner(job, spec: dict, party: Party) -> None:
     from .data_owner.rundir import RunDir
+    from .data_owner.config import GROUP_OF
     from .data_owner.trainer import TuneConfig, tune
 
     resume = spec.get("resume")
@@ -111,11 +111,11 @@ def run_data_owner(job, spec: dict, party: Party) -> None:
                 if backend != "secretflow":
                     raise UserError(f"--resume {resume}: that run used the {backend} back end; resume it with "
                                     f"`secptune tune --resume {resume}`")
-            cfg = TuneConfig(out=resume)
+            cfg = TuneConfig.of(out=resume)
         else:
-            fields = {f.name for f in dataclasses.fields(TuneConfig)}
-            kw = {k: v for k, v in spec.get("tune", {}).items() if k in fields}
-            cfg = TuneConfig(**{**kw, "backend": "secretflow", "policy": spec.get("policy") or job.cluster.policy_ref})
+            kw = {k: v for k, v in spec.get("tune", {}).items() if k in GROUP_OF}
+            cfg = TuneConfig.of(**{**kw, "backend": "secretflow",
+                                   "policy": spec.get("policy") or job.cluster.policy_ref})
         quiet = spec.get("json", False)
         saved = sys.stderr
         sys.stderr = party.progress  # tune's progress bar
@@ -145,8 +145,8 @@ def served_model(spec: dict) -> str:
 
     run = RunDir(spec.get("resume") or "-")
     if spec.get("resume") and run.config_path.exists():
-        return run.read_config().get("model", TuneConfig.model)
-    return spec.get("tune", {}).get("model") or TuneConfig.model
+        return run.read_config().get("model", TuneConfig.default("model"))
+    return spec.get("tune", {}).get("model") or TuneConfig.default("model")
 
 
 def main(argv=None) -> None:

@@ -37,13 +37,11 @@ import numpy as np
 from spu_models import llama
 from spu_models.forward import make_tuning_programs
 
+from .config import CALIBRATIONS, COMBINE, MODES
 from .encode import pad_length, verbalizer_ids
 from ..model_owner.approval import ProgramRef
 from ..errors import UserError
 
-MODES = ("cached", "prefix")
-CALIBRATIONS = ("none", "cf", "batch")
-COMBINE = ("lse", "mean")
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al.'s content-free inputs
 
 
@@ -130,17 +128,13 @@ class SecureScorer:
     def __init__(self, session, bundle, task, mode: str = "cached", n_tokens: int = 5, p0_ids=None,
                  depth: int | None = None, form: str = "kv", calibrate: str = "none", combine: str = "lse",
                  probe_words: tuple = ()):
-        if mode not in MODES:
-            raise UserError(f"unknown prompt placement {mode!r} (known: {', '.join(MODES)})")
-        if calibrate not in CALIBRATIONS or combine not in COMBINE:
-            raise UserError(f"unknown calibration {calibrate!r} or word combination {combine!r} "
-                            f"(known: {', '.join(CALIBRATIONS)}; {', '.join(COMBINE)})")
+        # the run's config refused any other value before anything ran (config.py)
+        assert mode in MODES and calibrate in CALIBRATIONS and combine in COMBINE, (mode, calibrate, combine)
         self.calibrate, self.combine = calibrate, combine
         cfg = bundle.config
         L = cfg.num_hidden_layers
         depth = L if depth is None else depth
-        if depth != L and mode != "cached":
-            raise UserError(f"--prompt-depth {depth} needs the cached placement (--mode cached)")
+        assert depth == L or mode == "cached", f"a prompt of depth {depth} under the {mode} placement"
         if depth != L and p0_ids is None and form != "virtual":
             raise UserError("a deep prompt of this form starts from P0's tokens: give p0_ids")
         self.s, self.bundle, self.task, self.mode = session, bundle, task, mode

@@ -37,7 +37,7 @@ from ..transports.session import group_reveals
 from ..errors import UserError
 from ..policy import load_policy
 from . import head as fitted
-from .config import (LOSSES, TuneConfig, check_settings, config_line, resolve_data_paths, run_id, stored_config,
+from .config import (LOSSES, TuneConfig, config_line, placed, resolve_data_paths, run_id, stored_config,
                      with_absolute_paths)
 from .objective import Objective, frozen_head, refit_head, verbalizer
 from .report import cost_sum, plot_run, summarize
@@ -242,9 +242,7 @@ def split_examples(cfg: TuneConfig, task):
 
 
 def task_of(cfg: TuneConfig):
-    if bool(cfg.task) == bool(cfg.train):
-        raise UserError("give exactly one of --task NAME or --train FILE")
-    if cfg.task:
+    if cfg.task:  # the config holds exactly one of task and train
         task = load_task(cfg.task) if cfg.max_words is None else load_task(cfg.task, max_words=cfg.max_words)
     else:
         task = load_user_task(cfg.train, cfg.test, cfg.text_column, cfg.label_column, cfg.verbalizer, cfg.template,
@@ -267,6 +265,7 @@ def build_subspace(cfg: TuneConfig, bundle, stats):
     --init) and the embedding table's public statistics ``stats`` (``backend.embedding_stats()``).
     It holds no P0: the parties embed P0's ids, and the loop shares only ``A z`` (for a deep
     prompt, offsets of P0's keys/values or hidden states in the top layers)."""
+    cfg = placed(cfg, bundle.config.num_hidden_layers)
     ids = _init_token_ids(cfg, bundle)
     n = len(ids) if ids else cfg.n_tokens
     return subspace_from_stats(stats, n, cfg.d, cfg.seed, "text" if ids else "vocab", init_ids=ids,
@@ -278,10 +277,7 @@ def probe_words(cfg: TuneConfig, task, train: list) -> tuple:
     task without one, a pool chosen from the k-shot training examples ``train`` (``head.auto_pool``)."""
     if cfg.probe_words is None:
         return tuple(task.probe_words) if task.probe_words else fitted.auto_pool(train, task.labels)
-    words = tuple(" " + w.strip() for w in cfg.probe_words.split(",") if w.strip())
-    if not words:
-        raise UserError(f"--probe-words {cfg.probe_words!r} names no word")
-    return words
+    return tuple(" " + w.strip() for w in cfg.probe_words.split(",") if w.strip())  # one at least (config)
 
 
 def train_groups(cfg: TuneConfig, train: list) -> list | None:
@@ -293,6 +289,7 @@ def train_groups(cfg: TuneConfig, train: list) -> list | None:
 def make_scorer(cfg: TuneConfig, task, train: list, session, bundle, subspace) -> SecureScorer:
     """The run's secure scorer on ``session``: placement, depth, calibration and (--head fit)
     probe words from its config, P0 from its subspace. Nothing is shared yet but the head rows."""
+    cfg = placed(cfg, bundle.config.num_hidden_layers)
     return SecureScorer(session, bundle, task, cfg.mode, cfg.n_tokens, p0_ids=subspace.init_ids,
                         depth=cfg.prompt_depth, form=cfg.prompt_form, calibrate=cfg.calibrate, combine=cfg.combine,
                         probe_words=probe_words(cfg, task, train) if cfg.head == "fit" else ())
@@ -300,7 +297,8 @@ def make_scorer(cfg: TuneConfig, task, train: list, session, bundle, subspace) -
 
 def open_scorer(cfg: TuneConfig, task, train: list, policy, keep_new: bool = True) -> tuple[SecureScorer, object, TuneConfig]:
     """The run's back end, subspace and scorer as ``tune`` sets them up, and the config with the
-    subspace's n_tokens (--init text). The back end is closed again if the set-up fails.
+    subspace's n_tokens (--init text) and the prompt's depth in this model (``config.placed``).
+    The back end is closed again if the set-up fails.
     ``keep_new=False``: restore the run's kept set-up shares, keep no new ones (predict)."""
     # the model as this (the data owner's) process sees it: under the cluster back end, the
     # tokenizer and public config only; the weights stay with the model owner
@@ -310,8 +308,9 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy, keep_new: bool = Tru
     try:
         if session.keeps_state:  # set-up shares on the parties' disks: a resumed run does not prefill again
             session.keep_state(RunDir(cfg.out).state_dir, write=keep_new)
+        cfg = placed(cfg, bundle.config.num_hidden_layers)  # --prompt-depth auto: for this model's layers
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
-        cfg = dataclasses.replace(cfg, n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
+        cfg = cfg.replace(n_tokens=subspace.n_tokens)  # --init text: one soft token per its token
         return make_scorer(cfg, task, train, session, bundle, subspace), subspace, cfg
     except BaseException:
         session.close()
@@ -409,15 +408,15 @@ def settings(cfg: TuneConfig, run: RunDir, resume: bool, budget: int | None) -> 
         if not run.has_checkpoint():
             raise UserError(f"--resume {run.path}: no checkpoint there")
         stored = stored_config(run, "--resume")
-        cfg, resume_id = resolve_data_paths(stored, f"--resume {run.path}"), run_id(stored)
+        # the id of the settings as that version wrote them (an older run's file lacks later fields)
+        cfg, resume_id = resolve_data_paths(stored, f"--resume {run.path}"), run_id(run.read_config())
         if budget is not None:
-            cfg = dataclasses.replace(cfg, budget=budget)
+            cfg = cfg.replace(budget=budget)
     elif run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
     else:
         cfg, resume_id = with_absolute_paths(cfg), None
-    check_settings(cfg)
-    return cfg, resume_id
+    return cfg, resume_id  # every setting was checked as the config was built
 
 
 def set_up(cfg: TuneConfig, run: RunDir, resume_id: str | None, log) -> Setup:
@@ -457,7 +456,7 @@ def begin(job: Setup, run: RunDir, resume_id: str | None, log) -> tuple[LoopStat
     new run, a fresh search after the zero-shot evaluation. Returns the state, the run's ``extra``
     (zero-shot results, every session's set-up cost) and its clock; checkpointed."""
     run.create()
-    run.write_config(dataclasses.asdict(job.cfg))
+    run.write_config(job.cfg.flat())
     if resume_id is None:
         run.reset_audit()
     # every value opened to us, every session of the run, as it happens
