@@ -509,9 +509,9 @@ def test_tune_drives_nodes_started_elsewhere_like_the_launched_cluster(tmp_path)
         assert json.loads((tmp_path / "remote" / "config.json").read_text())["cluster"] == str(path)
 
         # the same job with its nodes launched here (no --cluster): the same search path
-        local = tune(TuneConfig(model="tiny-llama", policy=dep.policy_ref, backend="cluster", task=None,
-                                train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4,
-                                budget=2, d=8, n_tokens=2, seed=0, out=str(tmp_path / "local"), save_logits=True),
+        local = tune(TuneConfig.of(model="tiny-llama", policy=dep.policy_ref, backend="cluster", task=None,
+                                   train=str(csv), verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4,
+                                   budget=2, d=8, n_tokens=2, seed=0, out=str(tmp_path / "local"), save_logits=True),
                      show_progress=False, log=lambda *a: None)
         for k in ("n_train", "n_dev", "n_test", "protocol"):
             assert summary[k] == local[k], k
