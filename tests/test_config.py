@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tuning
 from tuning.data_owner.config import (BACKENDS, CHANGED_DEFAULTS, GROUP_OF, GROUPS, PROMPT_FORMS, TuneConfig, flag,
                                       from_stored, given, placed, run_id)
 from tuning.errors import UserError
@@ -16,22 +15,6 @@ from tuning.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--model", "tiny-llama", "--backend", "plaintext", "--verbalizer", "positive=g,negative=b", "--shots", "4",
        "--n-test", "8", "--popsize", "6", "--d", "16", "--n-tokens", "2", "--seed", "0"]
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """``secptune`` in this process: (exit code, stdout, stderr lines)."""
-    from tuning.cli import main
-
-    monkeypatch.setenv("SECPTUNE_NO_STDOUT_SPLIT", "1")  # stdout stays pytest's
-    monkeypatch.setattr(tuning, "configure_jax", lambda **k: None)
-
-    def run(*argv):
-        capsys.readouterr()
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, [ln for ln in err.splitlines() if ln.strip()]
-    return run
 
 
 def _tune_parser():

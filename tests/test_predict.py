@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-import tuning
 from tuning.transports.session import Session
 from tuning.data_owner import predict as pr
 from tuning.data_owner.scorer import length_groups
@@ -67,22 +66,6 @@ def fit_run(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sim_run(data, tmp_path_factory):
     return _tune(data, tmp_path_factory.mktemp("sim") / "run", backend="sim", popsize=4, budget=2)
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """``secptune`` in this process: (exit code, stdout, stderr lines)."""
-    from tuning.cli import main
-
-    monkeypatch.setenv("SECPTUNE_NO_STDOUT_SPLIT", "1")  # stdout stays pytest's
-    monkeypatch.setattr(tuning, "configure_jax", lambda **k: None)  # no persistent cache (conftest)
-
-    def run(*argv):
-        capsys.readouterr()
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, [ln for ln in err.splitlines() if ln.strip()]
-    return run
 
 
 def _chunk_order(texts: list, backend: str) -> list:
