@@ -1,7 +1,7 @@
 """Where the secure set-up's time goes per example, chunk sizes side by side (issue 29, item 3).
 
-    secptune bench setup [--model smollm2-135m] [--policy aby3-fast] [--layers 5,8] [--chunks 1,4,8,16,32]
-                         [--examples 32] [--max-words 8] [--no-check] [--out DIR]
+    secptune bench setup [--model smollm2-135m] [--policy aby3-fast] [--layers 5,7] [--chunks 1,4,8,16,32]
+                         [--examples 2] [--max-words 8] [--embed-shapes 1x16,16x32] [--no-check] [--raw FILE] [--out DIR]
 
 The set-up of a tuning run shares each example set in chunks of texts of similar length and runs,
 per chunk, the approved set-up programs (``embed`` of the one-hot texts when the embedding is
@@ -21,10 +21,11 @@ the demo's set-up (``bench resume``'s first process: 2 + 2 + 2 examples) rebuilt
 count, whose bytes and rounds are exact and extrapolated to compare with
 ``resume_sim_<model>.json``.
 
-Variants, measured in the same process at the default chunk size (16): the zero-shot logits in
-``prefill_deep`` (``zero_shot=True``, what the test set pays; train and dev skip them under the
-default ``--head words``), and, with ``--long``, longer texts (MR uncut, padded per chunk) to show
-the padding a bigger chunk buys.
+Variants, measured in the same process: the zero-shot logits in ``prefill_deep`` (``zero_shot=True``,
+what the test set pays; train and dev skip them under the default ``--head words``) on the same
+examples as chunk 8, and the first of them again in a chunk of 4 (chunking must leave the logits
+alone); ``--embed-shapes``: the approved lookup against a flattened one; ``--long``: uncut MR texts.
+Wall time is recorded but CPU time is what the tables fit: on a shared machine only it is stable.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def _share(rec, sc, name, examples, chunk, zero_shot=False) -> dict:
 
 
 def measure(base, policy, task, layers: int, chunks: list, n_examples: int, check: bool, long_task,
-            agree: bool = False) -> dict:
+            agree: bool = False, embed_shapes: tuple = ()) -> dict:
     """Every measurement at one layer count, in one simulator session."""
     from bench.cache import truncated
     from tuning.backends import make_backend
@@ -199,11 +200,52 @@ def measure(base, policy, task, layers: int, chunks: list, n_examples: int, chec
                 s = _share(rec, sc, f"long{cc}_", lp, cc)
                 out["variants"][f"long_chunk{cc}"] = s
                 print(f"L={layers} uncut texts, chunk {cc}: {per_example(s)} padded {s['padded']}", flush=True)
+        if embed_shapes:
+            out["variants"]["embed_flat"] = embed_variants(session, rec, bundle, embed_shapes)
         if check:
             out["check"] = demo_setup(session, rec, bundle, policy)
     finally:
         session.close()
     return out
+
+
+def flat_embed(config):
+    """The embedding lookup with the one-hot tokens flattened to one matrix [E * Lp, V] before the
+    product (the approved ``embed`` multiplies [E, Lp, V] by the table as it comes): same values."""
+    from spu_models.forward import embedding_table
+
+    def embed(params, onehot):
+        E, Lp, V = onehot.shape
+        return {"embeds": (onehot.reshape(E * Lp, V) @ embedding_table(config, params)).reshape(E, Lp, -1)}
+
+    return embed
+
+
+def embed_variants(session, rec, bundle, shapes: list) -> list:
+    """The approved ``embed`` against :func:`flat_embed` on the same one-hot tokens [E, Lp] for
+    each of ``shapes``, side by side: execution CPU and wall time, bytes, and the largest
+    difference between their outputs (opened for this check only)."""
+    from tuning.backends.approval import ProgramRef
+
+    V, rows = bundle.config.vocab_size, []
+    for E, Lp in shapes:
+        ids = np.random.default_rng(E * 1000 + Lp).integers(0, V, size=(E, Lp))
+        session.put("eb_onehot", np.eye(V, dtype=np.float32)[ids])
+        r = {"examples": E, "padded": Lp, "tokens": E * Lp}
+        for tag, prog, key in (("approved", ProgramRef("embed", DEPTH, FORM), None),
+                               ("flat", flat_embed(bundle.config), f"flat_embed_{E}x{Lp}")):
+            session.run(prog, {"onehot": "eb_onehot"}, {"embeds": f"eb_{tag}"}, key=key)
+            c = rec.calls[-1]
+            r.update({f"{tag} CPU s": round(c["cpu_s"], 2), f"{tag} wall s": round(c["cost"].wall_s, 2),
+                      f"{tag} MB": round(c["cost"].send_bytes / 1e6, 3), f"{tag} rounds": c["cost"].rounds})
+        a, b = (session.unsafe_open(f"eb_{t}", "bench: the flat lookup gives the same embeddings") for t in
+                ("approved", "flat"))
+        r["max |diff|"] = float(np.abs(a - b).max())
+        r["CPU ratio"] = round(r["approved CPU s"] / max(r["flat CPU s"], 1e-9), 1)
+        session.drop("eb_onehot", "eb_approved", "eb_flat")
+        rows.append(r)
+        print(f"embed {E}x{Lp}: {r}", flush=True)
+    return rows
 
 
 def demo_setup(session, rec, bundle, policy) -> dict:
@@ -239,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=2, help="examples for chunk sizes below it (at least 1 chunk)")
     ap.add_argument("--max-words", type=int, default=8, help="texts cut to this many words (the demo's 8)")
     ap.add_argument("--long", action="store_true", help="also uncut MR texts at chunk 8 and 16 (padding)")
+    ap.add_argument("--embed-shapes", default="", help="EXL,...: also the approved lookup against a flattened one "
+                                                        "on E texts of L tokens, at the first layer count")
     ap.add_argument("--no-check", action="store_true", help="leave out the demo set-up (the 30-layer check)")
     ap.add_argument("--depth", type=int, default=DEPTH)
     ap.add_argument("--raw", default=None, help="the raw measurements: written as they finish; if it exists, "
@@ -272,10 +316,13 @@ def main(argv=None):
     raw = Path(args.raw) if args.raw else None
     if raw is not None and raw.exists():  # re-render a finished measurement
         runs = json.loads(raw.read_text())
+        runs = runs["runs"] if isinstance(runs, dict) else runs  # a results JSON holds them too
     else:
         runs = []
         for j, L in enumerate(layer_counts):
-            runs.append(measure(base, policy, task, L, chunks, args.examples, not args.no_check, long_task, j == 0))
+            shapes = [tuple(int(v) for v in x.split("x")) for x in args.embed_shapes.split(",") if x] if j == 0 else []
+            runs.append(measure(base, policy, task, L, chunks, args.examples, not args.no_check, long_task, j == 0,
+                                shapes))
             if raw is not None:  # as it goes: a killed run keeps its finished layer counts
                 raw.write_text(json.dumps(runs, default=_jsonable))
     payload = analyse(runs, chunks, full, args)
@@ -304,6 +351,29 @@ def _fit_all(Ls: list, rows: list, full: int) -> dict:
     return {m: fit(Ls, [r[m] for r in rows], full) for m in rows[0]}
 
 
+def _prefill_kinds(s: dict) -> dict:
+    """Op kinds of a summary's ``prefill_deep`` calls: the ``embed`` calls are one dot each, taken
+    out of ``matmul`` (their seconds: their execution wall time)."""
+    k = {n: dict(v) for n, v in s["kinds"].items()}
+    e = s["programs"].get("embed")
+    if e:
+        k["matmul"]["seconds"] -= e["wall_s"]
+        k["matmul"]["send_bytes"] -= e["bytes"]
+    return k
+
+
+def op_kinds(Ls: list, runs_c: list, full: int) -> dict:
+    """Per op kind of ``prefill_deep``, per example: its share of the op time SPU profiled (party 0,
+    at the largest layer count measured; profiled seconds are wall time, so a loaded machine blurs
+    them) and its bytes, fitted to ``full`` layers (exact counts)."""
+    ks = [_prefill_kinds(s) for s in runs_c]
+    last = ks[-1]
+    total = sum(max(v["seconds"], 0.0) for v in last.values())
+    return {n: {"time_share": max(last.get(n, {}).get("seconds", 0.0), 0.0) / total,
+                "bytes": fit(Ls, [k.get(n, {}).get("send_bytes", 0) / s["n"] for k, s in zip(ks, runs_c)], full)["at"]}
+            for n in sorted({n for k in ks for n in k})}
+
+
 def analyse(runs: list, chunks: list, full: int, args) -> dict:
     from tuning.backends.cost import NETWORKS
 
@@ -311,6 +381,7 @@ def analyse(runs: list, chunks: list, full: int, args) -> dict:
         r["chunks"] = _ints(r["chunks"])
     Ls = [r["layers"] for r in runs]
     bw, lat = NETWORKS["lan"]
+    wbw, wlat = NETWORKS["wan-100mbps"]
     rows, per_layer, kinds30, fits = [], [], {}, {}
     for c in chunks:
         runs_c = [r["chunks"][c] for r in runs]
@@ -323,23 +394,21 @@ def analyse(runs: list, chunks: list, full: int, args) -> dict:
         padded = runs_c[0]["padded_tokens"] / max(runs_c[0]["tokens"], 1)
         rows.append({"chunk": c, "examples": runs_c[0]["n"], "calls": runs_c[0]["chunks"],
                      "padded/real tokens": round(padded, 2),
-                     **{f"L={L} wall s": round(_pe(s)["wall_s"], 2) for L, s in zip(Ls, runs_c)},
+                     **{f"L={L} CPU s": round(_pe(s)["cpu_s"], 2) for L, s in zip(Ls, runs_c)},
                      **{f"L={L} MB": round(_pe(s)["bytes"] / 1e6, 1) for L, s in zip(Ls, runs_c)},
-                     f"{full}L wall s": round(at["wall_s"], 1), f"{full}L CPU s": round(at["cpu_s"], 1),
+                     f"{full}L CPU s": round(at["cpu_s"], 1),
                      "compute/party s": round(at["cpu_s"] / 3, 1), "embed share": f"{emb['cpu_s'] / at['cpu_s']:.0%}",
                      f"{full}L MB": round(at["bytes"] / 1e6, 1), f"{full}L rounds": round(at["rounds"]),
-                     "LAN comm s": round(comm, 2), "LAN est s": round(at["cpu_s"] / 3 + comm, 1)})
-        per_layer.append({"chunk": c, "per layer wall s": round(pre["wall_s"]["per_layer"], 3),
-                          "per layer CPU s": round(pre["cpu_s"]["per_layer"], 3),
+                     "LAN comm s": round(comm, 2), "LAN est s": round(at["cpu_s"] / 3 + comm, 1),
+                     "WAN-100 est s": round(at["cpu_s"] / 3 + at["bytes"] * 8 / wbw + at["rounds"] * wlat)})
+        per_layer.append({"chunk": c, "per layer CPU s": round(pre["cpu_s"]["per_layer"], 3),
                           "per layer MB": round(pre["bytes"]["per_layer"] / 1e6, 2),
                           "per layer rounds": round(pre["rounds"]["per_layer"], 1),
                           "fixed prefill CPU s": round(pre["cpu_s"]["fixed"], 2),
                           "fixed prefill MB": round(pre["bytes"]["fixed"] / 1e6, 2),
                           "embed CPU s": round(emb["cpu_s"], 2), "embed MB": round(emb["bytes"] / 1e6, 3)})
         # op kinds, per example, every set-up call of the chunk (embed + prefill_deep), fitted to 30
-        names = sorted({k for s in runs_c for k in s["kinds"]})
-        kinds30[c] = {k: {m: fit(Ls, [s["kinds"].get(k, {}).get(f, 0) / s["n"] for s in runs_c], full)["at"]
-                          for m, f in (("seconds", "seconds"), ("bytes", "send_bytes"))} for k in names}
+        kinds30[c] = op_kinds(Ls, runs_c, full)
     base = rows[0]
     for r in rows:
         r["time vs chunk 1"] = round(base[f"{full}L CPU s"] / r[f"{full}L CPU s"], 2)
@@ -347,9 +416,9 @@ def analyse(runs: list, chunks: list, full: int, args) -> dict:
     zs = [r["variants"]["zero_shot"] for r in runs]
     cz = zs[0]["n"] if zs[0]["chunks"] == 1 else max(c for c in chunks if c <= zs[0]["n"])
     plain = [r["chunks"][cz] for r in runs]
-    zsfit = _fit_all(Ls, [_pe(s, "prefill_deep") for s in zs], full)
-    nofit = _fit_all(Ls, [_pe(s, "prefill_deep") for s in plain], full)
-    variants = {"zero_shot": {"chunk": cz, **{m: {"with": zsfit[m]["at"], "without": nofit[m]["at"]} for m in METRICS}}}
+    variants = {"zero_shot": {"chunk": cz, "per_layers": [
+        {"layers": L, **{m: {"with": _pe(a, "prefill_deep")[m], "without": _pe(b, "prefill_deep")[m]} for m in METRICS}}
+        for L, a, b in zip(Ls, zs, plain)]}}
     q = runs[0]["variants"].get("zero_shot_quarter")
     if q:
         b = np.asarray(q["zs"])
@@ -357,11 +426,15 @@ def analyse(runs: list, chunks: list, full: int, args) -> dict:
         variants["chunking_agreement"] = {"layers": Ls[0], "chunk_sizes": [zs[0]["n"], q["n"]], "examples": len(b),
                                           "max_abs_logit_diff": float(np.abs(a - b).max()),
                                           "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).mean())}
+    if runs[0]["variants"].get("embed_flat"):
+        variants["embed_flat"] = runs[0]["variants"]["embed_flat"]
     for key in [k for k in runs[0]["variants"] if k.startswith("long_chunk")]:
         variants[key] = {"layers": Ls[0], **{m: _pe(runs[0]["variants"][key])[m] for m in METRICS},
                          "padded": runs[0]["variants"][key]["padded"]}
-    fixed = {"head, tail and P0 (once per run)": _fit_all(Ls, [_pe(r["fixed_calls"]) for r in runs], full),
-             "deep_scale (once per run)": _fit_all(Ls, [_pe(r["first_set"], "deep_scale") for r in runs], full)}
+    # neither depends on the layers below the prompt: the mean of the runs
+    fixed = {name: {m: float(np.mean([x[m] for x in xs])) for m in METRICS} for name, xs in (
+        ("head, tail and P0", [_pe(r["fixed_calls"]) for r in runs]),
+        ("deep_scale", [_pe(r["first_set"], "deep_scale") for r in runs]))}
     check = None
     if all("check" in r for r in runs):
         tot = _fit_all(Ls, [{m: r["check"][m] for m in METRICS} for r in runs], full)
@@ -384,26 +457,32 @@ def render(p: dict) -> str:
             f"fitted as fixed + per_layer x L through the layer counts. CPU s: the process's CPU time "
             f"(the three simulated parties); compute/party = CPU / 3; LAN est = compute/party + bytes / 3 Gbps "
             f"+ rounds x 0.8 ms (busiest party's bytes and send actions).\n\n")
-    cols = ["chunk", "examples", "calls", "padded/real tokens"] + [f"L={L} wall s" for L in Ls] + \
-           [f"L={L} MB" for L in Ls] + [f"{full}L wall s", f"{full}L CPU s", "compute/party s", "embed share",
-                                         f"{full}L MB", f"{full}L rounds", "LAN comm s", "LAN est s", "time vs chunk 1"]
+    cols = ["chunk", "examples", "calls", "padded/real tokens"] + [f"L={L} CPU s" for L in Ls] + \
+           [f"L={L} MB" for L in Ls] + [f"{full}L CPU s", "compute/party s", "embed share", f"{full}L MB",
+                                         f"{full}L rounds", "LAN comm s", "LAN est s", "WAN-100 est s", "time vs chunk 1"]
     out = head + "## Per example\n\n" + markdown_table(rows, cols)
     out += ("\n## Per layer (prefill_deep, per example) and the layer-independent embedding lookup\n\n"
             + markdown_table(p["per_layer"], list(p["per_layer"][0])))
-    for c in sorted({rows[0]["chunk"], best["chunk"]}):
-        k = p["kinds"][c]
-        ts, tb = sum(max(v["seconds"], 0) for v in k.values()), sum(max(v["bytes"], 0) for v in k.values())
-        kr = [{"op kind": n, "s per example": round(v["seconds"], 2), "time share": f"{max(v['seconds'], 0) / ts:.0%}",
-               "MB per example": round(v["bytes"] / 1e6, 1), "bytes share": f"{max(v['bytes'], 0) / tb:.0%}"}
-              for n, v in sorted(k.items(), key=lambda kv: -kv[1]["seconds"]) if v["seconds"] > 0.005 * ts or
-              v["bytes"] > 0.005 * tb]
-        out += (f"\n## Op kinds at chunk {c}, {full} layers (party 0's profile, embed + prefill_deep, per example)\n\n"
-                + markdown_table(kr, list(kr[0])))
+    kr = []
+    for n in sorted(p["kinds"][best["chunk"]], key=lambda n: -p["kinds"][best["chunk"]][n]["time_share"]):
+        r = {"op kind": n}
+        for c in sorted({rows[0]["chunk"], best["chunk"]}):
+            k = p["kinds"][c]
+            tb = sum(max(v["bytes"], 0) for v in k.values())
+            r.update({f"chunk {c} time share": f"{k[n]['time_share']:.0%}",
+                      f"chunk {c} {full}L MB": round(k[n]["bytes"] / 1e6, 1), f"chunk {c} bytes share":
+                      f"{max(k[n]['bytes'], 0) / tb:.0%}"})
+        if any(v != "0%" for key, v in r.items() if "share" in key):
+            kr.append(r)
+    out += (f"\n## Op kinds of prefill_deep, per example (time: share of SPU's profiled op time at L={Ls[-1]}; "
+            f"bytes: fitted to {full} layers)\n\n" + markdown_table(kr, list(kr[0])))
     v = p["variants"]["zero_shot"]
     out += (f"\n## Variants\n\nZero-shot logits in `prefill_deep` (what the test set pays; train and dev skip them), "
-            f"chunk {v['chunk']}, {full} layers, per example: CPU {v['cpu_s']['with']:.1f} s with, "
-            f"{v['cpu_s']['without']:.1f} s without; {v['bytes']['with'] / 1e6:.1f} MB with, "
-            f"{v['bytes']['without'] / 1e6:.1f} MB without; rounds {v['rounds']['with']:.0f} / {v['rounds']['without']:.0f}.\n")
+            f"the same {v['chunk']} examples in one chunk with and without, prefill_deep per example: "
+            + "; ".join(f"L={x['layers']}: CPU {x['cpu_s']['with']:.1f} / {x['cpu_s']['without']:.1f} s, "
+                        f"{x['bytes']['with'] / 1e6:.1f} / {x['bytes']['without'] / 1e6:.1f} MB, "
+                        f"rounds {x['rounds']['with']:.0f} / {x['rounds']['without']:.0f}" for x in v["per_layers"])
+            + " (the top layers' tail pass: a cost that does not grow with the layers below).\n")
     a = p["variants"].get("chunking_agreement")
     if a:
         out += (f"\nThe same {a['examples']} examples' zero-shot logits shared in a chunk of {a['chunk_sizes'][0]} "
@@ -414,20 +493,25 @@ def render(p: dict) -> str:
         lv = p["variants"][key]
         out += (f"\nUncut MR texts, {key.replace('long_', '')} (L={lv['layers']}, padded lengths {lv['padded']}): "
                 f"{lv['cpu_s']:.1f} CPU s, {lv['bytes'] / 1e6:.1f} MB, {lv['rounds']:.0f} rounds per example.\n")
+    if p["variants"].get("embed_flat"):
+        out += ("\nThe approved lookup against the one-hot flattened to [E x Lp, V] first (`flat_embed`), same "
+                "inputs:\n\n" + markdown_table(p["variants"]["embed_flat"], list(p["variants"]["embed_flat"][0])))
     out += "\nOnce per run (not per example):\n\n"
     for name, f in p["fixed"].items():
-        out += (f"- {name}: {f['cpu_s']['at']:.1f} CPU s, {f['wall_s']['at']:.1f} s wall, "
-                f"{f['bytes']['at'] / 1e6:.1f} MB, {f['rounds']['at']:.0f} rounds at {full} layers\n")
+        out += f"- {name}: {f['cpu_s']:.1f} CPU s, {f['bytes'] / 1e6:.1f} MB, {f['rounds']:.0f} rounds\n"
     ch = p["check"]
     if ch:
         f, ref = ch["fit"], ch["reference"]
         out += (f"\n## Check of the extrapolation\n\nThe demo's set-up (2 + 2 + 2 examples, as `tune` shares them) "
                 f"rebuilt at {' and '.join(map(str, Ls))} layers and extrapolated: {f['bytes']['at'] / 1e6:.1f} MB, "
-                f"{f['rounds']['at']:.0f} rounds, {f['wall_s']['at']:.0f} s wall")
+                f"{f['rounds']['at']:.0f} rounds, {f['cpu_s']['at']:.0f} CPU s")
         if ref:
             out += (f"; measured on {full} layers ({ch['reference_file']}): {ref['bytes'] / 1e6:.1f} MB, "
-                    f"{ref['rounds']} rounds, {ref['seconds']:.0f} s: bytes {f['bytes']['at'] / ref['bytes']:.3f}x, "
-                    f"rounds {f['rounds']['at'] / ref['rounds']:.3f}x, time {f['wall_s']['at'] / ref['seconds']:.2f}x")
+                    f"{ref['rounds']} rounds, {ref['seconds']:.0f} s wall: bytes {f['bytes']['at'] / ref['bytes']:.3f}x, "
+                    f"rounds {f['rounds']['at'] / ref['rounds']:.3f}x. Wall time is not extrapolated (this run's "
+                    f"machine was shared with other jobs: only CPU time is comparable); "
+                    f"{ref['seconds']:.0f} s wall against {f['cpu_s']['at']:.0f} CPU s is "
+                    f"{f['cpu_s']['at'] / ref['seconds']:.2f} cores busy")
         out += ".\n"
     return out
 
@@ -456,14 +540,13 @@ def _plot(p: dict, path: str) -> None:
     ax[1].set(xscale="log", xlabel="chunk size", ylabel="MB per example (party 0)", title="bytes and rounds")
     ax2.set(yscale="log", ylabel="rounds per example")
     best = min(rows, key=lambda r: r[f"{full}L CPU s"])["chunk"]
-    for j, c in enumerate(sorted({cs[0], best})):
-        k = p["kinds"][c]
-        names = [n for n, v in sorted(k.items(), key=lambda kv: -kv[1]["seconds"])][:6]
-        ts = sum(max(v["seconds"], 0) for v in k.values())
-        ax[2].barh(np.arange(len(names)) + 0.4 * j, [max(k[n]["seconds"], 0) / ts for n in names], 0.4,
-                   label=f"chunk {c}")
-        ax[2].set_yticks(np.arange(len(names)) + 0.2, names)
-    ax[2].set(xlabel="share of op time", title=f"op kinds, {full} layers")
+    k = p["kinds"][best]
+    names = [n for n, v in sorted(k.items(), key=lambda kv: -kv[1]["time_share"])][:6]
+    tb = sum(max(v["bytes"], 0) for v in k.values())
+    ax[2].barh(np.arange(len(names)), [k[n]["time_share"] for n in names], 0.4, label="op time")
+    ax[2].barh(np.arange(len(names)) + 0.4, [max(k[n]["bytes"], 0) / tb for n in names], 0.4, label="bytes")
+    ax[2].set_yticks(np.arange(len(names)) + 0.2, names)
+    ax[2].set(xlabel="share", title=f"prefill_deep op kinds, chunk {best}")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
