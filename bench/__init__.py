@@ -9,7 +9,7 @@ BENCHES = {
     "agreement": "bench.agreement", "attention": "bench.attention", "step": "bench.step", "swap": "bench.swap",
     "compare": "bench.compare", "placement": "bench.placement", "approx": "bench.approx", "e2e": "bench.e2e",
     "job": "bench.job", "sfjob": "bench.sfjob", "heads": "bench.heads", "fewshot": "bench.fewshot",
-    "compile": "bench.compile", "resume": "bench.resume", "checks": "bench.checks",
+    "compile": "bench.compile", "resume": "bench.resume", "checks": "bench.checks", "setup": "bench.setup_cost",
 }
 
 

@@ -21,6 +21,7 @@ class CallCost:
     wall_s: float
     parties: dict
     ops: dict = dataclasses.field(default_factory=dict)  # op -> {count, seconds, send_bytes}
+    cpu_s: float = 0.0  # this process's CPU time during the call (in-process back ends: every party's)
 
     @property
     def send_bytes(self) -> int:

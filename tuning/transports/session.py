@@ -262,7 +262,9 @@ class Session(abc.ABC):
             self._restore(compiled, ins, outs, keys)
             cost = CallCost(0.0, {})
         else:
+            c0 = time.process_time()
             cost = self._execute(compiled, ins, outs)
+            cost.cpu_s = time.process_time() - c0
             if keys and self._state_writes:
                 self._keep(outs, keys)
         self._digests.update(zip(outs, keys or [None] * len(outs)))
