@@ -39,9 +39,10 @@ def _ip(*args, check: bool = True) -> subprocess.CompletedProcess:
 class Hosts:
     """Namespaces ``names`` (+ ``probe``, a stranger's host) on one bridge; see the module doc."""
 
-    def __init__(self, names: list, probe: str | None = "probe", subnet: str = SUBNET, first: int = 11):
+    def __init__(self, names: list, probe: str | None = "probe", subnet: str = SUBNET, first: int = 11,
+                 mtu: int | None = None):
         self.names = list(names) + ([probe] if probe else [])
-        self.subnet = subnet
+        self.subnet, self.mtu = subnet, mtu
         self.prefix = f"sq{os.getpid()}{chr(ord('a') + next(_COUNTER) % 26)}"
         self.bridge = f"{self.prefix}br"
         self._ns = {n: f"{self.prefix}-{n}" for n in self.names}
@@ -81,7 +82,9 @@ class Hosts:
             if ns not in self._made_ns:
                 _ip("netns", "add", ns)
                 self._made_ns.append(ns)
-            _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", peer, *(["mtu", str(self.mtu)] if self.mtu else []))
+            if self.mtu:
+                _ip("link", "set", veth, "mtu", str(self.mtu))
             self._made_links.append(veth)  # deleting one end deletes the pair
             _ip("link", "set", peer, "netns", ns)
             _ip("link", "set", veth, "master", self.bridge, "up")
