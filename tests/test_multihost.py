@@ -243,7 +243,7 @@ def test_hosts_are_made_and_removed():
         got = hosts.run("a", [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert got.stdout.strip() == hosts.ip("a"), got  # b saw a's own address
         assert srv.wait(10) == 0
-        lo = hosts.run("a", [sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1',7000),1)"],
+        lo = hosts.run("a", [sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1',7000),1)"],
                        capture_output=True, text=True)
         assert lo.returncode != 0  # a's loopback is its own: b's port is not on it
         prefix = hosts.prefix
@@ -301,7 +301,7 @@ def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
         grpc = [(f"node {p.name} address", p.address, "grpc") for p in (*pol.compute, pol.model_owner)]
         found["grpc"] = probe(hosts, links + grpc, links)  # once the session's links are up
         (tmp_path / "probes.json").write_text(json.dumps(found, indent=1))
-        running.update({f"driver": driver.poll() is None})
+        running["driver"] = driver.poll() is None
         out, _ = driver.communicate(timeout=900)
         t_cl = time.monotonic() - t1
         assert driver.returncode == 0, drv_err.read_text()[-3000:]
