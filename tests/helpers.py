@@ -113,3 +113,43 @@ def assert_cleaned_up(cluster):
     addrs = [a for p in cluster.deployment.nodes for a in (p.node, p.link) if a]
     assert all(port_free(a) for a in addrs), addrs
     assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"
+
+
+def same_within_noise(a, b, what, tol=2e-2, margin=0.04):
+    """Opened logits of one program on the same inputs through two back ends: within fixed-point
+    noise, and the same predicted class wherever the class margin exceeds that noise."""
+    import numpy as np
+
+    assert a.shape == b.shape and np.abs(a - b).max() < tol, (what, np.abs(a - b).max())
+    top2 = np.sort(b, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > margin
+    assert (a.argmax(-1) == b.argmax(-1))[clear].all(), what
+
+
+def assert_same_search_path(run_a: Path, run_b: Path, d: int, popsize: int) -> int:
+    """Two ``--save-logits`` runs of the same job on two back ends took the same search path: each
+    run's candidates are the seed's, replayed on the logits it opened (``replay_search``); SPU's
+    share and truncation randomness cannot be seeded, so the runs share a generation's candidates
+    as long as their earlier rankings agree (two of four losses can lie within 1e-4), and the same
+    candidates give the same opened logits within fixed-point noise. Returns the number of
+    generations whose candidates were equal."""
+    import numpy as np
+
+    (best_a, ranks_a), (best_b, ranks_b) = (replay_search(r, d=d, popsize=popsize) for r in (run_a, run_b))
+    gens = sorted(p.name for p in Path(run_a, "logits").glob("gen*.npz"))
+    assert gens == sorted(p.name for p in Path(run_b, "logits").glob("gen*.npz"))
+    same = 0
+    for g, name in enumerate(gens, start=1):
+        a, b = (np.load(Path(r, "logits", name)) for r in (run_a, run_b))
+        if g == 1 or all(np.array_equal(x, y) for x, y in zip(ranks_a[: g - 1], ranks_b[: g - 1])):
+            assert np.array_equal(a["Z"], b["Z"]), name
+        if np.array_equal(a["Z"], b["Z"]):
+            same += 1
+            for k in ("train_logits", "dev_logits"):
+                same_within_noise(a[k], b[k], f"{name} {k}")
+    a, b = (np.load(Path(r, "logits", "test_zero_shot.npz")) for r in (run_a, run_b))
+    same_within_noise(a["logits"], b["logits"], "zero-shot test")
+    if np.array_equal(best_a, best_b):
+        a, b = (np.load(Path(r, "logits", "test_tuned.npz")) for r in (run_a, run_b))
+        same_within_noise(a["logits"], b["logits"], "tuned test")
+    return same

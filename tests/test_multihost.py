@@ -1,0 +1,331 @@
+"""Across hosts for real: every party in its own Linux network namespace with its own address
+(tests/netns.py: veth pairs into a bridge, made and removed by the test; needs root, skipped
+otherwise), the same short ABY3 job on tiny-llama (toy data, 2 generations of 4) run twice:
+
+1. as a SecretFlow job, `secptune sf-job --cluster FILE --party NAME` in each of alice's, bob's,
+   p0's, p1's and p2's namespaces, with keys the test makes (`secptune cluster keys`);
+2. on the cluster back end: `secptune node --cluster POLICY --party NAME` in bob's, p0's, p1's
+   and p2's namespaces, driven from alice's by `tune()` on `ClusterBackend(launch=False)`
+   (`secptune tune --backend cluster` launches its own local nodes);
+
+then checks that both took the same search path (`helpers.assert_same_search_path`, the rule of
+the SecretFlow/cluster parity test), and what a stranger in a sixth namespace gets from every
+port while the parties run (after they are up; for the cluster back end once the SPU links are).
+
+Measured (probe from its own namespace, no key of the cluster's):
+
+| port | TLS client without a pinned certificate | plaintext |
+|---|---|---|
+| SecretFlow link (`address`, brpc) | nothing (handshake refused) | HTTP is answered: `GET /` gets `404 ... [<32 hex>][E1002]Fail to find method on '/'`; the connection stays open |
+| SPU link (`spu` / node `link`, brpc) | nothing | the same 404 (another 32-hex tag) |
+| watch (heartbeats, plain TCP) | nothing (the handshake fails: the port answers `!`) | any byte is answered with `!`: liveness, to anyone |
+| gRPC node (`address`, mutual TLS) | nothing | closed, no byte (HTTP/1.1 and an HTTP/2 preface alike) |
+
+So no port returns data to an unauthenticated peer, but only the gRPC nodes close plaintext: brpc
+parses and answers it (SPU 0.9.3 has no switch to refuse it; SecretFlow's link decodes with an
+allow-list, tests/test_sfjob.py) and the watch port speaks plaintext liveness to anyone. The
+32-hex tag is the same for every party's server on the same port, so it names no party.
+
+The links run at MTU 65535 (as loopback). At MTU 1500 the SecretFlow job stalled in 3 of 4 runs
+here, always at the 5th SPU program of the set-up (the first after a 160 KB message): one SPU
+link message never arrived (`Get data timeout, key=root:P2P-..:1->2`, a send `Reached
+timeout=120000ms`), with or without the probes and with or without a bandwidth cap; not yet
+understood (see docs/multi-host.md). `SECPTUNE_NETNS_MTU=1500` runs the test so;
+`SECPTUNE_NETNS_SHAPE=100mbit` caps p2's link (tc tbf) for both runs.
+
+Wall time here (2 busy shared cores), two runs: 126 s and 147 s (the SecretFlow job 65-89 s, every
+party up after 14-22 s; the cluster back end's run 49-55 s).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import assert_same_search_path, toy_csv
+from netns import Hosts
+
+from tuning.policy import dump_policy, load_policy
+
+REPO = Path(__file__).absolute().parent.parent
+PARTIES = ["alice", "bob", "p0", "p1", "p2"]  # ABY3: the data owner, the model owner, 3 compute parties
+TUNE = dict(model="tiny-llama", verbalizer="positive=g,negative=b", shots=2, n_test=4, popsize=4, budget=2, d=8,
+            n_tokens=2, seed=0)
+SF_PORTS = {"address": 63000, "spu": 63010, "watch": 63020}  # every namespace has its own ports
+NODE_PORTS = {"address": 61500, "link": 61510}
+TIMEOUT_S = 60  # the policy's: 2 shared, busy cores
+# the links' MTU. At the usual 1500 the SPU link (brpc, TLS) stalled in 3 of 4 SecretFlow jobs here
+# (see the module doc); SECPTUNE_NETNS_MTU=1500 runs the test that way
+MTU = 65535
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if k != "SECPTUNE_RECORD_DIR"}
+    return {**e, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def secptune(*args) -> list:
+    return [sys.executable, "-m", "tuning.cli", *map(str, args)]
+
+
+# ------------------------------------------------------------ the files and commands each host runs
+# (kept to these few functions: the deployment file's format is about to change)
+def make_keys(hosts: Hosts, tmp: Path) -> Path:
+    """Every party's key and pinned certificate (`secptune cluster keys`), and the policy file that
+    names them, with each party's node address (and compute link) in its own namespace."""
+    pol = load_policy("aby3")
+    at = lambda p, port: f"{hosts.ip(p.name)}:{port}"  # noqa: E731
+    compute = [dataclasses.replace(p, address=at(p, NODE_PORTS["address"]), link=at(p, NODE_PORTS["link"]))
+               for p in pol.compute]
+    pol = pol.with_parties(compute, dataclasses.replace(pol.data_owner, address=at(pol.data_owner, NODE_PORTS["address"])),
+                           dataclasses.replace(pol.model_owner, address=at(pol.model_owner, NODE_PORTS["address"])))
+    base = dump_policy(dataclasses.replace(pol, timeout_s=TIMEOUT_S), tmp / "hosts-policy.yaml")
+    subprocess.run(secptune("cluster", "keys", "--policy", base, "--out", tmp / "keys"), check=True, cwd=REPO,
+                   env=env(), capture_output=True)
+    (keyed,) = (tmp / "keys").glob("*.yaml")
+    return keyed
+
+
+def sf_cluster_file(hosts: Hosts, policy_file: Path, tmp: Path) -> Path:
+    """The SecretFlow job's cluster file: the keyed policy, and each party's ports at its own address."""
+    compute = {p.name for p in load_policy(str(policy_file)).compute}
+    parties = {n: {k: f"{hosts.ip(n)}:{port}" for k, port in SF_PORTS.items() if k != "spu" or n in compute}
+               for n in PARTIES}
+    path = tmp / "sf-cluster.yaml"
+    path.write_text(yaml.safe_dump({"policy": str(policy_file), "job_name": f"secptune-netns-{os.getpid()}",
+                                    "parties": parties}, sort_keys=False))
+    return path
+
+
+def tune_args(csv: Path, out: Path) -> list:
+    return ["--train", csv, *[a for k, v in TUNE.items() for a in (f"--{k.replace('_', '-')}", v)], "--out", out,
+            "--save-logits", "--json"]
+
+
+def sf_job_cmd(cluster: Path, party: str, log_dir: Path, csv: Path, out: Path) -> list:
+    return secptune("sf-job", "--cluster", cluster, "--party", party, "--log-dir", log_dir, "--",
+                    *tune_args(csv, out))
+
+
+def node_cmd(policy_file: Path, party: str, log_dir: Path, state_dir: Path) -> list:
+    return secptune("node", "--cluster", policy_file, "--party", party, "--log-dir", log_dir, "--state-dir",
+                    state_dir, *(["--model", TUNE["model"]] if party == "bob" else []))
+
+
+# `secptune tune --backend cluster` launches its own nodes; the data owner driving nodes started
+# elsewhere is ClusterBackend(launch=False), here through tune() itself
+_DRIVER = r"""
+import json, sys
+import tuning
+from tuning import transports
+import tuning.data_owner.trainer as trainer
+
+tuning.configure_jax(cache_dir=False)
+trainer.open_backend = lambda name, model, policy, **kw: transports.open_backend(name, model, policy, launch=False, **kw)
+summary = trainer.tune(trainer.TuneConfig(**json.loads(sys.argv[1])), show_progress=False,
+                       log=lambda *a: print(*a, file=sys.stderr, flush=True))
+print(json.dumps(summary, default=str))
+"""
+
+
+def driver_cmd(policy_file: Path, csv: Path, out: Path) -> list:
+    cfg = dict(TUNE, policy=str(policy_file), backend="cluster", task=None, train=str(csv), out=str(out),
+               save_logits=True)
+    return [sys.executable, "-c", _DRIVER, json.dumps(cfg)]
+
+
+# ------------------------------------------------------------------------------------ the probe
+# run inside the probe's namespace: a stranger on the same wire, with no key of the cluster's
+_PROBE = r"""
+import json, socket, ssl, sys, time, concurrent.futures as cf
+
+REQUESTS = {  # per kind of port: what its protocol would open with, as a stranger sends it in the clear
+    "brpc": {"http_get": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"},
+    "grpc": {"http_get": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+             "h2_preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"},
+    "watch": {"byte": b"?"},
+}
+
+def wait(addrs, bound):
+    deadline = time.monotonic() + bound
+    for a in addrs:
+        host, _, port = a.rpartition(":")
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    return a
+                time.sleep(0.3)
+    return None
+
+def plain(addr, data):
+    host, _, port = addr.rpartition(":")
+    got, closed = b"", False
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(data)
+            s.settimeout(3)
+            while len(got) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    closed = True
+                    break
+                got += chunk
+    except socket.timeout:
+        pass
+    except OSError as e:
+        return {"got": got.decode("latin-1"), "closed": True, "error": type(e).__name__}
+    return {"got": got.decode("latin-1"), "closed": closed}
+
+def tls(addr):
+    host, _, port = addr.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+            s.sendall(b"POST /ReceiverService/Push HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            return {"got": s.recv(200).decode("latin-1"), "handshake": True}
+    except (ssl.SSLError, OSError) as e:
+        return {"got": "", "error": f"{type(e).__name__}: {e}"}
+
+def probe(addr, kind):
+    return {"tls_no_cert": tls(addr), **{k: plain(addr, v) for k, v in REQUESTS[kind].items()}}
+
+spec = json.loads(sys.argv[1])
+missing = wait([t[1] for t in spec["wait"]], spec.get("bound", 300))
+if missing:
+    print(json.dumps({"missing": missing}))
+    sys.exit(0)
+with cf.ThreadPoolExecutor(16) as pool:
+    futs = {label: pool.submit(probe, a, kind) for label, a, kind in spec["probe"]}
+    print(json.dumps({label: f.result() for label, f in futs.items()}))
+"""
+
+
+def probe(hosts: Hosts, targets: list, wait_for: list, bound: float = 300) -> dict:
+    """From the probe's namespace: wait until every address of ``wait_for`` accepts TCP, then probe
+    every ``(label, address, kind)`` of ``targets`` (TLS without a certificate, and plaintext)."""
+    p = hosts.run("probe", [sys.executable, "-c", _PROBE, json.dumps({"wait": wait_for, "probe": targets,
+                                                                      "bound": bound})],
+                  capture_output=True, text=True, timeout=bound + 120, env=env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def wait_for_lines(files: dict, needle: str, procs: dict, bound: float) -> None:
+    deadline = time.monotonic() + bound
+    for name, path in files.items():
+        while not (path.exists() and needle in path.read_text(errors="replace")):
+            for n, proc in procs.items():
+                assert proc.poll() is None, (n, proc.returncode, Path(files.get(n, path)).read_text()[-3000:])
+            assert time.monotonic() < deadline, f"{name}: no {needle!r} within {bound}s"
+            time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------- the test
+def test_hosts_are_made_and_removed():
+    """The namespaces reach each other over the bridge, each at its own address, and leave nothing."""
+    with Hosts(["a", "b"]) as hosts:
+        srv = hosts.popen("b", [sys.executable, "-c", "import socket,sys; s=socket.socket(); "
+                               f"s.bind(('{hosts.ip('b')}', 7000)); s.listen(); c,a=s.accept(); "
+                               "c.sendall(a[0].encode()); c.close()"])
+        code = (f"import socket,time\nfor _ in range(50):\n try: s=socket.create_connection(('{hosts.ip('b')}',7000),1)"
+                "; break\n except OSError: time.sleep(0.1)\nprint(s.recv(64).decode())")
+        got = hosts.run("a", [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert got.stdout.strip() == hosts.ip("a"), got  # b saw a's own address
+        assert srv.wait(10) == 0
+        lo = hosts.run("a", [sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1',7000),1)"],
+                       capture_output=True, text=True)
+        assert lo.returncode != 0  # a's loopback is its own: b's port is not on it
+        prefix = hosts.prefix
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert prefix not in names and prefix not in links
+
+
+def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    found = {}
+    with Hosts(PARTIES, mtu=int(os.environ.get("SECPTUNE_NETNS_MTU", MTU))) as hosts:
+        if os.environ.get("SECPTUNE_NETNS_SHAPE"):  # one link under a bandwidth cap (see the docstring)
+            hosts.shape("p2", os.environ["SECPTUNE_NETNS_SHAPE"])
+        policy_file = make_keys(hosts, tmp_path)
+
+        # 1. the SecretFlow job: `sf-job --cluster FILE --party NAME` in each party's namespace
+        cluster = sf_cluster_file(hosts, policy_file, tmp_path)
+        t0 = time.monotonic()
+        procs, errs = {}, {}
+        for n in reversed(PARTIES):
+            errs[n] = tmp_path / f"sf-{n}.err"
+            procs[n] = hosts.popen(n, sf_job_cmd(cluster, n, tmp_path / "sflogs" / n, csv, tmp_path / "sf"),
+                                   stdout=open(tmp_path / f"sf-{n}.out", "w"), stderr=open(errs[n], "w"), cwd=REPO,
+                                   env=env())
+        wait_for_lines(errs, ": up", procs, 400)
+        t_up = time.monotonic() - t0
+        targets = [(f"sf {n} {k}", f"{hosts.ip(n)}:{port}", "watch" if k == "watch" else "brpc")
+                   for n in PARTIES for k, port in SF_PORTS.items() if k != "spu" or n.startswith("p")]
+        found["sf"] = probe(hosts, targets, targets[:1])
+        (tmp_path / "probes.json").write_text(json.dumps(found, indent=1))
+        running = {n: p.poll() is None for n, p in procs.items()}
+        for n, p in procs.items():
+            p.wait(900)
+        t_sf = time.monotonic() - t0
+        for n, p in procs.items():
+            assert p.returncode == 0, (n, errs[n].read_text()[-3000:])
+        summary = json.loads((tmp_path / "sf-alice.out").read_text().strip().splitlines()[-1])
+        assert summary["backend"] == "secretflow" and summary["generations"] == TUNE["budget"]
+
+        # 2. the cluster back end: a node per party in its namespace, driven from the data owner's
+        t1 = time.monotonic()
+        nodes, outs = {}, {}
+        for n in ("bob", "p0", "p1", "p2"):
+            outs[n] = tmp_path / f"node-{n}.out"
+            nodes[n] = hosts.popen(n, node_cmd(policy_file, n, tmp_path / "nodelogs" / n, tmp_path / "state" / n),
+                                   stdout=open(outs[n], "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env())
+        logs = {n: tmp_path / "nodelogs" / n / f"{n}.log" for n in nodes}  # a node's stdout goes to its log
+        wait_for_lines(logs, "serving at", nodes, 300)
+        drv_err = tmp_path / "driver.err"
+        driver = hosts.popen("alice", driver_cmd(policy_file, csv, tmp_path / "cluster"),
+                             stdout=subprocess.PIPE, stderr=open(drv_err, "w"), text=True, cwd=REPO, env=env())
+        pol = load_policy(str(policy_file))
+        links = [(f"node {p.name} link", p.link, "brpc") for p in pol.compute]
+        grpc = [(f"node {p.name} address", p.address, "grpc") for p in (*pol.compute, pol.model_owner)]
+        found["grpc"] = probe(hosts, links + grpc, links)  # once the session's links are up
+        (tmp_path / "probes.json").write_text(json.dumps(found, indent=1))
+        running["driver"] = driver.poll() is None
+        out, _ = driver.communicate(timeout=900)
+        t_cl = time.monotonic() - t1
+        assert driver.returncode == 0, drv_err.read_text()[-3000:]
+        ref = json.loads(out.strip().splitlines()[-1])
+        assert ref["backend"] == "cluster" and ref["generations"] == TUNE["budget"]
+        assert all(p.poll() is None for p in nodes.values())  # the nodes serve on until stopped
+    print(json.dumps(found, indent=1))
+    print(f"running while probed: {running}; sf-job {t_sf:.0f}s (up after {t_up:.0f}s), cluster {t_cl:.0f}s")
+
+    # 3. the same search path
+    same = assert_same_search_path(tmp_path / "sf", tmp_path / "cluster", d=TUNE["d"], popsize=TUNE["popsize"])
+    assert same >= 1
+    assert all(running.values()), running
+    # 4. what a stranger gets, port by port (measured; the module doc)
+    for run, results in found.items():
+        assert "missing" not in results, (run, results)
+        for label, r in results.items():
+            assert r["tls_no_cert"]["got"] == "", (label, r["tls_no_cert"])  # TLS without a pinned certificate
+            if label.endswith("watch"):  # plaintext liveness: it echoes "!" to any byte, to anyone
+                assert r["byte"]["got"] == "!", (label, r)
+            elif label.startswith("node") and label.endswith("address"):  # gRPC, mutual TLS: closes plaintext
+                assert all(r[k] == {"got": "", "closed": True} for k in ("http_get", "h2_preface")), (label, r)
+            else:  # brpc (SecretFlow's link, SPU's link): plaintext HTTP is parsed and answered with a 404
+                got = r["http_get"]["got"]
+                assert re.fullmatch(r"HTTP/1.1 404 Not Found\r\nContent-Length: 67\r\nContent-Type: text/plain\r\n"
+                                    r"x-bd-error-code: 1002\r\n\r\n\[[0-9A-F]{32}\]\[E1002\]Fail to find method on `/'",
+                                    got), (label, got)
