@@ -4,9 +4,10 @@ otherwise), the same short ABY3 job on tiny-llama (toy data, 2 generations of 4)
 
 1. as a SecretFlow job, `secptune sf-job --cluster FILE --party NAME` in each of alice's, bob's,
    p0's, p1's and p2's namespaces, with keys the test makes (`secptune cluster keys`);
-2. on the cluster back end: `secptune node --cluster POLICY --party NAME` in bob's, p0's, p1's
-   and p2's namespaces, driven from alice's by `tune()` on `ClusterBackend(launch=False)`
-   (`secptune tune --backend cluster` launches its own local nodes);
+2. on the cluster back end: `secptune node --cluster FILE --party NAME` in bob's, p0's, p1's
+   and p2's namespaces, driven from alice's by `secptune tune --backend cluster --cluster FILE`;
+
+both from one deployment file (`deployments/`'s schema) with keys the test makes;
 
 then checks that both took the same search path (`helpers.assert_same_search_path`, the rule of
 the SecretFlow/cluster parity test), and what a stranger in a sixth namespace gets from every
@@ -47,7 +48,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from helpers import assert_same_search_path, toy_csv
 from netns import Hosts
@@ -76,32 +76,24 @@ def secptune(*args) -> list:
 
 
 # ------------------------------------------------------------ the files and commands each host runs
-# (kept to these few functions: the deployment file's format is about to change)
-def make_keys(hosts: Hosts, tmp: Path) -> Path:
-    """Every party's key and pinned certificate (`secptune cluster keys`), and the policy file that
-    names them, with each party's node address (and compute link) in its own namespace."""
-    pol = load_policy("aby3")
-    at = lambda p, port: f"{hosts.ip(p.name)}:{port}"  # noqa: E731
-    compute = [dataclasses.replace(p, address=at(p, NODE_PORTS["address"]), link=at(p, NODE_PORTS["link"]))
-               for p in pol.compute]
-    pol = pol.with_parties(compute, dataclasses.replace(pol.data_owner, address=at(pol.data_owner, NODE_PORTS["address"])),
-                           dataclasses.replace(pol.model_owner, address=at(pol.model_owner, NODE_PORTS["address"])))
-    base = dump_policy(dataclasses.replace(pol, timeout_s=TIMEOUT_S), tmp / "hosts-policy.yaml")
-    subprocess.run(secptune("cluster", "keys", "--policy", base, "--out", tmp / "keys"), check=True, cwd=REPO,
+def make_deployment(hosts: Hosts, tmp: Path) -> Path:
+    """One deployment file for both back ends, every party at its own address (gRPC node and SPU
+    link, SecretFlow's ports), and the copy `secptune cluster keys` writes naming each party's key."""
+    policy = dump_policy(dataclasses.replace(load_policy("aby3"), timeout_s=TIMEOUT_S), tmp / "aby3-hosts.yaml")
+    parties = {}
+    for n in PARTIES:
+        at = lambda port: f"{hosts.ip(n)}:{port}"  # noqa: E731, B023
+        compute = n.startswith("p")
+        parties[n] = {"secretflow": {k: at(port) for k, port in SF_PORTS.items() if k != "spu" or compute}}
+        if n != "alice":  # the data owner runs no node
+            parties[n]["cluster"] = {k: at(port) for k, port in NODE_PORTS.items() if k != "link" or compute}
+    plain = tmp / "hosts.yaml"
+    plain.write_text(yaml.safe_dump({"policy": str(policy), "job_name": f"secptune-netns-{os.getpid()}",
+                                     "parties": parties}, sort_keys=False))
+    subprocess.run(secptune("cluster", "keys", "--cluster", plain, "--out", tmp / "keys"), check=True, cwd=REPO,
                    env=env(), capture_output=True)
     (keyed,) = (tmp / "keys").glob("*.yaml")
     return keyed
-
-
-def sf_cluster_file(hosts: Hosts, policy_file: Path, tmp: Path) -> Path:
-    """The SecretFlow job's cluster file: the keyed policy, and each party's ports at its own address."""
-    compute = {p.name for p in load_policy(str(policy_file)).compute}
-    parties = {n: {k: f"{hosts.ip(n)}:{port}" for k, port in SF_PORTS.items() if k != "spu" or n in compute}
-               for n in PARTIES}
-    path = tmp / "sf-cluster.yaml"
-    path.write_text(yaml.safe_dump({"policy": str(policy_file), "job_name": f"secptune-netns-{os.getpid()}",
-                                    "parties": parties}, sort_keys=False))
-    return path
 
 
 def tune_args(csv: Path, out: Path) -> list:
@@ -114,31 +106,14 @@ def sf_job_cmd(cluster: Path, party: str, log_dir: Path, csv: Path, out: Path) -
                     *tune_args(csv, out))
 
 
-def node_cmd(policy_file: Path, party: str, log_dir: Path, state_dir: Path) -> list:
-    return secptune("node", "--cluster", policy_file, "--party", party, "--log-dir", log_dir, "--state-dir",
+def node_cmd(deployment: Path, party: str, log_dir: Path, state_dir: Path) -> list:
+    return secptune("node", "--cluster", deployment, "--party", party, "--log-dir", log_dir, "--state-dir",
                     state_dir, *(["--model", TUNE["model"]] if party == "bob" else []))
 
 
-# `secptune tune --backend cluster` launches its own nodes; the data owner driving nodes started
-# elsewhere is ClusterBackend(launch=False), here through tune() itself
-_DRIVER = r"""
-import json, sys
-import tuning
-from tuning import transports
-import tuning.data_owner.trainer as trainer
-
-tuning.configure_jax(cache_dir=False)
-trainer.open_backend = lambda name, model, policy, **kw: transports.open_backend(name, model, policy, launch=False, **kw)
-summary = trainer.tune(trainer.TuneConfig(**json.loads(sys.argv[1])), show_progress=False,
-                       log=lambda *a: print(*a, file=sys.stderr, flush=True))
-print(json.dumps(summary, default=str))
-"""
-
-
-def driver_cmd(policy_file: Path, csv: Path, out: Path) -> list:
-    cfg = dict(TUNE, policy=str(policy_file), backend="cluster", task=None, train=str(csv), out=str(out),
-               save_logits=True)
-    return [sys.executable, "-c", _DRIVER, json.dumps(cfg)]
+def driver_cmd(deployment: Path, csv: Path, out: Path) -> list:
+    """The data owner drives the nodes the deployment names, started elsewhere (no local launch)."""
+    return secptune("tune", "--backend", "cluster", "--cluster", deployment, *tune_args(csv, out))
 
 
 # ------------------------------------------------------------------------------------ the probe
@@ -258,10 +233,9 @@ def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
     with Hosts(PARTIES, mtu=int(os.environ.get("SECPTUNE_NETNS_MTU", MTU))) as hosts:
         if os.environ.get("SECPTUNE_NETNS_SHAPE"):  # one link under a bandwidth cap (see the docstring)
             hosts.shape("p2", os.environ["SECPTUNE_NETNS_SHAPE"])
-        policy_file = make_keys(hosts, tmp_path)
+        cluster = make_deployment(hosts, tmp_path)
 
         # 1. the SecretFlow job: `sf-job --cluster FILE --party NAME` in each party's namespace
-        cluster = sf_cluster_file(hosts, policy_file, tmp_path)
         t0 = time.monotonic()
         procs, errs = {}, {}
         for n in reversed(PARTIES):
@@ -289,16 +263,15 @@ def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
         nodes, outs = {}, {}
         for n in ("bob", "p0", "p1", "p2"):
             outs[n] = tmp_path / f"node-{n}.out"
-            nodes[n] = hosts.popen(n, node_cmd(policy_file, n, tmp_path / "nodelogs" / n, tmp_path / "state" / n),
+            nodes[n] = hosts.popen(n, node_cmd(cluster, n, tmp_path / "nodelogs" / n, tmp_path / "state" / n),
                                    stdout=open(outs[n], "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env())
         logs = {n: tmp_path / "nodelogs" / n / f"{n}.log" for n in nodes}  # a node's stdout goes to its log
         wait_for_lines(logs, "serving at", nodes, 300)
         drv_err = tmp_path / "driver.err"
-        driver = hosts.popen("alice", driver_cmd(policy_file, csv, tmp_path / "cluster"),
+        driver = hosts.popen("alice", driver_cmd(cluster, csv, tmp_path / "cluster"),
                              stdout=subprocess.PIPE, stderr=open(drv_err, "w"), text=True, cwd=REPO, env=env())
-        pol = load_policy(str(policy_file))
-        links = [(f"node {p.name} link", p.link, "brpc") for p in pol.compute]
-        grpc = [(f"node {p.name} address", p.address, "grpc") for p in (*pol.compute, pol.model_owner)]
+        links = [(f"node {n} link", f"{hosts.ip(n)}:{NODE_PORTS['link']}", "brpc") for n in ("p0", "p1", "p2")]
+        grpc = [(f"node {n} address", f"{hosts.ip(n)}:{NODE_PORTS['address']}", "grpc") for n in ("p0", "p1", "p2", "bob")]
         found["grpc"] = probe(hosts, links + grpc, links)  # once the session's links are up
         (tmp_path / "probes.json").write_text(json.dumps(found, indent=1))
         running["driver"] = driver.poll() is None

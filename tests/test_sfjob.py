@@ -353,6 +353,7 @@ def _start_job(tmp_path, policy, budget, log_dir, out):
     return proc, json.loads((log_dir / "parties.json").read_text())
 
 
+@pytest.mark.soak  # test_multihost runs one command per party, each in its own network namespace
 def test_one_command_per_party_as_on_separate_hosts(tmp_path):
     """`sf-job --cluster FILE --party NAME`, one command per party (what each host runs): the data
     owner's command prints the result, every other party's prints that it is up and done."""
