@@ -459,6 +459,7 @@ def _error_line(p) -> str:
     return lines[-1]
 
 
+@pytest.mark.soak  # test_multihost drives nodes started elsewhere (each in its own namespace) the same way
 def test_tune_drives_nodes_started_elsewhere_like_the_launched_cluster(tmp_path):
     """`secptune node --cluster FILE --party NAME` per party (as each host would run it), then
     `secptune tune --backend cluster --cluster FILE` at the data owner: it launches nothing, the

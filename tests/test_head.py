@@ -124,7 +124,7 @@ def test_bad_probe_words_and_heads_are_refused_before_anything_is_written(tmp_pa
              show_progress=False, log=lambda *a: None)
 
 
-@pytest.mark.parametrize("objective", ["head", "refit"])
+@pytest.mark.parametrize("objective", [pytest.param("head", marks=pytest.mark.soak), "refit"])  # one resume path
 def test_head_objective_resumes_exactly(tmp_path, objective):
     """--objective head / refit: the search reads the head fitted at P0 (refit: its regularisation),
     which a resumed run restores from its checkpoint (not refitted): 2 + 1 generations replay 3
