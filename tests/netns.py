@@ -23,7 +23,8 @@ import itertools
 import os
 import signal
 import subprocess
-import time
+
+from tuning.transports.procs import kill_groups
 
 SUBNET = "10.213.57"  # an unusual private /24: the namespaces' addresses are SUBNET.11, .12, ...
 _COUNTER = itertools.count()
@@ -132,19 +133,7 @@ class Hosts:
         self._teardown()
 
     def _teardown(self) -> None:
-        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            live = [p for p in self._procs if p.poll() is None]
-            for p in live:
-                try:
-                    os.killpg(p.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            deadline = time.monotonic() + wait_s
-            for p in live:
-                try:
-                    p.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+        kill_groups([p for p in self._procs if p.poll() is None], 5.0)  # each started in its own group
         # whatever is still inside one of our namespaces is ours (a child that left its group)
         for ns in self._made_ns:
             for pid in [int(x) for x in _ip("netns", "pids", ns, check=False).stdout.split()]:
