@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from helpers import pids_with, replay_search, toy_csv
+from helpers import pids_with, replay_search, same_within_noise, toy_csv
 from leakcheck import WindowDetector, leaks
 
 from tuning.transports import deployment as dp
@@ -252,15 +252,6 @@ def _secrets(csv_texts, zs, deltas, labels, fxp_bits):
     return data, model, clear
 
 
-def _same_within_noise(a, b, what, tol=2e-2, margin=0.04):
-    """Opened logits of one program on the same inputs through two back ends: within fixed-point
-    noise, and the same predicted class wherever the class margin exceeds that noise."""
-    assert a.shape == b.shape and np.abs(a - b).max() < tol, (what, np.abs(a - b).max())
-    top2 = np.sort(b, axis=-1)[..., -2:]
-    clear = (top2[..., 1] - top2[..., 0]) > margin
-    assert (a.argmax(-1) == b.argmax(-1))[clear].all(), what
-
-
 @pytest.mark.parametrize("name", ["aby3", pytest.param("semi2k", marks=pytest.mark.soak)])
 def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     csv, texts = toy_csv(tmp_path / "toy.csv")
@@ -290,14 +281,14 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
             assert np.array_equal(a["Z"], b["Z"]), g
         if np.array_equal(a["Z"], b["Z"]):  # the same programs on the same inputs: the same opened logits
             for k in ("train_logits", "dev_logits"):
-                _same_within_noise(a[k], b[k], k)
+                same_within_noise(a[k], b[k], k)
         zs += list(a["Z"])
         labels += [a["train_labels"], a["dev_labels"]]
     a, b = (np.load(r / "logits" / "test_zero_shot.npz") for r in (sf, cl))
-    _same_within_noise(a["logits"], b["logits"], "zero-shot test")
+    same_within_noise(a["logits"], b["logits"], "zero-shot test")
     if np.array_equal(best_a, best_b):
         a, b = (np.load(r / "logits" / "test_tuned.npz") for r in (sf, cl))
-        _same_within_noise(a["logits"], b["logits"], "tuned test")
+        same_within_noise(a["logits"], b["logits"], "tuned test")
     for k in ("n_train", "n_dev", "n_test"):
         assert summary[k] == ref[k], k
     # the same programs on the same shapes: the same traffic. ABY3's bytes vary from run to run of
