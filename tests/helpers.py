@@ -153,3 +153,76 @@ def assert_same_search_path(run_a: Path, run_b: Path, d: int, popsize: int) -> i
         a, b = (np.load(Path(r, "logits", "test_tuned.npz")) for r in (run_a, run_b))
         same_within_noise(a["logits"], b["logits"], "tuned test")
     return same
+
+
+def assert_same_job(summary: dict, ref: dict) -> None:
+    """Two back ends' summaries of the same job: the same example counts, the same traffic (the same
+    programs on the same shapes; ABY3's bytes vary by ~0.5% from run to run of the very same job on
+    either back end, 2.05% seen once, SEMI2K's not at all; another program differs by far more), and
+    only verbalizer logits opened, to the data owner."""
+    import pytest
+
+    for k in ("n_train", "n_dev", "n_test", "protocol"):
+        assert summary[k] == ref[k], k
+    for part in ("setup", "zero_shot_eval", "final_eval"):
+        for k, rel in (("bytes", 0.04), ("rounds", 0.02)):
+            assert summary["mpc"][part][k] == pytest.approx(ref["mpc"][part][k], rel=rel), (part, k)
+    per_gen = lambda s: s["mpc"]["per_generation_median"]["mpc_bytes"]  # noqa: E731
+    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.04)
+    for s in (summary, ref):
+        assert s["reveals"] and {(r["what"], r["to"]) for r in s["reveals"]} == {("verbalizer_logits", "data_owner")}
+
+
+def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_name: str, d: int,
+                                   n_tokens: int, seed: int = 0) -> None:
+    """What every SecretFlow party but the data owner received (``SECPTUNE_RECORD_DIR``, one file
+    per party) holds none of the data owner's secrets (texts, labels, z, A.z in float or fixed
+    point), and no compute party received the model's weights or embeddings; each detector finds
+    its secret framed as SecretFlow sends a value. ``run``: the job's ``--save-logits`` run dir."""
+    import jax
+    import numpy as np
+    from leakcheck import WindowDetector, leaks
+    from secretflow.utils import secure_pickle
+
+    from spu_models.forward import embedding_table
+    from tuning.data_owner.trainer import TuneConfig, build_subspace
+    from tuning.model_owner.models import EmbeddingStats, load_model, with_policy
+    from tuning.policy import load_policy
+
+    policy = load_policy(policy_name)
+    bundle = with_policy(load_model("tiny-llama"), policy)
+    table = np.asarray(embedding_table(bundle.config, bundle.params), np.float32)
+    sub = build_subspace(TuneConfig.of(model="tiny-llama", d=d, n_tokens=n_tokens, seed=seed), bundle,
+                         EmbeddingStats.of(table))
+    gens = [np.load(g) for g in sorted(Path(run, "logits").glob("gen*.npz"))]
+    zs = [z for g in gens for z in g["Z"]]
+    labels = [g[k] for g in gens for k in ("train_labels", "dev_labels")]
+    deltas = [sub.offsets(z) for z in zs]
+    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
+    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
+    fxp = 2.0 ** policy.fxp_fraction_bits
+    data = {  # what no party but the data owner may receive
+        "labels": lambda blob: any(lb.astype(t).tobytes() in blob for lb in labels
+                                   for t in (np.int64, np.int32, np.float32, np.float64)),
+        "z f32": WindowDetector([z.astype(np.float32) for z in zs]),
+        "z f64": WindowDetector([z.astype(np.float64) for z in zs]),
+        "delta f32": WindowDetector(deltas),
+        "delta fxp": WindowDetector([np.trunc(x.astype(np.float64) * fxp).astype(np.int64) for x in deltas]),
+        "text": lambda blob: any(t.encode() in blob for t in texts),
+    }
+    model = {"weights f32": WindowDetector(weights), "embeddings f32": WindowDetector([table])}
+    for party in sorted(p.stem for p in Path(record).glob("*.bin")):
+        blob = (Path(record) / f"{party}.bin").read_bytes()
+        if party == "alice":
+            assert len(blob) > 1000  # the logits and costs it receives
+            continue
+        assert len(blob) > (1000 if party == "bob" else 100_000), party  # bob: descriptors and counts
+        detectors = {**data, **(model if party != "bob" else {})}  # the model owner holds its model
+        assert leaks(blob, detectors) == [], f"{party} received secrets"
+    assert {p.stem for p in Path(record).glob("*.bin")} >= {"alice", "bob", "p0", "p1"}
+    clear = {"labels": labels[0], "z f32": zs[0], "z f64": zs[0].astype(np.float64), "delta f32": deltas[0],
+             "delta fxp": np.trunc(deltas[0].astype(np.float64) * fxp).astype(np.int64), "text": texts[3],
+             "weights f32": weights[0], "embeddings f32": table[40:50]}
+    for kind, value in clear.items():  # control: each detector finds its secret, framed as SecretFlow sends it
+        framed = secure_pickle.dumps({"seq_id": 7, "payload": value, "job": "j"})
+        assert kind in leaks(framed, {**data, **model}), f"detector missed {kind}"

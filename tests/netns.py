@@ -37,6 +37,20 @@ def _ip(*args, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
+def available() -> bool:
+    """Whether this machine can make network namespaces (root, iproute2, kernel support): tries one."""
+    if os.geteuid() != 0:
+        return False
+    name = f"secptune-probe-{os.getpid()}"
+    try:
+        if _ip("netns", "add", name, check=False).returncode != 0:
+            return False
+    except FileNotFoundError:
+        return False
+    _ip("netns", "del", name, check=False)
+    return True
+
+
 class Hosts:
     """Namespaces ``names`` (+ ``probe``, a stranger's host) on one bridge; see the module doc."""
 

@@ -5,7 +5,9 @@ loaders: whatever the bytes, the result is a value or a one-line UserError, neve
 import copy
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -411,7 +413,7 @@ def _cluster_policy(tmp_path, timeout_s=20):
     return dump_policy(dataclasses.replace(load_policy("aby3"), timeout_s=timeout_s), tmp_path / "aby3-short.yaml")
 
 
-def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
+def _tune_and_kill(tmp_path, victim: str, extra=(), budget=3):
     """Start ``secptune tune --backend cluster`` (logs under tmp_path), kill ``victim``'s node once a
     generation is done; return (proc result, seconds from the kill until every process was gone,
     the run dir)."""
@@ -419,7 +421,7 @@ def _tune_and_kill(tmp_path, victim: str, extra=(), budget=4):
     policy = _cluster_policy(tmp_path)
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               TMPDIR=str(tmp_path))
+               TMPDIR=str(tmp_path), SECPTUNE_HOME=str(tmp_path / "home"))  # the nodes' kept state there
     argv = [sys.executable, "-m", "tuning.cli", "tune", "--backend", "cluster", "--policy", str(policy),
             "--train", str(csv), *TUNE, "--budget", str(budget), "--out", str(out), *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
@@ -444,7 +446,9 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     """A compute party or the model owner killed mid-run: the driver exits 2 with one line naming
     it, every node exits by itself within the policy's timeout (no abort, no core), no process
     or port is left; --resume restarts the local cluster and reaches the uninterrupted run's
-    search path (same candidates, hence same best z) with logits within fixed-point noise."""
+    search path (same candidates, hence same best z) with logits within fixed-point noise,
+    restoring the set-up from the shares each node kept on its own disk instead of computing it
+    again."""
     proc, t0, out, policy = _tune_and_kill(tmp_path, victim, extra=("--save-logits",))
     stdout, stderr = proc.communicate(timeout=120)
     t_driver = time.monotonic() - t0
@@ -473,10 +477,20 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     import shutil
 
     shutil.copy(out / "ckpt.npz", tmp_path / "ckpt_at_kill.npz")
-    rc, _, err = cli("tune", "--resume", out, env={"TMPDIR": str(tmp_path)}, timeout=1800)
+    home = {"TMPDIR": str(tmp_path), "SECPTUNE_HOME": str(tmp_path / "home")}
+    rc, _, err = cli("tune", "--resume", out, env=home, timeout=1800)
     assert rc == 0, err[-3000:]
     gens = sorted((out / "logits").glob("gen*.npz"))
-    assert len(gens) == 4 and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len(gens) == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # 0. the set-up came back from the shares every compute node kept (the killed one's too), each
+    #    in its own private directory, instead of being computed again
+    from tuning.compute_party.state import namespace
+
+    first_mb = float(re.search(r"^set-up \(.*MPC ([0-9.]+) MB$", stdout, re.M).group(1))
+    resumed_mb = json.loads((out / "summary.json").read_text())["mpc"]["setup"]["bytes"] / 1e6
+    assert first_mb > 1 and resumed_mb <= 0.05 * first_mb, (first_mb, resumed_mb)
+    kept = [tmp_path / "home" / "state" / p / namespace(out / "state") for p in ("p0", "p1", "p2")]
+    assert all(d.is_dir() and any(d.iterdir()) and stat.S_IMODE(d.stat().st_mode) == 0o700 for d in kept)
     # 1. the resumed search is the one the checkpoint determines, given the logits it opened:
     #    replaying them from the checkpoint asks exactly the same candidates and keeps the same best z
     replay_search(out, d=8, popsize=4, start=tmp_path / "ckpt_at_kill.npz")
@@ -488,7 +502,7 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
         return
     ref = tmp_path / "ref"
     rc, _, err = cli("tune", "--backend", "cluster", "--policy", policy, "--train", tmp_path / "toy.csv", *TUNE,
-                     "--budget", "4", "--save-logits", "--out", ref, env={"TMPDIR": str(tmp_path)}, timeout=1800)
+                     "--budget", "3", "--save-logits", "--out", ref, env=home, timeout=1800)
     assert rc == 0, err[-3000:]
     a, b = np.load(ref / "logits" / "gen0001.npz"), np.load(gens[0])
     np.testing.assert_array_equal(a["Z"], b["Z"])

@@ -9,9 +9,11 @@ otherwise), the same short ABY3 job on tiny-llama (toy data, 2 generations of 4)
 
 both from one deployment file (`deployments/`'s schema) with keys the test makes;
 
-then checks that both took the same search path (`helpers.assert_same_search_path`, the rule of
-the SecretFlow/cluster parity test), and what a stranger in a sixth namespace gets from every
-port while the parties run (after they are up; for the cluster back end once the SPU links are).
+then checks that both took the same search path (`helpers.assert_same_search_path`), with the same
+traffic and reveals, that no SecretFlow party but the data owner received a secret (the checks of
+test_sfjob's parity test, which runs on one host in this test's place where there is no root), and
+what a stranger in a sixth namespace gets from every port while the parties run (after they are
+up; for the cluster back end once the SPU links are).
 
 Measured (probe from its own namespace, no key of the cluster's):
 
@@ -49,7 +51,7 @@ import time
 from pathlib import Path
 
 import yaml
-from helpers import assert_same_search_path, toy_csv
+from helpers import assert_same_job, assert_same_search_path, assert_sf_parties_kept_secrets, toy_csv
 from netns import Hosts
 
 from tuning.policy import dump_policy, load_policy
@@ -228,7 +230,8 @@ def test_hosts_are_made_and_removed():
 
 
 def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
-    csv, _ = toy_csv(tmp_path / "toy.csv")
+    csv, texts = toy_csv(tmp_path / "toy.csv")
+    record = tmp_path / "record"  # what each SecretFlow party receives over its link
     found = {}
     with Hosts(PARTIES, mtu=int(os.environ.get("SECPTUNE_NETNS_MTU", MTU))) as hosts:
         if os.environ.get("SECPTUNE_NETNS_SHAPE"):  # one link under a bandwidth cap (see the docstring)
@@ -242,7 +245,7 @@ def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
             errs[n] = tmp_path / f"sf-{n}.err"
             procs[n] = hosts.popen(n, sf_job_cmd(cluster, n, tmp_path / "sflogs" / n, csv, tmp_path / "sf"),
                                    stdout=open(tmp_path / f"sf-{n}.out", "w"), stderr=open(errs[n], "w"), cwd=REPO,
-                                   env=env())
+                                   env={**env(), "SECPTUNE_RECORD_DIR": str(record)})
         wait_for_lines(errs, ": up", procs, 400)
         t_up = time.monotonic() - t0
         targets = [(f"sf {n} {k}", f"{hosts.ip(n)}:{port}", "watch" if k == "watch" else "brpc")
@@ -284,9 +287,12 @@ def test_sf_job_and_grpc_nodes_across_namespaces(tmp_path):
     print(json.dumps(found, indent=1))
     print(f"running while probed: {running}; sf-job {t_sf:.0f}s (up after {t_up:.0f}s), cluster {t_cl:.0f}s")
 
-    # 3. the same search path
+    # 3. the same job: search path, traffic and reveals; no secret in what any SecretFlow party but
+    #    the data owner received (test_sfjob's parity test, which runs in its place without root)
     same = assert_same_search_path(tmp_path / "sf", tmp_path / "cluster", d=TUNE["d"], popsize=TUNE["popsize"])
     assert same >= 1
+    assert_same_job(summary, ref)
+    assert_sf_parties_kept_secrets(record, tmp_path / "sf", texts, "aby3", d=TUNE["d"], n_tokens=TUNE["n_tokens"])
     assert all(running.values()), running
     # 4. what a stranger gets, port by port (measured; the module doc)
     for run, results in found.items():

@@ -17,12 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 import yaml
-from helpers import pids_with, replay_search, same_within_noise, toy_csv
-from leakcheck import WindowDetector, leaks
+from helpers import assert_same_job, assert_same_search_path, assert_sf_parties_kept_secrets, pids_with, toy_csv
 
 from tuning.transports import deployment as dp
 from tuning.transports import sfcluster as sc
@@ -227,33 +224,20 @@ def _cluster_run(tmp_path, name, csv, out):
                 show_progress=False, log=lambda *a: None)
 
 
-def _secrets(csv_texts, zs, deltas, labels, fxp_bits):
-    from spu_models.forward import embedding_table
-    from tuning.model_owner.models import load_model
+def _netns_available() -> bool:
+    from netns import available
 
-    bundle = load_model("tiny-llama")
-    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
-    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
-    table = np.asarray(embedding_table(bundle.config, bundle.params), np.float32)
-    fxp = 2.0 ** fxp_bits
-    data = {  # what no party but the data owner may receive
-        "labels": lambda blob: any(lb.astype(t).tobytes() in blob for lb in labels
-                                   for t in (np.int64, np.int32, np.float32, np.float64)),
-        "z f32": WindowDetector([z.astype(np.float32) for z in zs]),
-        "z f64": WindowDetector([z.astype(np.float64) for z in zs]),
-        "delta f32": WindowDetector(deltas),
-        "delta fxp": WindowDetector([np.trunc(d.astype(np.float64) * fxp).astype(np.int64) for d in deltas]),
-        "text": lambda blob: any(t.encode() in blob for t in csv_texts),
-    }
-    model = {"weights f32": WindowDetector(weights), "embeddings f32": WindowDetector([table])}
-    clear = {"labels": labels[0], "z f32": zs[0], "z f64": zs[0].astype(np.float64), "delta f32": deltas[0],
-             "delta fxp": np.trunc(deltas[0].astype(np.float64) * fxp).astype(np.int64), "text": csv_texts[3],
-             "weights f32": weights[0], "embeddings f32": table[40:50]}
-    return data, model, clear
+    return available()
 
 
-@pytest.mark.parametrize("name", ["aby3", pytest.param("semi2k", marks=pytest.mark.soak)])
+@pytest.mark.parametrize("name", [
+    pytest.param("aby3", marks=pytest.mark.skipif(_netns_available(), reason="test_multihost runs this job and "
+                                                  "these checks across network namespaces")),
+    pytest.param("semi2k", marks=pytest.mark.soak)])
 def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
+    """The same short job through SecretFlow and on the cluster back end: the same search path
+    (helpers.assert_same_search_path), the same traffic and reveals, and no secret in what any
+    party but the data owner received."""
     csv, texts = toy_csv(tmp_path / "toy.csv")
     ref = _cluster_run(tmp_path, name, csv, tmp_path / "cluster")
     record = tmp_path / "record"
@@ -264,70 +248,15 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
     wall = time.monotonic() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])  # stdout: the result alone
-    assert summary["backend"] == "secretflow" and summary["protocol"] == ref["protocol"] and summary["generations"] == 2
+    assert summary["backend"] == "secretflow" and summary["generations"] == 2
     assert pids_with(str(tmp_path / "logs"), "tuning.sfjob") == []
     report = json.loads((tmp_path / "logs" / "job.json").read_text())
     assert report["ok"] and all(p_["status"]["kind"] == "ok" for p_ in report["parties"].values())
-
-    # the same search path: each back end's candidates are the seed's, replayed on the logits it
-    # opened; SPU's share and truncation randomness cannot be seeded, so the two share a generation's
-    # candidates as long as their earlier rankings agree (two of four losses can lie within 1e-4)
-    sf, cl = tmp_path / "sf", tmp_path / "cluster"
-    (best_a, ranks_a), (best_b, ranks_b) = (replay_search(r, d=8, popsize=4) for r in (sf, cl))
-    zs, deltas, labels = [], [], []
-    for g in (1, 2):
-        a, b = (np.load(r / "logits" / f"gen{g:04d}.npz") for r in (sf, cl))
-        if g == 1 or all(np.array_equal(x, y) for x, y in zip(ranks_a[: g - 1], ranks_b[: g - 1])):
-            assert np.array_equal(a["Z"], b["Z"]), g
-        if np.array_equal(a["Z"], b["Z"]):  # the same programs on the same inputs: the same opened logits
-            for k in ("train_logits", "dev_logits"):
-                same_within_noise(a[k], b[k], k)
-        zs += list(a["Z"])
-        labels += [a["train_labels"], a["dev_labels"]]
-    a, b = (np.load(r / "logits" / "test_zero_shot.npz") for r in (sf, cl))
-    same_within_noise(a["logits"], b["logits"], "zero-shot test")
-    if np.array_equal(best_a, best_b):
-        a, b = (np.load(r / "logits" / "test_tuned.npz") for r in (sf, cl))
-        same_within_noise(a["logits"], b["logits"], "tuned test")
-    for k in ("n_train", "n_dev", "n_test"):
-        assert summary[k] == ref[k], k
-    # the same programs on the same shapes: the same traffic. ABY3's bytes vary from run to run of
-    # the very same job, on either back end (usually ~0.5%; 2.05% seen once in CI, on the 17 MB
-    # zero-shot evaluation), SEMI2K's not at all; a different program differs by far more
-    for part in ("setup", "zero_shot_eval", "final_eval"):
-        for k, rel in (("bytes", 0.04), ("rounds", 0.02)):
-            assert summary["mpc"][part][k] == pytest.approx(ref["mpc"][part][k], rel=rel), (part, k)
-    per_gen = lambda s: s["mpc"]["per_generation_median"]["mpc_bytes"]  # noqa: E731
-    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.04)
-    assert [(r["what"], r["to"], r["party"]) for r in summary["reveals"]] == \
-        [("verbalizer_logits", "data_owner", "alice")] * len(summary["reveals"])
+    assert assert_same_search_path(tmp_path / "sf", tmp_path / "cluster", d=8, popsize=4) >= 1
+    assert_same_job(summary, ref)
+    assert_sf_parties_kept_secrets(record, tmp_path / "sf", texts, name, d=8, n_tokens=2)
     print(f"{name}: sf-job {wall:.0f}s; per generation sf {summary['mpc']['per_generation_median']['mpc_s']:.1f}s "
           f"cluster {ref['mpc']['per_generation_median']['mpc_s']:.1f}s")
-    if name != "aby3":
-        return
-
-    # privacy: what every party but the data owner received over SecretFlow's link
-    from spu_models.forward import embedding_table
-    from tuning.model_owner.models import EmbeddingStats, load_model, with_policy
-    from tuning.data_owner.trainer import TuneConfig, build_subspace
-
-    bundle = with_policy(load_model("tiny-llama"), load_policy(name))
-    stats = EmbeddingStats.of(np.asarray(embedding_table(bundle.config, bundle.params), np.float32))
-    sub = build_subspace(TuneConfig.of(model="tiny-llama", d=8, n_tokens=2, seed=0), bundle, stats)
-    deltas = [sub.offsets(z) for z in zs]
-    data, model, clear = _secrets(texts, zs, deltas, labels, load_policy(name).fxp_fraction_bits)
-    for party in ("bob", "p0", "p1", "p2"):
-        blob = (record / f"{party}.bin").read_bytes()
-        assert len(blob) > (1000 if party == "bob" else 100_000), party  # bob: descriptors and counts
-        detectors = {**data, **(model if party != "bob" else {})}  # the model owner holds its model
-        assert leaks(blob, detectors) == [], f"{party} received secrets"
-    assert len((record / "alice.bin").read_bytes()) > 1000  # the logits and costs it receives
-    # control: each detector finds its secret framed as SecretFlow sends a value
-    from secretflow.utils import secure_pickle
-
-    for kind, value in clear.items():
-        framed = secure_pickle.dumps({"seq_id": 7, "payload": value, "job": "j"})
-        assert kind in leaks(framed, {**data, **model}), f"detector missed {kind}"
 
 
 def _start_job(tmp_path, policy, budget, log_dir, out):
@@ -385,7 +314,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
     logs, out = tmp_path / "logs", tmp_path / "run"
-    proc, pids = _start_job(tmp_path, policy, 4, logs, out)
+    proc, pids = _start_job(tmp_path, policy, 3, logs, out)
     # every SecretFlow and SPU port speaks TLS and wants a pinned client certificate
     cluster = yaml.safe_load((logs / "deployment.yaml").read_text())
     for name, party in cluster["parties"].items():
@@ -409,14 +338,14 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
         assert p["ended"] - t_kill < timeout, (name, p["ended"] - t_kill)
     assert pids_with(str(logs), "tuning.sfjob") == []
     done = len((out / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= done < 4
+    assert 1 <= done < 3
 
     # the parties restart; the data owner continues from its checkpoint
     p = run_sf_job(policy, tmp_path / "logs2", ["--resume", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed at generation {done}" in p.stderr
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    assert json.loads((out / "summary.json").read_text())["generations"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "summary.json").read_text())["generations"] == 3
     assert pids_with(str(tmp_path / "logs2"), "tuning.sfjob") == []
 
 

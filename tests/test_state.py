@@ -1,4 +1,6 @@
-"""Set-up shares kept on the parties' disks: a resumed or restarted run does not prefill again."""
+"""Set-up shares kept on the parties' disks: a resumed or restarted run does not prefill again.
+On cluster nodes (each party its own directory) after a killed party: test_faults'
+test_killed_party_mid_generation_then_resume_matches."""
 import json
 import os
 import stat
@@ -109,26 +111,3 @@ def test_plaintext_keeps_no_state(toy_csv, tmp_path):
     assert not (tmp_path / "run" / "state").exists()
     with pytest.raises(UserError):
         PlaintextBackend.keep_state(object.__new__(PlaintextBackend), tmp_path)
-
-
-def test_cluster_nodes_keep_their_own_shares_and_a_resume_restores_them(toy_csv, tmp_path, monkeypatch):
-    import tempfile
-
-    from helpers import small_policy
-    from tuning.compute_party.state import namespace
-    from tuning.cli import main
-    from tuning.policy import dump_policy
-
-    monkeypatch.setenv("SECPTUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the cluster tune launches logs here
-    policy = dump_policy(small_policy("aby3"), tmp_path / "aby3-free.yaml")
-    run = tmp_path / "run"
-    first = tune(_cfg(toy_csv, run, backend="cluster", policy=str(policy), budget=1), **QUIET)
-    kept = [tmp_path / "home" / "state" / p / namespace(run / "state") for p in ("p0", "p1", "p2")]
-    assert all(len(list(d.iterdir())) > 0 for d in kept)  # each node, in its own directory
-    assert all(stat.S_IMODE(os.stat(d).st_mode) == 0o700 for d in kept)
-    again = tune(TuneConfig.of(out=str(run)), resume=True, budget=2, **QUIET)
-    first_b, resumed_b = first["mpc"]["setup"]["bytes"], again["mpc"]["setup"]["bytes"]
-    assert first_b > 0 and resumed_b <= 0.05 * first_b, (first_b, resumed_b)
-    assert again["generations"] == 2 and again["zero_shot_test_acc"] == first["zero_shot_test_acc"]
-    assert main(["clean", str(run)]) == 0 and not run.exists() and not any(d.exists() for d in kept)
