@@ -64,7 +64,7 @@ from ..programs import compile_session_program, param_names
 from . import node, procs, tls
 from .deployment import DATA_OWNER, Deployment, dump_deployment, load_deployment, local_deployment
 from .cost import CallCost
-from .rpc import PartyError, PartyRefused, Peer, check_alive, gather
+from .rpc import NodeWatch, PartyError, PartyRefused, Peer, gather
 from .rpc import ping as rpc_ping
 from .session import Session
 
@@ -289,6 +289,7 @@ class ClusterBackend(Session):
             self.peers = [Peer(p.name, p.node, t, ident) for p in dep.compute]
             self.owner = Peer(dep.model_owner.name, dep.model_owner.node, t, ident)
             self._all = [*self.peers, self.owner]
+            self._watch = NodeWatch(self._all, t)  # the model owner's presence is part of the session
             config, shapes = self._setup()
             # the session compiles from the model owner's public metadata (config, weight shapes),
             # run as the policy says, as in every back end
@@ -299,18 +300,18 @@ class ClusterBackend(Session):
             raise
 
     def _setup(self):
-        check_alive(self._all)
+        self._watch.start()
         # every party drops the previous session's link before any builds a new one: a new link
         # could otherwise handshake with a peer's old link, still listening on the same port
         view = self.deployment.view()
-        gather([(peer, node.reset, (view,)) for peer in self.peers], self._all)
+        gather([(peer, node.reset, (view,)) for peer in self.peers], self._watch)
         rc = self._rc.SerializeToString()
         links = [p.link for p in self.deployment.compute]
         gather([(peer, node.init_runtime, (r, links, rc, self.policy.timeout_s, view))
-                for r, peer in enumerate(self.peers)], self._all)
+                for r, peer in enumerate(self.peers)], self._watch)
         compute = [(p.name, p.node) for p in self.deployment.compute]
         (meta,) = gather([(self.owner, node.share_weights, (self.model, rc, compute, self.policy.timeout_s))],
-                         self._all)
+                         self._watch)
         return meta["config"], meta["shapes"]
 
     # ---------------------------------------------------------------------------- data owner
@@ -332,7 +333,7 @@ class ClusterBackend(Session):
         if not self.peers:
             raise RuntimeError("the cluster back end is closed")
         try:
-            return gather(jobs, self._all)  # the model owner's presence is part of the session
+            return gather(jobs, self._watch)
         except PartyRefused:
             raise  # a party's rule: nothing ran, the session goes on
         except PartyError as e:
@@ -423,6 +424,8 @@ class ClusterBackend(Session):
         return peer.call(node.info)
 
     def close(self):
+        if getattr(self, "_watch", None) is not None:
+            self._watch.stop()  # before the nodes go: their end is not a failure
         for peer in [*self.peers, *([self.owner] if self.owner else [])]:
             peer.close()
         self.peers, self.owner = [], None

@@ -2,9 +2,9 @@
 
 ``Peer`` runs a *named* node function on a node over gRPC (SPU's ppd ``NodeService`` messages)
 with mutual TLS (``tls.Identity``: this process's party and the pinned certificates), a deadline,
-cancellation and errors that name the party; ``gather`` runs calls on several nodes at once while
-pinging the others, so that a dead or hung party fails the whole call with a :class:`PartyError`
-naming it. Used by the data owner's driver (``cluster.ClusterBackend``) and by the model owner's
+cancellation and errors that name the party; ``gather`` runs calls on several nodes at once under
+a :class:`NodeWatch` (``liveness.Watch`` with a ``ping`` per beat), so that a dead or hung party
+fails the whole call with a :class:`PartyError` naming it. Used by the data owner's driver (``cluster.ClusterBackend``) and by the model owner's
 node when it sends weight shares.
 
 Wire format (both directions): a pickle read back by :func:`safe_loads`, which admits only plain
@@ -22,15 +22,14 @@ import os
 import pickle
 import re
 import threading
-import time
 
 import grpc
 from spu.utils import distributed_pb2, distributed_pb2_grpc
 from spu.utils.distributed_impl import RPC, split_message
 
 from ..errors import Refused, UserError
+from .liveness import Beat, Lost, Stalled, Watch
 
-HEARTBEAT_S = 2.0  # ping interval while a call is in flight
 # ppd's channel options, plus a short reconnect back-off (gRPC's default grows to minutes, which
 # would make a node that is still starting look dead for a long time). Not "min_reconnect_backoff":
 # gRPC takes it as the deadline of one connection attempt, and with TLS a channel that had dialled
@@ -79,6 +78,10 @@ class PartyError(UserError, RuntimeError):
     """A party died, is unreachable, stopped answering, or failed; the message names it."""
 
 
+class PartyTimeout(PartyError):
+    """A party did not answer within a call's deadline."""
+
+
 class PartyRefused(PartyError, Refused):
     """A party refused a call by its rules (nothing ran, nothing left it); the session stays usable."""
 
@@ -100,15 +103,17 @@ class Peer:
     def __repr__(self):
         return f"party {self.name} ({self.addr})"
 
-    def call(self, fn, *args, timeout: float | None = -1.0):
+    def call(self, fn, *args, timeout: float | None = -1.0, cancellable: bool = True):
         """Run node function ``fn`` (by its name) there with ``args``; ``timeout`` None = no
-        deadline, -1 = timeout_s."""
+        deadline, -1 = timeout_s. ``cancellable=False``: :meth:`cancel` leaves it alone (the
+        watch's heartbeats, which must outlive a cancelled job)."""
         timeout = self.timeout_s if timeout == -1.0 else timeout
         fname = fn if isinstance(fn, str) else fn.__name__
         reqs = (distributed_pb2.RunRequest(data=chunk) for chunk in split_message(dumps((fname, args))))
         rpc = self._stub.RunReturn(reqs, timeout=timeout)
         with self._lock:
-            self._inflight.add(rpc)
+            if cancellable:
+                self._inflight.add(rpc)
         try:
             data = b"".join(r.data for r in rpc)
         except grpc.RpcError as e:
@@ -129,7 +134,7 @@ class Peer:
     def _error(self, e: grpc.RpcError, timeout) -> PartyError:
         code, details = e.code(), " ".join(str(e.details() or "").split())
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return PartyError(f"{self} did not answer within {timeout:g}s")
+            return PartyTimeout(f"{self} did not answer within {timeout:g}s")
         if code == grpc.StatusCode.UNAVAILABLE:
             if "ssl" in details.lower() or "handshake" in details.lower() or "certificate" in details.lower():
                 return PartyError(f"{self} failed the TLS handshake (not the pinned certificate of {self.name}, "
@@ -160,27 +165,76 @@ def _summary(traceback_text: str) -> str:
     return lines[-1] if lines else traceback_text
 
 
-def gather(jobs: list, watch: list, heartbeat_s: float = HEARTBEAT_S) -> list:
+class PingBeat(Beat):
+    """A node's heartbeat for :class:`liveness.Watch`: its ``ping`` call, within the stall bound."""
+
+    def __init__(self, peer: Peer):
+        self.peer = peer
+
+    def beat(self, stall_s: float) -> str:
+        try:
+            self.peer.call(ping, timeout=stall_s, cancellable=False)
+        except PartyTimeout as e:
+            raise Stalled(str(e)) from None
+        except PartyError as e:
+            raise Lost(str(e)) from None
+        return "ok"
+
+
+class NodeWatch:
+    """The driver's watch over the nodes of its session (``liveness.Watch``, a ``ping`` per beat):
+    the first node lost or stalled becomes :attr:`error` and cancels every call in flight, which
+    :func:`gather` then fails with it."""
+
+    def __init__(self, peers: list, timeout_s: float):
+        self.peers, self.error = list(peers), None
+        self._watch = Watch(self.peers, timeout_s, self._fatal, dial=PingBeat, startup_s=0, label=repr)
+
+    def start(self) -> "NodeWatch":
+        self.check()
+        self._watch.start()
+        return self
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+    def _fatal(self, kind: str, name: str, message: str) -> None:
+        self.error = PartyError(message)
+        for p in self.peers:
+            p.cancel()
+
+    def check(self) -> None:
+        """One beat of every node, now; raise the first failure (in the nodes' order)."""
+        if self.error is not None:
+            raise self.error
+        stall_s = self._watch.stall_s
+        with concurrent.futures.ThreadPoolExecutor(len(self.peers)) as pool:
+            futs = [pool.submit(p.call, ping, timeout=stall_s, cancellable=False) for p in self.peers]
+            for f in futs:
+                if f.exception() is not None:
+                    raise f.exception()
+
+
+def gather(jobs: list, watch: NodeWatch) -> list:
     """Run ``jobs`` = [(peer, fn, args)] concurrently (no deadline) and return their results.
 
-    While they run, every peer in ``watch`` is pinged every ``heartbeat_s`` (deadline: its
-    ``timeout_s``), so a dead or hung party fails the whole call with a PartyError naming it.
-    On any failure the other calls are cancelled.
+    ``watch`` beats every node meanwhile, so a dead or hung party fails the whole call with a
+    PartyError naming it. On any failure the other calls are cancelled.
     """
     pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
     futs = [pool.submit(peer.call, fn, *args, timeout=None) for peer, fn, args in jobs]
     try:
-        pending, next_beat = set(futs), time.monotonic() + heartbeat_s
+        if watch.error is not None:
+            raise watch.error
+        pending = set(futs)
         while pending:
             done, pending = concurrent.futures.wait(pending, 0.1, concurrent.futures.FIRST_EXCEPTION)
+            if watch.error is not None:
+                raise watch.error
             failed = [f for f in done if f.exception() is not None]
             if failed:
-                err = failed[0].exception()
-                check_alive(watch)  # a peer that died is the better culprit than its victims
-                raise err
-            if pending and time.monotonic() >= next_beat:
-                check_alive(watch)
-                next_beat = time.monotonic() + heartbeat_s
+                watch.check()  # a peer that died is the better culprit than its victims
+                raise failed[0].exception()
         return [f.result() for f in futs]
     except BaseException:
         for peer, _, _ in jobs:
@@ -188,14 +242,3 @@ def gather(jobs: list, watch: list, heartbeat_s: float = HEARTBEAT_S) -> list:
         raise
     finally:
         pool.shutdown(wait=False)
-
-
-def check_alive(peers: list) -> None:
-    """Ping ``peers`` concurrently; raise the first PartyError (in ``peers`` order)."""
-    if not peers:
-        return
-    with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
-        futs = [pool.submit(p.call, ping) for p in peers]
-        for f in futs:
-            if f.exception() is not None:
-                raise f.exception()
