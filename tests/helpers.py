@@ -153,3 +153,45 @@ def assert_same_search_path(run_a: Path, run_b: Path, d: int, popsize: int) -> i
         a, b = (np.load(Path(r, "logits", "test_tuned.npz")) for r in (run_a, run_b))
         same_within_noise(a["logits"], b["logits"], "tuned test")
     return same
+
+
+# what a stranger sends a link port in the clear: a forged message to brpc's receiver service
+FORGED_PUSH = (b"POST /ReceiverService/Push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 2\r\n\r\n{}")
+
+
+def plaintext_reply(addr: str, data: bytes = FORGED_PUSH, wait_s: float = 3.0) -> bytes:
+    """What ``addr`` (host:port, or unix:PATH) answers ``data`` sent in the clear, until it closes
+    the connection or ``wait_s`` passes (b"": nothing)."""
+    fam, where = (socket.AF_UNIX, addr[5:]) if addr.startswith("unix:") else \
+        (socket.AF_INET, (addr.rpartition(":")[0], int(addr.rpartition(":")[2])))
+    got = b""
+    with socket.socket(fam) as s:
+        s.settimeout(5)
+        try:
+            s.connect(where)
+            s.sendall(data)
+            s.settimeout(wait_s)
+            while len(got) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        except OSError:  # a reset, a timeout: what came before it is the answer
+            pass
+    return got
+
+
+def tls_without_certificate(addr: str) -> bytes:
+    """What a TLS client with no certificate gets from ``addr`` for an HTTP request (b"": nothing)."""
+    import ssl
+
+    host, _, port = addr.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+            s.sendall(FORGED_PUSH)
+            return s.recv(200)
+    except (ssl.SSLError, OSError):
+        return b""
