@@ -107,12 +107,16 @@ def port_free(addr: str) -> bool:
 
 
 def assert_cleaned_up(cluster):
-    """A closed local cluster left no process, port or key behind."""
+    """A closed local cluster left no process, port, key or link socket behind."""
+    from tuning.transports.tlsgate import socket_base
+
     assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
     assert pids_with(str(cluster.log_dir), "tuning.transports.node") == []
     addrs = [a for p in cluster.deployment.nodes for a in (p.node, p.link) if a]
     assert all(port_free(a) for a in addrs), addrs
     assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"
+    left = [d for p in cluster.procs.values() for d in socket_base().glob(f"secptune-gate-{p.pid}-*")]
+    assert not left, f"the nodes' link gates outlived them: {left}"
 
 
 def same_within_noise(a, b, what, tol=2e-2, margin=0.04):

@@ -21,12 +21,13 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from helpers import pids_with, replay_search, same_within_noise, toy_csv
+from helpers import (FORGED_PUSH, pids_with, plaintext_reply, replay_search, same_within_noise,
+                     tls_without_certificate, toy_csv)
 from leakcheck import WindowDetector, leaks
 
 from tuning.transports import deployment as dp
 from tuning.transports import sfcluster as sc
-from tuning.transports import tls
+from tuning.transports import tls, tlsgate
 from tuning.policy import available_policies, dump_policy, load_policy
 
 REPO = Path(__file__).absolute().parent.parent
@@ -366,33 +367,23 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
         assert pids_with(str(tmp_path / n), "tuning.sfjob") == []
 
 
-def _tls_without_certificate(addr: str) -> bytes:
-    """What a TLS client with no certificate gets from ``addr`` for an HTTP request (b"": nothing)."""
-    import ssl
-
-    host, _, port = addr.rpartition(":")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    try:
-        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as s:
-            s.sendall(b"POST /ReceiverService/Push HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            return s.recv(200)
-    except (ssl.SSLError, OSError):
-        return b""
-
-
 def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
     logs, out = tmp_path / "logs", tmp_path / "run"
     proc, pids = _start_job(tmp_path, policy, 4, logs, out)
-    # every SecretFlow and SPU port speaks TLS and wants a pinned client certificate
+    # every SecretFlow and SPU port speaks TLS only and wants a pinned client certificate: a
+    # stranger gets no byte, in TLS without one or in plaintext (a forged push to brpc's receiver)
     cluster = yaml.safe_load((logs / "deployment.yaml").read_text())
     for name, party in cluster["parties"].items():
-        ports = party["secretflow"]
-        for kind in ("address", "spu"):
-            if kind in ports:
-                assert _tls_without_certificate(ports[kind]) == b"", (name, kind)
+        for kind, addr in party["secretflow"].items():
+            if kind == "watch":  # plain TCP heartbeats, for now
+                continue
+            assert tls_without_certificate(addr) == b"", (name, kind)
+            assert plaintext_reply(addr, FORGED_PUSH) == b"", (name, kind)
+    # control: brpc behind p0's gates (its private Unix sockets) answers the same plaintext
+    gates = list(tlsgate.socket_base().glob(f"secptune-gate-{pids['p0']['pid']}-*/brpc.sock"))
+    assert len(gates) == 2 and all(plaintext_reply(f"unix:{g}", FORGED_PUSH).startswith(b"HTTP/1.1 ") for g in gates)
     os.kill(pids["p1"]["pid"], signal.SIGKILL)  # a compute party, mid-job
     t_kill = time.time()
     _, stderr = proc.communicate(timeout=timeout + 60)

@@ -79,6 +79,7 @@ from .cost import CallCost
 from .session import Session
 from .deployment import Deployment
 from .sfcluster import STARTUP_S, JobError, Watchdog
+from .tlsgate import TLSGate
 
 PROTOCOL = 2  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
@@ -286,8 +287,14 @@ class SFJob:
         from google.protobuf import json_format
 
         t_ms = int(self.cluster.timeout_s * 1000)
-        parties = {p.name: {"address": p.address, **({"listen_addr": p.listen} if p.listen else {})}
-                   for p in self.cluster.parties}
+        # brpc answers plaintext on a TLS port: this process listens on the party's SecretFlow and
+        # SPU ports itself and passes only TLS on to brpc, which listens on a private Unix socket
+        me = f"party {self.me.name}'s"
+        self.gates = {"sf": TLSGate(self.me.listen or self.me.address, f"{me} SecretFlow address").start()}
+        if self.me.role == "compute":
+            self.gates["spu"] = TLSGate(self.me.spu_listen or self.me.spu, f"{me} SPU address").start()
+        parties = {p.name: {"address": p.address} for p in self.cluster.parties}
+        parties[self.me.name]["listen_addr"] = self.gates["sf"].backend  # peers dial the address
         comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": 2 * t_ms,
                 "connect_retry_times": int(startup_s), "connect_retry_interval_ms": 1000,
                 "exit_on_sending_failure": True}
@@ -309,8 +316,9 @@ class SFJob:
         log_opts = spu_logging.LogOptions()
         log_opts.enable_console_logger = True  # SPU's profile lines go to stdout: this party's log
         log_opts.system_log_path = str(self.log_dir / f"{self.me.name}.spu.log")
-        nodes = [{"party": p.name, "address": p.spu, "listen_address": p.spu_listen or p.spu,
-                  **({"tls_opts": spu_tls} if p.name == self.me.name else {})} for p in self.cluster.compute]
+        nodes = [{"party": p.name, "address": p.spu, **({"listen_address": self.gates["spu"].backend,
+                                                          "tls_opts": spu_tls} if p.name == self.me.name else {})}
+                 for p in self.cluster.compute]
         rc = json_format.MessageToDict(self.policy.runtime_config(profile=True), preserving_proto_field_name=True)
         link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": 2 * t_ms, "connect_retry_interval_ms": 500,
                 "connect_retry_times": int(startup_s * 2)}
