@@ -74,7 +74,7 @@ from ..model_owner.models import ModelBundle, policy_execution
 from ..model_owner.owner import ModelOwner
 from ..policy import view_differences
 from ..programs import weight_names
-from . import procs
+from . import procs, tls
 from .cost import CallCost
 from .session import Session
 from .deployment import Deployment
@@ -278,7 +278,8 @@ class SFJob:
         self.broken = ""  # set when an operation failed half-way: the parties are out of step
         self.ops = 0
         peers = [p for p in cluster.parties if p.name != party]
-        self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s).start()
+        self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s,
+                                 tls=tls.watch_tls(cluster, party)).start()
         self._init_sf(startup_s)
 
     def _init_sf(self, startup_s: float) -> None:
@@ -333,8 +334,6 @@ class SFJob:
         party, for the SPU link (its node's ``tls_opts``): its own certificate and key, and the
         pinned certificates of the parties it talks to as the only trust roots (no authority).
         A deployment that names no keys is refused (KeyFileError, one line)."""
-        from . import tls
-
         tls.identity(self.cluster, self.me.name)  # its key readable here, every party's certificate pinned
         cert, key = str(Path(self.me.cert).absolute()), str(Path(self.me.key).absolute())
         peers = tls.pinned_bundle(self.cluster, [p.name for p in self.cluster.parties],
