@@ -594,3 +594,23 @@ def test_a_party_decodes_its_link_with_an_allow_list(tmp_path):
     # what a job sends still decodes (the SecretFlow job tests run whole jobs through it)
     msg = {"seq_id": 2, "payload": Request.of(ProgramRef("head"), {"rows": (2, 5)}, ["head"]), "job": "j"}
     assert brpc_link.secure_pickle.loads(brpc_link.secure_pickle.dumps(msg)) == msg
+
+
+def test_a_party_turns_tls_on_for_secretflows_link(tmp_path):
+    """SecretFlow 1.11's brpc link fills in ``tls_config``'s certificates but leaves TLS off (its
+    messages went in plaintext); a party turns it on, and refuses a link without certificates."""
+    from secretflow.distributed.fed.proxy.brpc_link import brpc_link
+
+    from tuning.transports import secretflow as sfb
+
+    cert, key = tls.generate_keys(["alice"], tmp_path)["alice"]
+    args = ({"alice": "127.0.0.1:1", "bob": "127.0.0.1:2"}, "alice", "job",
+            {"cert": str(cert), "key": str(key), "ca_cert": str(cert)}, {})
+    cls = brpc_link.BrpcLinkProxy
+    control = cls.__new__(cls)
+    getattr(cls.__init__, "__wrapped__", cls.__init__)(control, *args)  # SecretFlow's own
+    assert control._desc.server_ssl_opts.cert.certificate_path == str(cert) and not control._desc.enable_ssl
+    sfb._link_with_tls()  # what every party does before sf.init
+    assert cls(*args)._desc.enable_ssl
+    with pytest.raises(sc.JobError, match="needs TLS"):
+        cls(*args[:3], None, {})

@@ -59,6 +59,7 @@ parties must be restarted, and ``--resume`` continues from the data owner's last
 from __future__ import annotations
 
 import builtins
+import functools
 import io
 import os
 import pickle
@@ -256,6 +257,28 @@ def _decode_with_allow_list() -> None:
         brpc_link.secure_pickle = _AllowListCodec(brpc_link.secure_pickle)
 
 
+def _link_with_tls() -> None:
+    """SecretFlow 1.11's brpc link fills in ``tls_config``'s certificates but never turns TLS on
+    (``Desc.enable_ssl``): its messages went in plaintext. Every party turns it on before ``sf.init``
+    (and refuses a link without TLS); the party's TLS-only gate would refuse a plaintext peer anyway."""
+    from secretflow.distributed.fed.proxy.brpc_link import brpc_link
+
+    cls = brpc_link.BrpcLinkProxy
+    if getattr(cls.__init__, "secptune_tls", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not self._tls_config:
+            raise JobError("SecretFlow's link needs TLS (tls_config); refusing a plaintext link")
+        self._desc.enable_ssl = True
+
+    __init__.secptune_tls = True
+    cls.__init__ = __init__
+
+
 # ----------------------------------------------------------------------------------- the party
 class SFJob:
     """This process's party in a SecretFlow job: the devices, the resident SPU values, and the
@@ -301,6 +324,7 @@ class SFJob:
                 "exit_on_sending_failure": True}
         tls_config, spu_tls = self._tls()
         _decode_with_allow_list()
+        _link_with_tls()
         sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
                 cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
                 logging_level="info", tls_config=tls_config)
