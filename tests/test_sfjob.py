@@ -446,6 +446,8 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
         assert p["status"]["kind"] == "lost" and p["status"]["peer"] in report["parties"]
         assert p["ended"] - t_kill < timeout, (name, p["ended"] - t_kill)
     assert pids_with(str(logs), "tuning.sfjob") == []
+    left = [d for p in pids.values() for d in tlsgate.socket_base().glob(f"secptune-gate-{p['pid']}-*")]
+    assert not left, f"link sockets outlived their parties (the killed one's too): {left}"
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert 1 <= done < 4
 

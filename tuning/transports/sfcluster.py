@@ -41,7 +41,7 @@ from ..errors import UserError
 from .deployment import Deployment
 from .deployment import Party as SFParty
 from .procs import STARTUP_S, kill_groups, launch
-from .tlsgate import opens_with_hello, refuse
+from .tlsgate import opens_with_hello, refuse, remove_stale
 
 GOODBYE_S = 2.0  # bound on telling every watcher "." when leaving
 GRACE_S = 10.0  # after the first party ends abnormally, how long past timeout_s the rest may take
@@ -373,6 +373,7 @@ class Supervisor:
         """Kill whatever is left (every worker's process group) and reap it."""
         live = [w.proc for w in self.workers.values() if w.proc.poll() is None]
         kill_groups(live, 3.0)
+        remove_stale()  # the link sockets of parties that were killed or crashed
         for w in self.workers.values():
             if w.ended is None and w.proc.poll() is not None:
                 w.ended = time.time()

@@ -48,15 +48,19 @@ def socket_base() -> Path:
     return base if len(str(base)) <= 60 else Path("/tmp")  # a Unix socket's path has at most 107 bytes
 
 
-def _private_dir() -> Path:
-    """A new directory only this user can enter (0700), named by this process; the directories
-    of processes that ended without stopping their gates (killed, crashed) are removed first."""
-    base = socket_base()
-    for old in base.glob("secptune-gate-*-*"):
+def remove_stale() -> None:
+    """Remove the gate directories of processes that ended without stopping their gates (killed,
+    crashed): each new gate does, and so do launchers once they reaped their parties."""
+    for old in socket_base().glob("secptune-gate-*-*"):
         pid = old.name.split("-")[2]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"secptune-gate-{os.getpid()}-", dir=base))
+
+
+def _private_dir() -> Path:
+    """A new directory only this user can enter (0700), named by this process."""
+    remove_stale()
+    return Path(tempfile.mkdtemp(prefix=f"secptune-gate-{os.getpid()}-", dir=socket_base()))
 
 
 def opens_with_hello(conn, timeout_s: float = HELLO_S) -> bool:
