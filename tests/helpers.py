@@ -107,12 +107,16 @@ def port_free(addr: str) -> bool:
 
 
 def assert_cleaned_up(cluster):
-    """A closed local cluster left no process, port or key behind."""
+    """A closed local cluster left no process, port, key or link socket behind."""
+    from tuning.transports.tlsgate import socket_base
+
     assert all(p.returncode is not None for p in cluster.procs.values())  # reaped: no zombies
     assert pids_with(str(cluster.log_dir), "tuning.transports.node") == []
     addrs = [a for p in cluster.deployment.nodes for a in (p.node, p.link) if a]
     assert all(port_free(a) for a in addrs), addrs
     assert not list(cluster.log_dir.glob("keys-*/*")), "the throwaway keys outlived the cluster"
+    left = [d for p in cluster.procs.values() for d in socket_base().glob(f"secptune-gate-{p.pid}-*")]
+    assert not left, f"the nodes' link gates outlived them: {left}"
 
 
 def same_within_noise(a, b, what, tol=2e-2, margin=0.04):
@@ -226,3 +230,45 @@ def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_
     for kind, value in clear.items():  # control: each detector finds its secret, framed as SecretFlow sends it
         framed = secure_pickle.dumps({"seq_id": 7, "payload": value, "job": "j"})
         assert kind in leaks(framed, {**data, **model}), f"detector missed {kind}"
+
+
+# what a stranger sends a link port in the clear: a forged message to brpc's receiver service
+FORGED_PUSH = (b"POST /ReceiverService/Push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 2\r\n\r\n{}")
+
+
+def plaintext_reply(addr: str, data: bytes = FORGED_PUSH, wait_s: float = 3.0) -> bytes:
+    """What ``addr`` (host:port, or unix:PATH) answers ``data`` sent in the clear, until it closes
+    the connection or ``wait_s`` passes (b"": nothing)."""
+    fam, where = (socket.AF_UNIX, addr[5:]) if addr.startswith("unix:") else \
+        (socket.AF_INET, (addr.rpartition(":")[0], int(addr.rpartition(":")[2])))
+    got = b""
+    with socket.socket(fam) as s:
+        s.settimeout(5)
+        try:
+            s.connect(where)
+            s.sendall(data)
+            s.settimeout(wait_s)
+            while len(got) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        except OSError:  # a reset, a timeout: what came before it is the answer
+            pass
+    return got
+
+
+def tls_without_certificate(addr: str) -> bytes:
+    """What a TLS client with no certificate gets from ``addr`` for an HTTP request (b"": nothing)."""
+    import ssl
+
+    host, _, port = addr.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+            s.sendall(FORGED_PUSH)
+            return s.recv(200)
+    except (ssl.SSLError, OSError):
+        return b""

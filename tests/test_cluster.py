@@ -11,14 +11,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import assert_cleaned_up, deployment_file, pids_with, small_deployment, small_policy, toy_csv
+from helpers import (FORGED_PUSH, assert_cleaned_up, deployment_file, pids_with, plaintext_reply, small_deployment,
+                     small_policy, tls_without_certificate, toy_csv)
 from leakcheck import WindowDetector, leaks
 
 from spu_models.forward import embedding_table
 from tuning.data_owner.encode import make_batch, session_batch, tokenize_prompts
 from tuning.model_owner.models import load_model
 from tuning.transports import cluster as clustermod
-from tuning.transports import make_backend, node, procs, tls
+from tuning.transports import make_backend, procs, tls, tlsgate
 from tuning.transports.cluster import LocalCluster, PartyError, Peer
 from tuning.transports.rpc import ping
 from tuning.errors import UserError
@@ -373,6 +374,14 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
         got, err = _raw_call(p1.node, request, creds)
         assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE and got == b"", err
 
+        # ... and every SPU link (brpc behind the node's gate), in TLS without a pinned certificate
+        # or in plaintext (a forged push to brpc's receiver service): no byte
+        for p in keyed.compute:
+            assert tls_without_certificate(p.link) == b"" and plaintext_reply(p.link, FORGED_PUSH) == b"", p.name
+        # control: brpc itself, on p1's private Unix socket, answers that plaintext
+        (sock,) = tlsgate.socket_base().glob(f"secptune-gate-{cluster.procs[p1.name].pid}-*/brpc.sock")
+        assert plaintext_reply(f"unix:{sock}", FORGED_PUSH).startswith(b"HTTP/1.1 ")
+
         # 2. parties that may not ask for shares: another compute party, the model owner
         for who in (keyed.compute[0].name, keyed.model_owner.name):
             peer = Peer(p1.name, p1.node, 10, tls.identity(keyed, who))
@@ -416,7 +425,7 @@ def test_links_refuse_strangers_and_the_wrong_party(tmp_path):
         try:
             assert owner.call("embedding_stats", "tiny-llama").hidden == 64
             for other in ("smollm2-135m", str(tmp_path), "/opt/models/x"):
-                with pytest.raises(PartyError, match=rf"serves model 'tiny-llama', not ") as e:
+                with pytest.raises(PartyError, match=r"serves model 'tiny-llama', not ") as e:
                     owner.call("embedding_stats", other)
                 assert "exist" not in str(e.value) and "No such" not in str(e.value)
         finally:

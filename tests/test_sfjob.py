@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import assert_same_job, assert_same_search_path, assert_sf_parties_kept_secrets, pids_with, toy_csv
+from helpers import (FORGED_PUSH, assert_same_job, assert_same_search_path, assert_sf_parties_kept_secrets,
+                     pids_with, plaintext_reply, tls_without_certificate, toy_csv)
 
 from tuning.transports import deployment as dp
 from tuning.transports import sfcluster as sc
-from tuning.transports import tls
+from tuning.transports import tls, tlsgate
 from tuning.policy import available_policies, dump_policy, load_policy
 
 REPO = Path(__file__).absolute().parent.parent
@@ -140,35 +141,74 @@ def _free_addr():
     return addr
 
 
-def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go():
+def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go(tmp_path):
+    """Heartbeats under mutual TLS: a lost peer, a stalled one (connected, silent) and one that
+    leaves in order are told apart in time; a stranger gets no byte from a watch port, and a
+    peer whose watch port presents another certificate never counts as up."""
+    import threading
+
+    names = ["me", "lost", "stalled", "leaver", "me2"]
+    keys = tls.generate_keys(names, tmp_path / "keys")
+    certs = {n: Path(keys[n][0]).read_bytes() for n in names}
+    pinned = {n: tls.pinned_tls(n, *keys[n], certs) for n in names}
     fired = []
     mk = lambda name: sc.SFParty(name, "compute", address=_free_addr(), watch=_free_addr())  # noqa: E731
     me, lost, stalled, leaver = mk("me"), mk("lost"), mk("stalled"), mk("leaver")
 
-    def server(party, behaviour):  # a peer's watch port: answers, then closes / never answers
+    def server(party, behaviour, ctx):  # a peer's watch port: answers, then closes / never answers
         srv = socket.socket()
         host, port = sc._split(party.watch)
         srv.bind((host, port))
         srv.listen()
 
         def run():
-            conn, _ = srv.accept()
+            raw, _ = srv.accept()
+            while behaviour == "impostor":  # handshakes with every caller, which refuses it
+                try:
+                    ctx.wrap_socket(raw, server_side=True).recv(1)
+                except OSError:
+                    pass
+                raw.close()
+                try:
+                    raw, _ = srv.accept()
+                except OSError:
+                    return
             if behaviour == "close":
+                conn = ctx.wrap_socket(raw, server_side=True)
                 conn.recv(1)
                 conn.sendall(b"!")
                 time.sleep(0.5)
                 conn.close()
             else:
                 time.sleep(30)
-        import threading
 
         threading.Thread(target=run, daemon=True).start()
         return srv
 
-    servers = [server(lost, "close"), server(stalled, "hang")]
-    peer = sc.Watchdog(leaver, [me], 3.0, lambda *a: fired.append(("leaver",) + a)).start()
-    wd = sc.Watchdog(me, [lost, stalled, leaver], 3.0, lambda *a: fired.append(a)).start()
-    assert wd.wait_up(10)
+    servers = [server(lost, "close", pinned["lost"].server), server(stalled, "hang", None)]
+    watchdog = lambda party, peers, **kw: sc.Watchdog(party, peers, 3.0, kw.pop("on", fired.append),  # noqa: E731
+                                                      tls=pinned[party.name], **kw).start()
+    peer = watchdog(leaver, [me], on=lambda *a: fired.append(("leaver",) + a))
+    wd = watchdog(me, [lost, stalled, leaver], on=lambda *a: fired.append(a))
+    assert all(wd.up[n].wait(10) for n in ("lost", "leaver"))  # up: they proved who they are
+    # a stranger: plaintext (a forged request, a heartbeat), TLS without a certificate, and TLS
+    # with a certificate of its own under a party's name get nothing from the watch port
+    assert plaintext_reply(me.watch) == b"" and plaintext_reply(me.watch, b"?", wait_s=1) == b""
+    assert tls_without_certificate(me.watch) == b""
+    fake = tls.generate_keys(["leaver"], tmp_path / "stranger")["leaver"]
+    ctx = tls.pinned_tls("leaver", *fake, {"leaver": Path(fake[0]).read_bytes(), "me": certs["me"]}).client("me")
+    try:
+        with socket.create_connection(sc._split(me.watch), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="me") as s:
+            s.sendall(b"?")
+            got = s.recv(1)
+    except OSError:
+        got = b""
+    assert got == b""
+    with socket.create_connection(sc._split(me.watch), timeout=5) as raw, \
+            pinned["leaver"].client("me").wrap_socket(raw, server_hostname="me") as s:
+        s.sendall(b"?")
+        assert s.recv(1) == b"!"  # control: a party's own certificate gets the answer
     peer.goodbye()  # leaves in order: never reported
     assert wd.wait_done(["leaver"], 5) == []
     deadline = time.monotonic() + 10
@@ -177,12 +217,22 @@ def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go():
     assert fired and fired[0][:2] == ("lost", "lost") and "was lost" in fired[0][2], fired
     time.sleep(0.2)
     assert len(fired) == 1  # one report per process: it ends right after
-    wd2 = sc.Watchdog(mk("me2"), [stalled], 3.0, lambda *a: fired.append(a)).start()
+    wd2 = watchdog(mk("me2"), [stalled], on=lambda *a: fired.append(a))
     t0 = time.monotonic()
     while len(fired) < 2 and time.monotonic() - t0 < 10:
         time.sleep(0.05)
     assert fired[1][:2] == ("stalled", "stalled") and time.monotonic() - t0 <= 3.5, fired
-    for w in (wd, wd2):
+    # an impostor at a peer's address (its own certificate under the peer's name): never up
+    impostor = mk("lost")
+    servers.append(server(impostor, "impostor", tls.pinned_tls("lost", *tls.generate_keys(
+        ["lost"], tmp_path / "impostor")["lost"], {"me": certs["me"]}).server))
+    wd3 = sc.Watchdog(mk("me"), [impostor], 3.0, lambda *a: fired.append(a), 1.0, tls=pinned["me"]).start()
+    t0 = time.monotonic()
+    while len(fired) < 3 and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert fired[2][:2] == ("missing", "lost") and "failed the TLS handshake" in fired[2][2], fired
+    assert not wd3.up["lost"].is_set()
+    for w in (wd, wd2, wd3):
         w.stop()
     for s in servers:
         s.close()
@@ -295,33 +345,21 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
         assert pids_with(str(tmp_path / n), "tuning.sfjob") == []
 
 
-def _tls_without_certificate(addr: str) -> bytes:
-    """What a TLS client with no certificate gets from ``addr`` for an HTTP request (b"": nothing)."""
-    import ssl
-
-    host, _, port = addr.rpartition(":")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    try:
-        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as s:
-            s.sendall(b"POST /ReceiverService/Push HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            return s.recv(200)
-    except (ssl.SSLError, OSError):
-        return b""
-
-
 def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
     logs, out = tmp_path / "logs", tmp_path / "run"
     proc, pids = _start_job(tmp_path, policy, 3, logs, out)
-    # every SecretFlow and SPU port speaks TLS and wants a pinned client certificate
+    # every SecretFlow, SPU and watch port speaks TLS only and wants a pinned client certificate:
+    # a stranger gets no byte, in TLS without one or in plaintext (a forged push to brpc's receiver)
     cluster = yaml.safe_load((logs / "deployment.yaml").read_text())
     for name, party in cluster["parties"].items():
-        ports = party["secretflow"]
-        for kind in ("address", "spu"):
-            if kind in ports:
-                assert _tls_without_certificate(ports[kind]) == b"", (name, kind)
+        for kind, addr in party["secretflow"].items():
+            assert tls_without_certificate(addr) == b"", (name, kind)
+            assert plaintext_reply(addr, FORGED_PUSH) == b"", (name, kind)
+    # control: brpc behind p0's gates (its private Unix sockets) answers the same plaintext
+    gates = list(tlsgate.socket_base().glob(f"secptune-gate-{pids['p0']['pid']}-*/brpc.sock"))
+    assert len(gates) == 2 and all(plaintext_reply(f"unix:{g}", FORGED_PUSH).startswith(b"HTTP/1.1 ") for g in gates)
     os.kill(pids["p1"]["pid"], signal.SIGKILL)  # a compute party, mid-job
     t_kill = time.time()
     _, stderr = proc.communicate(timeout=timeout + 60)
@@ -337,6 +375,8 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
         assert p["status"]["kind"] == "lost" and p["status"]["peer"] in report["parties"]
         assert p["ended"] - t_kill < timeout, (name, p["ended"] - t_kill)
     assert pids_with(str(logs), "tuning.sfjob") == []
+    left = [d for p in pids.values() for d in tlsgate.socket_base().glob(f"secptune-gate-{p['pid']}-*")]
+    assert not left, f"link sockets outlived their parties (the killed one's too): {left}"
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert 1 <= done < 3
 
@@ -485,3 +525,23 @@ def test_a_party_decodes_its_link_with_an_allow_list(tmp_path):
     # what a job sends still decodes (the SecretFlow job tests run whole jobs through it)
     msg = {"seq_id": 2, "payload": Request.of(ProgramRef("head"), {"rows": (2, 5)}, ["head"]), "job": "j"}
     assert brpc_link.secure_pickle.loads(brpc_link.secure_pickle.dumps(msg)) == msg
+
+
+def test_a_party_turns_tls_on_for_secretflows_link(tmp_path):
+    """SecretFlow 1.11's brpc link fills in ``tls_config``'s certificates but leaves TLS off (its
+    messages went in plaintext); a party turns it on, and refuses a link without certificates."""
+    from secretflow.distributed.fed.proxy.brpc_link import brpc_link
+
+    from tuning.transports import secretflow as sfb
+
+    cert, key = tls.generate_keys(["alice"], tmp_path)["alice"]
+    args = ({"alice": "127.0.0.1:1", "bob": "127.0.0.1:2"}, "alice", "job",
+            {"cert": str(cert), "key": str(key), "ca_cert": str(cert)}, {})
+    cls = brpc_link.BrpcLinkProxy
+    control = cls.__new__(cls)
+    getattr(cls.__init__, "__wrapped__", cls.__init__)(control, *args)  # SecretFlow's own
+    assert control._desc.server_ssl_opts.cert.certificate_path == str(cert) and not control._desc.enable_ssl
+    sfb._link_with_tls()  # what every party does before sf.init
+    assert cls(*args)._desc.enable_ssl
+    with pytest.raises(sc.JobError, match="needs TLS"):
+        cls(*args[:3], None, {})

@@ -27,7 +27,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from .transports import procs
+from .transports import procs, tlsgate
 from .transports import secretflow as sfb
 from .transports.deployment import load_deployment
 from .transports.sfcluster import EXIT_ERROR, EXIT_OK, EXIT_PEER, write_status
@@ -64,6 +64,7 @@ class Party:
         if code != EXIT_OK and message:
             self.say(f"{self.name}: {message}")
         sys.stderr.flush()
+        tlsgate.stop_all()  # its link ports close, their socket directories go
         os._exit(code)
 
     def fatal(self, kind: str, peer: str, message: str):

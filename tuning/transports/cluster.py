@@ -61,7 +61,7 @@ from ..compute_party import state
 from ..errors import UserError
 from ..model_owner.models import ModelBundle, policy_execution
 from ..programs import compile_session_program, param_names
-from . import node, procs, tls
+from . import node, procs, tls, tlsgate
 from .deployment import DATA_OWNER, Deployment, dump_deployment, load_deployment, local_deployment
 from .cost import CallCost
 from .rpc import NodeWatch, PartyError, PartyRefused, Peer, gather
@@ -224,6 +224,7 @@ class LocalCluster:
         self.closed = True
         procs.kill_groups(list(self.procs.values()), grace_s)
         shutil.rmtree(self._key_dir, ignore_errors=True)
+        tlsgate.remove_stale()  # the link sockets of nodes that were killed or crashed
 
     def __enter__(self):
         return self

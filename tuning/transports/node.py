@@ -55,8 +55,9 @@ from ..compute_party.traffic import LogTraffic, flush_c_stdout
 from ..errors import Refused, UserError
 from ..model_owner.owner import ModelOwner
 from ..policy import view_differences
-from . import procs
+from . import procs, tlsgate
 from .deployment import DeploymentError, load_deployment
+from .tlsgate import TLSGate
 from .rpc import Peer, ping
 
 
@@ -220,6 +221,7 @@ def run_node(deployment, party_name: str, log_dir=None, model: str | None = None
     def _stop(signum, frame):  # a launcher's SIGTERM: one line, then out (no teardown that could hang)
         _log(f"node {party.name}: stopped by signal {signal.Signals(signum).name}")
         flush_c_stdout()
+        tlsgate.stop_all()
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
@@ -258,6 +260,13 @@ def _drop_session(server) -> None:
     if party is not None:
         with party.lock:
             server._locals.pop("link", None)
+    _close_link_gate(server)
+
+
+def _close_link_gate(server) -> None:
+    gate = server._locals.pop("link_gate", None)
+    if gate is not None:
+        gate.stop()
 
 
 def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_s: float, view: dict) -> None:
@@ -287,10 +296,17 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
     desc.connect_retry_interval_ms = 200
     desc.connect_retry_times = max(1, int(timeout_s * 5))
     desc.http_max_payload_size = 32 * 1024 * 1024
+    # brpc answers plaintext on a TLS port: this process listens on the link's address and passes
+    # only TLS on to brpc, which listens on a private Unix socket (its own entry; peers dial ours)
+    gate = server._locals["link_gate"] = TLSGate(links[rank], f"party {server.node_id}'s SPU link").start()
     for r, addr in enumerate(links):
-        desc.add_party(f"r{r}", addr)
+        desc.add_party(f"r{r}", gate.backend if r == rank else addr)
     tls.link_ssl(desc, server.deployment, server.node_id, server.log_path.parent)
-    link = libspu.link.create_brpc(desc, rank)
+    try:
+        link = libspu.link.create_brpc(desc, rank)
+    except BaseException:
+        _close_link_gate(server)
+        raise
     rc = spu_pb2.RuntimeConfig()
     rc.ParseFromString(runtime_config)
     rc.enable_pphlo_profile = True  # every party logs its own traffic
@@ -408,7 +424,7 @@ def shutdown(server, reason: str) -> None:
     if procs.under_launcher():
         _log(f"node {server.node_id}: error: {reason}; exiting")
         flush_c_stdout()
-        threading.Timer(0.2, os._exit, (3,)).start()  # after the reply has gone out
+        threading.Timer(0.2, lambda: (tlsgate.stop_all(), os._exit(3))).start()  # after the reply has gone out
         return
     _log(f"node {server.node_id}: error: {reason}; dropping this session")
     party = server._locals.get("party")
@@ -416,6 +432,7 @@ def shutdown(server, reason: str) -> None:
         try:
             server._locals.pop("party", None)
             server._locals.pop("link", None)
+            _close_link_gate(server)
         finally:
             party.lock.release()
 

@@ -59,6 +59,7 @@ parties must be restarted, and ``--resume`` continues from the data owner's last
 from __future__ import annotations
 
 import builtins
+import functools
 import io
 import os
 import pickle
@@ -74,11 +75,12 @@ from ..model_owner.models import ModelBundle, policy_execution
 from ..model_owner.owner import ModelOwner
 from ..policy import view_differences
 from ..programs import weight_names
-from . import procs
+from . import procs, tls
 from .cost import CallCost
 from .session import Session
 from .deployment import Deployment
 from .sfcluster import STARTUP_S, JobError, Watchdog
+from .tlsgate import TLSGate
 
 PROTOCOL = 2  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
@@ -255,6 +257,28 @@ def _decode_with_allow_list() -> None:
         brpc_link.secure_pickle = _AllowListCodec(brpc_link.secure_pickle)
 
 
+def _link_with_tls() -> None:
+    """SecretFlow 1.11's brpc link fills in ``tls_config``'s certificates but never turns TLS on
+    (``Desc.enable_ssl``): its messages went in plaintext. Every party turns it on before ``sf.init``
+    (and refuses a link without TLS); the party's TLS-only gate would refuse a plaintext peer anyway."""
+    from secretflow.distributed.fed.proxy.brpc_link import brpc_link
+
+    cls = brpc_link.BrpcLinkProxy
+    if getattr(cls.__init__, "secptune_tls", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not self._tls_config:
+            raise JobError("SecretFlow's link needs TLS (tls_config); refusing a plaintext link")
+        self._desc.enable_ssl = True
+
+    __init__.secptune_tls = True
+    cls.__init__ = __init__
+
+
 # ----------------------------------------------------------------------------------- the party
 class SFJob:
     """This process's party in a SecretFlow job: the devices, the resident SPU values, and the
@@ -277,7 +301,8 @@ class SFJob:
         self.broken = ""  # set when an operation failed half-way: the parties are out of step
         self.ops = 0
         peers = [p for p in cluster.parties if p.name != party]
-        self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s).start()
+        self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s,
+                                 tls=tls.watch_tls(cluster, party)).start()
         self._init_sf(startup_s)
 
     def _init_sf(self, startup_s: float) -> None:
@@ -286,13 +311,20 @@ class SFJob:
         from google.protobuf import json_format
 
         t_ms = int(self.cluster.timeout_s * 1000)
-        parties = {p.name: {"address": p.address, **({"listen_addr": p.listen} if p.listen else {})}
-                   for p in self.cluster.parties}
+        # brpc answers plaintext on a TLS port: this process listens on the party's SecretFlow and
+        # SPU ports itself and passes only TLS on to brpc, which listens on a private Unix socket
+        me = f"party {self.me.name}'s"
+        self.gates = {"sf": TLSGate(self.me.listen or self.me.address, f"{me} SecretFlow address").start()}
+        if self.me.role == "compute":
+            self.gates["spu"] = TLSGate(self.me.spu_listen or self.me.spu, f"{me} SPU address").start()
+        parties = {p.name: {"address": p.address} for p in self.cluster.parties}
+        parties[self.me.name]["listen_addr"] = self.gates["sf"].backend  # peers dial the address
         comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": 2 * t_ms,
                 "connect_retry_times": int(startup_s), "connect_retry_interval_ms": 1000,
                 "exit_on_sending_failure": True}
         tls_config, spu_tls = self._tls()
         _decode_with_allow_list()
+        _link_with_tls()
         sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
                 cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
                 logging_level="info", tls_config=tls_config)
@@ -309,8 +341,9 @@ class SFJob:
         log_opts = spu_logging.LogOptions()
         log_opts.enable_console_logger = True  # SPU's profile lines go to stdout: this party's log
         log_opts.system_log_path = str(self.log_dir / f"{self.me.name}.spu.log")
-        nodes = [{"party": p.name, "address": p.spu, "listen_address": p.spu_listen or p.spu,
-                  **({"tls_opts": spu_tls} if p.name == self.me.name else {})} for p in self.cluster.compute]
+        nodes = [{"party": p.name, "address": p.spu, **({"listen_address": self.gates["spu"].backend,
+                                                          "tls_opts": spu_tls} if p.name == self.me.name else {})}
+                 for p in self.cluster.compute]
         rc = json_format.MessageToDict(self.policy.runtime_config(profile=True), preserving_proto_field_name=True)
         link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": 2 * t_ms, "connect_retry_interval_ms": 500,
                 "connect_retry_times": int(startup_s * 2)}
@@ -325,8 +358,6 @@ class SFJob:
         party, for the SPU link (its node's ``tls_opts``): its own certificate and key, and the
         pinned certificates of the parties it talks to as the only trust roots (no authority).
         A deployment that names no keys is refused (KeyFileError, one line)."""
-        from . import tls
-
         tls.identity(self.cluster, self.me.name)  # its key readable here, every party's certificate pinned
         cert, key = str(Path(self.me.cert).absolute()), str(Path(self.me.key).absolute())
         peers = tls.pinned_bundle(self.cluster, [p.name for p in self.cluster.parties],

@@ -8,7 +8,8 @@ link), ``watch`` (the liveness heartbeats, :class:`Watchdog`), and the bind addr
 its data owner and model owner PYU devices.
 
 **Liveness** (:class:`Watchdog`): every party's process keeps a TCP connection to every other
-party's ``watch`` port and pings it every second. A party whose process ends closes its
+party's ``watch`` port and pings it every second, under mutual TLS with the deployment's pinned
+certificates (``tls.watch_tls``: a peer without one gets no byte). A party whose process ends closes its
 connections at once (``lost``); one that stops answering for ``timeout_s`` (stopped, hung,
 unreachable) is ``stalled``. Either way every other party writes a status record naming it and
 ends (``os._exit``): SecretFlow's own channel waits far longer (a secure call may run for
@@ -27,7 +28,9 @@ import dataclasses
 import json
 import os
 import signal
+import select
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -38,7 +41,9 @@ from ..errors import UserError
 from .deployment import Deployment
 from .deployment import Party as SFParty
 from .procs import STARTUP_S, kill_groups, launch
+from .tlsgate import opens_with_hello, refuse, remove_stale
 
+GOODBYE_S = 2.0  # bound on telling every watcher "." when leaving
 GRACE_S = 10.0  # after the first party ends abnormally, how long past timeout_s the rest may take
 EXIT_OK, EXIT_ERROR, EXIT_PEER = 0, 2, 3  # a worker's exit codes: done / its own error / a peer failed
 
@@ -65,8 +70,9 @@ class Watchdog:
     lost one; :meth:`wait_done` waits for the others' goodbyes (the data owner's proof that every
     party received the end of the job)."""
 
-    def __init__(self, me: SFParty, peers: list, timeout_s: float, on_fatal, startup_s: float = STARTUP_S):
-        self.me, self.peers, self.on_fatal = me, list(peers), on_fatal
+    def __init__(self, me: SFParty, peers: list, timeout_s: float, on_fatal, startup_s: float = STARTUP_S, *,
+                 tls):
+        self.me, self.peers, self.on_fatal, self.tls = me, list(peers), on_fatal, tls  # tls: tls.PinnedTLS
         self.timeout_s, self.startup_s = float(timeout_s), float(startup_s)
         self.interval = min(1.0, self.timeout_s / 10)
         self.stall_s = max(1.0, self.timeout_s - 2 * self.interval)
@@ -75,9 +81,10 @@ class Watchdog:
         self._leaving = threading.Event()
         self._stopped = threading.Event()
         self._fired = threading.Lock()
-        self._conns: list = []
+        self._conns: list = []  # the echo threads of authenticated watchers
         self._conns_lock = threading.Lock()
         self._server = None
+        self._wake_r, self._wake_w = os.pipe()  # readable once leaving: wakes every echo thread
 
     def start(self) -> "Watchdog":
         host, port = _split(self.me.watch_listen or self.me.watch)
@@ -109,14 +116,12 @@ class Watchdog:
         closes. Stops watching the others too."""
         self._leaving.set()
         self._stopped.set()
+        os.write(self._wake_w, b".")  # each echo thread answers "." (one TLS connection, one thread)
         with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.sendall(b".")
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            threads, self._conns = self._conns, []
+        deadline = time.monotonic() + GOODBYE_S
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             self._server.close()
 
@@ -128,17 +133,36 @@ class Watchdog:
     def _serve(self):
         while not self._leaving.is_set():
             try:
-                conn, _ = self._server.accept()
+                raw, _ = self._server.accept()
             except OSError:
                 return
-            with self._conns_lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True, name="watch-echo").start()
+            threading.Thread(target=self._echo, args=(raw,), daemon=True, name="watch-echo").start()
 
-    def _echo(self, conn):
+    def _echo(self, raw):
+        """Answer one watcher, once it proved to be a party (its pinned certificate), until either
+        side leaves. Only this thread touches the TLS connection; goodbye wakes it (the pipe)."""
         try:
-            while conn.recv(1):
-                conn.sendall(b"." if self._leaving.is_set() else b"!")
+            if not opens_with_hello(raw, self.stall_s):  # OpenSSL would answer some garbage with an alert
+                return refuse(raw)
+            raw.settimeout(self.stall_s)
+            conn = self.tls.server.wrap_socket(raw, server_side=True)
+            conn.settimeout(None)
+        except OSError:  # no pinned certificate, or silent
+            raw.close()
+            return
+        with self._conns_lock:
+            self._conns.append(threading.current_thread())
+        try:
+            while True:
+                if not conn.pending() and self._wake_r in select.select([conn, self._wake_r], [], [])[0]:
+                    break
+                if not conn.recv(1):
+                    return
+                if self._leaving.is_set():
+                    break
+                conn.sendall(b"!")
+            conn.sendall(b".")
+            conn.shutdown(socket.SHUT_WR)  # kept open until the process ends: no reset before the "."
         except OSError:
             pass
 
@@ -151,16 +175,29 @@ class Watchdog:
     def _watch(self, peer: SFParty):
         addr = _split(peer.watch)
         deadline = time.monotonic() + self.startup_s
+        refused = ""
         while True:
             if self._stopped.is_set():
                 return
             try:
-                sock = socket.create_connection(addr, timeout=1.0)
-                break
-            except OSError:
+                raw = socket.create_connection(addr, timeout=1.0)
+                raw.settimeout(self.stall_s)
+                try:  # the peer must present its pinned certificate under its name
+                    sock = self.tls.client(peer.name).wrap_socket(raw, server_hostname=peer.name)
+                    break
+                except socket.timeout:  # connected, but its process does not answer
+                    raw.close()
+                    return self._fire("stalled", peer, f"party {peer.name} ({peer.watch}) stopped answering for "
+                                                       f"{self.stall_s:g}s")
+                except BaseException:
+                    raw.close()
+                    raise
+            except OSError as e:
+                if isinstance(e, ssl.SSLError):
+                    refused = f"; its watch port failed the TLS handshake ({e.reason or e})"
                 if time.monotonic() > deadline:
                     return self._fire("missing", peer, f"party {peer.name} ({peer.watch}) did not come up within "
-                                                       f"{self.startup_s:g}s")
+                                                       f"{self.startup_s:g}s{refused}")
                 time.sleep(0.2)
         self.up[peer.name].set()
         sock.settimeout(self.stall_s)
@@ -336,6 +373,7 @@ class Supervisor:
         """Kill whatever is left (every worker's process group) and reap it."""
         live = [w.proc for w in self.workers.values() if w.proc.poll() is None]
         kill_groups(live, 3.0)
+        remove_stale()  # the link sockets of parties that were killed or crashed
         for w in self.workers.values():
             if w.ended is None and w.proc.poll() is not None:
                 w.ended = time.time()

@@ -15,6 +15,10 @@ can mint a certificate for another name that anyone accepts. The certificates ar
 - brpc (SPU's links between compute parties): TLS with client and server certificates verified
   against the compute parties' certificates only (:func:`link_ssl`).
 
+- the watch port (SecretFlow jobs' heartbeats, Python ``ssl``): mutual TLS as gRPC's, with every
+  party's pinned certificate as the server's trust roots and the dialled party's alone as the
+  client's (:func:`watch_tls`).
+
 ``generate_keys`` makes the files (``secptune cluster keys``; ``LocalCluster`` does it for its
 throwaway local cluster). It generates every party's key on one machine: for a cluster across
 machines, each party should run ``secptune cluster keys --party NAME`` itself and send only its
@@ -240,3 +244,44 @@ def link_ssl(desc, deployment, me: str, out_dir) -> Path:
         opts.verify.ca_file_path = str(roots.absolute())
         opts.verify.verify_depth = 1
     return roots
+
+
+# ------------------------------------------------------------------------- plain TCP links (ssl)
+@dataclasses.dataclass(frozen=True)
+class PinnedTLS:
+    """Python ``ssl`` contexts of party ``me``: ``server`` wants a client certificate pinned for one
+    of the parties; ``client(peer)`` trusts only ``peer``'s pinned certificate, under its name."""
+
+    me: str
+    server: object  # ssl.SSLContext
+    clients: dict  # peer name -> ssl.SSLContext
+
+    def client(self, peer: str):
+        if peer not in self.clients:
+            raise KeyFileError(f"no certificate for party {peer!r} in the deployment file")
+        return self.clients[peer]
+
+
+def watch_tls(deployment, me: str) -> PinnedTLS:
+    """Mutual TLS for party ``me``'s watch port and its heartbeats to the others (``Watchdog``)."""
+    ident = identity(deployment, me)
+    return pinned_tls(me, deployment.party(me).cert, deployment.key_of(me), ident.certs)
+
+
+def pinned_tls(me: str, cert_path, key_path, certs: dict) -> PinnedTLS:
+    """:class:`PinnedTLS` of party ``me`` (its certificate and key files) among ``certs`` (every
+    party's name -> pinned PEM certificate, its own included)."""
+    import ssl
+
+    def context(purpose, roots: bytes):
+        ctx = ssl.SSLContext(purpose)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+        ctx.load_verify_locations(cadata=roots.decode())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    server = context(ssl.PROTOCOL_TLS_SERVER, b"".join(certs.values()))
+    server.num_tickets = 0  # no session resumption: nothing is written outside the heartbeats
+    clients = {n: context(ssl.PROTOCOL_TLS_CLIENT, pem) for n, pem in certs.items() if n != me}
+    return PinnedTLS(me, server, clients)
