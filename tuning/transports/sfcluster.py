@@ -7,7 +7,8 @@ link), ``watch`` (the liveness heartbeats, :class:`Watchdog`), and the bind addr
 ``listen`` / ``spu_listen`` / ``watch_listen``. Its compute parties are the SPU device's nodes,
 its data owner and model owner PYU devices.
 
-**Liveness** (:class:`Watchdog`): every party's process keeps a TCP connection to every other
+**Liveness** (:class:`Watchdog`, the SecretFlow carrier of ``liveness.Watch``, the loop the cluster
+driver uses too): every party's process keeps a TCP connection to every other
 party's ``watch`` port and pings it every second, under mutual TLS with the deployment's pinned
 certificates (``tls.watch_tls``: a peer without one gets no byte). A party whose process ends closes its
 connections at once (``lost``); one that stops answering for ``timeout_s`` (stopped, hung,
@@ -40,6 +41,7 @@ from pathlib import Path
 from ..errors import UserError
 from .deployment import Deployment
 from .deployment import Party as SFParty
+from .liveness import Beat, Lost, Stalled, Watch
 from .procs import STARTUP_S, kill_groups, launch
 from .tlsgate import opens_with_hello, refuse, remove_stale
 
@@ -72,15 +74,13 @@ class Watchdog:
 
     def __init__(self, me: SFParty, peers: list, timeout_s: float, on_fatal, startup_s: float = STARTUP_S, *,
                  tls):
-        self.me, self.peers, self.on_fatal, self.tls = me, list(peers), on_fatal, tls  # tls: tls.PinnedTLS
-        self.timeout_s, self.startup_s = float(timeout_s), float(startup_s)
-        self.interval = min(1.0, self.timeout_s / 10)
-        self.stall_s = max(1.0, self.timeout_s - 2 * self.interval)
-        self.up: dict = {p.name: threading.Event() for p in self.peers}
-        self.done: dict = {p.name: threading.Event() for p in self.peers}  # said goodbye
+        self.me, self.peers, self.tls = me, list(peers), tls  # tls: tls.PinnedTLS
+        # the client half: liveness.Watch, one link per peer's watch port
+        self.watch = Watch(self.peers, timeout_s, on_fatal, self._dial, startup_s,
+                           label=lambda p: f"party {p.name} ({p.watch})")
+        self.up, self.done, self.stall_s = self.watch.up, self.watch.done, self.watch.stall_s
+        self._tls_refused: dict = {}  # per peer: why its watch port's handshake failed, if it did
         self._leaving = threading.Event()
-        self._stopped = threading.Event()
-        self._fired = threading.Lock()
         self._conns: list = []  # the echo threads of authenticated watchers
         self._conns_lock = threading.Lock()
         self._server = None
@@ -98,24 +98,21 @@ class Watchdog:
         srv.listen(16)
         self._server = srv
         threading.Thread(target=self._serve, daemon=True, name="watch-accept").start()
-        for p in self.peers:
-            threading.Thread(target=self._watch, args=(p,), daemon=True, name=f"watch-{p.name}").start()
+        self.watch.start()
         return self
 
     def wait_up(self, bound_s: float) -> bool:
-        deadline = time.monotonic() + bound_s
-        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self.up.values())
+        return self.watch.wait_up(bound_s)
 
     def wait_done(self, names: list, bound_s: float) -> list:
         """Wait until the parties ``names`` said goodbye (or ``bound_s``); the ones that did not."""
-        deadline = time.monotonic() + bound_s
-        return [n for n in names if not self.done[n].wait(max(0.0, deadline - time.monotonic()))]
+        return self.watch.wait_done(names, bound_s)
 
     def goodbye(self) -> None:
         """This party leaves in order: every party watching it hears so before the connection
         closes. Stops watching the others too."""
         self._leaving.set()
-        self._stopped.set()
+        self.watch.stop()
         os.write(self._wake_w, b".")  # each echo thread answers "." (one TLS connection, one thread)
         with self._conns_lock:
             threads, self._conns = self._conns, []
@@ -127,7 +124,7 @@ class Watchdog:
 
     def stop(self) -> None:
         """Stop watching (the process is about to end anyway)."""
-        self._stopped.set()
+        self.watch.stop()
 
     # -- the server half: answer every ping ("!", or "." once leaving)
     def _serve(self):
@@ -166,61 +163,50 @@ class Watchdog:
         except OSError:
             pass
 
-    # -- the client half: ping one peer
-    def _fire(self, kind: str, peer: SFParty, message: str):
-        if self._stopped.is_set() or not self._fired.acquire(blocking=False):
-            return
-        self.on_fatal(kind, peer.name, message)
-
-    def _watch(self, peer: SFParty):
-        addr = _split(peer.watch)
-        deadline = time.monotonic() + self.startup_s
-        refused = ""
-        while True:
-            if self._stopped.is_set():
-                return
-            try:
-                raw = socket.create_connection(addr, timeout=1.0)
-                raw.settimeout(self.stall_s)
-                try:  # the peer must present its pinned certificate under its name
-                    sock = self.tls.client(peer.name).wrap_socket(raw, server_hostname=peer.name)
-                    break
-                except socket.timeout:  # connected, but its process does not answer
-                    raw.close()
-                    return self._fire("stalled", peer, f"party {peer.name} ({peer.watch}) stopped answering for "
-                                                       f"{self.stall_s:g}s")
-                except BaseException:
-                    raw.close()
-                    raise
-            except OSError as e:
-                if isinstance(e, ssl.SSLError):
-                    refused = f"; its watch port failed the TLS handshake ({e.reason or e})"
-                if time.monotonic() > deadline:
-                    return self._fire("missing", peer, f"party {peer.name} ({peer.watch}) did not come up within "
-                                                       f"{self.startup_s:g}s{refused}")
-                time.sleep(0.2)
-        self.up[peer.name].set()
+    # -- the client half: dial one peer's watch port (liveness.Watch beats it)
+    def _dial(self, peer: SFParty) -> "_WatchLink":
+        raw = socket.create_connection(_split(peer.watch), timeout=1.0)  # OSError: not up yet
+        raw.settimeout(self.stall_s)
+        try:  # the peer must present its pinned certificate under its name
+            sock = self.tls.client(peer.name).wrap_socket(raw, server_hostname=peer.name)
+        except socket.timeout:  # connected, but its process does not answer
+            raw.close()
+            raise Stalled(f"party {peer.name} ({peer.watch}) stopped answering for {self.stall_s:g}s") from None
+        except OSError as e:
+            raw.close()
+            if isinstance(e, ssl.SSLError):
+                self._tls_refused[peer.name] = f"; its watch port failed the TLS handshake ({e.reason or e})"
+            e.why = self._tls_refused.get(peer.name, "")
+            raise
         sock.settimeout(self.stall_s)
-        with sock:
-            while not self._stopped.is_set():
-                try:
-                    sock.sendall(b"?")
-                    data = sock.recv(1)
-                except socket.timeout:
-                    self._fire("stalled", peer, f"party {peer.name} ({peer.watch}) stopped answering for "
-                                                f"{self.stall_s:g}s")
-                    return
-                except OSError as e:
-                    data, err = b"", e.strerror or type(e).__name__
-                else:
-                    err = "its process ended (connection closed)"
-                if data == b".":  # it left in order
-                    self.done[peer.name].set()
-                    return
-                if not data:
-                    self._fire("lost", peer, f"party {peer.name} ({peer.watch}) was lost: {err}")
-                    return
-                self._stopped.wait(self.interval)
+        return _WatchLink(sock, peer)
+
+
+class _WatchLink(Beat):
+    """A beat is "?" answered by "!" (alive) or "." (leaving in order)."""
+
+    def __init__(self, sock, peer: SFParty):
+        self.sock, self.peer = sock, peer
+
+    def beat(self, stall_s: float) -> str:
+        where = f"party {self.peer.name} ({self.peer.watch})"
+        try:
+            self.sock.sendall(b"?")
+            data = self.sock.recv(1)
+        except socket.timeout:
+            raise Stalled(f"{where} stopped answering for {stall_s:g}s") from None
+        except OSError as e:
+            data, err = b"", e.strerror or type(e).__name__
+        else:
+            err = "its process ended (connection closed)"
+        if data == b".":
+            return "done"
+        if not data:
+            raise Lost(f"{where} was lost: {err}")
+        return "ok"
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # --------------------------------------------------------------------------------- status records
