@@ -183,9 +183,8 @@ def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_
     per party) holds none of the data owner's secrets (texts, labels, z, A.z in float or fixed
     point), and no compute party received the model's weights or embeddings; each detector finds
     its secret framed as SecretFlow sends a value. ``run``: the job's ``--save-logits`` run dir."""
-    import jax
     import numpy as np
-    from leakcheck import WindowDetector, leaks
+    from leakcheck import leaks
     from secretflow.utils import secure_pickle
 
     from spu_models.forward import embedding_table
@@ -202,19 +201,7 @@ def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_
     zs = [z for g in gens for z in g["Z"]]
     labels = [g[k] for g in gens for k in ("train_labels", "dev_labels")]
     deltas = [sub.offsets(z) for z in zs]
-    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
-    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
-    fxp = 2.0 ** policy.fxp_fraction_bits
-    data = {  # what no party but the data owner may receive
-        "labels": lambda blob: any(lb.astype(t).tobytes() in blob for lb in labels
-                                   for t in (np.int64, np.int32, np.float32, np.float64)),
-        "z f32": WindowDetector([z.astype(np.float32) for z in zs]),
-        "z f64": WindowDetector([z.astype(np.float64) for z in zs]),
-        "delta f32": WindowDetector(deltas),
-        "delta fxp": WindowDetector([np.trunc(x.astype(np.float64) * fxp).astype(np.int64) for x in deltas]),
-        "text": lambda blob: any(t.encode() in blob for t in texts),
-    }
-    model = {"weights f32": WindowDetector(weights), "embeddings f32": WindowDetector([table])}
+    data, model, clear = secret_detectors(texts, labels, zs, deltas, bundle, policy.fxp_fraction_bits)
     for party in sorted(p.stem for p in Path(record).glob("*.bin")):
         blob = (Path(record) / f"{party}.bin").read_bytes()
         if party == "alice":
@@ -224,9 +211,6 @@ def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_
         detectors = {**data, **(model if party != "bob" else {})}  # the model owner holds its model
         assert leaks(blob, detectors) == [], f"{party} received secrets"
     assert {p.stem for p in Path(record).glob("*.bin")} >= {"alice", "bob", "p0", "p1"}
-    clear = {"labels": labels[0], "z f32": zs[0], "z f64": zs[0].astype(np.float64), "delta f32": deltas[0],
-             "delta fxp": np.trunc(deltas[0].astype(np.float64) * fxp).astype(np.int64), "text": texts[3],
-             "weights f32": weights[0], "embeddings f32": table[40:50]}
     for kind, value in clear.items():  # control: each detector finds its secret, framed as SecretFlow sends it
         framed = secure_pickle.dumps({"seq_id": 7, "payload": value, "job": "j"})
         assert kind in leaks(framed, {**data, **model}), f"detector missed {kind}"
@@ -272,3 +256,34 @@ def tls_without_certificate(addr: str) -> bytes:
             return s.recv(200)
     except (ssl.SSLError, OSError):
         return b""
+
+
+def secret_detectors(texts: list, labels: list, zs: list, deltas: list, bundle, fxp_bits: int) -> tuple:
+    """Detectors (``leakcheck``) for what only the data owner may hold (``data``: texts, labels, z
+    and A.z in float or fixed point) and what only the model owner may (``model``: weights,
+    embeddings), and one value of each in the clear (``clear``) to check the detectors with."""
+    import jax
+    import numpy as np
+    from leakcheck import WindowDetector
+
+    from spu_models.forward import embedding_table
+
+    table = np.asarray(embedding_table(bundle.config, bundle.params), np.float32)
+    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
+    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
+    fxp = 2.0 ** fxp_bits
+    fixed = lambda x: np.trunc(x.astype(np.float64) * fxp).astype(np.int64)  # noqa: E731
+    data = {
+        "labels": lambda blob: any(lb.astype(t).tobytes() in blob for lb in labels
+                                   for t in (np.int64, np.int32, np.float32, np.float64)),
+        "z f32": WindowDetector([z.astype(np.float32) for z in zs]),
+        "z f64": WindowDetector([z.astype(np.float64) for z in zs]),
+        "delta f32": WindowDetector(deltas),
+        "delta fxp": WindowDetector([fixed(x) for x in deltas]),
+        "text": lambda blob: any(t.encode() in blob for t in texts),
+    }
+    model = {"weights f32": WindowDetector(weights), "embeddings f32": WindowDetector([table])}
+    clear = {"labels": labels[0], "z f32": zs[0], "z f64": zs[0].astype(np.float64), "delta f32": deltas[0],
+             "delta fxp": fixed(deltas[0]), "text": texts[3], "weights f32": weights[0],
+             "embeddings f32": table[40:50]}
+    return data, model, clear

@@ -11,11 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import (FORGED_PUSH, assert_cleaned_up, deployment_file, pids_with, plaintext_reply, small_deployment,
-                     small_policy, tls_without_certificate, toy_csv)
+from helpers import (FORGED_PUSH, assert_cleaned_up, deployment_file, pids_with, plaintext_reply, secret_detectors,
+                     small_deployment, small_policy, tls_without_certificate, toy_csv)
 from leakcheck import WindowDetector, leaks
 
-from spu_models.forward import embedding_table
 from tuning.data_owner.encode import make_batch, session_batch, tokenize_prompts
 from tuning.model_owner.models import load_model
 from tuning.transports import cluster as clustermod
@@ -219,23 +218,10 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
 
     # 3. privacy: nothing either cluster's compute parties received contains a secret
     assert not any("label" in n or "loss" in n for n, _ in put_log)
-    table = np.asarray(embedding_table(bundle.config, bundle.params), np.float32)
-    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(bundle.params)]
-    weights = [w for w in leaves if w.size >= 1024 and len(np.unique(w)) > 0.9 * w.size][:4]
-    fxp = 2.0 ** policy.fxp_fraction_bits
     zs = [z for Z in asked for z in Z]
-    lab = [lb for lb in labels if lb.size >= 4]
-    secrets = {
-        "labels": lambda blob: any(lb.astype(t).tobytes() in blob for lb in lab
-                                   for t in (np.int64, np.int32, np.float32, np.float64)),
-        "z f32": WindowDetector([z.astype(np.float32) for z in zs]),
-        "z f64": WindowDetector([z.astype(np.float64) for z in zs]),
-        "delta f32": WindowDetector(deltas),
-        "delta fxp": WindowDetector([np.trunc(d.astype(np.float64) * fxp).astype(np.int64) for d in deltas]),
-        "weights f32": WindowDetector(weights),
-        "embeddings f32": WindowDetector([table]),  # the tail, P0 and example embeddings are its rows
-        "text": lambda blob: any(t.encode() in blob for t in texts),
-    }
+    data, model, clear = secret_detectors(texts, [lb for lb in labels if lb.size >= 4], zs, deltas, bundle,
+                                          policy.fxp_fraction_bits)
+    secrets = {**data, **model}
     for p in compute:
         blob = (record / f"{p.name}.bin").read_bytes()
         assert len(blob) > 100_000
@@ -243,9 +229,6 @@ def test_tuning_loop_over_cluster_matches_plaintext_and_keeps_secrets(tmp_path, 
     # control: each detector finds its secret in the clear, framed as a node receives it
     import cloudpickle
 
-    clear = {"labels": lab[0], "z f32": zs[0], "z f64": zs[0].astype(np.float64), "delta f32": deltas[0],
-             "delta fxp": np.trunc(deltas[0].astype(np.float64) * fxp).astype(np.int64),
-             "weights f32": weights[0], "embeddings f32": table[40:50], "text": texts[3]}
     for kind, value in clear.items():
         assert kind in leaks(cloudpickle.dumps((ping, (value,), {})), secrets), f"detector missed {kind}"
 
