@@ -175,6 +175,8 @@ def assert_same_job(summary: dict, ref: dict) -> None:
     assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.04)
     for s in (summary, ref):
         assert s["reveals"] and {(r["what"], r["to"]) for r in s["reveals"]} == {("verbalizer_logits", "data_owner")}
+    if summary["backend"] == "secretflow":  # opened to the data owner's own party
+        assert {r["party"] for r in summary["reveals"]} == {"alice"}
 
 
 def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_name: str, d: int,
@@ -210,7 +212,8 @@ def assert_sf_parties_kept_secrets(record: Path, run: Path, texts: list, policy_
         assert len(blob) > (1000 if party == "bob" else 100_000), party  # bob: descriptors and counts
         detectors = {**data, **(model if party != "bob" else {})}  # the model owner holds its model
         assert leaks(blob, detectors) == [], f"{party} received secrets"
-    assert {p.stem for p in Path(record).glob("*.bin")} >= {"alice", "bob", "p0", "p1"}
+    parties = {"alice", "bob", *(f"p{i}" for i in range(policy.world_size))}
+    assert {p.stem for p in Path(record).glob("*.bin")} >= parties
     for kind, value in clear.items():  # control: each detector finds its secret, framed as SecretFlow sends it
         framed = secure_pickle.dumps({"seq_id": 7, "payload": value, "job": "j"})
         assert kind in leaks(framed, {**data, **model}), f"detector missed {kind}"

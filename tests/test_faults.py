@@ -494,12 +494,14 @@ def test_killed_party_mid_generation_then_resume_matches(tmp_path, victim):
     # 1. the resumed search is the one the checkpoint determines, given the logits it opened:
     #    replaying them from the checkpoint asks exactly the same candidates and keeps the same best z
     replay_search(out, d=8, popsize=4, start=tmp_path / "ckpt_at_kill.npz")
-    # 2. against the uninterrupted run with the same seed: the same first candidates and logits
+    if victim != "bob":  # 2. `secptune clean` deletes the run and every node's kept shares
+        rc, _, err = cli("clean", out, env=home)
+        assert rc == 0 and not out.exists() and not any(d.exists() for d in kept), err[-3000:]
+        return
+    # 3. against the uninterrupted run with the same seed: the same first candidates and logits
     #    within fixed-point noise (SPU's share and truncation randomness cannot be seeded, so later
     #    generations follow the same path only while no two candidates' losses are within it).
     #    Soak only: the replay above is the exact check, and test_sfjob compares first generations
-    if victim != "bob":
-        return
     ref = tmp_path / "ref"
     rc, _, err = cli("tune", "--backend", "cluster", "--policy", policy, "--train", tmp_path / "toy.csv", *TUNE,
                      "--budget", "3", "--save-logits", "--out", ref, env=home, timeout=1800)

@@ -55,29 +55,20 @@ class Watch:
     def __init__(self, peers: list, timeout_s: float, on_fatal, dial, startup_s: float = STARTUP_S,
                  label=lambda p: f"party {p.name}"):
         self.peers, self.on_fatal, self.dial, self.label = list(peers), on_fatal, dial, label
-        name = self.name
         self.timeout_s, self.startup_s = float(timeout_s), float(startup_s)
         self.interval, self.stall_s = timing(self.timeout_s)
-        self.up = {name(p): threading.Event() for p in self.peers}
-        self.done = {name(p): threading.Event() for p in self.peers}  # left in order
+        self.up = {p.name: threading.Event() for p in self.peers}
+        self.done = {p.name: threading.Event() for p in self.peers}  # left in order
         self._stopped = threading.Event()
         self._fired = threading.Lock()
 
-    @staticmethod
-    def name(peer) -> str:
-        return peer.name
-
     def start(self) -> "Watch":
         for p in self.peers:
-            threading.Thread(target=self._watch, args=(p,), daemon=True, name=f"watch-{self.name(p)}").start()
+            threading.Thread(target=self._watch, args=(p,), daemon=True, name=f"watch-{p.name}").start()
         return self
 
     def stop(self) -> None:
         self._stopped.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped.is_set()
 
     def wait_up(self, bound_s: float) -> bool:
         deadline = time.monotonic() + bound_s
@@ -95,7 +86,7 @@ class Watch:
         self.on_fatal(kind, peer, message)
 
     def _watch(self, peer) -> None:
-        name = self.name(peer)
+        name = peer.name
         deadline = time.monotonic() + self.startup_s
         while True:
             if self._stopped.is_set():

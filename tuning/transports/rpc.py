@@ -4,8 +4,8 @@
 with mutual TLS (``tls.Identity``: this process's party and the pinned certificates), a deadline,
 cancellation and errors that name the party; ``gather`` runs calls on several nodes at once under
 a :class:`NodeWatch` (``liveness.Watch`` with a ``ping`` per beat), so that a dead or hung party
-fails the whole call with a :class:`PartyError` naming it. Used by the data owner's driver (``cluster.ClusterBackend``) and by the model owner's
-node when it sends weight shares.
+fails the whole call with a :class:`PartyError` naming it. Used by the data owner's driver
+(``cluster.ClusterBackend``) and by the model owner's node when it sends weight shares.
 
 Wire format (both directions): a pickle read back by :func:`safe_loads`, which admits only plain
 data (numbers, strings, bytes, lists, tuples, dicts, numpy arrays, SPU shares) and the few
