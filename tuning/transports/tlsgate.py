@@ -139,7 +139,7 @@ class TLSGate:
 
     def _handle(self, conn):
         try:
-            if not self._hello(conn):
+            if not opens_with_hello(conn):
                 return refuse(conn)
             back = socket.socket(socket.AF_UNIX)
             back.settimeout(None)
@@ -160,10 +160,6 @@ class TLSGate:
         left = [2]  # directions still copying
         threading.Thread(target=self._pipe, args=(back, conn, left), daemon=True, name=f"gate-{self.what}-out").start()
         self._pipe(conn, back, left)
-
-    @staticmethod
-    def _hello(conn) -> bool:
-        return opens_with_hello(conn)
 
     def _pipe(self, src, dst, left: list):
         """Copy ``src`` to ``dst`` until ``src`` ends. The client's end is passed on (brpc may still
