@@ -19,14 +19,16 @@ prepare: setup
 #    through SPU, and it prints the MPC cost and what the full 16-shot job would cost here. Each
 #    example costs a one-off secure prefill of the whole model (~1-2 min on 2 cores), so this run
 #    is small: 1 + 1 examples per class, 2 test examples, texts cut to 8 words, 2 generations of 4.
-# 2. the full 16-shot job on the plaintext back end (the same programs, in plaintext): tuned
-#    against zero-shot on 1000 test examples, with Wilson intervals and McNemar's test.
+# 2. the full 16-shot job on the plaintext back end (the same programs, in plaintext), on BBC's
+#    five topics, with the head fitted over the opened word logits: tuned against zero-shot and
+#    against the head fitted at P0 (one secure forward, no search) on all 426 test examples, with
+#    Wilson intervals and McNemar's test for both.
 DEMO_SPU_ARGS ?= --task mr --model smollm2-135m --policy aby3-fast --backend sim --prompt-form virtual \
 	--prompt-depth 4 --init "text: Is this review positive or negative?" --train-batch 16 --dev-eval mean --shots 1 --n-test 2 \
 	--max-words 8 --popsize 4 --budget 2
-DEMO_FULL_ARGS ?= --task mr --model smollm2-135m --policy aby3-fast --backend plaintext --prompt-form virtual \
-	--prompt-depth 4 --init "text: Is this review positive or negative?" --train-batch 16 --dev-eval mean \
-	--shots 16 --n-test 1000 --popsize 20 --budget 25
+DEMO_FULL_ARGS ?= --task bbc --model smollm2-135m --policy aby3-fast --backend plaintext --prompt-form virtual \
+	--prompt-depth 4 --init "text: What is the topic of this article?" --train-batch 40 --dev-eval mean \
+	--head fit --shots 16 --n-test 1000 --popsize 20 --budget 25
 demo: prepare
 	$(CLI) generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 4
 	rm -rf runs/demo runs/demo_full
@@ -34,7 +36,7 @@ demo: prepare
 	$(CLI) tune $(DEMO_SPU_ARGS) --out runs/demo
 	@echo "== the private run applied to three new reviews (same back end and policy; the labels go to the data owner only)"
 	$(CLI) predict --run runs/demo --input examples/data/new_reviews.txt
-	@echo "== 2/2: the full 16-shot job, same configuration, plaintext back end"
+	@echo "== 2/2: a full 16-shot job (BBC topics, same placement, fitted head), plaintext back end"
 	$(CLI) tune $(DEMO_FULL_ARGS) --out runs/demo_full
 
 # Prepares the real assets first (idempotent, fast when cached) so the slow real-model tests run.

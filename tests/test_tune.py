@@ -261,3 +261,25 @@ def test_deep_prompt_minibatches_and_dev_mean_run_and_resume(toy_csv, tmp_path):
     a = [json.loads(x)["loss_best"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss_best"] for x in (tmp_path / "ext" / "metrics.jsonl").read_text().splitlines()]
     assert a == b and again["tuned_test_acc"] == ref["tuned_test_acc"]
+
+
+def test_summary_reads_the_search_against_the_head_at_p0(capsys, tmp_path):
+    """With --head fit, tune's last lines test the tuned head against the head fitted at P0 (the
+    baseline the search must beat) as they test it against zero-shot."""
+    from tuning.cli import _print_tune_summary
+
+    def sig(gained, lost, p):
+        return {"n": 200, "zero_shot_ci95": [0.5, 0.6], "tuned_ci95": [0.9, 0.95], "gained": gained, "lost": lost,
+                "mcnemar_p": p}
+    summary = {"zero_shot_test_acc": 0.6, "tuned_test_acc": 0.95, "tuned_words_test_acc": 0.9, "n_test": 200,
+               "n_train": 80, "generations": 25, "backend": "plaintext", "policy": "aby3-fast",
+               "mpc": {"per_generation_median": {}}, "projection": {}, "test_significance": sig(68, 3, 0.0),
+               "fitted_head": {"words": 33, "probe_words": 28, "zero_shot_head_test_acc": 0.95,
+                               "test_significance_vs_zero_shot_head": sig(3, 9, 0.146)}}
+    _print_tune_summary(summary, False, tmp_path)
+    out = capsys.readouterr().out
+    assert "68 test examples right that zero-shot got wrong and 3 the other way (exact McNemar p = 0: a real gain)" in out
+    assert "against the head at P0: 3 test examples gained, 9 lost (exact McNemar p = 0.146: not significant)" in out
+    summary["fitted_head"]["test_significance_vs_zero_shot_head"] = sig(2, 20, 0.0001)
+    _print_tune_summary(summary, False, tmp_path)
+    assert "2 test examples gained, 20 lost (exact McNemar p = 0.0001: a real loss)" in capsys.readouterr().out
