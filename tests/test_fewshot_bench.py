@@ -49,19 +49,22 @@ def test_adam_keeps_the_earliest_step_of_the_best_dev_accuracy():
 
 def test_tiny_run_writes_each_method_and_the_table(mini_home, tmp_path):
     out = tmp_path / "fs"
-    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0,1", "--methods", "fo,fo-refit,pt,sft",
-                  "--shots", "4", "--n-test", "8", "--depth", "1", "--budget", "2", "--pt-steps", "2",
+    fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0,1", "--methods",
+                  "fo,fo-refit,fo-d100,pt,sft", "--shots", "4", "--n-test", "8", "--depth", "1", "--budget", "2", "--pt-steps", "2",
                   "--sft-steps", "1", "--out", str(out)])
     for seed in (0, 1):
         row = json.loads((out / "runs" / f"mr_s{seed}.json").read_text())
-        assert row["done"] == ["fo", "fo-refit", "pt", "sft"]
+        assert row["done"] == ["fo", "fo-refit", "fo-d100", "pt", "sft"]
         refit = json.loads((out / "runs" / f"mr_fo-refit_s{seed}" / "config.json").read_text())
         assert refit["objective"] == "refit" and row["fo-refit generations"] == 2
+        d100 = json.loads((out / "runs" / f"mr_fo-d100_s{seed}" / "config.json").read_text())
+        assert d100["d"] == 100 and d100["objective"] == "words" and row["fo-d100 generations"] == 2
         assert row["n_test"] == 8 and len(row["pt dev curve"]) == 3 and len(row["sft dev curve"]) == 2
-        for k in ("zero-shot", "head@P0", "fo", "fo words", "fo-refit", "fo-refit words", "pt", "sft"):
+        for k in ("zero-shot", "head@P0", "fo", "fo words", "fo-refit", "fo-refit words", "fo-d100", "pt", "sft"):
             assert round(row[k] * 8) == pytest.approx(row[k] * 8)  # a count of the 8 test examples
     table = (out / "fewshot.md").read_text()
     assert "| mr |" in table and "| average (1 tasks) |" in table and "fo - head@P0" in table and "fo-refit - fo" in table
+    assert "fo-d100 - head@P0" in table
     assert (out / "fewshot.png").stat().st_size > 1000
     # a second invocation finds every method done and only rebuilds the table
     before = (out / "runs" / "mr_s0.json").read_text()
