@@ -199,3 +199,39 @@ def test_sim_invalid_rows_open_nothing_through_the_head(sim, tmp_path):
     with pytest.raises(Refused, match="its 'head' must be the 'head' output of an approved 'head' program"):
         sc.score("ex", delta)
     s.drop("rows", "head")
+
+
+def test_a_kept_share_comes_back_only_as_what_it_was(sim, tmp_path):
+    """A party keeps set-up shares under digests the data owner names; a restore must name the
+    program and output that wrote the share. Before, a deviating data owner could keep any
+    resident share (a weight's, or a cache no approval opens) and restore it as an approved
+    program's openable output, then open it."""
+    from tuning.compute_party.state import digest
+
+    s, bundle, plain = sim
+    party = s.parties[0]
+    party.state_root = tmp_path / "p0"
+    party.open_state()
+    batch = session_batch(s, PROMPTS, WORDS)
+    for k, v in batch.items():
+        s.put(f"x_{k}", v)
+    try:
+        s.run("forward", {k: f"x_{k}" for k in batch}, ["logits"])
+        fwd = party.gate.source["logits"]
+        names = param_names(s._params_shapes) + [f"x_{k}" for k in sorted(batch)]
+        k_w, k_in, k_out = (digest("test", i) for i in range(3))
+        with pytest.raises(Refused, match="refuses to keep 'w0': weights are not set-up shares"):
+            party.keep(["w0"], [k_w])
+        assert not party.has([k_w])
+        party.keep(["x_" + sorted(batch)[0]], [k_in])  # the data owner's input: no approved origin
+        with pytest.raises(Refused, match="was 'None|None', not .*forward/logits"):
+            party.restore(fwd, names, ["stolen"], [k_in])
+        assert "stolen" not in party.gate.marks
+        party.keep(["logits"], [k_out])  # restored as what it was: it opens as its approval says
+        party.restore(fwd, names, ["again"], [k_out])
+        assert party.gate.marks["again"] == "verbalizer_logits"
+        np.testing.assert_array_equal(party.rt.get_var("again").share_chunks, party.rt.get_var("logits").share_chunks)
+    finally:
+        s.drop("logits", *[f"x_{k}" for k in batch])
+        party.drop(["again"])
+        party.store, party.state_root = None, None

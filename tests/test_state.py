@@ -27,8 +27,8 @@ def test_store_round_trip_is_private_and_keyed_by_digest(tmp_path):
     key = digest("prefill", (2, 3), b"\x00\x01")
     assert key != digest("prefill", (2, 3), b"\x00\x02") and key != digest("prefill", (23,), b"\x00\x01")
     assert not st.has(key)
-    st.save(key, b"meta", [b"a", b"", b"chunk" * 1000])
-    assert st.has(key) and st.load(key) == (b"meta", [b"a", b"", b"chunk" * 1000])
+    st.save(key, b"meta", [b"a", b"", b"chunk" * 1000], b"digest|prefill/cache")
+    assert st.has(key) and st.load(key) == (b"digest|prefill/cache", b"meta", [b"a", b"", b"chunk" * 1000])
     assert stat.S_IMODE(os.stat(tmp_path / "p0").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path / "p0" / f"{key}.share").st_mode) == 0o600
     with pytest.raises(ValueError):

@@ -7,6 +7,11 @@ identity of the weights and the policy. The same run resumed finds every digest 
 else (another model, policy, text or configuration) finds none and computes afresh, never a stale
 share. Files are written whole (temporary name, then rename) in a directory only this party's
 user can read (mode 0700), one directory per party.
+
+The data owner names the digests; the party does not take its word for what a file holds. Each
+file also records its share's origin (the approved program's digest and the output it was), and a
+restore must name that same program and output: a kept share can come back only as what it was
+(a prefill cache can never be restored as an output its approval lets open).
 """
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ import hashlib
 import os
 import struct
 from pathlib import Path
+
+from ..errors import Refused
+
+MAGIC = b"secptune-share-2\n"  # files without the origin part (before it was kept) are refused
 
 
 def digest(*parts) -> str:
@@ -51,34 +60,46 @@ class PartyStore:
     def has(self, key: str) -> bool:
         return self._path(key).exists()
 
-    def save(self, key: str, meta: bytes, chunks: list) -> None:
+    def save(self, key: str, meta: bytes, chunks: list, origin: bytes = b"") -> None:
         path = self._path(key)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(struct.pack("<Q", len(chunks)))
-            for part in (meta, *chunks):
+            f.write(MAGIC + struct.pack("<Q", len(chunks)))
+            for part in (origin, meta, *chunks):
                 f.write(struct.pack("<Q", len(part)) + part)
         os.replace(tmp, path)
 
-    def load(self, key: str) -> tuple[bytes, list]:
+    def load(self, key: str) -> tuple[bytes, bytes, list]:
+        """(origin, meta, chunks) of the share filed under ``key``."""
         data = self._path(key).read_bytes()
-        (n,), at, parts = struct.unpack_from("<Q", data), 8, []
-        for _ in range(n + 1):
+        if not data.startswith(MAGIC):
+            raise Refused(f"kept share {key[:12]} has no recorded origin (kept by an older secptune); "
+                          "`secptune clean` the run and set it up again")
+        (n,), at, parts = struct.unpack_from("<Q", data, len(MAGIC)), len(MAGIC) + 8, []
+        for _ in range(n + 2):
             (size,) = struct.unpack_from("<Q", data, at)
             parts.append(data[at + 8: at + 8 + size])
             at += 8 + size
-        return parts[0], parts[1:]
+        return parts[0], parts[1], parts[2:]
 
-    def keep(self, rt, names: list, keys: list) -> None:
-        """File runtime ``rt``'s shares of ``names`` under ``keys``."""
-        for name, key in zip(names, keys):
+    def keep(self, rt, names: list, keys: list, origins: list) -> None:
+        """File runtime ``rt``'s shares of ``names`` under ``keys``, each with its origin (bytes)."""
+        for name, key, origin in zip(names, keys, origins):
             share = rt.get_var(name)
-            self.save(key, share.meta, share.share_chunks)
+            self.save(key, share.meta, share.share_chunks, origin)
 
-    def restore(self, rt, names: list, keys: list) -> None:
-        """Set runtime ``rt``'s variables ``names`` to the shares filed under ``keys``."""
-        for name, key in zip(names, keys):
-            rt.set_var(name, to_share(*self.load(key)))
+    def restore(self, rt, names: list, keys: list, origins: list) -> None:
+        """Set runtime ``rt``'s variables ``names`` to the shares filed under ``keys``, each only if
+        it was kept as ``origins[i]`` (else Refused, nothing set)."""
+        loaded = []
+        for key, origin in zip(keys, origins):
+            kept, meta, chunks = self.load(key)
+            if kept != origin:
+                raise Refused(f"kept share {key[:12]} was {kept.decode(errors='replace')!r}, not "
+                              f"{origin.decode(errors='replace')!r}; it stays on disk, nothing restored")
+            loaded.append(to_share(meta, chunks))
+        for name, share in zip(names, loaded):
+            rt.set_var(name, share)
 
 
 def to_share(meta: bytes, chunks: list):
