@@ -392,10 +392,11 @@ def table_main(args) -> None:
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     pr = prices()
     s = summarize(rows, tasks, pr)
-    lines = [{"task": t, **{c: _fmt(s["cells"].get((t, c))) for c in COLUMNS}} for t in tasks]
-    lines.append({"task": f"average ({len(tasks)} tasks)", **{c: _fmt(s["average"].get(c)) for c in COLUMNS}})
+    cols = [c for c in COLUMNS if any((t, c) in s["cells"] for t in tasks)]  # methods with a result
+    lines = [{"task": t, **{c: _fmt(s["cells"].get((t, c))) for c in cols}} for t in tasks]
+    lines.append({"task": f"average ({len(tasks)} tasks)", **{c: _fmt(s["average"].get(c)) for c in cols}})
     md = f"# Few-shot accuracy, {len(tasks)} of {len(TASKS)} tasks (test %, mean ±95% t half-width (seeds))\n\n"
-    md += markdown_table(lines, ["task", *COLUMNS])
+    md += markdown_table(lines, ["task", *cols])
     md += f"\nPaired, {len(tasks)}-task average per seed (points):\n\n" + markdown_table(
         [{"pair": k, "mean": f"{100 * v['mean']:+.1f}",
           "95% interval": (f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]" if v["n"] > 1 else "n/a (1 seed)"),
