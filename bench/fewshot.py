@@ -367,6 +367,13 @@ def summarize(rows: list, tasks=TASKS, pr: dict | None = None) -> dict:
             d = [np.mean([by[(t, s)][a] - by[(t, s)][b] for t in tasks]) for s in seeds]
             m, h = interval(d)
             diffs[f"{a} - {b}"] = {"mean": m, "ci95": [m - h, m + h], "n": len(seeds), "per_seed": d}
+    per_task = {}  # pair -> task -> paired difference over the seeds that have both
+    for a, b in PAIRS:
+        for t in tasks:
+            d = [r[a] - r[b] for (tt, _), r in sorted(by.items()) if tt == t and a in r and b in r]
+            if d:
+                m, h = interval(d)
+                per_task.setdefault(f"{a} - {b}", {})[t] = {"mean": m, "half": h, "n": len(d)}
     cost = {}
     if pr is not None:
         for t in tasks:
@@ -375,13 +382,13 @@ def summarize(rows: list, tasks=TASKS, pr: dict | None = None) -> dict:
                 xs = [p[c] for p in per if c in p and (t, c) in cells]
                 if xs:
                     cost[(t, c)] = {u: float(np.mean([x[u] for x in xs])) for u in ("bytes", "s")}
-    return {"cells": cells, "average": avg, "paired": diffs, "cost": cost}
+    return {"cells": cells, "average": avg, "paired": diffs, "paired_by_task": per_task, "cost": cost}
 
 
-def _fmt(c: dict | None) -> str:
+def _fmt(c: dict | None, signed: bool = False) -> str:
     if not c:
         return ""
-    s = f"{100 * c['mean']:.1f}"
+    s = f"{100 * c['mean']:{'+' if signed else ''}.1f}"
     return s + (f" ±{100 * c['half']:.1f}" if np.isfinite(c["half"]) else "") + f" ({c['n']})"
 
 
@@ -402,6 +409,9 @@ def table_main(args) -> None:
           "95% interval": (f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]" if v["n"] > 1 else "n/a (1 seed)"),
           "seeds": v["n"]} for k, v in s["paired"].items()],
         ["pair", "mean", "95% interval", "seeds"])
+    md += "\nPaired by task (points, mean ±95% t half-width (seeds)):\n\n" + markdown_table(
+        [{"pair": k, **{t: _fmt(v.get(t), signed=True) for t in tasks}} for k, v in s["paired_by_task"].items()],
+        ["pair", *tasks])
     costed = [c for c in COLUMNS if any((t, c) in s["cost"] for t in tasks)]
     md += ("\nMPC cost of producing each number (GB sent by the busiest party; simulator hours on 2 cores), "
            "seed mean:\n\n" + markdown_table(
@@ -421,7 +431,8 @@ def table_main(args) -> None:
     payload = {"rows": rows, "prices": pr,
                "summary": {"cells": {f"{t}/{c}": v for (t, c), v in s["cells"].items()},
                            "cost": {f"{t}/{c}": v for (t, c), v in s["cost"].items()},
-                           "average": s["average"], "paired": s["paired"]}}
+                           "average": s["average"], "paired": s["paired"],
+                           "paired_by_task": s["paired_by_task"]}}
     save("fewshot", payload, md, args.out)
     plot(s, tasks, Path(args.out) / "fewshot.png")
 
