@@ -36,6 +36,13 @@ TOY_ARGS = ["--model", "tiny-llama", "--verbalizer", "positive=g,negative=b", "-
             "--popsize", "4", "--d", "8", "--n-tokens", "2", "--seed", "0"]
 
 
+@pytest.fixture(autouse=True)
+def own_home(tmp_path, monkeypatch):
+    """Each test's parties keep their set-up shares in its own $SECPTUNE_HOME, not the user's."""
+    monkeypatch.setenv("SECPTUNE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 def policy_file(tmp_path, name: str, timeout_s: float) -> Path:
     return dump_policy(dataclasses.replace(load_policy(name), timeout_s=timeout_s), tmp_path / f"{name}-t.yaml")
 
@@ -314,11 +321,11 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
           f"cluster {ref['mpc']['per_generation_median']['mpc_s']:.1f}s")
 
 
-def _start_job(tmp_path, policy, budget, log_dir, out, extra=(), **extra_env):
+def _start_job(tmp_path, policy, budget, log_dir, out, extra=()):
     csv, _ = toy_csv(tmp_path / "toy.csv")
     proc = subprocess.Popen(sf_job_cmd(policy, log_dir, ["--train", str(csv), *TOY_ARGS, "--budget", str(budget),
                                                          "--out", str(out), *extra]),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env(**extra_env))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
     deadline = time.monotonic() + 300
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
@@ -353,8 +360,8 @@ def test_one_command_per_party_as_on_separate_hosts(tmp_path):
 def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
-    logs, out, home = tmp_path / "logs", tmp_path / "run", {"SECPTUNE_HOME": str(tmp_path / "home")}
-    proc, pids = _start_job(tmp_path, policy, 3, logs, out, ["--save-logits"], **home)
+    logs, out = tmp_path / "logs", tmp_path / "run"
+    proc, pids = _start_job(tmp_path, policy, 3, logs, out, ["--save-logits"])
     # every SecretFlow, SPU and watch port speaks TLS only and wants a pinned client certificate:
     # a stranger gets no byte, in TLS without one or in plaintext (a forged push to brpc's receiver)
     cluster = yaml.safe_load((logs / "deployment.yaml").read_text())
@@ -387,7 +394,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     assert 1 <= done < 3
 
     # the parties restart; the data owner continues from its checkpoint
-    p = run_sf_job(policy, tmp_path / "logs2", ["--resume", str(out)], **home)
+    p = run_sf_job(policy, tmp_path / "logs2", ["--resume", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed at generation {done}" in p.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
@@ -402,7 +409,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     resumed_mb = summary["mpc"]["setup"]["bytes"] / 1e6
     assert first_mb > 1 and resumed_mb <= 0.05 * first_mb, (first_mb, resumed_mb)
     print(f"set-up MPC {first_mb} MB first, {resumed_mb:.3f} MB resumed")
-    kept = [tmp_path / "home" / "state" / q / namespace(out / "state") for q in ("p0", "p1", "p2")]
+    kept = [tmp_path / "home" / "state" / q / namespace(out / "state") for q in ("p0", "p1", "p2")]  # own_home
     assert all(d.is_dir() and any(d.iterdir()) and stat.S_IMODE(d.stat().st_mode) == 0o700 for d in kept)
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for d in kept for f in d.iterdir())
     assert not any((tmp_path / "home" / "state" / q).exists() for q in ("alice", "bob"))  # they keep nothing
@@ -410,7 +417,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     replay_search(out, d=8, popsize=4, start=tmp_path / "ckpt_at_kill.npz")
     # `secptune clean` deletes the run and every compute party's kept shares
     p = subprocess.run([sys.executable, "-m", "tuning.cli", "clean", str(out)], capture_output=True, text=True,
-                       cwd=REPO, env=env(**home), timeout=120)
+                       cwd=REPO, env=env(), timeout=120)
     assert p.returncode == 0 and not out.exists() and not any(d.exists() for d in kept), p.stderr[-2000:]
 
 
@@ -422,12 +429,12 @@ def test_the_same_command_after_its_set_up_restores_and_opens_the_kept_shares(tm
     import numpy as np
 
     csv, _ = toy_csv(tmp_path / "toy.csv")
-    policy, out, home = policy_file(tmp_path, "semi2k", 20), tmp_path / "run", {"SECPTUNE_HOME": str(tmp_path / "home")}
+    policy, out = policy_file(tmp_path, "semi2k", 20), tmp_path / "run"
     args = ["--train", str(csv), *TOY_ARGS, "--budget", "1", "--prompt-depth", "1", "--save-logits", "--out", str(out),
             "--json"]
     runs = []
     for i in range(2):
-        p = run_sf_job(policy, tmp_path / f"logs{i}", args, **home)
+        p = run_sf_job(policy, tmp_path / f"logs{i}", args)
         assert p.returncode == 0, p.stderr[-3000:]
         runs.append((json.loads(p.stdout.strip().splitlines()[-1]), np.load(out / "logits" / "test_zero_shot.npz")))
         (out / "ckpt.npz").unlink()  # as if it had ended before its first checkpoint
@@ -539,7 +546,7 @@ def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path
         cmd = [sys.executable, "-c", _HOSTILE, *args] if p.role == "data_owner" else \
             [sys.executable, "-m", "tuning.sfjob", *args]
         procs[p.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                         env=env(SECPTUNE_HOME=str(tmp_path / "home")))
+                                         env=env())
     outs = {n: p.communicate(timeout=600) for n, p in procs.items()}
     assert "OPENED" not in outs["alice"][0] and "RESTORED" not in outs["alice"][0]
     assert procs["alice"].returncode != 0
