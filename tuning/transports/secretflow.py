@@ -649,6 +649,8 @@ class SFJob:
         digest, ins, outs, keys = desc["exe"], desc["ins"], desc["outs"], desc["keys"]
         if self.me.role != "model_owner":  # the compute parties refuse (the data owner checked before)
             self.check_run(digest, ins, outs)
+        if any(len(desc["chunks"][p]) != len(outs) for p in self.spu.actors) or len(keys) != len(outs):
+            raise Refused(f"{self.me.name} refuses a restore without one key and chunk count per output")
         approval = self.gate.approved[digest][0]
         origins = [origin_tag(digest, (approval.request.program.name, k)) for k in approval.request.outs]
         loaded = {}  # compute party -> per output (its SPUValueMeta, its share's name in that party's runtime)
