@@ -3,15 +3,19 @@ one-line report of a failed job; a short tuning job on tiny-llama through Secret
 ABY3 and 2-party SEMI2K against the same job on the cluster back end (same search path, opened
 logits within fixed-point noise, the same traffic) and what every party but the data owner
 receives; a killed party and a stalled one (every other party ends within the policy's timeout,
-with a line naming it, and no process is left), and --resume after the restart.
+with a line naming it, and no process is left), and --resume after the restart (restoring the
+set-up from the shares each compute party kept on its own disk).
 
 Each job test starts one real process per party (5 under ABY3) on free local ports; on 2 busy
 cores one takes 1-2 minutes."""
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import (FORGED_PUSH, assert_same_job, assert_same_search_path, assert_sf_parties_kept_secrets,
-                     pids_with, plaintext_reply, tls_without_certificate, toy_csv)
+                     pids_with, plaintext_reply, replay_search, tls_without_certificate, toy_csv)
 
 from tuning.transports import deployment as dp
 from tuning.transports import sfcluster as sc
@@ -30,6 +34,13 @@ from tuning.policy import available_policies, dump_policy, load_policy
 REPO = Path(__file__).absolute().parent.parent
 TOY_ARGS = ["--model", "tiny-llama", "--verbalizer", "positive=g,negative=b", "--shots", "2", "--n-test", "4",
             "--popsize", "4", "--d", "8", "--n-tokens", "2", "--seed", "0"]
+
+
+@pytest.fixture(autouse=True)
+def own_home(tmp_path, monkeypatch):
+    """Each test's parties keep their set-up shares in its own $SECPTUNE_HOME, not the user's."""
+    monkeypatch.setenv("SECPTUNE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
 
 
 def policy_file(tmp_path, name: str, timeout_s: float) -> Path:
@@ -112,6 +123,7 @@ def test_sf_job_usage_errors_are_one_line(capsys):
     cases = [(["sf-job", "local", "--policy", "aby3", "--", "--backend", "sim"], "--backend is not a tune argument"),
              (["sf-job", "local", "--policy", "aby3", "--", "--policy", "semi2k"], "--policy is not a tune argument"),
              (["sf-job", "local", "--", "--task", "mr"], "give --policy NAME"),
+             (["sf-job", "local", "--policy", "aby3", "--state-dir", "s"], "--state-dir is for"),
              (["sf-job", "--cluster", "aby3", "--", "--task", "mr"], "give --cluster FILE --party NAME"),
              (["sf-job", "--cluster", "nope", "--party", "p0"], "deployment file nope not found"),
              (["sf-job", "--cluster", "aby3", "--party", "carol"], "no party 'carol'"),
@@ -309,10 +321,10 @@ def test_sf_job_matches_the_cluster_back_end_and_keeps_secrets(name, tmp_path):
           f"cluster {ref['mpc']['per_generation_median']['mpc_s']:.1f}s")
 
 
-def _start_job(tmp_path, policy, budget, log_dir, out):
+def _start_job(tmp_path, policy, budget, log_dir, out, extra=()):
     csv, _ = toy_csv(tmp_path / "toy.csv")
     proc = subprocess.Popen(sf_job_cmd(policy, log_dir, ["--train", str(csv), *TOY_ARGS, "--budget", str(budget),
-                                                         "--out", str(out)]),
+                                                         "--out", str(out), *extra]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
     deadline = time.monotonic() + 300
     metrics = out / "metrics.jsonl"
@@ -349,7 +361,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     timeout = 10
     policy = policy_file(tmp_path, "aby3", timeout)
     logs, out = tmp_path / "logs", tmp_path / "run"
-    proc, pids = _start_job(tmp_path, policy, 3, logs, out)
+    proc, pids = _start_job(tmp_path, policy, 3, logs, out, ["--save-logits"])
     # every SecretFlow, SPU and watch port speaks TLS only and wants a pinned client certificate:
     # a stranger gets no byte, in TLS without one or in plaintext (a forged push to brpc's receiver)
     cluster = yaml.safe_load((logs / "deployment.yaml").read_text())
@@ -363,6 +375,7 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     os.kill(pids["p1"]["pid"], signal.SIGKILL)  # a compute party, mid-job
     t_kill = time.time()
     _, stderr = proc.communicate(timeout=timeout + 60)
+    shutil.copy(out / "ckpt.npz", tmp_path / "ckpt_at_kill.npz")
     assert proc.returncode == 2
     err = error_lines(stderr)
     assert len(err) == 1 and err[0].startswith("secptune: error: party p1 (compute) was killed (SIGKILL); "), err
@@ -385,8 +398,49 @@ def test_killed_party_ends_every_party_in_time_and_the_job_resumes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed at generation {done}" in p.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    assert json.loads((out / "summary.json").read_text())["generations"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generations"] == 3
     assert pids_with(str(tmp_path / "logs2"), "tuning.sfjob") == []
+    # the set-up came back from the shares each compute party kept in its own private directory
+    # (the killed one's too) instead of being computed again
+    from tuning.compute_party.state import namespace
+
+    first_mb = float(re.search(r"set-up \(.*?MPC ([0-9.]+) MB", stderr).group(1))
+    resumed_mb = summary["mpc"]["setup"]["bytes"] / 1e6
+    assert first_mb > 1 and resumed_mb <= 0.05 * first_mb, (first_mb, resumed_mb)
+    print(f"set-up MPC {first_mb} MB first, {resumed_mb:.3f} MB resumed")
+    kept = [tmp_path / "home" / "state" / q / namespace(out / "state") for q in ("p0", "p1", "p2")]  # own_home
+    assert all(d.is_dir() and any(d.iterdir()) and stat.S_IMODE(d.stat().st_mode) == 0o700 for d in kept)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for d in kept for f in d.iterdir())
+    assert not any((tmp_path / "home" / "state" / q).exists() for q in ("alice", "bob"))  # they keep nothing
+    # the resumed search is the one the checkpoint determines, given the logits it opened
+    replay_search(out, d=8, popsize=4, start=tmp_path / "ckpt_at_kill.npz")
+    # `secptune clean` deletes the run and every compute party's kept shares
+    p = subprocess.run([sys.executable, "-m", "tuning.cli", "clean", str(out)], capture_output=True, text=True,
+                       cwd=REPO, env=env(), timeout=120)
+    assert p.returncode == 0 and not out.exists() and not any(d.exists() for d in kept), p.stderr[-2000:]
+
+
+@pytest.mark.soak  # the killed-party test covers the restore; this one also opens a restored output
+def test_the_same_command_after_its_set_up_restores_and_opens_the_kept_shares(tmp_path):
+    """A job that ended after its set-up, before its first checkpoint, run again: the compute
+    parties restore their kept shares (no set-up traffic), and the deep prefill's zero-shot logits,
+    a restored output its approval opens, open to the same values as before."""
+    import numpy as np
+
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    policy, out = policy_file(tmp_path, "semi2k", 20), tmp_path / "run"
+    args = ["--train", str(csv), *TOY_ARGS, "--budget", "1", "--prompt-depth", "1", "--save-logits", "--out", str(out),
+            "--json"]
+    runs = []
+    for i in range(2):
+        p = run_sf_job(policy, tmp_path / f"logs{i}", args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append((json.loads(p.stdout.strip().splitlines()[-1]), np.load(out / "logits" / "test_zero_shot.npz")))
+        (out / "ckpt.npz").unlink()  # as if it had ended before its first checkpoint
+    (first, zs0), (again, zs1) = runs
+    assert 0.05 * first["mpc"]["setup"]["bytes"] >= again["mpc"]["setup"]["bytes"], (first["mpc"], again["mpc"])
+    np.testing.assert_array_equal(zs0["logits"], zs1["logits"])
 
 
 def test_stalled_party_ends_every_party_in_time(tmp_path):
@@ -444,7 +498,8 @@ def test_ctrl_c_reaps_every_party(tmp_path):
 
 # A deviating data owner: it skips its own session's checks and asks the parties directly, through
 # the job's descriptors: the head program's output (rows of the LM head) opened as if it were
-# verbalizer logits, or an approved program run to overwrite a weight with its output.
+# verbalizer logits, an approved program run to overwrite a weight with its output, or its own
+# input kept on the parties' disks and restored as the output of an approved program.
 _HOSTILE = r"""
 import sys
 import numpy as np
@@ -461,6 +516,13 @@ def hostile(job, spec, party):
     approval = job.lead({"op": "approve", "request": Request.of(ProgramRef("head"), {"rows": rows.shape}, ["head"])})
     if spec["attack"] == "run":
         job.lead({"op": "run", "exe": approval.digest, "ins": ["rows"], "outs": ["w0"]})
+    elif spec["attack"] == "restore":
+        job.lead({"op": "state_open", "namespace": "0" * 64})
+        job.lead({"op": "state_keep", "outs": ["rows"], "keys": ["1" * 64]})
+        chunks = job.lead({"op": "state_has", "keys": ["1" * 64]})
+        job.lead({"op": "state_restore", "exe": approval.digest, "ins": ["rows"], "outs": ["stolen"],
+                  "keys": ["1" * 64], "chunks": chunks})
+        print("RESTORED", flush=True)
     else:
         job.lead({"op": "run", "exe": approval.digest, "ins": ["rows"], "outs": ["head"]})
         got = job.lead({"op": "open", "name": "head", "what": "verbalizer_logits"})
@@ -472,7 +534,8 @@ sj.main(sys.argv[1:])
 
 
 @pytest.mark.parametrize("attack,refusal", [("open", "is not an output its approved program opens"),
-                                            pytest.param("run", "a weight (w0) is bound to", marks=pytest.mark.soak)])
+                                            pytest.param("run", "a weight (w0) is bound to", marks=pytest.mark.soak),
+                                            pytest.param("restore", "was 'None|None', not", marks=pytest.mark.soak)])
 def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path):
     cluster = tls.with_local_keys(dp.local_deployment(str(policy_file(tmp_path, "aby3", 15))), tmp_path / "keys")
     path = dp.dump_deployment(cluster, tmp_path / "deployment.yaml")
@@ -485,7 +548,7 @@ def test_compute_parties_refuse_a_deviating_data_owner(attack, refusal, tmp_path
         procs[p.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                          env=env())
     outs = {n: p.communicate(timeout=600) for n, p in procs.items()}
-    assert "OPENED" not in outs["alice"][0]
+    assert "OPENED" not in outs["alice"][0] and "RESTORED" not in outs["alice"][0]
     assert procs["alice"].returncode != 0
     # every compute party refuses as it reads the operation; one that sees another leave first ends
     # on that (the order is the scheduler's), so at least one names the refusal and none went on

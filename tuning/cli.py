@@ -389,8 +389,10 @@ def _cmd_sf_job(args):
     if args.mode == "local":
         if bool(args.policy) == bool(args.cluster):
             raise UserError("sf-job local: give --policy NAME (every party on free local ports) or --cluster FILE")
-        if args.party:
-            raise UserError("sf-job local runs every party; --party is for `sf-job --cluster FILE --party NAME`")
+        if args.party or args.state_dir:
+            raise UserError(f"sf-job local runs every party; {'--party' if args.party else '--state-dir'} is for "
+                            "`sf-job --cluster FILE --party NAME` (here each compute party keeps its set-up shares "
+                            "under $SECPTUNE_HOME/state/<party>)")
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="secptune-sfjob-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         cluster = dp.local_deployment(args.policy) if args.policy else dp.load_deployment(args.cluster)
@@ -411,6 +413,8 @@ def _cmd_sf_job(args):
         key_dir = None
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"secptune-sfjob-{args.party}-"))
         parties = [args.party]
+        if args.state_dir:  # this party's own kept set-up shares (a compute party's; like `node --state-dir`)
+            spec["state_dir"] = str(Path(args.state_dir).absolute())
     names = ", ".join(f"{cluster.party(n).name} ({cluster.party(n).role.replace('_', ' ')})" for n in parties)
     print(f"sf-job {cluster.job_name} ({cluster.policy.name}, {cluster.policy.protocol}): {names}; logs in {log_dir}",
           file=sys.stderr, flush=True)
@@ -440,7 +444,8 @@ def _cmd_clean(args):
     if not run.is_run():
         raise UserError(f"{run.path} is not a run directory (no {run.config_path.name}, no {run.state_dir.name}/): "
                         "nothing deleted")
-    # what this machine's cluster nodes kept for the run (nodes on other hosts keep theirs)
+    # what this machine's compute parties (cluster nodes, SecretFlow parties) kept for the run under
+    # $SECPTUNE_HOME/state (those on other hosts, or with a --state-dir of their own, keep theirs)
     kept = [d for d in (secptune_home() / "state").glob(f"*/{namespace(run.state_dir)}") if d.is_dir()]
     for d in [run.path, *kept]:
         shutil.rmtree(d)
@@ -638,6 +643,8 @@ def _add_party_commands(sub) -> None:
     s.add_argument("--party", help="the party this command runs (with --cluster)")
     s.add_argument("--policy", help="with local: run this policy's parties on free local ports")
     s.add_argument("--log-dir", dest="log_dir", help="each party's log and status (default: a temp dir)")
+    s.add_argument("--state-dir", dest="state_dir", help="with --party, a compute party's kept set-up shares "
+                                                         "(default: $SECPTUNE_HOME/state/<party>)")
     s.set_defaults(fn=_cmd_sf_job, tune_args=[])  # after "--": the arguments of `secptune tune` (main)
 
 

@@ -155,7 +155,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--party", required=True)
     ap.add_argument("--log-dir", required=True)
-    ap.add_argument("--job", default="{}", help="JSON: tune (TuneConfig fields), resume, budget, json")
+    ap.add_argument("--job", default="{}", help="JSON: tune (TuneConfig fields), resume, budget, json, "
+                                                "state_dir (a compute party's kept set-up shares)")
     args = ap.parse_args(argv)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def main(argv=None) -> None:
               f"{', '.join(f'{k} {v}' for k, v in me.ports.items())}", file=sys.stderr, flush=True)
         if me.role == "model_owner":
             sfb.serve_model(served_model(spec), cluster.policy)
-        job = sfb.SFJob(cluster, me.name, log_dir, party.fatal)
+        job = sfb.SFJob(cluster, me.name, log_dir, party.fatal, state_root=spec.get("state_dir"))
         signal.signal(signal.SIGINT, _on_sigint(party))
         party.say(f"{me.name}: up ({me.role}; {cluster.policy.protocol} over {', '.join(p.name for p in cluster.compute)})")
         if me.role == "data_owner":

@@ -72,15 +72,29 @@ class PartyStore:
     def load(self, key: str) -> tuple[bytes, bytes, list]:
         """(origin, meta, chunks) of the share filed under ``key``."""
         data = self._path(key).read_bytes()
-        if not data.startswith(MAGIC):
-            raise Refused(f"kept share {key[:12]} has no recorded origin (kept by an older secptune); "
-                          "`secptune clean` the run and set it up again")
+        _check_magic(data, key)
         (n,), at, parts = struct.unpack_from("<Q", data, len(MAGIC)), len(MAGIC) + 8, []
         for _ in range(n + 2):
             (size,) = struct.unpack_from("<Q", data, at)
             parts.append(data[at + 8: at + 8 + size])
             at += 8 + size
         return parts[0], parts[1], parts[2:]
+
+    def count(self, key: str) -> int:
+        """How many chunks the share filed under ``key`` has (its header only: a public count)."""
+        with open(self._path(key), "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+        _check_magic(head, key)
+        return struct.unpack_from("<Q", head, len(MAGIC))[0]
+
+    def load_as(self, key: str, origin: bytes) -> tuple[bytes, list]:
+        """(meta, chunks) of the share filed under ``key``, only if it was kept as ``origin``
+        (else Refused: it stays on disk)."""
+        kept, meta, chunks = self.load(key)
+        if kept != origin:
+            raise Refused(f"kept share {key[:12]} was {kept.decode(errors='replace')!r}, not "
+                          f"{origin.decode(errors='replace')!r}; it stays on disk, nothing restored")
+        return meta, chunks
 
     def keep(self, rt, names: list, keys: list, origins: list) -> None:
         """File runtime ``rt``'s shares of ``names`` under ``keys``, each with its origin (bytes)."""
@@ -91,15 +105,15 @@ class PartyStore:
     def restore(self, rt, names: list, keys: list, origins: list) -> None:
         """Set runtime ``rt``'s variables ``names`` to the shares filed under ``keys``, each only if
         it was kept as ``origins[i]`` (else Refused, nothing set)."""
-        loaded = []
-        for key, origin in zip(keys, origins):
-            kept, meta, chunks = self.load(key)
-            if kept != origin:
-                raise Refused(f"kept share {key[:12]} was {kept.decode(errors='replace')!r}, not "
-                              f"{origin.decode(errors='replace')!r}; it stays on disk, nothing restored")
-            loaded.append(to_share(meta, chunks))
+        loaded = [to_share(*self.load_as(key, origin)) for key, origin in zip(keys, origins)]
         for name, share in zip(names, loaded):
             rt.set_var(name, share)
+
+
+def _check_magic(data: bytes, key: str) -> None:
+    if not data.startswith(MAGIC):
+        raise Refused(f"kept share {key[:12]} has no recorded origin (kept by an older secptune); "
+                      "`secptune clean` the run and set it up again")
 
 
 def to_share(meta: bytes, chunks: list):

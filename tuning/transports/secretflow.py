@@ -44,8 +44,17 @@ learn it from the driver's calls.
   a value to the data owner only if that value's approval opens it, within the policy's cap. A
   refusal ends the job (an honest data owner checks the same before it announces anything).
 - every party receives the descriptors (operation kinds, variable names such as
-  ``train0_text``, shapes, executable digests) and SecretFlow's own public counts (share chunk
-  counts); none but the data owner ever holds a label, a loss, z, A, a text or a plaintext prompt.
+  ``train0_text``, shapes, executable digests, kept shares' digests) and SecretFlow's own public
+  counts (share chunk counts); none but the data owner ever holds a label, a loss, z, A, a text
+  or a plaintext prompt.
+
+Kept set-up shares (``Session.keep_state``, as on a cluster node): each compute party files its
+shares of the run's persisted set-up outputs under its own state root (default
+``$SECPTUNE_HOME/state/<party>``), in the run's namespace, in ``PartyStore``'s format with each
+share's origin. A function at that party (its PYU) moves a share between its SPU runtime
+(``outfeed_share``/``infeed_share``) and its own files, so no share crosses the network; a restore
+passes the same gate checks as a run, and each file must have been kept as that program's output.
+The data owner learns only whether every party holds a digest (and its public chunk counts).
 
 Costs: each compute party reads its own traffic from SPU's profile log after each run and sends
 it to the data owner (``CallCost`` per run, every party measured, as in the cluster back end).
@@ -54,7 +63,8 @@ Failure: a party whose process ends or stops answering makes every other end wit
 policy's ``timeout_s`` (``sfcluster.Watchdog``), each writing a status record that names it;
 a failed operation at a party (an exception in its SecretFlow task) reaches the data owner as
 SecretFlow's ``FedRemoteError`` and is reported naming that party. The job is then over: the
-parties must be restarted, and ``--resume`` continues from the data owner's last checkpoint.
+parties must be restarted, and ``--resume`` continues from the data owner's last checkpoint
+(restoring the set-up from the shares the compute parties kept, not prefilling again).
 """
 from __future__ import annotations
 
@@ -68,13 +78,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import secptune_home
+from ..compute_party import state
 from ..compute_party.gate import Gate, append_audit
+from ..compute_party.party import origin_tag
 from ..compute_party.traffic import LogTraffic
-from ..errors import UserError
+from ..errors import Refused, UserError
 from ..model_owner.models import ModelBundle, policy_execution
 from ..model_owner.owner import ModelOwner
 from ..policy import view_differences
-from ..programs import weight_names
+from ..programs import WEIGHT, weight_names
 from . import procs, tls
 from .cost import CallCost
 from .session import Session
@@ -82,7 +95,7 @@ from .deployment import Deployment
 from .sfcluster import STARTUP_S, JobError, Watchdog
 from .tlsgate import TLSGate
 
-PROTOCOL = 2  # version of the descriptors: a follower refuses a data owner that speaks another
+PROTOCOL = 3  # version of the descriptors: a follower refuses a data owner that speaks another
 BACKSTOP_S = 3600.0  # SecretFlow's own receive timeout: liveness is the watchdog's, not this
 
 _JOB = None  # this process's party, when it runs one (tuning.sfjob sets it)
@@ -106,6 +119,11 @@ def _collect(*xs):
 
 
 def _ack():
+    return True
+
+
+def _done(*_after):
+    """True once ``_after`` (objects of this party) are ready: an acknowledgement to collect."""
     return True
 
 
@@ -154,6 +172,55 @@ def _read_profile(_after):
     """Compute party, after a run (``_after``: one of its outputs, so this waits for it): its
     traffic and per-op table from the new part of its SPU log."""
     return _TRAFFIC.read()
+
+
+# a compute party's kept set-up shares: its own files, read and written only in its own process
+_STATE_ROOT: Path | None = None  # where it keeps them: <root>/<namespace of the run>
+_STORE: state.PartyStore | None = None  # the run's, once the data owner opened it
+
+
+def _state_open(namespace: str) -> bool:
+    """Compute party: keep this run's set-up shares under STATE_ROOT/``namespace`` (0700)."""
+    global _STORE
+    _STORE = state.PartyStore(_STATE_ROOT / state.checked_key(namespace))
+    return True
+
+
+def _state_store() -> state.PartyStore:
+    if _STORE is None:
+        raise RuntimeError("no state opened; the data owner must open it first")
+    return _STORE
+
+
+def _state_has(keys: list):
+    """Compute party: how many chunks its share under each of ``keys`` has (a public count, as
+    SecretFlow's own), or None unless it holds every one."""
+    store = _state_store()
+    return [store.count(k) for k in keys] if all(store.has(k) for k in keys) else None
+
+
+def _state_file(outfed, key: str, origin: bytes) -> bool:
+    """Compute party: file its share (``SPURuntime.outfeed_share``'s (io info, *chunks), made
+    here) under ``key``, with the origin its gate recorded."""
+    info, *chunks = outfed
+    _state_store().save(key, info.meta, chunks, origin)
+    return True
+
+
+def _state_load(key: str, origin: bytes, conf, n_chunks: int) -> tuple:
+    """Compute party: (SPUValueMeta, SPUIOInfo, *chunks) of its share kept under ``key``, only if
+    it was kept as ``origin``; the meta as ``SPURuntime.run`` makes it for an output."""
+    from secretflow.device.device.spu import SPUIOInfo, SPUValueMeta
+    from spu import spu_pb2
+    from spu.utils.distributed import dtype_spu_to_np, shape_spu_to_np
+
+    meta, chunks = _state_store().load_as(key, origin)
+    if len(chunks) != n_chunks:
+        raise Refused(f"kept share {key[:12]} has {len(chunks)} chunks, not the {n_chunks} announced")
+    m = spu_pb2.ValueMetaProto.FromString(meta)
+    value = SPUValueMeta(shape_spu_to_np(m.shape), dtype_spu_to_np(m.data_type), m.visibility, conf.protocol,
+                         conf.field, conf.fxp_fraction_bits)
+    return (value, SPUIOInfo(0, len(chunks), meta), *chunks)
 
 
 def _first_line(e) -> str:
@@ -286,10 +353,15 @@ class SFJob:
 
     ``on_fatal(kind, peer, message)`` ends the process when the watchdog finds a peer missing,
     lost or stalled. The constructor starts the watchdog, then ``sf.init`` (which waits for the
-    other parties) and the SPU device."""
+    other parties) and the SPU device. ``state_root``: where a compute party keeps set-up shares
+    (default ``$SECPTUNE_HOME/state/<party>``, as a cluster node's)."""
 
-    def __init__(self, cluster: Deployment, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S):
+    def __init__(self, cluster: Deployment, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S,
+                 state_root=None):
+        global _STATE_ROOT
         self.cluster, self.me, self.policy = cluster, cluster.party(party), cluster.policy
+        if self.me.role == "compute":
+            _STATE_ROOT = Path(state_root) if state_root else secptune_home() / "state" / party
         self.leader = self.me.role == "data_owner"
         self.log_dir = Path(log_dir)
         self.vars: dict = {}  # resident variable name -> SPUObject
@@ -424,6 +496,8 @@ class SFJob:
             return self._drop(desc["names"])
         if op == "table":
             return self._table()
+        if op in ("state_open", "state_has", "state_keep", "state_restore"):
+            return getattr(self, f"_{op}")(desc)
         if op == "end":
             return self._end(desc)
         raise JobError(f"the data owner sent an unknown operation {op!r} (different versions of secptune?)")
@@ -532,6 +606,72 @@ class SFJob:
         got = self.alice(_ident)(self.bob(_owner_table)().to(self.alice))
         return got.data.get_object() if self.leader else None
 
+    # ------------------------------------------- set-up shares, each on its compute party's own disk
+    # every party makes the same calls; the files are read and written by functions that run at
+    # the compute party itself (its PYU), fed from and into its own SPU runtime: no share moves
+    def _to_leader(self, objs: list):
+        """One object per compute party (each at that party) to the data owner: their values there."""
+        got = self.alice(_collect)(*[o.to(self.alice) for o in objs])
+        return got.data.get_object() if self.leader else None
+
+    def _state_open(self, desc: dict) -> None:
+        """Each compute party keeps this run's shares under its own STATE_ROOT/``namespace``."""
+        self._to_leader([self.pyus[p](_state_open)(desc["namespace"]) for p in self.spu.actors])
+
+    def _state_has(self, desc: dict):
+        """To the data owner: each compute party's chunk counts of its shares under ``keys`` (None
+        where it lacks one)."""
+        got = self._to_leader([self.pyus[p](_state_has)(list(desc["keys"])) for p in self.spu.actors])
+        return dict(zip(self.spu.actors, got)) if self.leader else None
+
+    def _state_keep(self, desc: dict) -> None:
+        """Each compute party files its share of each of ``outs`` under ``keys``, with the origin
+        its own gate recorded (the approved program and output that wrote it); never a weight."""
+        outs, keys = list(desc["outs"]), list(desc["keys"])
+        weights = [n for n in outs if WEIGHT.fullmatch(str(n))]
+        if weights or len(outs) != len(keys):  # the model owner's: a copy on disk could come back as something else
+            raise Refused(f"{self.me.name} refuses to keep {(weights or outs)[0]!r}: "
+                          + ("weights are not set-up shares" if weights else "one key per output"))
+        origins = [origin_tag(self.gate.source.get(n), self.gate.origin.get(n)) for n in outs]
+        acks = []
+        for i, (p, actor) in enumerate(self.spu.actors.items()):
+            filed = [self.pyus[p](_state_file)(actor.outfeed_share.remote(self.vars[n].shares_name[i]), k, o)
+                     for n, k, o in zip(outs, keys, origins)]
+            acks.append(self.pyus[p](_done)(*filed))
+        self._to_leader(acks)
+
+    def _state_restore(self, desc: dict) -> None:
+        """As ``_run`` of the approved ``exe`` on ``ins``, its outputs' shares loaded instead from
+        each compute party's own disk: the same gate checks first, each file only if it was kept
+        as that program's output, the outputs SPUObjects as ``_run`` makes them."""
+        from secretflow.device.device.spu import SPUObject
+
+        digest, ins, outs, keys = desc["exe"], desc["ins"], desc["outs"], desc["keys"]
+        if self.me.role != "model_owner":  # the compute parties refuse (the data owner checked before)
+            self.check_run(digest, ins, outs)
+        if any(len(desc["chunks"][p]) != len(outs) for p in self.spu.actors) or len(keys) != len(outs):
+            raise Refused(f"{self.me.name} refuses a restore without one key and chunk count per output")
+        approval = self.gate.approved[digest][0]
+        origins = [origin_tag(digest, (approval.request.program.name, k)) for k in approval.request.outs]
+        loaded = {}  # compute party -> per output (its SPUValueMeta, its share's name in that party's runtime)
+        for p, actor in self.spu.actors.items():
+            loaded[p] = []
+            for key, origin, n in zip(keys, origins, desc["chunks"][p]):
+                meta, info, *chunks = self.pyus[p](_state_load, num_returns=2 + n)(key, origin, self.spu.conf, n)
+                loaded[p].append((meta.data, actor.infeed_share.remote(info.data, *[c.data for c in chunks])))
+        if self.me.name in loaded:  # its own shares are in its runtime (or it refused) before it marks them
+            for _, name in loaded[self.me.name]:
+                name.get_object()
+        self.gate.forget(*outs)
+        rows = list(loaded.values())
+        for k, name in enumerate(outs):
+            if name in self.vars:
+                self._delete(name)
+            self.vars[name] = SPUObject(self.spu, rows[0][k][0], [row[k][1] for row in rows])
+            self.out_shapes[name] = tuple(approval.out_shapes[approval.request.outs[k]])
+        self.gate.ran(digest, outs)
+        self._to_leader([self.pyus[p](_done)(*[n for _, n in loaded[p]]) for p in loaded])
+
     def _end(self, desc: dict) -> None:
         """The job's end: no SecretFlow call (its last messages could be dropped by a process that
         leaves right after sending them); the parties leave through the watchdog's goodbye."""
@@ -599,6 +739,32 @@ class SecretFlowBackend(Session):
     def _execute(self, compiled, ins, outs):
         self.job.check_run(compiled, ins, outs)  # refused here, before anything is announced
         return self.job.lead({"op": "run", "exe": compiled, "ins": list(ins), "outs": list(outs)})
+
+    # set-up shares on the compute parties' disks: each keeps its own, under its own state root
+    keeps_state = True
+
+    def _open_state(self, root) -> None:
+        ns = state.namespace(root)
+        self.job.lead({"op": "state_open", "namespace": ns})
+        self.state, self._chunks = ns, {}
+
+    def _program_digest(self, compiled) -> str:
+        return compiled  # always an approved digest here
+
+    def _kept(self, keys) -> bool:
+        counts = self.job.lead({"op": "state_has", "keys": list(keys)})
+        if any(c is None for c in counts.values()):
+            return False
+        self._chunks[tuple(keys)] = counts  # the restore announces them: every party makes as many calls
+        return True
+
+    def _keep(self, outs, keys) -> None:
+        self.job.lead({"op": "state_keep", "outs": list(outs), "keys": list(keys)})
+
+    def _restore(self, compiled, ins, outs, keys) -> None:
+        self.job.check_run(compiled, ins, outs)  # refused here, before anything is announced
+        self.job.lead({"op": "state_restore", "exe": compiled, "ins": list(ins), "outs": list(outs),
+                       "keys": list(keys), "chunks": self._chunks.pop(tuple(keys))})
 
     def _reconstruct(self, name: str, what: str | None = None) -> np.ndarray:
         if name not in self.shapes:
