@@ -40,6 +40,7 @@ from . import head as fitted
 CONFIG, CHECKPOINT, METRICS, AUDIT = "config.json", "ckpt.npz", "metrics.jsonl", "reveals.jsonl"
 SUMMARY, BEST_Z, HEAD, CURVES, LOGITS = "summary.json", "best_z.npy", "head.npz", "curves.png", "logits"
 STATE = "state"
+SALT = "salt"  # in STATE: the data owner's secret for its kept shares' digests
 # the commands whose reveals a run's audit holds; records of older versions name none (they were tune's)
 COMMANDS = ("tune", "predict", "eval")
 
@@ -116,6 +117,23 @@ class RunDir:
     @property
     def state_dir(self) -> Path:
         return self.path / STATE
+
+    def state_salt(self, create: bool = True) -> bytes:
+        """The data owner's secret for this run's kept shares (``state/salt``, 0600): mixed into
+        every digest the parties file shares under, so that nobody who sees those digests can test
+        a guessed input against them. A new run makes it (``create``); else a fresh one that
+        matches nothing kept."""
+        path = self.state_dir / SALT
+        if path.is_file():
+            return bytes.fromhex(path.read_text().strip())
+        salt = os.urandom(32)
+        if create:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(salt.hex())
+            os.replace(tmp, path)
+        return salt
 
     # ---------------------------------------------------------------------------- the run
     def is_run(self) -> bool:

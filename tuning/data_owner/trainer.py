@@ -307,7 +307,8 @@ def open_scorer(cfg: TuneConfig, task, train: list, policy, keep_new: bool = Tru
     session, bundle = open_backend(cfg.backend, cfg.model, policy, **where)
     try:
         if session.keeps_state:  # set-up shares on the parties' disks: a resumed run does not prefill again
-            session.keep_state(RunDir(cfg.out).state_dir, write=keep_new)
+            run = RunDir(cfg.out)
+            session.keep_state(run.state_dir, write=keep_new, salt=run.state_salt(create=keep_new))
         cfg = placed(cfg, bundle.config.num_hidden_layers)  # --prompt-depth auto: for this model's layers
         subspace = build_subspace(cfg, bundle, session.embedding_stats())
         cfg = cfg.replace(n_tokens=subspace.n_tokens)  # --init text: one soft token per its token

@@ -87,7 +87,7 @@ class Session(abc.ABC):
         self._marks: dict = getattr(self, "_marks", {})  # output var -> the reveal kind it was computed as
         self._digests: dict = {}  # resident var -> digest of what produced it (state.digest)
         self.state = None  # where the parties keep set-up shares (keep_state), or None
-        self._state_writes = False
+        self._state_writes, self._salt = False, b""
         self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, policy.computes_as())
 
     # ---- the back end's own parts
@@ -125,11 +125,12 @@ class Session(abc.ABC):
         self._digests[name] = state.digest("put", value.shape, value.tobytes())
 
     # ---- set-up shares the parties keep on disk (a resumed run does not prefill again)
-    def keep_state(self, root, write: bool = True) -> None:
+    def keep_state(self, root, write: bool = True, salt: bytes = b"") -> None:
         """From now on ``run(..., persist=True)`` outputs are kept by each party under ``root``
         (one directory per party) and restored instead of recomputed when their digest recurs;
-        ``write=False``: restored only, nothing new kept."""
-        self._state_writes = write
+        ``write=False``: restored only, nothing new kept. ``salt``: the data owner's secret,
+        mixed into every digest (the parties see digests of its inputs, never the salt)."""
+        self._state_writes, self._salt = write, salt
         self._open_state(root)
 
     def _open_state(self, root) -> None:
@@ -256,7 +257,8 @@ class Session(abc.ABC):
         keys = None  # only where every input's provenance is known: else a digest would not pin them
         if persist and self.state is not None and all(self._digests.get(v) for v in ins):
             program_id = self._program_digest(compiled)
-            keys = [state.digest(self._identity, program_id, [(a, self._digests[inputs[a]]) for a in arg_shapes], k)
+            keys = [state.digest(self._identity, self._salt, program_id,
+                                 [(a, self._digests[inputs[a]]) for a in arg_shapes], k)
                     for k in outmap]
         if keys and self._kept(keys):
             self._restore(compiled, ins, outs, keys)
