@@ -319,7 +319,9 @@ class SFJob:
             self.gates["spu"] = TLSGate(self.me.spu_listen or self.me.spu, f"{me} SPU address").start()
         parties = {p.name: {"address": p.address} for p in self.cluster.parties}
         parties[self.me.name]["listen_addr"] = self.gates["sf"].backend  # peers dial the address
-        comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": 2 * t_ms,
+        rpc_ms = int(min(tls.BRPC_MESSAGE_TIMEOUT_S * 1000, 2 * t_ms))  # a short one: see tls.BRPC_MESSAGE_TIMEOUT_S
+        comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": rpc_ms,
+                "http_max_payload_size": tls.BRPC_PIECE_BYTES,
                 "connect_retry_times": int(startup_s), "connect_retry_interval_ms": 1000,
                 "exit_on_sending_failure": True}
         tls_config, spu_tls = self._tls()
@@ -345,7 +347,8 @@ class SFJob:
                                                           "tls_opts": spu_tls} if p.name == self.me.name else {})}
                  for p in self.cluster.compute]
         rc = json_format.MessageToDict(self.policy.runtime_config(profile=True), preserving_proto_field_name=True)
-        link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": 2 * t_ms, "connect_retry_interval_ms": 500,
+        link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": rpc_ms, "http_max_payload_size": tls.BRPC_PIECE_BYTES,
+                "connect_retry_interval_ms": 500,
                 "connect_retry_times": int(startup_s * 2)}
         self.spu = sf.SPU({"nodes": nodes, "runtime_config": rc}, link_desc=link, log_options=log_opts)
         assert [p.name for p in self.cluster.compute] == list(self.spu.actors), "SPU node order"

@@ -228,6 +228,16 @@ def caller_of(context, ident: Identity) -> str | None:
 
 
 # --------------------------------------------------------------------------------- brpc links
+# brpc 1.11 (inside SPU 0.9.3; fixed in brpc 1.15) writes TLS through a 16 KB buffer and, when the
+# socket is full at a message's last flush, keeps the rest there until its next write on that
+# connection: the message never completes on its own. A short per-message timeout makes yacl's
+# link send it again, and that write flushes it (the receiver drops the copy by sequence number).
+BRPC_MESSAGE_TIMEOUT_S = 10.0
+# the pieces a link message is cut into (yacl's default): the up to 8 in flight on one connection
+# arrive within that timeout down to ~10 Mbit/s
+BRPC_PIECE_BYTES = 1 << 20
+
+
 def link_ssl(desc, deployment, me: str, out_dir) -> Path:
     """Turn on TLS for an SPU brpc link description: this party presents its certificate and
     verifies its peer's against the compute parties' pinned certificates (a file written to
