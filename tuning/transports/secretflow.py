@@ -79,7 +79,7 @@ from . import procs, tls
 from .cost import CallCost
 from .session import Session
 from .deployment import Deployment
-from .sfcluster import STARTUP_S, JobError, Watchdog
+from .sfcluster import STARTUP_S, JobError, LinkCheck, Watchdog
 from .tlsgate import TLSGate
 
 PROTOCOL = 2  # version of the descriptors: a follower refuses a data owner that speaks another
@@ -285,8 +285,9 @@ class SFJob:
     operations every party performs in the same order (see the module doc).
 
     ``on_fatal(kind, peer, message)`` ends the process when the watchdog finds a peer missing,
-    lost or stalled. The constructor starts the watchdog, then ``sf.init`` (which waits for the
-    other parties) and the SPU device."""
+    lost or stalled, or the link check (kind "error") finds that what answers at a peer's link
+    port is not that party over TLS. The constructor starts the watchdog and the link check, then
+    ``sf.init`` (which waits for the other parties) and the SPU device."""
 
     def __init__(self, cluster: Deployment, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S):
         self.cluster, self.me, self.policy = cluster, cluster.party(party), cluster.policy
@@ -303,6 +304,9 @@ class SFJob:
         peers = [p for p in cluster.parties if p.name != party]
         self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s,
                                  tls=tls.watch_tls(cluster, party)).start()
+        # what answers at each peer's link ports, while sf.init waits (brpc would retry a wrong one)
+        self.links = LinkCheck(self.me, peers, self.watchdog.tls, lambda peer, msg: on_fatal("error", peer, msg),
+                               startup_s).start()
         self._init_sf(startup_s)
 
     def _init_sf(self, startup_s: float) -> None:
@@ -327,9 +331,15 @@ class SFJob:
         tls_config, spu_tls = self._tls()
         _decode_with_allow_list()
         _link_with_tls()
-        sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
-                cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
-                logging_level="info", tls_config=tls_config)
+        try:
+            sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
+                    cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
+                    logging_level="info", tls_config=tls_config)
+        except RuntimeError as e:  # SecretFlow names its own listen address and a rank here
+            if "connect to mesh failed" not in str(e):
+                raise
+            raise JobError(f"SecretFlow's link did not come up within {startup_s:g}s: "
+                           f"{self.links.pending() or _first_line(e)}") from None
         self.sf = sf
         record = procs.record_path(self.me.name)
         if record:
@@ -551,6 +561,7 @@ class SFJob:
     def leave(self) -> None:
         """Leave in order (the caller then ends the process with ``os._exit``: SecretFlow's links
         can hang at interpreter exit, and nothing is left to send)."""
+        self.links.stop()
         self.watchdog.goodbye()
 
 

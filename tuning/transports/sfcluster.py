@@ -209,6 +209,56 @@ class _WatchLink(Beat):
         self.sock.close()
 
 
+class LinkCheck:
+    """This party's TLS links to its peers, checked from Python while SecretFlow's wait for them
+    (``sf.init``, up to ``startup_s``): a peer's SecretFlow address and, between compute parties,
+    its SPU address. brpc retries a handshake that fails for any reason until that wait ends and
+    then names no peer; here what answers is classified (``tls.check_peer``): not TLS, another
+    certificate, or a refusal of this party's certificate ends the process at once through
+    ``on_wrong(peer, message)``; a port that closes or refuses is retried (the peer may not be
+    listening yet), and :meth:`pending` says so once the wait is over."""
+
+    def __init__(self, me: SFParty, peers: list, tls, on_wrong, startup_s: float = STARTUP_S):
+        self.targets = [(p, "SecretFlow address", p.address) for p in peers]
+        if me.role == "compute":
+            self.targets += [(p, "SPU address", p.spu) for p in peers if p.role == "compute"]
+        self.tls, self.on_wrong, self.startup_s = tls, on_wrong, startup_s  # tls: tls.PinnedTLS
+        self.last: dict = {}  # address -> why it is not up yet
+        self._stop = threading.Event()
+
+    def start(self) -> "LinkCheck":
+        threading.Thread(target=self._run, daemon=True, name="link-check").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self):
+        from .tls import check_peer
+
+        left = list(self.targets)
+        deadline = time.monotonic() + self.startup_s
+        while left and not self._stop.is_set() and time.monotonic() < deadline:
+            for t in list(left):
+                peer, what, addr = t
+                state, why = check_peer(addr, self.tls.client(peer.name), peer.name)
+                if self._stop.is_set():
+                    return
+                if state == "ok":
+                    left.remove(t)
+                    self.last.pop(addr, None)
+                elif state == "wrong":
+                    return self.on_wrong(peer.name, f"party {peer.name}'s {what} {addr}: {why}")
+                else:
+                    self.last[addr] = why
+            self._stop.wait(1.0)
+
+    def pending(self) -> str:
+        """The links not up yet and why, for the error that ends SecretFlow's wait."""
+        return "; ".join(f"party {p.name}'s {what} {addr}: {self.last[addr]}"
+                         for p, what, addr in self.targets if addr in self.last)
+
+
 # --------------------------------------------------------------------------------- status records
 def status_path(log_dir, party: str) -> Path:
     return Path(log_dir) / f"{party}.status.json"
