@@ -238,30 +238,45 @@ def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go(tmp_path):
         s.close()
 
 
-def test_link_check_waits_for_a_closed_port_and_says_why(tmp_path):
-    """A peer's link port that closes at the TLS handshake (a TLS-only gate with no brpc behind it
-    yet: a party still starting looks the same) is no error; the check keeps trying and, once
-    SecretFlow's wait is over, says which port and what it saw. An SPU port is checked only
-    between compute parties."""
+def test_link_check_waits_for_a_closed_port_then_names_it(tmp_path):
+    """A peer's SecretFlow port that closes at the TLS handshake (a TLS-only gate with no brpc
+    behind it yet: a party still starting looks the same) is no error at first; the check keeps
+    trying and, once the start-up bound is over, ends the party naming that port and what it saw
+    (brpc would go on retrying for half an hour). An SPU port is checked only between compute
+    parties."""
     names = ["alice", "p0"]
     keys = tls.generate_keys(names, tmp_path / "keys")
     pinned = tls.pinned_tls("alice", *keys["alice"], {n: Path(keys[n][0]).read_bytes() for n in names})
     gate = tlsgate.TLSGate(_free_addr(), "p0's SecretFlow address").start()
     p0 = sc.SFParty("p0", "compute", address=gate.bind, spu=_free_addr(), watch=_free_addr())
     wrong = []
-    check = sc.LinkCheck(sc.SFParty("alice", "data_owner"), [p0], pinned, lambda *a: wrong.append(a), startup_s=60)
+    check = sc.LinkCheck(sc.SFParty("alice", "data_owner"), [p0], pinned, lambda *a: wrong.append(a), startup_s=2,
+                         grace_s=0)
     assert [t[1] for t in check.targets] == ["SecretFlow address"]
     check.start()
     try:
-        while not check.pending():
-            time.sleep(0.1)
+        for _ in range(600):  # first a wait, said so
+            if check.pending():
+                break
+            time.sleep(0.05)
+        assert check.pending() == f"party p0's SecretFlow address {gate.bind}: it closed the connection at the TLS handshake"
+        check.thread.join(60)  # then, past the bound, the end
     finally:
         check.stop()
         gate.stop()
-    assert check.pending() == f"party p0's SecretFlow address {gate.bind}: it closed the connection at the TLS handshake"
-    assert wrong == []
+    assert wrong == [("p0", f"party p0's SecretFlow address {gate.bind}: it closed the connection at the TLS "
+                            "handshake, for 2s")]
     both = sc.LinkCheck(sc.SFParty("p1", "compute"), [p0], pinned, None)
     assert [t[1] for t in both.targets] == ["SecretFlow address", "SPU address"]
+    # once brpc linked the SecretFlow addresses (sf.init returned), they are no longer checked
+    gate = tlsgate.TLSGate(_free_addr(), "p0's SecretFlow address").start()
+    p0 = sc.SFParty("p0", "compute", address=gate.bind, watch=_free_addr())
+    check = sc.LinkCheck(sc.SFParty("alice", "data_owner"), [p0], pinned, lambda *a: wrong.append(a), startup_s=2,
+                         grace_s=0)
+    check.linked("SecretFlow address")
+    check.start().thread.join(60)
+    gate.stop()
+    assert not check.thread.is_alive() and len(wrong) == 1  # it ended with nothing to check or report
 
 
 def test_the_report_follows_the_blame_to_the_lost_party():

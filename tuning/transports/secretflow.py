@@ -340,6 +340,7 @@ class SFJob:
                 raise
             raise JobError(f"SecretFlow's link did not come up within {startup_s:g}s: "
                            f"{self.links.pending() or _first_line(e)}") from None
+        self.links.linked("SecretFlow address")
         self.sf = sf
         record = procs.record_path(self.me.name)
         if record:
