@@ -40,7 +40,7 @@ in the first programs, each costing ~11 s. At MTU 65535 (SECPTUNE_NETNS_MTU=6553
 buffers start large enough that none occurred. `SECPTUNE_NETNS_SHAPE=100mbit` caps p2's link
 (tc tbf) for both runs.
 
-Wall time here (2 busy shared cores): at MTU 1500, 152-259 s in five runs (the SecretFlow job
+Wall time here (2 busy shared cores): at MTU 1500, 152-259 s in six runs (the SecretFlow job
 61-124 s, the cluster back end's run 63-84 s); at MTU 65535, 137 s (53 s and 46 s).
 """
 from __future__ import annotations
