@@ -3,7 +3,6 @@ earliest best dev step, and one tiny end-to-end run of its methods on the shippe
 import json
 import math
 
-import numpy as np
 import pytest
 
 from bench import fewshot

@@ -1,6 +1,5 @@
 """The search objectives on hand-made word logits (tuning.data_owner.objective)."""
 import numpy as np
-import pytest
 
 from tuning.data_owner import head as fitted
 from tuning.data_owner.head import out_of_fold

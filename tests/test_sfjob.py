@@ -250,6 +250,47 @@ def test_watchdog_names_lost_and_stalled_peers_and_lets_leavers_go(tmp_path):
         s.close()
 
 
+def test_link_check_waits_for_a_closed_port_then_names_it(tmp_path):
+    """A peer's SecretFlow port that closes at the TLS handshake (a TLS-only gate with no brpc
+    behind it yet: a party still starting looks the same) is no error at first; the check keeps
+    trying and, once the start-up bound is over, ends the party naming that port and what it saw
+    (brpc would go on retrying for half an hour). An SPU port is checked only between compute
+    parties."""
+    names = ["alice", "p0"]
+    keys = tls.generate_keys(names, tmp_path / "keys")
+    pinned = tls.pinned_tls("alice", *keys["alice"], {n: Path(keys[n][0]).read_bytes() for n in names})
+    gate = tlsgate.TLSGate(_free_addr(), "p0's SecretFlow address").start()
+    p0 = sc.SFParty("p0", "compute", address=gate.bind, spu=_free_addr(), watch=_free_addr())
+    wrong = []
+    check = sc.LinkCheck(sc.SFParty("alice", "data_owner"), [p0], pinned, lambda *a: wrong.append(a), startup_s=2,
+                         grace_s=0)
+    assert [t[1] for t in check.targets] == ["SecretFlow address"]
+    check.start()
+    try:
+        for _ in range(600):  # first a wait, said so
+            if check.pending():
+                break
+            time.sleep(0.05)
+        assert check.pending() == f"party p0's SecretFlow address {gate.bind}: it closed the connection at the TLS handshake"
+        check.thread.join(60)  # then, past the bound, the end
+    finally:
+        check.stop()
+        gate.stop()
+    assert wrong == [("p0", f"party p0's SecretFlow address {gate.bind}: it closed the connection at the TLS "
+                            "handshake, for 2s")]
+    both = sc.LinkCheck(sc.SFParty("p1", "compute"), [p0], pinned, None)
+    assert [t[1] for t in both.targets] == ["SecretFlow address", "SPU address"]
+    # once brpc linked the SecretFlow addresses (sf.init returned), they are no longer checked
+    gate = tlsgate.TLSGate(_free_addr(), "p0's SecretFlow address").start()
+    p0 = sc.SFParty("p0", "compute", address=gate.bind, watch=_free_addr())
+    check = sc.LinkCheck(sc.SFParty("alice", "data_owner"), [p0], pinned, lambda *a: wrong.append(a), startup_s=2,
+                         grace_s=0)
+    check.linked("SecretFlow address")
+    check.start().thread.join(60)
+    gate.stop()
+    assert not check.thread.is_alive() and len(wrong) == 1  # it ended with nothing to check or report
+
+
 def test_the_report_follows_the_blame_to_the_lost_party():
     c = dp.local_deployment("aby3")
     st = lambda kind, peer="", msg="", t=0.0: {"kind": kind, "peer": peer, "message": msg, "time": t}  # noqa: E731
@@ -474,6 +515,47 @@ def test_data_owner_error_ends_every_party_with_its_one_line(tmp_path):
     assert {n: q["status"]["kind"] for n, q in report["parties"].items()} == \
         {"alice": "error", "bob": "ended", "p0": "ended", "p1": "ended"}
     assert pids_with(str(tmp_path / "logs"), "tuning.sfjob") == []
+
+
+def test_a_peer_address_without_tls_ends_the_party_with_one_line(tmp_path):
+    """A party whose deployment points a peer's SecretFlow address at a port that answers in
+    plaintext ends with one line naming that peer and what answered there, instead of SecretFlow
+    retrying the handshake until its start-up wait (180 s) ends with "failed to setup connection
+    to rank=1". Only the data owner runs: the other peers are not up, which is no error."""
+    import threading
+
+    csv, _ = toy_csv(tmp_path / "toy.csv")
+    srv = socket.create_server(("127.0.0.1", 0))  # speaks HTTP: answers whatever comes with a 400
+
+    def http():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=http, daemon=True).start()
+    plain = f"127.0.0.1:{srv.getsockname()[1]}"
+    cluster = tls.with_local_keys(dp.local_deployment(str(policy_file(tmp_path, "semi2k", 20))), tmp_path / "keys")
+    cluster = dataclasses.replace(cluster, parties=tuple(dataclasses.replace(p, address=plain) if p.name == "p0" else p
+                                                         for p in cluster.parties))
+    path = dp.dump_deployment(cluster, tmp_path / "deployment.yaml")
+    try:
+        p = subprocess.run([sys.executable, "-m", "tuning.cli", "sf-job", "--cluster", str(path), "--party", "alice",
+                            "--log-dir", str(tmp_path / "alice"), "--", "--train", str(csv), *TOY_ARGS, "--budget",
+                            "1", "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, env=env(),
+                           timeout=170)  # under SecretFlow's own 180 s wait
+    finally:
+        srv.close()
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert error_lines(p.stderr) == [f"secptune: error: party p0's SecretFlow address {plain}: it does not answer "
+                                     "in TLS (wrong version number)"], p.stderr[-3000:]
+    status = json.loads((tmp_path / "alice" / "alice.status.json").read_text())
+    assert status["kind"] == "error" and status["peer"] == "p0"
+    assert pids_with(str(tmp_path / "alice"), "tuning.sfjob") == []
 
 
 def test_ctrl_c_reaps_every_party(tmp_path):

@@ -129,3 +129,70 @@ def test_either_end_closing_ends_the_other(echo_gate):
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     probe.bind((host, int(port)))
     probe.close()
+
+
+def _serve(handle):
+    """A TCP server on a free local port that runs ``handle(conn)`` per connection; its address."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def loop():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv, f"127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _tls_server(ctx):
+    def handle(raw):
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as s:
+                s.settimeout(5)
+                s.recv(1)
+        except OSError:
+            pass
+    return handle
+
+
+def test_check_peer_tells_a_wrong_peer_from_one_not_up_yet(tmp_path):
+    """What answers at a peer's link port, as a party checks it while SecretFlow waits for the link
+    (``tls.check_peer``): the pinned peer is "ok"; plaintext, another certificate, or a refusal of
+    this party's certificate is "wrong" at once; nothing there, or a port that closes at the TLS
+    handshake (our gate while brpc is not listening yet), is "wait"."""
+    keys = tls.generate_keys(["alice", "p0", "mallory"], tmp_path / "keys")
+    pem = {n: open(c, "rb").read() for n, (c, _) in keys.items()}
+    alice = tls.pinned_tls("alice", *keys["alice"], {"alice": pem["alice"], "p0": pem["p0"]}).client("p0")
+    p0_takes_alice = tls.pinned_tls("p0", *keys["p0"], {"p0": pem["p0"], "alice": pem["alice"]}).server
+    p0_refuses_alice = tls.pinned_tls("p0", *keys["p0"], {"p0": pem["p0"], "mallory": pem["mallory"]}).server
+    impostor = tls.pinned_tls("mallory", *keys["mallory"], {"mallory": pem["mallory"], "alice": pem["alice"]}).server
+
+    def http(conn):
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    servers = {}
+    for name, handle in [("ok", _tls_server(p0_takes_alice)), ("http", http),
+                         ("refuses", _tls_server(p0_refuses_alice)), ("impostor", _tls_server(impostor))]:
+        servers[name] = _serve(handle)
+    addr = {n: a for n, (_, a) in servers.items()}
+    gate = TLSGate(_free_addr(), "test link").start()  # nothing listens behind it
+    try:
+        assert tls.check_peer(addr["ok"], alice, "p0") == ("ok", "")
+        state, why = tls.check_peer(addr["http"], alice, "p0")
+        assert state == "wrong" and why.startswith("it does not answer in TLS"), why
+        state, why = tls.check_peer(addr["impostor"], alice, "p0")
+        assert state == "wrong" and "not the one the deployment pins for p0" in why, why
+        state, why = tls.check_peer(addr["refuses"], alice, "p0")
+        assert state == "wrong" and why.startswith("it refused this party's certificate"), why
+        assert tls.check_peer(gate.bind, alice, "p0") == ("wait", "it closed the connection at the TLS handshake")
+        state, why = tls.check_peer(_free_addr(), alice, "p0")
+        assert state == "wait" and why.startswith("no connection"), why
+    finally:
+        gate.stop()
+        for srv, _ in servers.values():
+            srv.close()

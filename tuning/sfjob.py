@@ -68,8 +68,9 @@ class Party:
         os._exit(code)
 
     def fatal(self, kind: str, peer: str, message: str):
-        """From the watchdog's thread: a peer is missing, lost or stalled; end now."""
-        self.end(EXIT_PEER, kind, message, peer)
+        """From the watchdog's thread: a peer is missing, lost or stalled; end now. Or ("error")
+        from the link check: what answers at a peer's address is not that party over TLS."""
+        self.end(EXIT_ERROR if kind == "error" else EXIT_PEER, kind, message, peer)
 
     def failed(self, e: BaseException):
         """An exception ended this party's part: its own error (2), another party's (3), a bug (1)."""

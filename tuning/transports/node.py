@@ -292,10 +292,11 @@ def init_runtime(server, rank: int, links: list, runtime_config: bytes, timeout_
     reset(server)
     desc = libspu.link.Desc()
     desc.recv_timeout_ms = int(timeout_s * 1000)
-    desc.http_timeout_ms = int(timeout_s * 1000)
+    # a short per-message timeout, after which yacl sends the message again: see tls.BRPC_MESSAGE_TIMEOUT_S
+    desc.http_timeout_ms = int(min(tls.BRPC_MESSAGE_TIMEOUT_S, timeout_s) * 1000)
     desc.connect_retry_interval_ms = 200
     desc.connect_retry_times = max(1, int(timeout_s * 5))
-    desc.http_max_payload_size = 32 * 1024 * 1024
+    desc.http_max_payload_size = tls.BRPC_PIECE_BYTES
     # brpc answers plaintext on a TLS port: this process listens on the link's address and passes
     # only TLS on to brpc, which listens on a private Unix socket (its own entry; peers dial ours)
     gate = server._locals["link_gate"] = TLSGate(links[rank], f"party {server.node_id}'s SPU link").start()

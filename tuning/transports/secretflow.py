@@ -92,7 +92,7 @@ from . import procs, tls
 from .cost import CallCost
 from .session import Session
 from .deployment import Deployment
-from .sfcluster import STARTUP_S, JobError, Watchdog
+from .sfcluster import STARTUP_S, JobError, LinkCheck, Watchdog
 from .tlsgate import TLSGate
 
 PROTOCOL = 3  # version of the descriptors: a follower refuses a data owner that speaks another
@@ -352,9 +352,11 @@ class SFJob:
     operations every party performs in the same order (see the module doc).
 
     ``on_fatal(kind, peer, message)`` ends the process when the watchdog finds a peer missing,
-    lost or stalled. The constructor starts the watchdog, then ``sf.init`` (which waits for the
-    other parties) and the SPU device. ``state_root``: where a compute party keeps set-up shares
-    (default ``$SECPTUNE_HOME/state/<party>``, as a cluster node's)."""
+    lost or stalled, or the link check (kind "error") finds that what answers at a peer's link
+    port is not that party over TLS. The constructor starts the watchdog and the link check, then
+    ``sf.init`` (which waits for the other parties) and the SPU device. ``state_root``: where a
+    compute party keeps set-up shares (default ``$SECPTUNE_HOME/state/<party>``, as a cluster
+    node's)."""
 
     def __init__(self, cluster: Deployment, party: str, log_dir, on_fatal, startup_s: float = STARTUP_S,
                  state_root=None):
@@ -375,6 +377,9 @@ class SFJob:
         peers = [p for p in cluster.parties if p.name != party]
         self.watchdog = Watchdog(self.me, peers, cluster.timeout_s, on_fatal, startup_s,
                                  tls=tls.watch_tls(cluster, party)).start()
+        # what answers at each peer's link ports, while sf.init waits (brpc would retry a wrong one)
+        self.links = LinkCheck(self.me, peers, self.watchdog.tls, lambda peer, msg: on_fatal("error", peer, msg),
+                               startup_s).start()
         self._init_sf(startup_s)
 
     def _init_sf(self, startup_s: float) -> None:
@@ -391,15 +396,24 @@ class SFJob:
             self.gates["spu"] = TLSGate(self.me.spu_listen or self.me.spu, f"{me} SPU address").start()
         parties = {p.name: {"address": p.address} for p in self.cluster.parties}
         parties[self.me.name]["listen_addr"] = self.gates["sf"].backend  # peers dial the address
-        comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": 2 * t_ms,
+        rpc_ms = int(min(tls.BRPC_MESSAGE_TIMEOUT_S * 1000, 2 * t_ms))  # a short one: see tls.BRPC_MESSAGE_TIMEOUT_S
+        comm = {"recv_timeout_ms": int(BACKSTOP_S * 1000), "http_timeout_ms": rpc_ms,
+                "http_max_payload_size": tls.BRPC_PIECE_BYTES,
                 "connect_retry_times": int(startup_s), "connect_retry_interval_ms": 1000,
                 "exit_on_sending_failure": True}
         tls_config, spu_tls = self._tls()
         _decode_with_allow_list()
         _link_with_tls()
-        sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
-                cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
-                logging_level="info", tls_config=tls_config)
+        try:
+            sf.init(address="local", ray_mode=False, cluster_config={"parties": parties, "self_party": self.me.name},
+                    cross_silo_comm_backend="brpc_link", cross_silo_comm_options=comm, job_name=self.cluster.job_name,
+                    logging_level="info", tls_config=tls_config)
+        except RuntimeError as e:  # SecretFlow names its own listen address and a rank here
+            if "connect to mesh failed" not in str(e):
+                raise
+            raise JobError(f"SecretFlow's link did not come up within {startup_s:g}s: "
+                           f"{self.links.pending() or _first_line(e)}") from None
+        self.links.linked("SecretFlow address")
         self.sf = sf
         record = procs.record_path(self.me.name)
         if record:
@@ -417,7 +431,8 @@ class SFJob:
                                                           "tls_opts": spu_tls} if p.name == self.me.name else {})}
                  for p in self.cluster.compute]
         rc = json_format.MessageToDict(self.policy.runtime_config(profile=True), preserving_proto_field_name=True)
-        link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": 2 * t_ms, "connect_retry_interval_ms": 500,
+        link = {"recv_timeout_ms": 2 * t_ms, "http_timeout_ms": rpc_ms, "http_max_payload_size": tls.BRPC_PIECE_BYTES,
+                "connect_retry_interval_ms": 500,
                 "connect_retry_times": int(startup_s * 2)}
         self.spu = sf.SPU({"nodes": nodes, "runtime_config": rc}, link_desc=link, log_options=log_opts)
         assert [p.name for p in self.cluster.compute] == list(self.spu.actors), "SPU node order"
@@ -688,6 +703,7 @@ class SFJob:
     def leave(self) -> None:
         """Leave in order (the caller then ends the process with ``os._exit``: SecretFlow's links
         can hang at interpreter exit, and nothing is left to send)."""
+        self.links.stop()
         self.watchdog.goodbye()
 
 

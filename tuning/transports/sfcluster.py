@@ -209,6 +209,80 @@ class _WatchLink(Beat):
         self.sock.close()
 
 
+LINK_GRACE_S = 30.0  # past startup_s, for a peer that came up last to open its SecretFlow port
+
+
+class LinkCheck:
+    """This party's TLS links to its peers, checked from Python while SecretFlow waits for them in
+    ``sf.init`` (brpc retries a failing handshake for ~10 s per try, 180 tries, and then names no
+    peer): a peer's SecretFlow address and, between compute parties, its SPU address. What
+    answers is classified (``tls.check_peer``): not TLS, another certificate, or a refusal of this
+    party's certificate ends the process at once through ``on_wrong(peer, message)``. A port that
+    refuses or closes at the handshake is retried (the peer may not be listening yet); a
+    SecretFlow address still so ``startup_s + grace_s`` after the start ends it too (its SPU
+    address comes up only after every party's ``sf.init``: SPU's link times that one)."""
+
+    def __init__(self, me: SFParty, peers: list, tls, on_wrong, startup_s: float = STARTUP_S,
+                 grace_s: float = LINK_GRACE_S):
+        self.targets = [(p, "SecretFlow address", p.address) for p in peers]
+        if me.role == "compute":
+            self.targets += [(p, "SPU address", p.spu) for p in peers if p.role == "compute"]
+        self.tls, self.on_wrong = tls, on_wrong  # tls: tls.PinnedTLS
+        self.bound_s = startup_s + grace_s
+        self.last: dict = {}  # address -> why it is not up yet
+        self._up: set = set()  # kinds of port brpc has linked (no more checks)
+        self._stop = threading.Event()
+
+    def start(self) -> "LinkCheck":
+        self.thread = threading.Thread(target=self._run, daemon=True, name="link-check")
+        self.thread.start()
+        return self
+
+    def linked(self, what: str) -> None:
+        """brpc's links to every peer's ``what`` are up (``sf.init`` returned): stop checking those."""
+        self._up.add(what)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self):
+        from .tls import check_peer
+
+        left = list(self.targets)
+        deadline = time.monotonic() + self.bound_s
+        while not self._stop.is_set():
+            left = [t for t in left if t[1] not in self._up]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                late = [(p, what, addr) for p, what, addr in left if what == "SecretFlow address"]
+                if late:
+                    peer, what, addr = late[0]
+                    self.on_wrong(peer.name, f"party {peer.name}'s {what} {addr}: "
+                                             f"{self.last.get(addr, 'no answer')}, for {self.bound_s:g}s")
+                return
+            for t in list(left):
+                peer, what, addr = t
+                state, why = check_peer(addr, self.tls.client(peer.name), peer.name)
+                if self._stop.is_set():
+                    return
+                if what in self._up:  # sf.init returned while this one was checked
+                    continue
+                if state == "ok":
+                    left.remove(t)
+                    self.last.pop(addr, None)
+                elif state == "wrong":
+                    return self.on_wrong(peer.name, f"party {peer.name}'s {what} {addr}: {why}")
+                else:
+                    self.last[addr] = why
+            self._stop.wait(1.0)
+
+    def pending(self) -> str:
+        """The links not up yet and why (for an error that ends SecretFlow's wait first)."""
+        return "; ".join(f"party {p.name}'s {what} {addr}: {self.last[addr]}"
+                         for p, what, addr in self.targets if addr in self.last)
+
+
 # --------------------------------------------------------------------------------- status records
 def status_path(log_dir, party: str) -> Path:
     return Path(log_dir) / f"{party}.status.json"

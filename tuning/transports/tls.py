@@ -228,6 +228,16 @@ def caller_of(context, ident: Identity) -> str | None:
 
 
 # --------------------------------------------------------------------------------- brpc links
+# brpc 1.11 (inside SPU 0.9.3; fixed in brpc 1.15) writes TLS through a 16 KB buffer and, when the
+# socket is full at a message's last flush, keeps the rest there until its next write on that
+# connection: the message never completes on its own. A short per-message timeout makes yacl's
+# link send it again, and that write flushes it (the receiver drops the copy by sequence number).
+BRPC_MESSAGE_TIMEOUT_S = 10.0
+# the pieces a link message is cut into (yacl's default): the up to 8 in flight on one connection
+# arrive within that timeout down to ~10 Mbit/s
+BRPC_PIECE_BYTES = 1 << 20
+
+
 def link_ssl(desc, deployment, me: str, out_dir) -> Path:
     """Turn on TLS for an SPU brpc link description: this party presents its certificate and
     verifies its peer's against the compute parties' pinned certificates (a file written to
@@ -285,3 +295,43 @@ def pinned_tls(me: str, cert_path, key_path, certs: dict) -> PinnedTLS:
     server.num_tickets = 0  # no session resumption: nothing is written outside the heartbeats
     clients = {n: context(ssl.PROTOCOL_TLS_CLIENT, pem) for n, pem in certs.items() if n != me}
     return PinnedTLS(me, server, clients)
+
+
+def check_peer(addr: str, ctx, name: str, timeout_s: float = 5.0) -> tuple:
+    """Whether party ``name``'s TLS port ``addr`` (host:port) is that party: one handshake under
+    ``ctx`` (this party's certificate; ``name``'s pinned one as the only root), then a short read
+    for a refusal of this party's certificate (TLS 1.3 sends it after the client's handshake).
+
+    Returns ``("ok", "")``; ``("wait", why)`` while nothing definite answers (refused, closed at
+    once or silent: a party whose brpc is not listening yet looks the same); ``("wrong", why)``
+    when what answers cannot be that party over TLS: not TLS, another certificate, or a refusal
+    of this party's certificate."""
+    import socket
+    import ssl
+
+    host, _, port = addr.rpartition(":")
+    try:
+        raw = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+    except OSError as e:
+        return "wait", f"no connection ({e.strerror or type(e).__name__})"
+    try:
+        with ctx.wrap_socket(raw, server_hostname=name) as conn:
+            conn.settimeout(min(1.0, timeout_s))
+            try:
+                conn.recv(1)  # a TLS peer that took our certificate says nothing until asked
+            except (socket.timeout, ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+                pass
+            return "ok", ""
+    except ssl.SSLCertVerificationError as e:
+        return "wrong", f"its certificate is not the one the deployment pins for {name} ({e.verify_message})"
+    except ssl.SSLError as e:
+        reason = (e.reason or str(e)).lower()
+        if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or "eof" in reason:
+            return "wait", "it closed the connection at the TLS handshake"
+        if "alert" in reason:
+            return "wrong", f"it refused this party's certificate (TLS alert: {reason.replace('_', ' ')})"
+        return "wrong", f"it does not answer in TLS ({reason.replace('_', ' ')})"
+    except OSError as e:  # a reset, a timeout: not up, or busy
+        return "wait", f"no TLS handshake ({e.strerror or type(e).__name__})"
+    finally:
+        raw.close()
