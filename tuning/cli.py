@@ -287,16 +287,16 @@ def _print_tune_summary(summary: dict, as_json: bool, out) -> None:
         print(f"fitted head over {h['words']} words ({h['probe_words']} probe words): the tuned prompt's verbalizer "
               f"alone {summary['tuned_words_test_acc']:.3f}; the head at P0 (zero-shot) "
               f"{h['zero_shot_head_test_acc']:.3f}")
-        hs = h.get("test_significance_vs_zero_shot_head")
-        if hs:  # the baseline the search must beat: one secure forward and a head, no search
-            print(f"the tuned head against the head at P0: {hs['gained']} test examples gained, {hs['lost']} lost "
-                  f"(exact McNemar p = {hs['mcnemar_p']:.3g}: {_verdict(hs)})")
     sig = summary.get("test_significance")
     if sig:
         print(f"95% intervals: zero-shot [{sig['zero_shot_ci95'][0]:.2f}, {sig['zero_shot_ci95'][1]:.2f}], tuned "
               f"[{sig['tuned_ci95'][0]:.2f}, {sig['tuned_ci95'][1]:.2f}]; tuning got {sig['gained']} test examples right "
               f"that zero-shot got wrong and {sig['lost']} the other way (exact McNemar p = {sig['mcnemar_p']:.3g}: "
               f"{_verdict(sig)})")
+    hs = (h or {}).get("test_significance_vs_zero_shot_head")
+    if hs:  # the baseline the search must beat: one secure forward and a head, no search
+        print(f"the tuned head against the head at P0: {hs['gained']} test examples gained, {hs['lost']} lost "
+              f"(exact McNemar p = {hs['mcnemar_p']:.3g}: {_verdict(hs)})")
     if summary["backend"] != "plaintext":
         print(f"MPC cost: set-up {m['setup']['seconds']:.0f}s / {m['setup']['bytes'] / 1e9:.2f} GB; per generation "
               f"{gen['mpc_s']:.0f}s / {gen['mpc_bytes'] / 1e9:.2f} GB / {gen['mpc_rounds']:.0f} rounds (busiest party)")
