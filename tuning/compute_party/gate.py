@@ -76,6 +76,23 @@ class Gate:
             if key in approval.opens:
                 self.marks[var] = approval.opens[key]
 
+    def kept_origins(self, names: list) -> list[bytes]:
+        """What each of ``names`` is, for a copy kept on this party's disk (``origin_tag``): the
+        approved program and output that wrote it. Never a weight: a copy could come back as
+        something else."""
+        weights = [n for n in names if WEIGHT.fullmatch(str(n))]
+        if weights:
+            raise Refused(f"{self.party} refuses to keep {weights[0]!r}: weights are not set-up shares")
+        return [origin_tag(self.source.get(n), self.origin.get(n)) for n in names]
+
+    def restored_origins(self, digest: str | None, n_outputs: int) -> list[bytes]:
+        """What each output of the approved program ``digest`` must have been kept as to be
+        restored as that output (None: a program of the data owner's own, which never opens)."""
+        if digest is None:
+            return [origin_tag(None, None)] * n_outputs
+        request = self.approved[digest][0].request
+        return [origin_tag(digest, (request.program.name, k)) for k in request.outs]
+
     def forget(self, *names: str) -> None:
         """``names`` were overwritten (by the data owner, or a program of no approval) or dropped."""
         for n in names:
@@ -98,6 +115,12 @@ class Gate:
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "party": self.party, "job": job, "var": name,
                 "what": what, "shape": list(shape), "to": "data_owner", "program": program, "output": output,
                 "digest": self.source.get(name)}
+
+
+def origin_tag(digest: str | None, origin) -> bytes:
+    """What a kept share was: the approved program's digest and its (program, output) (None, None
+    for a program of the data owner's own, which never opens)."""
+    return f"{digest}|{'/'.join(origin) if origin else None}".encode()
 
 
 def append_audit(path, record: dict) -> None:

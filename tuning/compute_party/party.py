@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..errors import Refused
 from ..programs import WEIGHT
 from .gate import Gate, append_audit, share_shape
 from .state import PartyStore, checked_key
@@ -149,12 +148,9 @@ class ComputeParty:
         """File this party's shares of ``names`` (outputs of a run just made) under ``keys``, each
         with the origin its gate recorded (the approved program and output that wrote it)."""
         store = self._store()
-        weights = [n for n in names if WEIGHT.fullmatch(str(n))]
-        if weights:  # the model owner's; a copy on disk could come back as something else
-            raise Refused(f"{self.name} refuses to keep {weights[0]!r}: weights are not set-up shares")
+        origins = self.gate.kept_origins(names)
         with self.lock:
-            store.keep(self.rt, names, keys, [origin_tag(self.gate.source.get(n), self.gate.origin.get(n))
-                                              for n in names])
+            store.keep(self.rt, names, keys, origins)
 
     def restore(self, digest: str | None, input_names: list, output_names: list, keys: list) -> None:
         """As if the approved program ``digest`` ran on ``input_names``: its input checks, then
@@ -162,18 +158,11 @@ class ComputeParty:
         gives. ``digest=None``: a program of the data owner's own (in-process), nothing marked."""
         store = self._store()
         with self.lock:
-            origins = [origin_tag(None, None)] * len(output_names)
             if digest is not None:
                 output_names = self.gate.bind(digest, input_names, output_names).output_names
-                request = self.gate.approved[digest][0].request
-                origins = [origin_tag(digest, (request.program.name, k)) for k in request.outs]
+            origins = self.gate.restored_origins(digest, len(output_names))
             store.restore(self.rt, list(output_names), keys, origins)  # refused unless each was kept as that
             self.gate.forget(*output_names)
             if digest is not None:
                 self.gate.ran(digest, list(output_names))
 
-
-def origin_tag(digest: str | None, origin) -> bytes:
-    """What a kept share was: the approved program's digest and its (program, output) (None, None
-    for a program of the data owner's own, which never opens)."""
-    return f"{digest}|{'/'.join(origin) if origin else None}".encode()

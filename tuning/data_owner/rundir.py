@@ -45,10 +45,11 @@ SALT = "salt"  # in STATE: the data owner's secret for its kept shares' digests
 COMMANDS = ("tune", "predict", "eval")
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
+def atomic_write(path: Path, write, mode: int = 0o666) -> None:
+    """``write(file)`` into a temporary file beside ``path`` (created with ``mode``, less the
+    umask), then rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
         write(f)
     os.replace(tmp, path)
 
@@ -129,10 +130,7 @@ class RunDir:
         salt = os.urandom(32)
         if create:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(salt.hex())
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: f.write(salt.hex().encode()), mode=0o600)
         return salt
 
     # ---------------------------------------------------------------------------- the run

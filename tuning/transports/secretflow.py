@@ -81,13 +81,12 @@ import numpy as np
 from ..cache import secptune_home
 from ..compute_party import state
 from ..compute_party.gate import Gate, append_audit
-from ..compute_party.party import origin_tag
 from ..compute_party.traffic import LogTraffic
 from ..errors import Refused, UserError
 from ..model_owner.models import ModelBundle, policy_execution
 from ..model_owner.owner import ModelOwner
 from ..policy import view_differences
-from ..programs import WEIGHT, weight_names
+from ..programs import weight_names
 from . import procs, tls
 from .cost import CallCost
 from .session import Session
@@ -116,10 +115,6 @@ def _ident(x):
 
 def _collect(*xs):
     return list(xs)
-
-
-def _ack():
-    return True
 
 
 def _done(*_after):
@@ -592,12 +587,16 @@ class SFJob:
             self.out_shapes[name] = tuple(approval.out_shapes[approval.request.outs[k]])
         self.gate.ran(digest, outs)
         costs = [self.pyus[p](_read_profile)(r[n]) for p, r in zip(self.spu.actors, results)]
-        got = self.alice(_collect)(*[c.to(self.alice) for c in costs])
+        per_party = self._to_leader(costs)
         if not self.leader:
             return None
-        per_party = got.data.get_object()
         parties = {p: cost for p, (cost, _) in zip(self.spu.actors, per_party)}
         return CallCost(time.perf_counter() - t0, parties, per_party[0][1])
+
+    def _to_leader(self, objs: list):
+        """One object per compute party (each at that party) to the data owner: their values there."""
+        got = self.alice(_collect)(*[o.to(self.alice) for o in objs])
+        return got.data.get_object() if self.leader else None
 
     def _open(self, name: str, what: str):
         """Shares of ``name`` go to the data owner's PYU only, and only if every compute party's
@@ -624,11 +623,6 @@ class SFJob:
     # ------------------------------------------- set-up shares, each on its compute party's own disk
     # every party makes the same calls; the files are read and written by functions that run at
     # the compute party itself (its PYU), fed from and into its own SPU runtime: no share moves
-    def _to_leader(self, objs: list):
-        """One object per compute party (each at that party) to the data owner: their values there."""
-        got = self.alice(_collect)(*[o.to(self.alice) for o in objs])
-        return got.data.get_object() if self.leader else None
-
     def _state_open(self, desc: dict) -> None:
         """Each compute party keeps this run's shares under its own STATE_ROOT/``namespace``."""
         self._to_leader([self.pyus[p](_state_open)(desc["namespace"]) for p in self.spu.actors])
@@ -643,11 +637,9 @@ class SFJob:
         """Each compute party files its share of each of ``outs`` under ``keys``, with the origin
         its own gate recorded (the approved program and output that wrote it); never a weight."""
         outs, keys = list(desc["outs"]), list(desc["keys"])
-        weights = [n for n in outs if WEIGHT.fullmatch(str(n))]
-        if weights or len(outs) != len(keys):  # the model owner's: a copy on disk could come back as something else
-            raise Refused(f"{self.me.name} refuses to keep {(weights or outs)[0]!r}: "
-                          + ("weights are not set-up shares" if weights else "one key per output"))
-        origins = [origin_tag(self.gate.source.get(n), self.gate.origin.get(n)) for n in outs]
+        origins = self.gate.kept_origins(outs)
+        if len(outs) != len(keys):
+            raise Refused(f"{self.me.name} refuses to keep {outs[0]!r}: one key per output")
         acks = []
         for i, (p, actor) in enumerate(self.spu.actors.items()):
             filed = [self.pyus[p](_state_file)(actor.outfeed_share.remote(self.vars[n].shares_name[i]), k, o)
@@ -667,7 +659,7 @@ class SFJob:
         if any(len(desc["chunks"][p]) != len(outs) for p in self.spu.actors) or len(keys) != len(outs):
             raise Refused(f"{self.me.name} refuses a restore without one key and chunk count per output")
         approval = self.gate.approved[digest][0]
-        origins = [origin_tag(digest, (approval.request.program.name, k)) for k in approval.request.outs]
+        origins = self.gate.restored_origins(digest, len(outs))
         loaded = {}  # compute party -> per output (its SPUValueMeta, its share's name in that party's runtime)
         for p, actor in self.spu.actors.items():
             loaded[p] = []
