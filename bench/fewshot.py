@@ -14,8 +14,8 @@ run, under the forward-only job's policy (its approximations included):
   the identical configuration anywhere under bench/results/runs is reused;
 - ``fo-refit``: the same, with the search minimising each candidate's own refitted head's held-out
   loss (``--objective refit``) instead of the verbalizer's;
-- ``fo-d100``: the same, searching a 100-dimensional subspace instead of 500 (CMA-ES adapts far
-  better in fewer dimensions at 25 generations of 20; the prompt and its cost are unchanged);
+- ``fo-d100``: the same, searching a 100-dimensional subspace instead of 500 (fewer directions
+  for CMA-ES to adapt in 25 generations of 20; the prompt and its cost are unchanged);
 - ``fo-d50``, ``fo-d100-refit``: 50 dimensions; 100 dimensions with the refit objective;
 - ``icl``: zero-shot and in-context learning (2 demonstrations per class for 2 classes, 1 above),
   raw and with contextual calibration;
@@ -385,6 +385,11 @@ def summarize(rows: list, tasks=TASKS, pr: dict | None = None) -> dict:
     return {"cells": cells, "average": avg, "paired": diffs, "paired_by_task": per_task, "cost": cost}
 
 
+def _columns(s: dict, tasks) -> list:
+    """The methods with a result on any of ``tasks`` (``summarize``'s cells), in COLUMNS order."""
+    return [c for c in COLUMNS if any((t, c) in s["cells"] for t in tasks)]
+
+
 def _fmt(c: dict | None, signed: bool = False) -> str:
     if not c:
         return ""
@@ -399,7 +404,7 @@ def table_main(args) -> None:
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     pr = prices()
     s = summarize(rows, tasks, pr)
-    cols = [c for c in COLUMNS if any((t, c) in s["cells"] for t in tasks)]  # methods with a result
+    cols = _columns(s, tasks)
     lines = [{"task": t, **{c: _fmt(s["cells"].get((t, c))) for c in cols}} for t in tasks]
     lines.append({"task": f"average ({len(tasks)} tasks)", **{c: _fmt(s["average"].get(c)) for c in cols}})
     md = f"# Few-shot accuracy, {len(tasks)} of {len(TASKS)} tasks (test %, mean ±95% t half-width (seeds))\n\n"
@@ -445,7 +450,7 @@ def plot(s: dict, tasks, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [c for c in COLUMNS if any((t, c) in s["cells"] for t in tasks)]
+    cols = _columns(s, tasks)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     floor = 1e8
     markers = "osD^v<>ph*"
