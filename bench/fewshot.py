@@ -17,6 +17,8 @@ run, under the forward-only job's policy (its approximations included):
 - ``fo-d100``: the same, searching a 100-dimensional subspace instead of 500 (fewer directions
   for CMA-ES to adapt in 25 generations of 20; the prompt and its cost are unchanged);
 - ``fo-d50``, ``fo-d100-refit``: 50 dimensions; 100 dimensions with the refit objective;
+- ``fo-refit-full``: the refit objective scored on every training example each generation instead of
+  a mini-batch (its k-fold loss reads 32 rows instead of 16: less noise, twice the rows);
 - ``fo-k8``: the virtual prompt in the top 8 layers instead of 4 (each row recomputes 8 layers);
 - ``icl``: zero-shot and in-context learning (2 demonstrations per class for 2 classes, 1 above),
   raw and with contextual calibration;
@@ -45,7 +47,8 @@ LEVERS = {"fo-refit": {"objective": "refit"},  # each candidate's own refitted h
           "fo-d100": {"d": 100},  # a 100-dimensional search space instead of 500 (same prompt, same budget)
           "fo-d50": {"d": 50},
           "fo-d100-refit": {"d": 100, "objective": "refit"},
-          "fo-k8": {"prompt_depth": 8}}  # the virtual prompt in the top 8 layers instead of 4 (more capacity)
+          "fo-k8": {"prompt_depth": 8},
+          "fo-refit-full": {"objective": "refit", "train_batch": 0}}  # refit scored on all 32 training rows  # the virtual prompt in the top 8 layers instead of 4 (more capacity)
 METHODS = ("fo", *LEVERS, "icl", "pt", "sft")
 INSTRUCTIONS = {"mr": "Is this review positive or negative?", "amazon": "Is this review positive or negative?",
                 "tweets": "Is this tweet positive or negative?", "bbc": "What is the topic of this article?",
