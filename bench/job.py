@@ -19,7 +19,21 @@ import numpy as np
 from bench.common import RESULTS, markdown_table, save, tag_suffix
 
 SAME = ("task", "model", "policy", "shots", "popsize", "budget", "n_test", "seed", "prompt_depth", "prompt_form",
-        "train_batch", "dev_eval", "calibrate", "init", "d", "strategy")
+        "train_batch", "dev_eval", "calibrate", "init", "d", "strategy", "verbalizer", "head", "objective", "select")
+
+
+def agreement(spu: Path, plain: Path) -> dict | None:
+    """The two runs' reported test predictions compared example by example (``--save-logits``
+    keeps them in logits/test_tuned.npz), or None when either run did not keep them."""
+    paths = [Path(r, "logits", "test_tuned.npz") for r in (spu, plain)]
+    if not all(p.exists() for p in paths):
+        return None
+    a, b = (np.load(p) for p in paths)
+    if "predictions" not in a or "predictions" not in b or not np.array_equal(a["labels"], b["labels"]):
+        return None
+    same = a["predictions"] == b["predictions"]
+    return {"equal": int(same.sum()), "n": int(same.size), "fraction": float(same.mean()),
+            "differ_at": np.flatnonzero(~same).tolist()}
 
 
 def _load(run: Path):
@@ -65,7 +79,11 @@ def main(argv=None):
             "McNemar p (tuned vs zero-shot)": ss["test_significance"]["mcnemar_p"]},
            {"run": "plaintext", "zero-shot": sp["zero_shot_test_acc"], "tuned": sp["tuned_test_acc"],
             "McNemar p (tuned vs zero-shot)": sp["test_significance"]["mcnemar_p"]}]
+    agree = agreement(Path(args.spu), Path(args.plain))
     table = markdown_table(rows, list(rows[0])) + "\n" + markdown_table(acc, list(acc[0]))
+    if agree:
+        table += (f"\nTuned test predictions equal on {agree['equal']} of {agree['n']} examples "
+                  f"({100 * agree['fraction']:.1f}%).\n")
     wall = ss["wall_s"]["elapsed_all_sessions"]
     table += (f"\nSPU run {args.spu}: {cs['task']}, {cs['shots']}-shot per class ({ss['n_train']} train + {ss['n_dev']} dev), "
               f"{ss['n_test']} test examples, policy {ss['policy']}, prompt depth {ss['prompt_depth']} "
@@ -77,7 +95,7 @@ def main(argv=None):
               f"Search path: best training loss per generation agrees to "
               f"{np.abs(path[0][:n] - path[1][:n]).max():.2e} over {n} generations.\n")
     name = f"job{args.tag}"
-    save(name, {"rows": rows, "accuracy": acc, "wall_s": wall, "spu_summary": ss, "plain_summary": sp,
+    save(name, {"rows": rows, "accuracy": acc, "agreement": agree, "wall_s": wall, "spu_summary": ss, "plain_summary": sp,
                 "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()}, "args": vars(args)}, table, args.out)
     _plot(ms, mp, Path(args.out) / f"{name}.png")
 

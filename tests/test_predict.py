@@ -145,6 +145,8 @@ def test_eval_equals_the_runs_tuned_test_accuracy(plain_run, fit_run, cli):
         conf = np.array(ev["confusion"])
         assert ev["labels"] == ["positive", "negative"] and conf.sum() == ev["n"]
         assert np.trace(conf) == ev["correct"] and conf.sum(1).tolist() == [10, 10]  # rows: the true labels
+        saved = np.load(run / "logits" / "test_tuned.npz")  # the reported predictions, kept for bench job
+        assert (saved["predictions"] == saved["labels"]).mean() == summary["tuned_test_acc"]
     code, out, _ = cli("eval", "--run", fit_run[0], "--input", fit_run[2])
     assert code == 0 and out.startswith(f"accuracy {fit_run[1]['tuned_test_acc']:.3f} (")
     assert "confusion matrix" in out and len(out.strip().splitlines()) == 5

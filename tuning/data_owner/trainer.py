@@ -553,14 +553,14 @@ def final_evaluation(job: Setup, run: RunDir, st: LoopState) -> FinalEval:
     words = scorer.score_words("test", delta)
     logits = scorer.class_scores(*words)[0]
     words_correct = (logits.argmax(-1) == labels).astype(int)
-    if cfg.save_logits:
-        run.save_logits("test_tuned", logits=logits, labels=labels)
-    if cfg.head != "fit":
+    head = fit_head(scorer, delta, cfg.seed) if cfg.head == "fit" else None
+    predictions = head_predictions(head, words[0][0]) if head else logits.argmax(-1)
+    if cfg.save_logits:  # the reported predictions too, to compare runs example by example
+        run.save_logits("test_tuned", logits=logits, labels=labels, predictions=predictions)
+    if head is None:
         return FinalEval(z, words_correct, words_correct, None, cost_sum(scorer.s.costs[n0:]))
-    head = fit_head(scorer, delta, cfg.seed)
-    correct = (head_predictions(head, words[0][0]) == labels).astype(int)
     run.write_head(head, scorer.word_groups)
-    return FinalEval(z, words_correct, correct, head, cost_sum(scorer.s.costs[n0:]))
+    return FinalEval(z, words_correct, (predictions == labels).astype(int), head, cost_sum(scorer.s.costs[n0:]))
 
 
 def report(job: Setup, run: RunDir, st: LoopState, extra: dict, final: FinalEval, clock: Clock) -> dict:
