@@ -13,6 +13,12 @@ programs SPU runs), the same test examples read five ways:
 Under MPC every one of them reads the same opened logits: the reading is free; ``ensemble``
 and ``head P0 @ tuned`` need no rows beyond the run's, ``head refit`` the train + dev rows once.
 
+``--curve RUN [RUN ...]``: selection's ceiling. For finished ``--head fit --save-logits`` runs, the
+head refitted at every generation's search mean (the rows it was scored on are in logits/), read on
+the test set: the best of them is what a perfect selection rule could have kept, to set beside the
+kept prompt and the head at P0. If that ceiling is not above the head at P0, no selection lever can
+make the search pay; only what the search finds (objective, capacity) can.
+
 ``--cost``: what the wider secret head costs under SPU's simulator (the run's policy and model):
 the one-off ``head`` program (the one-hot word rows times the embedding table) with the
 verbalizer's R words and with all W words, side by side; per scored row the W - R more logits
@@ -54,6 +60,52 @@ def read_run(run: Path) -> dict:
     return {k: round(float((v.argmax(-1) == y).mean()), 4) for k, v in acc.items()}
 
 
+def generation_curve(run: Path) -> dict:
+    """Test accuracy of the head refitted at each saved generation's search mean (``--curve``)."""
+    from tuning.data_owner.rundir import RunDir
+    from tuning.data_owner.trainer import fit_head, head_predictions
+
+    d = RunDir(run)
+    if d.read_config().get("head") != "fit" or not d.generation_logits():
+        raise ValueError(f"{run}: not a finished --head fit --save-logits run")
+    r = rescorer(run, zero_shot=True)
+    sc, y, seed = r.scorer, r.scorer.sets["test"].labels, r.cfg.seed
+
+    def acc(delta):
+        return float((head_predictions(fit_head(sc, delta, seed), sc.score_words("test", delta)[0][0]) == y).mean())
+
+    curve = [acc(r.subspace.offsets(np.load(f)["Z"][-1:])) for f in d.generation_logits()]  # the mean rides last
+    return {"run": str(run), "head P0": acc(None), "kept": acc(r.subspace.offsets(d.read_best_z()[None])),
+            "best generation": int(np.argmax(curve)) + 1, "ceiling": max(curve), "curve": curve}
+
+
+def curve_main(args) -> None:
+    rows = []
+    for run in args.curve:
+        rows.append(generation_curve(Path(run)))
+        print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
+    cols = ["run", "head P0", "kept", "ceiling", "best generation"]
+    text = markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in cols}
+                           for r in rows], cols)
+    text += ("\nTest accuracy of the head refitted at the kept prompt, at P0, and at the best of the generations' "
+             "search means (selection's ceiling: what a perfect selection rule could keep); re-scored on the "
+             "plaintext back end.\n")
+    save(f"heads_curve{args.tag}", {"rows": rows}, text, args.out)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in rows:
+        line = ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=Path(r["run"]).name)[0]
+        ax.axhline(r["head P0"], ls="--", color=line.get_color(), lw=0.8)
+    ax.set(xlabel="generation", ylabel="test accuracy, head refitted at the mean")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(args.out) / f"heads_curve{args.tag}.png", dpi=120)
+
+
 def head_cost(model: str, policy_name: str, word_counts: list) -> list:
     """Bytes, rounds and seconds of the one-off secure ``head`` program for each number of word
     rows, in one simulator session (the weights shared once)."""
@@ -84,14 +136,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench heads")
     ap.add_argument("--table", help="a `bench accuracy` table of --head fit runs (name or path)")
     ap.add_argument("--cost", action="store_true", help="measure the wider head's one-off cost under the simulator")
+    ap.add_argument("--curve", nargs="+", help="--head fit --save-logits runs: the head at every generation's mean")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--tag", default="", type=tag_suffix)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.cost:
         return cost_main(args)
+    if args.curve:
+        return curve_main(args)
     if not args.table:
-        ap.error("--table is required (or --cost)")
+        ap.error("--table is required (or --cost, --curve)")
 
     path = Path(args.table) if Path(args.table).suffix else Path(args.results) / f"{args.table}.json"
     table = json.loads(path.read_text())

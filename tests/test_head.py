@@ -1,6 +1,7 @@
 """The head fitted at the data owner (--head fit) and the prompt selection (--select): the
 arithmetic on hand-made logits, and a real run on the tiny model where the probe words change
 nothing the parties compute for the search, and only verbalizer logits leave them."""
+import argparse
 import json
 
 import numpy as np
@@ -175,6 +176,25 @@ def test_benches_rescore_a_head_objective_run_as_its_search_did(tmp_path):
     assert float(res["rows"][-1]["max abs logit err"]) < 0.2  # SPU's fixed point through a standardised head
     reads = read_run(run)
     assert set(reads) == set(READS) and all(0 <= v <= 1 for v in reads.values())
+
+
+def test_the_generation_curve_holds_the_kept_prompt_and_the_head_at_p0(tmp_path):
+    """`bench heads --curve`: the head refitted at each generation's search mean, on test. With dev
+    scoring the mean only, the kept prompt is one of those means, so its reading is on the curve
+    and equals the run's reported accuracy (plaintext: exactly), as the head at P0 does its own."""
+    from bench.heads import curve_main, generation_curve
+    from tuning.data_owner.trainer import TuneConfig, tune
+
+    run = tmp_path / "run"
+    s = tune(TuneConfig.of(model="tiny-llama", backend="plaintext", task=None, train=_toy_csv(tmp_path),
+                           verbalizer="positive=g,negative=b", probe_words="d,m,f,x", head="fit", shots=3, n_test=6,
+                           popsize=4, budget=3, d=8, prompt_depth=1, prompt_form="virtual", dev_eval="mean",
+                           save_logits=True, out=str(run)), show_progress=False, log=lambda *a: None)
+    c = generation_curve(run)
+    assert len(c["curve"]) == 3 and c["ceiling"] == max(c["curve"]) and c["kept"] in c["curve"]
+    assert c["kept"] == s["tuned_test_acc"] and c["head P0"] == s["fitted_head"]["zero_shot_head_test_acc"]
+    curve_main(argparse.Namespace(curve=[str(run)], tag="", out=str(tmp_path)))
+    assert (tmp_path / "heads_curve.png").stat().st_size > 1000
 
 
 def test_auto_pool_comes_from_the_training_texts_alone():
