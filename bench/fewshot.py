@@ -309,7 +309,7 @@ def prices(results: Path = RESULTS) -> dict:
 def row_price(pr: dict, depth: int) -> dict:
     """One generation row's price with the prompt in the top ``depth`` layers: measured, or else
     extrapolated along the line through the two deepest measured placements (stated in the table)."""
-    by = {int(k): v for k, v in pr["row_by_depth"].items()}
+    by = {int(k): v for k, v in (pr.get("row_by_depth") or {4: pr["row"]}).items()}
     if depth in by:
         return by[depth]
     a, b = sorted(by)[-2:]
