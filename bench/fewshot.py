@@ -47,8 +47,8 @@ LEVERS = {"fo-refit": {"objective": "refit"},  # each candidate's own refitted h
           "fo-d100": {"d": 100},  # a 100-dimensional search space instead of 500 (same prompt, same budget)
           "fo-d50": {"d": 50},
           "fo-d100-refit": {"d": 100, "objective": "refit"},
-          "fo-k8": {"prompt_depth": 8},
-          "fo-refit-full": {"objective": "refit", "train_batch": 0}}  # refit scored on all 32 training rows  # the virtual prompt in the top 8 layers instead of 4 (more capacity)
+          "fo-k8": {"prompt_depth": 8},  # the virtual prompt in the top 8 layers instead of 4 (more capacity)
+          "fo-refit-full": {"objective": "refit", "train_batch": 0}}  # refit scored on all 32 training rows
 METHODS = ("fo", *LEVERS, "icl", "pt", "sft")
 INSTRUCTIONS = {"mr": "Is this review positive or negative?", "amazon": "Is this review positive or negative?",
                 "tweets": "Is this tweet positive or negative?", "bbc": "What is the topic of this article?",

@@ -95,8 +95,9 @@ def main(argv=None):
               f"Search path: best training loss per generation agrees to "
               f"{np.abs(path[0][:n] - path[1][:n]).max():.2e} over {n} generations.\n")
     name = f"job{args.tag}"
-    save(name, {"rows": rows, "accuracy": acc, "agreement": agree, "wall_s": wall, "spu_summary": ss, "plain_summary": sp,
-                "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()}, "args": vars(args)}, table, args.out)
+    save(name, {"rows": rows, "accuracy": acc, "agreement": agree, "wall_s": wall, "spu_summary": ss,
+                "plain_summary": sp, "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()},
+                "args": vars(args)}, table, args.out)
     _plot(ms, mp, Path(args.out) / f"{name}.png")
 
 
