@@ -251,7 +251,7 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
     path = Path(args.out) / "runs" / f"{task_name}_s{seed}.json"
     row = json.loads(path.read_text()) if path.exists() else {"task": task_name, "seed": seed}
     cfg = fo_config(task_name, seed, Path(args.out) / "runs" / f"{task_name}_fo_s{seed}", args.model, args.budget,
-                    args.shots, args.n_test, args.depth)
+                    args.shots, args.n_test, args.depth).replace(save_logits=getattr(args, "save_logits", False))
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy, bundle = load_policy(POLICY), None
@@ -501,6 +501,8 @@ def main(argv=None):
     ap.add_argument("--pt-lr", type=float, default=3e-2)
     ap.add_argument("--sft-steps", type=int, default=12)
     ap.add_argument("--sft-lr", type=float, default=2e-5)
+    ap.add_argument("--save-logits", action="store_true",
+                    help="fo and levers: keep each generation's opened logits (for `bench heads --curve`)")
     ap.add_argument("--out", default=str(RESULTS / "fewshot"))
     args = ap.parse_args(argv)
     if args.what == "table":
