@@ -17,7 +17,8 @@ and ``head P0 @ tuned`` need no rows beyond the run's, ``head refit`` the train 
 head refitted at every generation's search mean (the rows it was scored on are in logits/), read on
 the test set: the best of them is what a perfect selection rule could have kept, to set beside the
 kept prompt and the head at P0. If that ceiling is not above the head at P0, no selection lever can
-make the search pay; only what the search finds (objective, capacity) can.
+make the search pay; only what the search finds (objective, capacity) can. Beside it, a selection
+rule that reads no test example: k-fold over train + dev (``kfold_pick``), P0 among the candidates.
 
 ``--cost``: what the wider secret head costs under SPU's simulator (the run's policy and model):
 the one-off ``head`` program (the one-hot word rows times the embedding table) with the
@@ -60,37 +61,95 @@ def read_run(run: Path) -> dict:
     return {k: round(float((v.argmax(-1) == y).mean()), 4) for k, v in acc.items()}
 
 
+def prompt_reading(sc, delta, seed: int) -> dict:
+    """The head refitted at one prompt (None: P0), as ``--head fit`` fits it: its k-fold
+    cross-entropy over train + dev (the loss its C was chosen by; no test example is read) and its
+    test accuracy."""
+    from tuning.data_owner import head as fitted
+    from tuning.data_owner.trainer import head_examples, head_predictions
+
+    X, y = head_examples(sc, delta)
+    R = len(sc.task.labels)
+    c = fitted.choose_c(X, y, R, seed=seed)
+    test = head_predictions(fitted.fit(X, y, R, c), sc.score_words("test", delta)[0][0]) == sc.sets["test"].labels
+    return {"cv loss": fitted.cv_loss(X, y, R, c, seed=seed), "test": float(test.mean())}
+
+
+def kfold_pick(cv_losses) -> int:
+    """Selection by k-fold over train + dev: the prompt whose refitted head has the lowest
+    held-out cross-entropy (the first on ties). Index 0 is P0, so the rule may keep no soft prompt."""
+    return int(np.argmin(np.asarray(cv_losses, float)))
+
+
 def generation_curve(run: Path) -> dict:
-    """Test accuracy of the head refitted at each saved generation's search mean (``--curve``)."""
+    """P0 and each saved generation's search mean read through their refitted heads (``--curve``):
+    the kept prompt, the k-fold selection's pick and the best on test (the ceiling)."""
     from tuning.data_owner.rundir import RunDir
-    from tuning.data_owner.trainer import fit_head, head_predictions
 
     d = RunDir(run)
-    if d.read_config().get("head") != "fit" or not d.generation_logits():
+    cfg = d.read_config()
+    if cfg.get("head") != "fit" or not d.generation_logits():
         raise ValueError(f"{run}: not a finished --head fit --save-logits run")
     r = rescorer(run, zero_shot=True)
-    sc, y, seed = r.scorer, r.scorer.sets["test"].labels, r.cfg.seed
+    sc, seed = r.scorer, r.cfg.seed
+    reads = [prompt_reading(sc, None, seed)] + [prompt_reading(sc, r.subspace.offsets(np.load(f)["Z"][-1:]), seed)
+                                                for f in d.generation_logits()]  # each mean rides last
+    curve = [x["test"] for x in reads[1:]]
+    pick = kfold_pick([x["cv loss"] for x in reads])
+    kept = prompt_reading(sc, r.subspace.offsets(d.read_best_z()[None]), seed)["test"]
+    return {"run": str(run), "task": cfg.get("task"), "seed": cfg.get("seed"), "head P0": reads[0]["test"],
+            "kept": kept, "k-fold": reads[pick]["test"], "k-fold generation": pick,
+            "ceiling": max(curve), "best generation": int(np.argmax(curve)) + 1, "curve": curve,
+            "cv loss": [x["cv loss"] for x in reads]}
 
-    def acc(delta):
-        return float((head_predictions(fit_head(sc, delta, seed), sc.score_words("test", delta)[0][0]) == y).mean())
 
-    curve = [acc(r.subspace.offsets(np.load(f)["Z"][-1:])) for f in d.generation_logits()]  # the mean rides last
-    return {"run": str(run), "head P0": acc(None), "kept": acc(r.subspace.offsets(d.read_best_z()[None])),
-            "best generation": int(np.argmax(curve)) + 1, "ceiling": max(curve), "curve": curve}
+CURVE_READS = ("kept", "k-fold", "ceiling")
+
+
+def curve_summary(rows: list) -> list:
+    """Points over the head at P0 per task (mean, 95% t half-width, runs), and over the seeds that
+    have every task, each seed's average over them."""
+    from bench.fewshot import interval
+
+    tasks = sorted({r["task"] for r in rows})
+    out = []
+    for t in tasks:
+        sel = [r for r in rows if r["task"] == t]
+        out.append({"task": t, **{k: _pts(interval([100 * (r[k] - r["head P0"]) for r in sel]), len(sel))
+                                  for k in CURVE_READS}})
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["task"]] = r
+    full = [v for v in by_seed.values() if set(v) == set(tasks)]
+    if len(tasks) > 1 and full:
+        out.append({"task": f"average ({len(tasks)} tasks)",
+                    **{k: _pts(interval([np.mean([100 * (r[k] - r["head P0"]) for r in v.values()]) for v in full]),
+                               len(full)) for k in CURVE_READS}})
+    return out
+
+
+def _pts(mh: tuple, n: int) -> str:
+    m, h = mh
+    return f"{m:+.1f} ({n})" if np.isnan(h) else f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}] ({n})"
 
 
 def curve_main(args) -> None:
     rows = []
     for run in args.curve:
         rows.append(generation_curve(Path(run)))
-        print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
-    cols = ["run", "head P0", "kept", "ceiling", "best generation"]
+        print({k: v for k, v in rows[-1].items() if k not in ("curve", "cv loss")}, flush=True)
+    cols = ["task", "seed", "head P0", "kept", "k-fold", "k-fold generation", "ceiling", "best generation"]
     text = markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in cols}
                            for r in rows], cols)
-    text += ("\nTest accuracy of the head refitted at the kept prompt, at P0, and at the best of the generations' "
-             "search means (selection's ceiling: what a perfect selection rule could keep); re-scored on the "
-             "plaintext back end.\n")
-    save(f"heads_curve{args.tag}", {"rows": rows}, text, args.out)
+    text += ("\nTest accuracy of the head refitted at P0, at the kept prompt, at the prompt k-fold selection picks "
+             "(the lowest held-out cross-entropy of the refitted head over train + dev, among P0 and every "
+             "generation's search mean; generation 0 is P0) and at the best of the generations' means on test "
+             "(selection's ceiling: what a perfect selection rule could keep); re-scored on the plaintext back "
+             "end.\n")
+    summary = curve_summary(rows)
+    text += "\nPoints over the head at P0 (mean [95% t interval] (runs)):\n\n"
+    text += markdown_table(summary, ["task", *CURVE_READS])
+    save(f"heads_curve{args.tag}", {"rows": rows, "summary": summary}, text, args.out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,10 +157,12 @@ def curve_main(args) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for r in rows:
-        line = ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=Path(r["run"]).name)[0]
-        ax.axhline(r["head P0"], ls="--", color=line.get_color(), lw=0.8)
-    ax.set(xlabel="generation", ylabel="test accuracy, head refitted at the mean")
-    ax.legend(fontsize=7)
+        gain = 100 * (np.asarray(r["curve"]) - r["head P0"])
+        ax.plot(range(1, len(gain) + 1), gain, lw=0.8, alpha=0.6, label=f"{r['task']} s{r['seed']}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="generation", ylabel="test points over the head at P0\n(head refitted at the mean)")
+    if len(rows) <= 8:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(Path(args.out) / f"heads_curve{args.tag}.png", dpi=120)
 

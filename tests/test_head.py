@@ -193,8 +193,25 @@ def test_the_generation_curve_holds_the_kept_prompt_and_the_head_at_p0(tmp_path)
     c = generation_curve(run)
     assert len(c["curve"]) == 3 and c["ceiling"] == max(c["curve"]) and c["kept"] in c["curve"]
     assert c["kept"] == s["tuned_test_acc"] and c["head P0"] == s["fitted_head"]["zero_shot_head_test_acc"]
+    # k-fold selection reads train + dev only: its pick is P0 or one generation's mean, read on the curve
+    assert len(c["cv loss"]) == 4 and c["k-fold"] == ([c["head P0"]] + c["curve"])[c["k-fold generation"]]
     curve_main(argparse.Namespace(curve=[str(run)], tag="", out=str(tmp_path)))
     assert (tmp_path / "heads_curve.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "heads_curve.json").read_text())["summary"][0]["task"] == c["task"]
+
+
+def test_kfold_selection_and_the_curve_summary_arithmetic():
+    """The lowest held-out loss wins (the first on ties, P0 first of all); the summary's points are
+    paired with each run's head at P0, and the average row uses only seeds with every task."""
+    from bench.heads import curve_summary, kfold_pick
+
+    assert kfold_pick([0.5, 0.4, 0.45]) == 1 and kfold_pick([0.3, 0.3, 0.4]) == 0
+    rows = [{"task": t, "seed": s, "head P0": 0.8, "kept": 0.8 + g, "k-fold": 0.8, "ceiling": 0.8 + 2 * g}
+            for t, s, g in (("a", 0, 0.01), ("a", 1, 0.03), ("b", 0, 0.02), ("b", 1, 0.0), ("b", 2, 0.1))]
+    by = {r["task"]: r for r in curve_summary(rows)}
+    assert by["a"]["kept"].startswith("+2.0 [") and by["a"]["kept"].endswith("(2)")
+    assert by["b"]["ceiling"].startswith("+8.0 [") and by["b"]["k-fold"].startswith("+0.0")
+    assert by["average (2 tasks)"]["kept"].startswith("+1.5 [") and by["average (2 tasks)"]["kept"].endswith("(2)")
 
 
 def test_auto_pool_comes_from_the_training_texts_alone():

@@ -330,11 +330,17 @@ def make_objective(cfg: TuneConfig, scorer, extra: dict) -> Objective:
     return refit_head(len(scorer.task.labels), head0.c, seed=cfg.seed)
 
 
-def fit_head(scorer, delta, seed: int) -> fitted.Head:
-    """--head fit at prompt ``delta`` (None: P0, no soft prompt): the opened word logits of train
-    and dev, a head fitted on both, its regularisation by k-fold over them (plaintext, here)."""
+def head_examples(scorer, delta) -> tuple:
+    """The head's fitting examples at prompt ``delta`` (None: P0, no soft prompt): train and dev's
+    opened word logits as features [E, W], and their labels [E]."""
     X = np.concatenate([fitted.features(scorer.score_words(n, delta)[0][0]) for n in ("train", "dev")])
-    y = np.concatenate([scorer.sets[n].labels for n in ("train", "dev")])
+    return X, np.concatenate([scorer.sets[n].labels for n in ("train", "dev")])
+
+
+def fit_head(scorer, delta, seed: int) -> fitted.Head:
+    """--head fit at prompt ``delta``: a head fitted on train and dev, its regularisation by k-fold
+    over them (plaintext, here)."""
+    X, y = head_examples(scorer, delta)
     R = len(scorer.task.labels)
     return fitted.fit(X, y, R, fitted.choose_c(X, y, R, seed=seed))
 
