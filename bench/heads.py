@@ -103,6 +103,21 @@ def generation_curve(run: Path) -> dict:
             "cv loss": [x["cv loss"] for x in reads]}
 
 
+def cached_curve(run: Path) -> dict:
+    """``generation_curve``, kept in the run's logits/curve.json (the data owner's own files) and
+    reused while the run has the same generations, so a curve over many runs can be built up."""
+    from tuning.data_owner.rundir import RunDir
+
+    path = run / "logits" / "curve.json"
+    if path.exists():
+        c = json.loads(path.read_text())
+        if len(c["curve"]) == len(RunDir(run).generation_logits()):
+            return c
+    c = generation_curve(run)
+    path.write_text(json.dumps(c))
+    return c
+
+
 CURVE_READS = ("kept", "k-fold", "ceiling")
 
 
@@ -136,7 +151,7 @@ def _pts(mh: tuple, n: int) -> str:
 def curve_main(args) -> None:
     rows = []
     for run in args.curve:
-        rows.append(generation_curve(Path(run)))
+        rows.append(cached_curve(Path(run)))
         print({k: v for k, v in rows[-1].items() if k not in ("curve", "cv loss")}, flush=True)
     cols = ["task", "seed", "head P0", "kept", "k-fold", "k-fold generation", "ceiling", "best generation"]
     text = markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in cols}

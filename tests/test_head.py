@@ -197,6 +197,7 @@ def test_the_generation_curve_holds_the_kept_prompt_and_the_head_at_p0(tmp_path)
     assert len(c["cv loss"]) == 4 and c["k-fold"] == ([c["head P0"]] + c["curve"])[c["k-fold generation"]]
     curve_main(argparse.Namespace(curve=[str(run)], tag="", out=str(tmp_path)))
     assert (tmp_path / "heads_curve.png").stat().st_size > 1000
+    assert json.loads((run / "logits" / "curve.json").read_text())["curve"] == c["curve"]  # kept for the next call
     assert json.loads((tmp_path / "heads_curve.json").read_text())["summary"][0]["task"] == c["task"]
 
 
