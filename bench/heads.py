@@ -71,8 +71,9 @@ def prompt_reading(sc, delta, seed: int) -> dict:
     X, y = head_examples(sc, delta)
     R = len(sc.task.labels)
     c = fitted.choose_c(X, y, R, seed=seed)
+    held = -fitted.out_of_fold(X, y, R, c, seed=seed)[np.arange(len(y)), y]  # per example: how noisy the rule is
     test = head_predictions(fitted.fit(X, y, R, c), sc.score_words("test", delta)[0][0]) == sc.sets["test"].labels
-    return {"cv loss": fitted.cv_loss(X, y, R, c, seed=seed), "test": float(test.mean())}
+    return {"cv loss": float(held.mean()), "held-out losses": held.round(5).tolist(), "test": float(test.mean())}
 
 
 def kfold_pick(cv_losses) -> int:
@@ -97,10 +98,14 @@ def generation_curve(run: Path) -> dict:
     curve = [x["test"] for x in reads[1:]]
     pick = kfold_pick([x["cv loss"] for x in reads])
     kept = prompt_reading(sc, r.subspace.offsets(d.read_best_z()[None]), seed)["test"]
+    g = 1 + kfold_pick([x["cv loss"] for x in reads[1:]])  # the generation k-fold likes best
+    diff = np.asarray(reads[0]["held-out losses"]) - np.asarray(reads[g]["held-out losses"])
     return {"run": str(run), "task": cfg.get("task"), "seed": cfg.get("seed"), "head P0": reads[0]["test"],
             "kept": kept, "k-fold": reads[pick]["test"], "k-fold generation": pick,
             "ceiling": max(curve), "best generation": int(np.argmax(curve)) + 1, "curve": curve,
-            "cv loss": [x["cv loss"] for x in reads]}
+            # what the best generation gains on train + dev by k-fold, and the paired standard error of that
+            "cv gain": float(diff.mean()), "cv gain se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+            "cv loss": [x["cv loss"] for x in reads], "held-out losses": [x["held-out losses"] for x in reads]}
 
 
 def cached_curve(run: Path) -> dict:
@@ -152,15 +157,17 @@ def curve_main(args) -> None:
     rows = []
     for run in args.curve:
         rows.append(cached_curve(Path(run)))
-        print({k: v for k, v in rows[-1].items() if k not in ("curve", "cv loss")}, flush=True)
-    cols = ["task", "seed", "head P0", "kept", "k-fold", "k-fold generation", "ceiling", "best generation"]
+        print({k: v for k, v in rows[-1].items() if k not in ("curve", "cv loss", "held-out losses")}, flush=True)
+    cols = ["task", "seed", "head P0", "kept", "k-fold", "k-fold generation", "ceiling", "best generation",
+            "cv gain", "cv gain se"]
     text = markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in cols}
                            for r in rows], cols)
     text += ("\nTest accuracy of the head refitted at P0, at the kept prompt, at the prompt k-fold selection picks "
              "(the lowest held-out cross-entropy of the refitted head over train + dev, among P0 and every "
              "generation's search mean; generation 0 is P0) and at the best of the generations' means on test "
              "(selection's ceiling: what a perfect selection rule could keep); re-scored on the plaintext back "
-             "end.\n")
+             "end. cv gain: the held-out cross-entropy at P0 minus the lowest of the generations', over train + dev, "
+             "and its paired standard error over those examples (how finely the rule can tell prompts apart).\n")
     summary = curve_summary(rows)
     text += "\nPoints over the head at P0 (mean [95% t interval] (runs)):\n\n"
     text += markdown_table(summary, ["task", *CURVE_READS])

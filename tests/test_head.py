@@ -195,6 +195,9 @@ def test_the_generation_curve_holds_the_kept_prompt_and_the_head_at_p0(tmp_path)
     assert c["kept"] == s["tuned_test_acc"] and c["head P0"] == s["fitted_head"]["zero_shot_head_test_acc"]
     # k-fold selection reads train + dev only: its pick is P0 or one generation's mean, read on the curve
     assert len(c["cv loss"]) == 4 and c["k-fold"] == ([c["head P0"]] + c["curve"])[c["k-fold generation"]]
+    losses = np.asarray(c["held-out losses"])  # [P0 + 3 generations, 12 train + dev examples]
+    assert losses.shape == (4, 12) and np.allclose(losses.mean(1), c["cv loss"], atol=1e-4)
+    assert np.isclose(c["cv gain"], c["cv loss"][0] - min(c["cv loss"][1:]), atol=1e-4) and c["cv gain se"] >= 0
     curve_main(argparse.Namespace(curve=[str(run)], tag="", out=str(tmp_path)))
     assert (tmp_path / "heads_curve.png").stat().st_size > 1000
     assert json.loads((run / "logits" / "curve.json").read_text())["curve"] == c["curve"]  # kept for the next call
