@@ -171,7 +171,12 @@ def curve_main(args) -> None:
     summary = curve_summary(rows)
     text += "\nPoints over the head at P0 (mean [95% t interval] (runs)):\n\n"
     text += markdown_table(summary, ["task", *CURVE_READS])
-    save(f"heads_curve{args.tag}", {"rows": rows, "summary": summary}, text, args.out)
+    by_gen = None
+    if len({len(r["curve"]) for r in rows}) == 1:
+        by_gen = np.mean([100 * (np.asarray(r["curve"]) - r["head P0"]) for r in rows], 0).round(2).tolist()
+        text += f"\nMean points over the head at P0 by generation: {', '.join(f'{x:+.1f}' for x in by_gen)}\n"
+    save(f"heads_curve{args.tag}", {"rows": rows, "summary": summary, "mean gain by generation": by_gen}, text,
+         args.out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +186,8 @@ def curve_main(args) -> None:
     for r in rows:
         gain = 100 * (np.asarray(r["curve"]) - r["head P0"])
         ax.plot(range(1, len(gain) + 1), gain, lw=0.8, alpha=0.6, label=f"{r['task']} s{r['seed']}")
+    if by_gen and len(rows) > 1:  # the budget question: where the mean plateaus
+        ax.plot(range(1, len(by_gen) + 1), by_gen, color="k", lw=2.2, label="mean over runs")
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="generation", ylabel="test points over the head at P0\n(head refitted at the mean)")
     if len(rows) <= 8:

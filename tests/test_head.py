@@ -240,3 +240,25 @@ def test_head_fit_on_a_users_task_without_a_pool_runs(tmp_path):
                            d=8, prompt_depth=1, prompt_form="virtual", out=str(tmp_path / "r")),
              show_progress=False, log=lambda *a: None)
     assert s["fitted_head"]["probe_words"] > 0 and s["head"] == "fit"
+
+
+def test_the_curve_over_many_runs_reads_their_kept_readings(tmp_path):
+    """`bench heads --curve` over runs already read (RUN/logits/curve.json, as many generations as
+    the run has): nothing is re-scored, and the mean gain by generation is paired per run."""
+    from bench.heads import curve_main
+
+    runs = []
+    for seed, curve in ((0, [0.80, 0.82]), (1, [0.78, 0.80])):
+        run = tmp_path / f"mr_fo_s{seed}"
+        (run / "logits").mkdir(parents=True)
+        for g in (1, 2):
+            (run / "logits" / f"gen{g:04d}.npz").write_bytes(b"")
+        (run / "logits" / "curve.json").write_text(json.dumps(
+            {"run": str(run), "task": "mr", "seed": seed, "head P0": 0.80, "kept": curve[1], "k-fold": 0.80,
+             "k-fold generation": 0, "ceiling": max(curve), "best generation": 2, "curve": curve,
+             "cv loss": [0.4, 0.41, 0.39], "held-out losses": [], "cv gain": 0.01, "cv gain se": 0.02}))
+        runs.append(str(run))
+    curve_main(argparse.Namespace(curve=runs, tag="_t", out=str(tmp_path)))
+    got = json.loads((tmp_path / "heads_curve_t.json").read_text())
+    assert np.allclose(got["mean gain by generation"], [-1.0, +1.0])
+    assert got["summary"][0]["kept"].startswith("+1.0 [") and got["summary"][0]["ceiling"].startswith("+1.0 [")
