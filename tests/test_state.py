@@ -55,6 +55,11 @@ def test_sim_resume_restores_the_setup_instead_of_prefilling_again(toy_csv, tmp_
     setups = again["mpc"]["setups"] if "setups" in again["mpc"] else None
     first_b, resumed_b = first["mpc"]["setup"]["bytes"], again["mpc"]["setup"]["bytes"]
     assert first_b > 0 and resumed_b <= 0.05 * first_b, (first_b, resumed_b, setups)
+    # the resumed run still reports its whole set-up: what the restored outputs cost when computed
+    kept = again["mpc"]["setup"]["kept"]
+    assert kept["calls"] > 0 and kept["unknown"] == kept["estimated"] == 0
+    assert again["mpc"]["setup_job"]["bytes"] == pytest.approx(first["mpc"]["setup_job"]["bytes"], rel=0.01)
+    assert first["mpc"]["setup_job"]["bytes"] == first_b
     assert again["generations"] == 2
     # the restored shares are the same values: the resumed run's zero-shot head and test logits
     # equal the first run's within SPU's fixed-point noise
@@ -96,6 +101,34 @@ def test_interrupted_setup_continues_at_the_next_unfinished_chunk(toy_csv, tmp_p
     fresh = tune(_cfg(toy_csv, tmp_path / "fresh"), **QUIET)
     s = tune(_cfg(toy_csv, run), **QUIET)  # the same command again: train's set-up is restored
     assert 0 < s["mpc"]["setup"]["bytes"] < fresh["mpc"]["setup"]["bytes"]
+    # ... and priced from the first process's ledger: the job's set-up is the uninterrupted run's
+    # (within 2%: the simulator's per-call traffic is read from party 0's link counters)
+    assert s["mpc"]["setup_job"]["bytes"] == pytest.approx(fresh["mpc"]["setup"]["bytes"], rel=0.02)
+
+
+def test_the_ledger_prices_kept_outputs_by_key_then_by_program(tmp_path):
+    from tuning.compute_party.traffic import PartyCost
+    from tuning.transports.cost import CallCost
+    from tuning.transports.session import Ledger
+
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.add("k1", "prog", CallCost(2.5, {"p0": PartyCost(send_bytes=1000, send_actions=7)}))
+    with open(tmp_path / "ledger.jsonl", "a") as f:
+        f.write('{"key": "k2", "prog')  # a process killed mid-line
+    again = Ledger(tmp_path / "ledger.jsonl")
+    assert again.cost("k1", "prog") == {"seconds": 2.5, "bytes": 1000, "rounds": 7, "estimated": False}
+    assert again.cost("k9", "prog")["estimated"] and again.cost("k9", "other") is None
+
+
+def test_kept_sum_and_the_jobs_setup():
+    from tuning.data_owner.report import job_setup, kept_sum
+
+    kept = kept_sum([{"seconds": 1.0, "bytes": 10, "rounds": 2, "estimated": False},
+                     {"seconds": 3.0, "bytes": 30, "rounds": 4, "estimated": True}, None])
+    assert kept == {"calls": 3, "seconds": 4.0, "bytes": 40, "rounds": 6, "estimated": 1, "unknown": 1}
+    assert job_setup({"seconds": 0.5, "bytes": 5, "rounds": 1, "kept": kept}) == {"seconds": 4.5, "bytes": 45,
+                                                                                    "rounds": 7}
+    assert job_setup({"seconds": 0.5, "bytes": 5, "rounds": 1}) == {"seconds": 0.5, "bytes": 5, "rounds": 1}
 
 
 def test_clean_deletes_the_run_and_its_state_and_refuses_other_dirs(toy_csv, tmp_path):

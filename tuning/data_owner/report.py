@@ -44,6 +44,24 @@ def cost_sum(costs) -> dict:
             "rounds": int(sum(c.rounds for c in costs))}
 
 
+def kept_sum(restored: list) -> dict:
+    """What the set-up outputs restored from the parties' disks cost when they were computed (the
+    session's ledger entries): summed, with how many were priced from the same program's record
+    (``estimated``) or not recorded at all (``unknown``, counted as nothing)."""
+    known = [r for r in restored if r is not None]
+    return {"calls": len(restored), "seconds": round(sum(r["seconds"] for r in known), 2),
+            "bytes": int(sum(r["bytes"] for r in known)), "rounds": int(sum(r["rounds"] for r in known)),
+            "estimated": sum(1 for r in known if r["estimated"]), "unknown": len(restored) - len(known)}
+
+
+def job_setup(setup: dict) -> dict:
+    """The whole set-up of the job, as if it had run in one go: this session's computed part and
+    what its restored outputs cost when computed."""
+    kept = setup.get("kept") or {}
+    return {k: round(setup[k] + kept.get(k, 0), 2) if k == "seconds" else int(setup[k] + kept.get(k, 0))
+            for k in ("seconds", "bytes", "rounds")}
+
+
 # ------------------------------------------------------------------------------------ summary
 def summarize(job, st, extra: dict, final, metrics: list, reveals: tuple, elapsed_s: float) -> dict:
     """The run's summary: ``job`` (trainer.Setup) its settings and set-up, ``st`` (LoopState) the
@@ -109,8 +127,8 @@ def _costs(setup: dict, st, extra: dict, final, metrics: list) -> dict:
     the generations (total and median per generation) and the final evaluation."""
     per_gen = {k: float(np.median([g[k] for g in metrics])) if metrics else 0.0
                for k in ("mpc_s", "mpc_bytes", "mpc_rounds")}
-    return {"setup": setup, "setup_all_sessions": {k: sum(c[k] for c in extra["setups"])
-                                                    for k in ("seconds", "bytes", "rounds")},
+    return {"setup": setup, "setup_job": job_setup(setup),
+            "setup_all_sessions": {k: sum(c[k] for c in extra["setups"]) for k in ("seconds", "bytes", "rounds")},
             "zero_shot_eval": extra["zero_shot_cost"],
             "generations_total": {"seconds": round(st.mpc_seconds, 2), "bytes": st.mpc_bytes},
             "per_generation_median": per_gen, "final_eval": final.cost}
@@ -140,7 +158,7 @@ def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) 
                  / max(rows_per_generation(summary["popsize"], summary["n_train"], summary["n_dev"], b, dev_eval), 1))
     ex_scale = (2 * k + full["n_test"]) / max(summary["n_train"] + summary["n_dev"] + summary["n_test"], 1)
     test_scale = full["n_test"] / max(summary["n_test"], 1)
-    parts = {"setup": (m["setup"], ex_scale), "zero_shot_eval": (m["zero_shot_eval"], test_scale),
+    parts = {"setup": (m.get("setup_job", m["setup"]), ex_scale),  # a resumed run's kept outputs too "zero_shot_eval": (m["zero_shot_eval"], test_scale),
              "final_eval": (m["final_eval"], test_scale)}
     out = {"assumes": dict(full), "scale_per_generation": round(row_scale, 2)}
     for unit, key in (("seconds", "mpc_s"), ("bytes", "mpc_bytes")):

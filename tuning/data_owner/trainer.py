@@ -40,7 +40,7 @@ from . import head as fitted
 from .config import (LOSSES, TuneConfig, config_line, placed, resolve_data_paths, run_id, stored_config,
                      with_absolute_paths)
 from .objective import Objective, frozen_head, refit_head, verbalizer
-from .report import cost_sum, plot_run, summarize
+from .report import cost_sum, kept_sum, plot_run, summarize
 from .rundir import RunDir, save_npz
 from .scorer import SecureScorer, delta_shape
 from .search import make_strategy
@@ -449,8 +449,13 @@ def set_up(cfg: TuneConfig, run: RunDir, resume_id: str | None, log) -> Setup:
         scorer.add_examples("dev", dev, zero_shot=fit)
         scorer.add_examples("test", test, zero_shot=True)
         cost = cost_sum(scorer.s.costs)
+        kept = ""
+        if scorer.s.restored:  # outputs the parties kept from an earlier process: what they cost then
+            cost["kept"] = kept_sum(scorer.s.restored)
+            kept = (f" (+ {cost['kept']['calls']} outputs kept from earlier processes, MPC "
+                    f"{cost['kept']['bytes'] / 1e6:.1f} MB when computed)")
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "
-            f"{time.perf_counter() - started:.1f}s, MPC {cost['bytes'] / 1e6:.1f} MB")
+            f"{time.perf_counter() - started:.1f}s, MPC {cost['bytes'] / 1e6:.1f} MB{kept}")
     except BaseException:
         scorer.s.close()
         raise

@@ -42,6 +42,7 @@ import abc
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +58,41 @@ from .deployment import DATA_OWNER
 
 class RevealError(UserError):
     """A value the policy does not allow to leave the parties (or not to that recipient)."""
+
+
+class Ledger:
+    """What each kept set-up output cost when it was computed (``keep_state``'s root/ledger.jsonl,
+    the data owner's file, a line per call), so that a resumed run reports its whole set-up. A
+    call kept before there was a ledger is priced from a recorded call of the same compiled
+    program (the same shapes: SPU's traffic does not depend on the values), marked so."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.by_key, self.by_program = {}, {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except ValueError:  # a torn last line (killed mid-write)
+                    continue
+                self.by_key[e["key"]] = self.by_program[e["program"]] = e
+
+    def add(self, key: str, program: str, cost: CallCost) -> None:
+        e = {"key": key, "program": program, "seconds": round(cost.wall_s, 3), "bytes": int(cost.send_bytes),
+             "rounds": int(cost.rounds)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(e) + "\n")
+        self.by_key[key] = self.by_program[program] = e
+
+    def cost(self, key: str, program: str) -> dict | None:
+        """The recorded cost of the call that produced ``key`` (``estimated``: priced from the same
+        program's), or None when neither was recorded."""
+        if key in self.by_key:
+            return {k: self.by_key[key][k] for k in ("seconds", "bytes", "rounds")} | {"estimated": False}
+        if program in self.by_program:
+            return {k: self.by_program[program][k] for k in ("seconds", "bytes", "rounds")} | {"estimated": True}
+        return None
 
 
 class Session(abc.ABC):
@@ -88,6 +124,8 @@ class Session(abc.ABC):
         self._digests: dict = {}  # resident var -> digest of what produced it (state.digest)
         self.state = None  # where the parties keep set-up shares (keep_state), or None
         self._state_writes, self._salt = False, b""
+        self._ledger = None  # the data owner's record of what each kept output cost to compute
+        self.restored: list = []  # per restored call: its cost when computed (ledger), else None
         self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, policy.computes_as())
 
     # ---- the back end's own parts
@@ -132,6 +170,7 @@ class Session(abc.ABC):
         mixed into every digest (the parties see digests of its inputs, never the salt)."""
         self._state_writes, self._salt = write, salt
         self._open_state(root)
+        self._ledger = Ledger(Path(root) / "ledger.jsonl")
 
     def _open_state(self, root) -> None:
         raise UserError(f"the {self.name} back end cannot keep set-up shares on disk")
@@ -263,12 +302,14 @@ class Session(abc.ABC):
         if keys and self._kept(keys):
             self._restore(compiled, ins, outs, keys)
             cost = CallCost(0.0, {})
+            self.restored.append(self._ledger.cost(keys[0], program_id))
         else:
             c0 = time.process_time()
             cost = self._execute(compiled, ins, outs)
             cost.cpu_s = time.process_time() - c0
             if keys and self._state_writes:
                 self._keep(outs, keys)
+                self._ledger.add(keys[0], program_id, cost)
         self._digests.update(zip(outs, keys or [None] * len(outs)))
         self._marks.update({outmap[k]: kind for k, kind in opens.items()})
         self.costs.append(cost)
