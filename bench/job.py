@@ -47,6 +47,23 @@ def _load(run: Path):
     return d.read_config(), summary, d.read_metrics()
 
 
+def setup_row(mpc: dict) -> dict:
+    """The job's set-up (sharing the examples, prefill) as if run in one go: what the last process
+    computed plus what the outputs it restored cost when an earlier process computed them (the
+    run's ledger); a run without a ledger: the set-up of every session that reached the search."""
+    if "setup_job" not in mpc:
+        c, kept = mpc["setup_all_sessions"], {}
+    else:
+        c, kept = mpc["setup_job"], mpc["setup"].get("kept") or {}
+    phase = "set-up (sharing, prefill)"
+    if kept.get("calls"):
+        phase += f", {kept['calls']} outputs kept by earlier processes"
+        if kept.get("estimated") or kept.get("unknown"):
+            phase += (f" ({kept['estimated']} priced from the same program's record, "
+                      f"{kept['unknown']} unrecorded: counted as 0)")
+    return {"phase": phase, "MPC s": c["seconds"], "GB": round(c["bytes"] / 1e9, 2), "rounds": c["rounds"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench job")
     ap.add_argument("--spu", required=True, help="the run through SPU (sim or cluster back end)")
@@ -61,8 +78,7 @@ def main(argv=None):
     mpc = ss["mpc"]
     gen = mpc["generations_total"]
     rows = [
-        {"phase": "set-up (prefill), all sessions", "MPC s": mpc["setup_all_sessions"]["seconds"],
-         "GB": round(mpc["setup_all_sessions"]["bytes"] / 1e9, 2), "rounds": mpc["setup_all_sessions"]["rounds"]},
+        setup_row(mpc),
         {"phase": "zero-shot test evaluation", "MPC s": mpc["zero_shot_eval"]["seconds"],
          "GB": round(mpc["zero_shot_eval"]["bytes"] / 1e9, 2), "rounds": mpc["zero_shot_eval"]["rounds"]},
         {"phase": f"{ss['generations']} generations", "MPC s": gen["seconds"], "GB": round(gen["bytes"] / 1e9, 2),

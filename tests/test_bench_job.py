@@ -20,3 +20,17 @@ def test_no_agreement_without_both_runs_predictions_on_the_same_examples(tmp_pat
     a = _run(tmp_path, "spu", [0, 1, 0, 0])
     assert agreement(a, tmp_path / "none") is None
     assert agreement(a, _run(tmp_path, "other", [0, 1, 0, 0], labels=(1, 1, 1, 0))) is None
+
+
+def test_the_setup_row_counts_what_earlier_processes_kept():
+    from bench.job import setup_row
+
+    kept = {"calls": 9, "seconds": 90.0, "bytes": 9e9, "rounds": 90, "estimated": 2, "unknown": 1}
+    mpc = {"setup": {"seconds": 10.0, "bytes": 1e9, "rounds": 10, "kept": kept},
+           "setup_job": {"seconds": 100.0, "bytes": 10e9, "rounds": 100},
+           "setup_all_sessions": {"seconds": 10.0, "bytes": 1e9, "rounds": 10}}
+    row = setup_row(mpc)
+    assert row["GB"] == 10.0 and row["MPC s"] == 100.0 and "9 outputs kept" in row["phase"]
+    assert "2 priced from the same program" in row["phase"] and "1 unrecorded" in row["phase"]
+    old = {"setup": {"seconds": 10.0, "bytes": 1e9, "rounds": 10}, "setup_all_sessions": mpc["setup_all_sessions"]}
+    assert setup_row(old)["GB"] == 1.0  # a run from before the ledger: every session's own set-up
