@@ -18,7 +18,8 @@ head refitted at every generation's search mean (the rows it was scored on are i
 the test set: the best of them is what a perfect selection rule could have kept, to set beside the
 kept prompt and the head at P0. If that ceiling is not above the head at P0, no selection lever can
 make the search pay; only what the search finds (objective, capacity) can. Beside it, a selection
-rule that reads no test example: k-fold over train + dev (``kfold_pick``), P0 among the candidates.
+rules that read no test example (``lowest``, P0 among the candidates): k-fold over train + dev, and
+a head fitted on train scored on dev.
 
 ``--cost``: what the wider secret head costs under SPU's simulator (the run's policy and model):
 the one-off ``head`` program (the one-hot word rows times the embedding table) with the
@@ -69,17 +70,22 @@ def prompt_reading(sc, delta, seed: int) -> dict:
     from tuning.data_owner.trainer import head_examples, head_predictions
 
     X, y = head_examples(sc, delta)
-    R = len(sc.task.labels)
+    R, n = len(sc.task.labels), len(sc.sets["train"].labels)
     c = fitted.choose_c(X, y, R, seed=seed)
     held = -fitted.out_of_fold(X, y, R, c, seed=seed)[np.arange(len(y)), y]  # per example: how noisy the rule is
     test = head_predictions(fitted.fit(X, y, R, c), sc.score_words("test", delta)[0][0]) == sc.sets["test"].labels
-    return {"cv loss": float(held.mean()), "held-out losses": held.round(5).tolist(), "test": float(test.mean())}
+    # a head fitted on train alone, scored on dev: dev is no example the search's objective read
+    on_train = fitted.fit(X[:n], y[:n], R, fitted.choose_c(X[:n], y[:n], R, seed=seed))
+    dev = -fitted.apply(on_train, X[n:])[np.arange(len(y) - n), y[n:]]
+    return {"cv loss": float(held.mean()), "held-out losses": held.round(5).tolist(),
+            "dev head loss": float(dev.mean()), "test": float(test.mean())}
 
 
-def kfold_pick(cv_losses) -> int:
-    """Selection by k-fold over train + dev: the prompt whose refitted head has the lowest
-    held-out cross-entropy (the first on ties). Index 0 is P0, so the rule may keep no soft prompt."""
-    return int(np.argmin(np.asarray(cv_losses, float)))
+def lowest(losses) -> int:
+    """A selection rule's pick: the prompt with the lowest loss (the first on ties). Index 0 is P0,
+    so a rule may keep no soft prompt. ``k-fold``: the refitted head's held-out cross-entropy over
+    train + dev; ``dev-head``: the cross-entropy on dev of a head fitted on train alone."""
+    return int(np.argmin(np.asarray(losses, float)))
 
 
 def generation_curve(run: Path) -> dict:
@@ -96,16 +102,18 @@ def generation_curve(run: Path) -> dict:
     reads = [prompt_reading(sc, None, seed)] + [prompt_reading(sc, r.subspace.offsets(np.load(f)["Z"][-1:]), seed)
                                                 for f in d.generation_logits()]  # each mean rides last
     curve = [x["test"] for x in reads[1:]]
-    pick = kfold_pick([x["cv loss"] for x in reads])
+    pick, dev_pick = lowest([x["cv loss"] for x in reads]), lowest([x["dev head loss"] for x in reads])
     kept = prompt_reading(sc, r.subspace.offsets(d.read_best_z()[None]), seed)["test"]
-    g = 1 + kfold_pick([x["cv loss"] for x in reads[1:]])  # the generation k-fold likes best
+    g = 1 + lowest([x["cv loss"] for x in reads[1:]])  # the generation k-fold likes best
     diff = np.asarray(reads[0]["held-out losses"]) - np.asarray(reads[g]["held-out losses"])
     return {"run": str(run), "task": cfg.get("task"), "seed": cfg.get("seed"), "head P0": reads[0]["test"],
             "kept": kept, "k-fold": reads[pick]["test"], "k-fold generation": pick,
+            "dev-head": reads[dev_pick]["test"], "dev-head generation": dev_pick,
             "ceiling": max(curve), "best generation": int(np.argmax(curve)) + 1, "curve": curve,
             # what the best generation gains on train + dev by k-fold, and the paired standard error of that
             "cv gain": float(diff.mean()), "cv gain se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-            "cv loss": [x["cv loss"] for x in reads], "held-out losses": [x["held-out losses"] for x in reads]}
+            "cv loss": [x["cv loss"] for x in reads], "held-out losses": [x["held-out losses"] for x in reads],
+            "dev head loss": [x["dev head loss"] for x in reads]}
 
 
 def cached_curve(run: Path) -> dict:
@@ -123,7 +131,7 @@ def cached_curve(run: Path) -> dict:
     return c
 
 
-CURVE_READS = ("kept", "k-fold", "ceiling")
+CURVE_READS = ("kept", "k-fold", "dev-head", "ceiling")
 
 
 def curve_summary(rows: list) -> list:
@@ -158,13 +166,14 @@ def curve_main(args) -> None:
     for run in args.curve:
         rows.append(cached_curve(Path(run)))
         print({k: v for k, v in rows[-1].items() if k not in ("curve", "cv loss", "held-out losses")}, flush=True)
-    cols = ["task", "seed", "head P0", "kept", "k-fold", "k-fold generation", "ceiling", "best generation",
-            "cv gain", "cv gain se"]
+    cols = ["task", "seed", "head P0", "kept", "k-fold", "k-fold generation", "dev-head", "dev-head generation",
+            "ceiling", "best generation", "cv gain", "cv gain se"]
     text = markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in cols}
                            for r in rows], cols)
     text += ("\nTest accuracy of the head refitted at P0, at the kept prompt, at the prompt k-fold selection picks "
              "(the lowest held-out cross-entropy of the refitted head over train + dev, among P0 and every "
-             "generation's search mean; generation 0 is P0) and at the best of the generations' means on test "
+             "generation's search mean; generation 0 is P0), at the prompt dev-head picks (the lowest dev "
+             "cross-entropy of a head fitted on train alone, same candidates) and at the best of the generations' means on test "
              "(selection's ceiling: what a perfect selection rule could keep); re-scored on the plaintext back "
              "end. cv gain: the held-out cross-entropy at P0 minus the lowest of the generations', over train + dev, "
              "and its paired standard error over those examples (how finely the rule can tell prompts apart).\n")

@@ -195,6 +195,7 @@ def test_the_generation_curve_holds_the_kept_prompt_and_the_head_at_p0(tmp_path)
     assert c["kept"] == s["tuned_test_acc"] and c["head P0"] == s["fitted_head"]["zero_shot_head_test_acc"]
     # k-fold selection reads train + dev only: its pick is P0 or one generation's mean, read on the curve
     assert len(c["cv loss"]) == 4 and c["k-fold"] == ([c["head P0"]] + c["curve"])[c["k-fold generation"]]
+    assert len(c["dev head loss"]) == 4 and c["dev-head"] == ([c["head P0"]] + c["curve"])[c["dev-head generation"]]
     losses = np.asarray(c["held-out losses"])  # [P0 + 3 generations, 12 train + dev examples]
     assert losses.shape == (4, 12) and np.allclose(losses.mean(1), c["cv loss"], atol=1e-4)
     assert np.isclose(c["cv gain"], c["cv loss"][0] - min(c["cv loss"][1:]), atol=1e-4) and c["cv gain se"] >= 0
@@ -207,14 +208,16 @@ def test_the_generation_curve_holds_the_kept_prompt_and_the_head_at_p0(tmp_path)
 def test_kfold_selection_and_the_curve_summary_arithmetic():
     """The lowest held-out loss wins (the first on ties, P0 first of all); the summary's points are
     paired with each run's head at P0, and the average row uses only seeds with every task."""
-    from bench.heads import curve_summary, kfold_pick
+    from bench.heads import curve_summary, lowest
 
-    assert kfold_pick([0.5, 0.4, 0.45]) == 1 and kfold_pick([0.3, 0.3, 0.4]) == 0
-    rows = [{"task": t, "seed": s, "head P0": 0.8, "kept": 0.8 + g, "k-fold": 0.8, "ceiling": 0.8 + 2 * g}
+    assert lowest([0.5, 0.4, 0.45]) == 1 and lowest([0.3, 0.3, 0.4]) == 0
+    rows = [{"task": t, "seed": s, "head P0": 0.8, "kept": 0.8 + g, "k-fold": 0.8, "dev-head": 0.8 - g,
+             "ceiling": 0.8 + 2 * g}
             for t, s, g in (("a", 0, 0.01), ("a", 1, 0.03), ("b", 0, 0.02), ("b", 1, 0.0), ("b", 2, 0.1))]
     by = {r["task"]: r for r in curve_summary(rows)}
     assert by["a"]["kept"].startswith("+2.0 [") and by["a"]["kept"].endswith("(2)")
     assert by["b"]["ceiling"].startswith("+8.0 [") and by["b"]["k-fold"].startswith("+0.0")
+    assert by["a"]["dev-head"].startswith("-2.0 [")
     assert by["average (2 tasks)"]["kept"].startswith("+1.5 [") and by["average (2 tasks)"]["kept"].endswith("(2)")
 
 
@@ -255,7 +258,8 @@ def test_the_curve_over_many_runs_reads_their_kept_readings(tmp_path):
             (run / "logits" / f"gen{g:04d}.npz").write_bytes(b"")
         (run / "logits" / "curve.json").write_text(json.dumps(
             {"run": str(run), "task": "mr", "seed": seed, "head P0": 0.80, "kept": curve[1], "k-fold": 0.80,
-             "k-fold generation": 0, "ceiling": max(curve), "best generation": 2, "curve": curve,
+             "k-fold generation": 0, "dev-head": 0.80, "dev-head generation": 0, "ceiling": max(curve),
+             "best generation": 2, "curve": curve,
              "cv loss": [0.4, 0.41, 0.39], "held-out losses": [], "cv gain": 0.01, "cv gain se": 0.02}))
         runs.append(str(run))
     curve_main(argparse.Namespace(curve=runs, tag="_t", out=str(tmp_path)))
