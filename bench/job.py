@@ -64,10 +64,25 @@ def setup_row(mpc: dict) -> dict:
     return {"phase": phase, "MPC s": c["seconds"], "GB": round(c["bytes"] / 1e9, 2), "rounds": c["rounds"]}
 
 
+def projection_check(demo: dict, job: dict, measured: dict) -> dict:
+    """What a small run's linear projection (``secptune tune``'s "at full budget" line, e.g. the
+    demo's part 1) says this job costs, at this job's popsize, shots, generations and test set,
+    against the job's measured MPC seconds and bytes (``measured``: the total row)."""
+    from tuning.data_owner.report import project_full_budget
+
+    full = {k: job[k] for k in ("popsize", "shots_per_class", "generations", "n_test")}
+    pr = project_full_budget(demo, job["n_train"] // job["shots_per_class"], full)
+    return {"projected": {"seconds": pr["seconds"], "bytes": pr["bytes"]},
+            "measured": {"seconds": measured["MPC s"], "bytes": int(measured["GB"] * 1e9)},
+            "ratio": {"seconds": round(pr["seconds"] / max(measured["MPC s"], 1e-9), 3),
+                      "bytes": round(pr["bytes"] / max(measured["GB"] * 1e9, 1), 3)}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="secptune bench job")
     ap.add_argument("--spu", required=True, help="the run through SPU (sim or cluster back end)")
     ap.add_argument("--plain", required=True, help="the same run on the plaintext back end")
+    ap.add_argument("--demo", help="a small run of the same configuration (the demo's part 1): its projection checked")
     ap.add_argument("--tag", default="", type=tag_suffix)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -100,6 +115,13 @@ def main(argv=None):
     if agree:
         table += (f"\nTuned test predictions equal on {agree['equal']} of {agree['n']} examples "
                   f"({100 * agree['fraction']:.1f}%).\n")
+    check = None
+    if args.demo:
+        check = projection_check(_load(Path(args.demo))[1], ss, total)
+        table += (f"\nProjection from {args.demo} at this job's budget: {check['projected']['seconds'] / 3600:.2f} h "
+                  f"and {check['projected']['bytes'] / 1e12:.3f} TB of MPC against {check['measured']['seconds'] / 3600:.2f} h "
+                  f"and {check['measured']['bytes'] / 1e12:.3f} TB measured (ratio {check['ratio']['seconds']:.2f} in "
+                  f"time, {check['ratio']['bytes']:.2f} in bytes).\n")
     wall = ss["wall_s"]["elapsed_all_sessions"]
     table += (f"\nSPU run {args.spu}: {cs['task']}, {cs['shots']}-shot per class ({ss['n_train']} train + {ss['n_dev']} dev), "
               f"{ss['n_test']} test examples, policy {ss['policy']}, prompt depth {ss['prompt_depth']} "
@@ -111,7 +133,8 @@ def main(argv=None):
               f"Search path: best training loss per generation agrees to "
               f"{np.abs(path[0][:n] - path[1][:n]).max():.2e} over {n} generations.\n")
     name = f"job{args.tag}"
-    save(name, {"rows": rows, "accuracy": acc, "agreement": agree, "wall_s": wall, "spu_summary": ss,
+    save(name, {"rows": rows, "accuracy": acc, "agreement": agree, "projection_check": check, "wall_s": wall,
+                "spu_summary": ss,
                 "plain_summary": sp, "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()},
                 "args": vars(args)}, table, args.out)
     _plot(ms, mp, Path(args.out) / f"{name}.png")

@@ -34,3 +34,22 @@ def test_the_setup_row_counts_what_earlier_processes_kept():
     assert "2 priced from the same program" in row["phase"] and "1 unrecorded" in row["phase"]
     old = {"setup": {"seconds": 10.0, "bytes": 1e9, "rounds": 10}, "setup_all_sessions": mpc["setup_all_sessions"]}
     assert setup_row(old)["GB"] == 1.0  # a run from before the ledger: every session's own set-up
+
+
+def test_a_runs_projection_of_itself_at_its_own_budget_is_its_measured_total():
+    """projection_check's arithmetic: set-up scales with examples, generations with rows; a run
+    whose generations all cost the same projects its own total exactly, and half the examples
+    and rows project half the set-up and the generations."""
+    from bench.job import projection_check
+
+    c = {"seconds": 10.0, "bytes": 1000, "rounds": 1}
+    job = {"popsize": 4, "shots_per_class": 2, "generations": 3, "n_test": 4, "n_train": 4, "n_dev": 4,
+           "train_batch": 0, "dev_eval": "mean",
+           "mpc": {"setup": {**c, "seconds": 120.0, "bytes": 12000}, "zero_shot_eval": c, "final_eval": c,
+                   "per_generation_median": {"mpc_s": 20.0, "mpc_bytes": 2000, "mpc_rounds": 5}}}
+    total = {"MPC s": 120 + 10 + 10 + 60, "GB": (12000 + 1000 + 1000 + 6000) / 1e9}
+    check = projection_check(job, job, total)
+    assert check["ratio"] == {"seconds": 1.0, "bytes": 1.0}
+    small = {**job, "shots_per_class": 1, "n_train": 2, "n_dev": 2}  # 2 + 2 + 4 examples, 5 x 2 + 2 rows
+    got = projection_check(small, job, total)["projected"]
+    assert got["bytes"] == int(12000 * 12 / 8 + 2000 + 2000 * 3 * (5 * 4 + 4) / (5 * 2 + 2))

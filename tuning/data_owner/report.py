@@ -158,8 +158,8 @@ def project_full_budget(summary: dict, n_labels: int, full: dict = FULL_BUDGET) 
                  / max(rows_per_generation(summary["popsize"], summary["n_train"], summary["n_dev"], b, dev_eval), 1))
     ex_scale = (2 * k + full["n_test"]) / max(summary["n_train"] + summary["n_dev"] + summary["n_test"], 1)
     test_scale = full["n_test"] / max(summary["n_test"], 1)
-    parts = {"setup": (m.get("setup_job", m["setup"]), ex_scale),  # a resumed run's kept outputs too "zero_shot_eval": (m["zero_shot_eval"], test_scale),
-             "final_eval": (m["final_eval"], test_scale)}
+    parts = {"setup": (m.get("setup_job", m["setup"]), ex_scale),  # a resumed run's kept outputs too
+             "zero_shot_eval": (m["zero_shot_eval"], test_scale), "final_eval": (m["final_eval"], test_scale)}
     out = {"assumes": dict(full), "scale_per_generation": round(row_scale, 2)}
     for unit, key in (("seconds", "mpc_s"), ("bytes", "mpc_bytes")):
         gens = per[key] * row_scale * full["generations"]
