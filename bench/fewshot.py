@@ -273,7 +273,8 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
             elif m == "pt":
                 res = run_pt(cfg, bundle, policy, task, train, dev, test, args.pt_steps, args.pt_lr, log)
             else:
-                res = run_sft(cfg, bundle, task, train, dev, test, args.sft_steps, args.sft_lr, log=log)
+                res = run_sft(cfg, bundle, task, train, dev, test, args.sft_steps, args.sft_lr,
+                              getattr(args, "sft_micro", 8), log=log)
         row.update(res, **{f"{m} wall s": round(time.perf_counter() - t0, 1)})
         row["done"] = row.get("done", []) + [m]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,6 +502,8 @@ def main(argv=None):
     ap.add_argument("--pt-lr", type=float, default=3e-2)
     ap.add_argument("--sft-steps", type=int, default=12)
     ap.add_argument("--sft-lr", type=float, default=2e-5)
+    ap.add_argument("--sft-micro", type=int, default=8,
+                    help="SFT: examples per micro-batch (the same summed gradient; smaller needs less memory)")
     ap.add_argument("--save-logits", action="store_true",
                     help="fo and levers: keep each generation's opened logits (for `bench heads --curve`)")
     ap.add_argument("--out", default=str(RESULTS / "fewshot"))

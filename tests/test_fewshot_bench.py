@@ -59,10 +59,13 @@ def test_tiny_run_writes_each_method_and_the_table(mini_home, tmp_path):
     out = tmp_path / "fs"
     fewshot.main(["run", "--model", "tiny-llama", "--tasks", "mr", "--seeds", "0,1", "--methods",
                   "fo,fo-refit,fo-d100,pt,sft", "--shots", "4", "--n-test", "8", "--depth", "1", "--budget", "2", "--pt-steps", "2",
-                  "--sft-steps", "1", "--out", str(out)])
+                  "--sft-steps", "1", "--sft-micro", "3", "--save-logits", "--out", str(out)])
     for seed in (0, 1):
         row = json.loads((out / "runs" / f"mr_s{seed}.json").read_text())
         assert row["done"] == ["fo", "fo-refit", "fo-d100", "pt", "sft"]
+        # --save-logits: fo's and the levers' runs keep every generation's opened logits (bench heads --curve)
+        assert len(list((out / "runs" / f"mr_fo_s{seed}" / "logits").glob("gen*.npz"))) == 2
+        assert json.loads((out / "runs" / f"mr_fo-refit_s{seed}" / "config.json").read_text())["save_logits"]
         refit = json.loads((out / "runs" / f"mr_fo-refit_s{seed}" / "config.json").read_text())
         assert refit["objective"] == "refit" and row["fo-refit generations"] == 2
         d100 = json.loads((out / "runs" / f"mr_fo-d100_s{seed}" / "config.json").read_text())
