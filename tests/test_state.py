@@ -118,6 +118,15 @@ def test_the_ledger_prices_kept_outputs_by_key_then_by_program(tmp_path):
     again = Ledger(tmp_path / "ledger.jsonl")
     assert again.cost("k1", "prog") == {"seconds": 2.5, "bytes": 1000, "rounds": 7, "estimated": False}
     assert again.cost("k9", "prog")["estimated"] and again.cost("k9", "other") is None
+    # a call restored before its program ran in this job is priced once a run of it is recorded
+    from types import SimpleNamespace
+
+    from tuning.transports.session import Session
+
+    s = SimpleNamespace(_ledger=Ledger(tmp_path / "later.jsonl"), restored=[("kx", "prog2")])
+    assert Session.restored_costs(s) == [None]
+    s._ledger.add("ky", "prog2", CallCost(1.0, {"p0": PartyCost(send_bytes=5, send_actions=1)}))
+    assert Session.restored_costs(s) == [{"seconds": 1.0, "bytes": 5, "rounds": 1, "estimated": True}]
 
 
 def test_kept_sum_and_the_jobs_setup():

@@ -451,7 +451,7 @@ def set_up(cfg: TuneConfig, run: RunDir, resume_id: str | None, log) -> Setup:
         cost = cost_sum(scorer.s.costs)
         kept = ""
         if scorer.s.restored:  # outputs the parties kept from an earlier process: what they cost then
-            cost["kept"] = kept_sum(scorer.s.restored)
+            cost["kept"] = kept_sum(scorer.s.restored_costs())
             kept = (f" (+ {cost['kept']['calls']} outputs kept from earlier processes, MPC "
                     f"{cost['kept']['bytes'] / 1e6:.1f} MB when computed)")
         log(f"set-up (weights, verbalizer head, examples{', prefix caches' if cfg.mode == 'cached' else ''}): "

@@ -125,7 +125,7 @@ class Session(abc.ABC):
         self.state = None  # where the parties keep set-up shares (keep_state), or None
         self._state_writes, self._salt = False, b""
         self._ledger = None  # the data owner's record of what each kept output cost to compute
-        self.restored: list = []  # per restored call: its cost when computed (ledger), else None
+        self.restored: list = []  # per restored call: (its first output's key, its program's digest)
         self._identity = state.digest(getattr(bundle, "name", ""), bundle.config, policy.computes_as())
 
     # ---- the back end's own parts
@@ -171,6 +171,11 @@ class Session(abc.ABC):
         self._state_writes, self._salt = write, salt
         self._open_state(root)
         self._ledger = Ledger(Path(root) / "ledger.jsonl")
+
+    def restored_costs(self) -> list:
+        """What each restored call cost when computed, from the ledger as it stands now (a call
+        restored before its program's first computed run is priced once that run is recorded)."""
+        return [self._ledger.cost(key, program) for key, program in self.restored]
 
     def _open_state(self, root) -> None:
         raise UserError(f"the {self.name} back end cannot keep set-up shares on disk")
@@ -302,7 +307,7 @@ class Session(abc.ABC):
         if keys and self._kept(keys):
             self._restore(compiled, ins, outs, keys)
             cost = CallCost(0.0, {})
-            self.restored.append(self._ledger.cost(keys[0], program_id))
+            self.restored.append((keys[0], program_id))
         else:
             c0 = time.process_time()
             cost = self._execute(compiled, ins, outs)
