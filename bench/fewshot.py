@@ -251,7 +251,7 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
     path = Path(args.out) / "runs" / f"{task_name}_s{seed}.json"
     row = json.loads(path.read_text()) if path.exists() else {"task": task_name, "seed": seed}
     cfg = fo_config(task_name, seed, Path(args.out) / "runs" / f"{task_name}_fo_s{seed}", args.model, args.budget,
-                    args.shots, args.n_test, args.depth).replace(save_logits=getattr(args, "save_logits", False))
+                    args.shots, args.n_test, args.depth).replace(save_logits=args.save_logits)
     task = task_of(cfg)
     train, dev, test = split_examples(cfg, task)
     policy, bundle = load_policy(POLICY), None
@@ -273,8 +273,8 @@ def run_one(task_name: str, seed: int, methods, args, log=print) -> dict:
             elif m == "pt":
                 res = run_pt(cfg, bundle, policy, task, train, dev, test, args.pt_steps, args.pt_lr, log)
             else:
-                res = run_sft(cfg, bundle, task, train, dev, test, args.sft_steps, args.sft_lr,
-                              getattr(args, "sft_micro", 8), log=log)
+                res = run_sft(cfg, bundle, task, train, dev, test, args.sft_steps, args.sft_lr, args.sft_micro,
+                              log=log)
         row.update(res, **{f"{m} wall s": round(time.perf_counter() - t0, 1)})
         row["done"] = row.get("done", []) + [m]
         path.parent.mkdir(parents=True, exist_ok=True)

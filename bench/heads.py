@@ -17,7 +17,7 @@ and ``head P0 @ tuned`` need no rows beyond the run's, ``head refit`` the train 
 head refitted at every generation's search mean (the rows it was scored on are in logits/), read on
 the test set: the best of them is what a perfect selection rule could have kept, to set beside the
 kept prompt and the head at P0. If that ceiling is not above the head at P0, no selection lever can
-make the search pay; only what the search finds (objective, capacity) can. Beside it, a selection
+make the search pay; only what the search finds (objective, capacity) can. Beside it, two selection
 rules that read no test example (``lowest``, P0 among the candidates): k-fold over train + dev, and
 a head fitted on train scored on dev.
 
@@ -90,7 +90,7 @@ def lowest(losses) -> int:
 
 def generation_curve(run: Path) -> dict:
     """P0 and each saved generation's search mean read through their refitted heads (``--curve``):
-    the kept prompt, the k-fold selection's pick and the best on test (the ceiling)."""
+    the kept prompt, the k-fold and dev-head selections' picks and the best on test (the ceiling)."""
     from tuning.data_owner.rundir import RunDir
 
     d = RunDir(run)
@@ -102,9 +102,10 @@ def generation_curve(run: Path) -> dict:
     reads = [prompt_reading(sc, None, seed)] + [prompt_reading(sc, r.subspace.offsets(np.load(f)["Z"][-1:]), seed)
                                                 for f in d.generation_logits()]  # each mean rides last
     curve = [x["test"] for x in reads[1:]]
-    pick, dev_pick = lowest([x["cv loss"] for x in reads]), lowest([x["dev head loss"] for x in reads])
+    cv, dev = [x["cv loss"] for x in reads], [x["dev head loss"] for x in reads]
+    pick, dev_pick = lowest(cv), lowest(dev)
     kept = prompt_reading(sc, r.subspace.offsets(d.read_best_z()[None]), seed)["test"]
-    g = 1 + lowest([x["cv loss"] for x in reads[1:]])  # the generation k-fold likes best
+    g = 1 + lowest(cv[1:])  # the generation k-fold likes best
     diff = np.asarray(reads[0]["held-out losses"]) - np.asarray(reads[g]["held-out losses"])
     return {"run": str(run), "task": cfg.get("task"), "seed": cfg.get("seed"), "head P0": reads[0]["test"],
             "kept": kept, "k-fold": reads[pick]["test"], "k-fold generation": pick,
@@ -112,8 +113,7 @@ def generation_curve(run: Path) -> dict:
             "ceiling": max(curve), "best generation": int(np.argmax(curve)) + 1, "curve": curve,
             # what the best generation gains on train + dev by k-fold, and the paired standard error of that
             "cv gain": float(diff.mean()), "cv gain se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-            "cv loss": [x["cv loss"] for x in reads], "held-out losses": [x["held-out losses"] for x in reads],
-            "dev head loss": [x["dev head loss"] for x in reads]}
+            "cv loss": cv, "held-out losses": [x["held-out losses"] for x in reads], "dev head loss": dev}
 
 
 def cached_curve(run: Path) -> dict:
@@ -173,8 +173,8 @@ def curve_main(args) -> None:
     text += ("\nTest accuracy of the head refitted at P0, at the kept prompt, at the prompt k-fold selection picks "
              "(the lowest held-out cross-entropy of the refitted head over train + dev, among P0 and every "
              "generation's search mean; generation 0 is P0), at the prompt dev-head picks (the lowest dev "
-             "cross-entropy of a head fitted on train alone, same candidates) and at the best of the generations' means on test "
-             "(selection's ceiling: what a perfect selection rule could keep); re-scored on the plaintext back "
+             "cross-entropy of a head fitted on train alone, same candidates) and at the best of the generations' "
+             "means on test (selection's ceiling: what a perfect selection rule could keep); re-scored on the plaintext back "
              "end. cv gain: the held-out cross-entropy at P0 minus the lowest of the generations', over train + dev, "
              "and its paired standard error over those examples (how finely the rule can tell prompts apart).\n")
     summary = curve_summary(rows)

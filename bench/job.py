@@ -118,9 +118,10 @@ def main(argv=None):
     check = None
     if args.demo:
         check = projection_check(_load(Path(args.demo))[1], ss, total)
-        table += (f"\nProjection from {args.demo} at this job's budget: {check['projected']['seconds'] / 3600:.2f} h "
-                  f"and {check['projected']['bytes'] / 1e12:.3f} TB of MPC against {check['measured']['seconds'] / 3600:.2f} h "
-                  f"and {check['measured']['bytes'] / 1e12:.3f} TB measured (ratio {check['ratio']['seconds']:.2f} in "
+        pj, got = check["projected"], check["measured"]
+        table += (f"\nProjection from {args.demo} at this job's budget: {pj['seconds'] / 3600:.2f} h and "
+                  f"{pj['bytes'] / 1e12:.3f} TB of MPC against {got['seconds'] / 3600:.2f} h "
+                  f"and {got['bytes'] / 1e12:.3f} TB measured (ratio {check['ratio']['seconds']:.2f} in "
                   f"time, {check['ratio']['bytes']:.2f} in bytes).\n")
     wall = ss["wall_s"]["elapsed_all_sessions"]
     table += (f"\nSPU run {args.spu}: {cs['task']}, {cs['shots']}-shot per class ({ss['n_train']} train + {ss['n_dev']} dev), "
@@ -134,9 +135,8 @@ def main(argv=None):
               f"{np.abs(path[0][:n] - path[1][:n]).max():.2e} over {n} generations.\n")
     name = f"job{args.tag}"
     save(name, {"rows": rows, "accuracy": acc, "agreement": agree, "projection_check": check, "wall_s": wall,
-                "spu_summary": ss,
-                "plain_summary": sp, "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()},
-                "args": vars(args)}, table, args.out)
+                "spu_summary": ss, "plain_summary": sp,
+                "loss_best": {"spu": path[0].tolist(), "plain": path[1].tolist()}, "args": vars(args)}, table, args.out)
     _plot(ms, mp, Path(args.out) / f"{name}.png")
 
 

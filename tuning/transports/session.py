@@ -64,7 +64,7 @@ class Ledger:
     """What each kept set-up output cost when it was computed (``keep_state``'s root/ledger.jsonl,
     the data owner's file, a line per call), so that a resumed run reports its whole set-up. A
     call kept before there was a ledger is priced from a recorded call of the same compiled
-    program (the same shapes: SPU's traffic does not depend on the values), marked so."""
+    program (the same shapes: its traffic varied by ~1% between runs here), marked estimated."""
 
     def __init__(self, path: Path):
         self.path = path
