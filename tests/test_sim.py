@@ -123,3 +123,14 @@ def test_cli_forward_json_is_clean_despite_spu_logging():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["cost"]["send_bytes"] > 0 and len(out["logits"][0]) == 2
+    # and SPU's benign start-up notices (entropy-source fallback, thread pool) stay out of stderr too
+    assert "entropy source" not in proc.stderr and "thread pool" not in proc.stderr, proc.stderr
+
+
+def test_echo_log_forwards_all_but_the_benign_notices(capsys):
+    from tuning.compute_party.traffic import echo_log
+
+    echo_log("[warning] [openssl_factory.cc:83] Yacl has been configured to use Yacl's entropy source, but unable "
+             "to find one.\n[info] [thread_pool.cc:30] Create a fixed thread pool with size 1\n\n"
+             "[error] link p1 lost\n")
+    assert capsys.readouterr().err == "[error] link p1 lost\n"

@@ -23,6 +23,22 @@ LINK_RE = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), s
 OP_RE = re.compile(r"- (pphlo\.[\w.: ]+?), executed (\d+) times, duration ([\d.e+-]+)s, send bytes (\d+) "
                    r"recv bytes (\d+), send actions (\d+), recv actions (\d+)")
 
+# SPU's start-up notices that say nothing to a user: yacl falling back to OpenSSL's entropy
+# source (no hardware source in this VM) and its thread-pool size
+BENIGN = ("entropy source", "Create a fixed thread pool")
+
+
+def is_benign(line: str) -> bool:
+    return any(b in line for b in BENIGN)
+
+
+def echo_log(text: str, out=None) -> None:
+    """Forward captured C++ log lines to stderr, less the benign start-up notices."""
+    lines = [s for s in text.splitlines() if s.strip() and not is_benign(s)]
+    if lines:
+        print("\n".join(lines), file=out or sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class PartyCost:
     send_bytes: int = 0

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..compute_party.traffic import is_benign
+
 ENV_PARENT = "SECPTUNE_LAUNCHER_PID"  # set by a launcher: the party dies with it
 ENV_RECORD = "SECPTUNE_RECORD_DIR"  # a party appends every message it receives to DIR/<party>.bin (tests)
 REPO = Path(__file__).absolute().parents[2]
@@ -39,12 +41,12 @@ def launch(module: str, args: list, stdout, stderr) -> subprocess.Popen:
 
 
 def log_tail(path, n: int = 15, indent: str = "") -> str:
-    """The last ``n`` lines of a party's log (without the entropy-source notices), or ""."""
+    """The last ``n`` lines of a party's log (without SPU's benign start-up notices), or ""."""
     try:
         lines = Path(path).read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    return "\n".join(indent + s for s in [s for s in lines if "entropy source" not in s][-n:])
+    return "\n".join(indent + s for s in [s for s in lines if not is_benign(s)][-n:])
 
 
 def free_addresses(n: int, host: str = "127.0.0.1") -> list:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..compute_party.party import ComputeParty
 from ..compute_party.state import digest as state_digest
-from ..compute_party.traffic import capture_fd_stdout, parse_profile
+from ..compute_party.traffic import capture_fd_stdout, echo_log, parse_profile
 from ..model_owner.owner import ModelOwner
 from ..programs import bind, compile_session_program, param_names
 from .cost import CallCost
@@ -60,6 +60,12 @@ class SimBackend(Session):
         super().__init__(bundle, policy)
         self.n = policy.world_size
         self.rc = policy.runtime_config(profile=True)
+        with capture_fd_stdout() as boot:  # SPU's start-up notices: only what is not benign reaches the user
+            self._start(spu_api, libspu, spu_pb2)
+        echo_log(boot[0])
+
+    def _start(self, spu_api, libspu, spu_pb2) -> None:
+        """The parties' runtimes, linked in memory, and the model owner's weights shared into them."""
         self.io = spu_api.Io(self.n, self.rc)
         self._vis = spu_pb2.Visibility.VIS_SECRET
         desc = libspu.link.Desc()
@@ -75,8 +81,8 @@ class SimBackend(Session):
             return mk
 
         runtimes = _run_parallel([make_rt(r) for r in range(self.n)])
-        self.parties = [ComputeParty(name, policy, rt) for name, rt in zip(compute_names(policy), runtimes)]
-        self.owner = ModelOwner(policy, bundle, self.execution)
+        self.parties = [ComputeParty(name, self.policy, rt) for name, rt in zip(compute_names(self.policy), runtimes)]
+        self.owner = ModelOwner(self.policy, self._bundle, self.execution)
         for name, value in self.owner.weights():  # shared once; resident in every party's runtime
             for party, share in zip(self.parties, self.io.make_shares(value, self._vis)):
                 party.set_weight(name, share)
