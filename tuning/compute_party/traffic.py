@@ -32,11 +32,11 @@ def is_benign(line: str) -> bool:
     return any(b in line for b in BENIGN)
 
 
-def echo_log(text: str, out=None) -> None:
+def echo_log(text: str) -> None:
     """Forward captured C++ log lines to stderr, less the benign start-up notices."""
     lines = [s for s in text.splitlines() if s.strip() and not is_benign(s)]
     if lines:
-        print("\n".join(lines), file=out or sys.stderr, flush=True)
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass

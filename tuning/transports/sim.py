@@ -60,9 +60,12 @@ class SimBackend(Session):
         super().__init__(bundle, policy)
         self.n = policy.world_size
         self.rc = policy.runtime_config(profile=True)
-        with capture_fd_stdout() as boot:  # SPU's start-up notices: only what is not benign reaches the user
-            self._start(spu_api, libspu, spu_pb2)
-        echo_log(boot[0])
+        boot = [""]
+        try:  # SPU's start-up notices: only what is not benign reaches the user, even if start-up fails
+            with capture_fd_stdout() as boot:
+                self._start(spu_api, libspu, spu_pb2)
+        finally:
+            echo_log(boot[0])
 
     def _start(self, spu_api, libspu, spu_pb2) -> None:
         """The parties' runtimes, linked in memory, and the model owner's weights shared into them."""
