@@ -101,9 +101,10 @@ def test_interrupted_setup_continues_at_the_next_unfinished_chunk(toy_csv, tmp_p
     fresh = tune(_cfg(toy_csv, tmp_path / "fresh"), **QUIET)
     s = tune(_cfg(toy_csv, run), **QUIET)  # the same command again: train's set-up is restored
     assert 0 < s["mpc"]["setup"]["bytes"] < fresh["mpc"]["setup"]["bytes"]
-    # ... and priced from the first process's ledger: the job's set-up is the uninterrupted run's
-    # (within 2%: the simulator's per-call traffic is read from party 0's link counters)
-    assert s["mpc"]["setup_job"]["bytes"] == pytest.approx(fresh["mpc"]["setup"]["bytes"], rel=0.02)
+    # ... and priced from the first process's ledger: the job's set-up is the uninterrupted run's,
+    # within SPU's run-to-run spread of the same call's bytes (helpers.assert_same_job; 2.5% seen
+    # once on a loaded machine); without the ledger it would miss train's set-up, ~40% of it
+    assert s["mpc"]["setup_job"]["bytes"] == pytest.approx(fresh["mpc"]["setup"]["bytes"], rel=0.04)
 
 
 def test_the_ledger_prices_kept_outputs_by_key_then_by_program(tmp_path):
