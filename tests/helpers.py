@@ -159,6 +159,11 @@ def assert_same_search_path(run_a: Path, run_b: Path, d: int, popsize: int) -> i
     return same
 
 
+# Two measurements of one job's traffic agree within this: ABY3's bytes vary from run to run
+# (assert_same_job's docstring; the interrupted set-up of test_state was 2.5% off once)
+SAME_JOB_BYTES_REL = 0.04
+
+
 def assert_same_job(summary: dict, ref: dict) -> None:
     """Two back ends' summaries of the same job: the same example counts, the same traffic (the same
     programs on the same shapes; ABY3's bytes vary by ~0.5% from run to run of the very same job on
@@ -169,10 +174,10 @@ def assert_same_job(summary: dict, ref: dict) -> None:
     for k in ("n_train", "n_dev", "n_test", "protocol"):
         assert summary[k] == ref[k], k
     for part in ("setup", "zero_shot_eval", "final_eval"):
-        for k, rel in (("bytes", 0.04), ("rounds", 0.02)):
+        for k, rel in (("bytes", SAME_JOB_BYTES_REL), ("rounds", 0.02)):
             assert summary["mpc"][part][k] == pytest.approx(ref["mpc"][part][k], rel=rel), (part, k)
     per_gen = lambda s: s["mpc"]["per_generation_median"]["mpc_bytes"]  # noqa: E731
-    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=0.04)
+    assert per_gen(summary) == pytest.approx(per_gen(ref), rel=SAME_JOB_BYTES_REL)
     for s in (summary, ref):
         assert s["reveals"] and {(r["what"], r["to"]) for r in s["reveals"]} == {("verbalizer_logits", "data_owner")}
     if summary["backend"] == "secretflow":  # opened to the data owner's own party
