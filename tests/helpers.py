@@ -159,8 +159,7 @@ def assert_same_search_path(run_a: Path, run_b: Path, d: int, popsize: int) -> i
     return same
 
 
-# Two measurements of one job's traffic agree within this: ABY3's bytes vary from run to run
-# (assert_same_job's docstring; the interrupted set-up of test_state was 2.5% off once)
+# Two measurements of one job's bytes agree within this: SPU's bytes per call vary from run to run
 SAME_JOB_BYTES_REL = 0.04
 
 
